@@ -1,0 +1,1 @@
+//! The thin I/O engine: data device, bio prison, deferred-bio worker, active thins.

@@ -1,0 +1,112 @@
+//! The library's one error type: a small set of kinds, each with context and an optional source.
+//!
+//! Storage layers never speak wire protocols; the mapping of a kind to an NBD errno lives in
+//! exactly one place, at the protocol edge (`nbd::errno_of`).
+
+use std::fmt;
+use std::io;
+
+/// What went wrong, in the terms a caller can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The underlying file or device failed.
+    Io,
+    /// The pool has no free data (or metadata) block left.
+    NoSpace,
+    /// On-disk metadata failed validation (checksum, magic, block number, layout).
+    Corrupt,
+    /// The pool (or the volume) refuses writes: by configuration or after a metadata failure.
+    ReadOnly,
+    /// A request reaches past the end of a volume, or a value is outside its allowed range.
+    OutOfBounds,
+    /// The request is valid but not supported by this implementation.
+    Unsupported,
+    /// The object is in use (an open volume, a locked pool).
+    Busy,
+    /// The named object (volume, thin device) does not exist.
+    NotFound,
+    /// A malformed argument, config value or command.
+    InvalidInput,
+}
+
+/// An error with its kind, a human-readable context and, where there is one, the cause.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    context: String,
+    source: Option<io::Error>,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, context: impl Into<String>) -> Self {
+        Error { kind, context: context.into(), source: None }
+    }
+
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error { kind: ErrorKind::Io, context: context.into(), source: Some(source) }
+    }
+
+    pub fn corrupt(context: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Corrupt, context)
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// Adds an outer layer of context ("while doing X: inner context").
+    pub fn within(mut self, outer: impl fmt::Display) -> Self {
+        self.context = format!("{outer}: {}", self.context);
+        self
+    }
+
+    /// The OS errno of the source, when the cause was an OS error.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.source.as_ref().and_then(|e| e.raw_os_error())
+    }
+
+    /// A copy that keeps kind and message (io::Error is not Clone); used where one failure
+    /// must be reported to several waiters, such as a coalesced flush.
+    pub fn duplicate(&self) -> Self {
+        let source = self.source.as_ref().map(|e| io::Error::new(e.kind(), e.to_string()));
+        Error { kind: self.kind, context: self.context.clone(), source }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            ErrorKind::Io => "I/O error",
+            ErrorKind::NoSpace => "no space",
+            ErrorKind::Corrupt => "corrupt metadata",
+            ErrorKind::ReadOnly => "read-only",
+            ErrorKind::OutOfBounds => "out of bounds",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Busy => "busy",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::InvalidInput => "invalid input",
+        };
+        write!(f, "{kind}: {}", self.context)?;
+        if let Some(src) = &self.source {
+            write!(f, ": {src}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Shorthand for `Err(Error::new(kind, context))`.
+pub fn fail<T>(kind: ErrorKind, context: impl Into<String>) -> Result<T> {
+    Err(Error::new(kind, context))
+}

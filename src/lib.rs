@@ -1,0 +1,14 @@
+//! thinnbd: a userspace thin-provisioning pool in the dm-thin metadata format, served over NBD.
+//!
+//! Layers, lowest first; each depends only on those below it:
+//! `pdata` (persistent data) -> `thin` (pool metadata) -> `engine` (I/O) -> `nbd` (protocol
+//! and server) -> the CLI and the nbdkit plugin.
+
+pub mod engine;
+pub mod error;
+pub mod nbd;
+pub mod pdata;
+pub mod thin;
+pub mod util;
+
+pub use error::{Error, ErrorKind, Result};

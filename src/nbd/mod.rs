@@ -1,0 +1,1 @@
+//! The NBD protocol (codec, no I/O) and the tokio server.

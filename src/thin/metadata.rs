@@ -1,0 +1,755 @@
+//! The pool metadata API used by the I/O engine: thin devices, their mappings, the data space
+//! map, commits, and the metadata snapshot, all in dm-thin's on-disk format.
+//!
+//! Writes follow the kernel's shadowing order: the path to a device's entry in the top-level
+//! mapping tree is made exclusive before the device's own tree is changed, so that sharing
+//! with snapshots (and the metadata snapshot) is pushed down before anything is copied.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::pdata::block_io::BlockIo;
+use crate::pdata::btree::{self, ValueKind};
+use crate::pdata::checksum::{read_u32, read_u64, write_u32, write_u64, BlockKind};
+use crate::pdata::space_map::{nr_bitmaps, SpaceMap, MAX_METADATA_BLOCKS};
+use crate::pdata::tm::{load_bitmaps, CacheStats, TransactionManager};
+
+use super::superblock::Superblock;
+
+/// A thin device id; the kernel limits them to 24 bits.
+pub type ThinId = u32;
+pub const MAX_THIN_ID: ThinId = (1 << 24) - 1;
+/// Data block size limits in 512-byte sectors (64 KiB to 1 GiB, a multiple of 64 KiB).
+pub const MIN_DATA_BLOCK_SECTORS: u32 = 128;
+pub const MAX_DATA_BLOCK_SECTORS: u32 = 2_097_152;
+/// Smallest metadata device we format.
+pub const MIN_METADATA_BLOCKS: u64 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceDetails {
+    pub mapped_blocks: u64,
+    pub transaction_id: u64,
+    pub creation_time: u32,
+    pub snapshotted_time: u32,
+}
+
+impl DeviceDetails {
+    pub fn encode(&self) -> [u8; 24] {
+        let mut v = [0u8; 24];
+        write_u64(&mut v, 0, self.mapped_blocks);
+        write_u64(&mut v, 8, self.transaction_id);
+        write_u32(&mut v, 16, self.creation_time);
+        write_u32(&mut v, 20, self.snapshotted_time);
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Self {
+        DeviceDetails {
+            mapped_blocks: read_u64(v, 0),
+            transaction_id: read_u64(v, 8),
+            creation_time: read_u32(v, 16),
+            snapshotted_time: read_u32(v, 20),
+        }
+    }
+}
+
+/// Packs a mapping value: 40-bit data block, 24-bit time.
+pub fn pack_block_time(data_block: u64, time: u32) -> u64 {
+    (data_block << 24) | u64::from(time & 0xff_ffff)
+}
+
+pub fn unpack_block_time(v: u64) -> (u64, u32) {
+    (v >> 24, (v & 0xff_ffff) as u32)
+}
+
+/// Result of looking up a virtual block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub data_block: u64,
+    /// True when a snapshot may share the block: a write must copy it first.
+    pub shared: bool,
+}
+
+/// What removing a mapping released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unmapped {
+    pub vblock: u64,
+    pub data_block: u64,
+    /// The data block has no reference left (its contents may be discarded).
+    pub freed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetadataStatus {
+    pub transaction_id: u64,
+    pub data_block_size_sectors: u32,
+    pub data_total: u64,
+    pub data_used: u64,
+    pub metadata_total: u64,
+    pub metadata_used: u64,
+    pub metadata_snap: u64,
+    pub time: u32,
+}
+
+pub struct ThinMetadata {
+    tm: TransactionManager,
+    sb: Superblock,
+    details: BTreeMap<ThinId, DeviceDetails>,
+    changed_details: HashSet<ThinId>,
+    /// Current root of each device's mapping tree (the top-level tree catches up at commit).
+    roots: BTreeMap<ThinId, u64>,
+    changed_roots: HashSet<ThinId>,
+    /// Devices whose path in the top-level tree is already exclusive in this transaction.
+    exclusive_devs: HashSet<ThinId>,
+    superblock_changed: bool,
+    /// Set after a failed metadata write: the pool is read-only from then on (fail-stop).
+    failure: Option<String>,
+}
+
+fn check_thin_id(dev: ThinId) -> Result<()> {
+    if dev > MAX_THIN_ID {
+        return fail(ErrorKind::OutOfBounds, format!("thin id {dev} exceeds the 24-bit limit"));
+    }
+    Ok(())
+}
+
+/// Metadata blocks to give a pool of `nr_data_blocks`: room for every block mapped about four
+/// times over (snapshots), never below the minimum, never above the format's limit.
+pub fn recommended_metadata_blocks(nr_data_blocks: u64) -> u64 {
+    (nr_data_blocks * 4 / 120 + 1024).clamp(MIN_METADATA_BLOCKS, MAX_METADATA_BLOCKS)
+}
+
+impl ThinMetadata {
+    /// Writes fresh, empty metadata.
+    pub fn format(io: Arc<dyn BlockIo>, data_block_sectors: u32, nr_data_blocks: u64) -> Result<Self> {
+        if !(MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&data_block_sectors)
+            || data_block_sectors % MIN_DATA_BLOCK_SECTORS != 0
+        {
+            return fail(
+                ErrorKind::InvalidInput,
+                format!(
+                    "data block size of {data_block_sectors} sectors: must be 64 KiB to 1 GiB, a multiple of 64 KiB"
+                ),
+            );
+        }
+        if nr_data_blocks >= 1 << 40 {
+            return fail(ErrorKind::OutOfBounds, "more than 2^40 data blocks");
+        }
+        let meta_blocks = io.nr_blocks().min(MAX_METADATA_BLOCKS);
+        if meta_blocks < MIN_METADATA_BLOCKS {
+            return fail(
+                ErrorKind::InvalidInput,
+                format!("metadata device of {meta_blocks} blocks is too small (minimum {MIN_METADATA_BLOCKS})"),
+            );
+        }
+        let mut meta_sm = SpaceMap::new(meta_blocks);
+        meta_sm.set(0, 1)?;
+        let data_sm = SpaceMap::new(nr_data_blocks);
+        let mut tm = TransactionManager::new(io, meta_sm, data_sm);
+        let details_root = btree::empty_tree(&mut tm, ValueKind::Details)?;
+        let mapping_root = btree::empty_tree(&mut tm, ValueKind::DeviceRoot)?;
+        let sb = Superblock {
+            version: 2,
+            data_block_size: data_block_sectors,
+            details_root,
+            mapping_root,
+            metadata_nr_blocks: meta_blocks,
+            ..Default::default()
+        };
+        let mut md = ThinMetadata::with_state(tm, sb);
+        md.superblock_changed = true;
+        md.commit()?;
+        Ok(md)
+    }
+
+    fn with_state(tm: TransactionManager, sb: Superblock) -> Self {
+        ThinMetadata {
+            tm,
+            sb,
+            details: BTreeMap::new(),
+            changed_details: HashSet::new(),
+            roots: BTreeMap::new(),
+            changed_roots: HashSet::new(),
+            exclusive_devs: HashSet::new(),
+            superblock_changed: false,
+            failure: None,
+        }
+    }
+
+    /// Opens and validates existing metadata: superblock, space maps, device trees' roots.
+    pub fn open(io: Arc<dyn BlockIo>) -> Result<Self> {
+        let dev_blocks = io.nr_blocks();
+        if dev_blocks == 0 {
+            return fail(ErrorKind::Corrupt, "metadata device is empty");
+        }
+        let probe = TransactionManager::new(io.clone(), SpaceMap::new(0), SpaceMap::new(0));
+        let sb = Superblock::decode(&*probe.read(0, BlockKind::Superblock)?)?;
+        if !(MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&sb.data_block_size) {
+            return fail(ErrorKind::Corrupt, format!("superblock: data block size {}", sb.data_block_size));
+        }
+        let meta_root = sb.metadata_sm_root;
+        if meta_root.nr_blocks == 0 || meta_root.nr_blocks > dev_blocks.min(MAX_METADATA_BLOCKS) {
+            return fail(
+                ErrorKind::Corrupt,
+                format!(
+                    "superblock: metadata space map covers {} blocks but the device has {dev_blocks}",
+                    meta_root.nr_blocks
+                ),
+            );
+        }
+        // Metadata space map: a single index block listing the bitmaps.
+        let mut meta_sm = SpaceMap::new(meta_root.nr_blocks);
+        let meta_locations: Vec<u64> = {
+            let index = probe.read(meta_root.bitmap_root, BlockKind::Index)?;
+            (0..nr_bitmaps(meta_root.nr_blocks) as usize)
+                .map(|i| read_u64(&index[..], 16 + i * 16))
+                .collect()
+        };
+        load_bitmaps(&probe, &mut meta_sm, &meta_locations)?;
+        for (b, v) in btree::entries(&probe, meta_root.ref_count_root, ValueKind::RefCount)? {
+            meta_sm.set(b, read_u32(&v, 0))?;
+        }
+        // Data space map: an index btree of bitmaps, checked against nr_blocks before sizing.
+        let data_root = sb.data_sm_root;
+        let index = btree::entries(&probe, data_root.bitmap_root, ValueKind::Index)?;
+        if index.len() as u64 != nr_bitmaps(data_root.nr_blocks) {
+            return fail(
+                ErrorKind::Corrupt,
+                format!(
+                    "data space map: {} index entries for {} blocks",
+                    index.len(),
+                    data_root.nr_blocks
+                ),
+            );
+        }
+        let mut data_sm = SpaceMap::new(data_root.nr_blocks);
+        let data_locations: Vec<u64> = index.iter().map(|(_, v)| read_u64(v, 0)).collect();
+        load_bitmaps(&probe, &mut data_sm, &data_locations)?;
+        for (b, v) in btree::entries(&probe, data_root.ref_count_root, ValueKind::RefCount)? {
+            data_sm.set(b, read_u32(&v, 0))?;
+        }
+        meta_sm.index_root = meta_root.bitmap_root;
+        meta_sm.ref_count_root = meta_root.ref_count_root;
+        data_sm.index_root = data_root.bitmap_root;
+        data_sm.ref_count_root = data_root.ref_count_root;
+        meta_sm.mark_clean();
+        data_sm.mark_clean();
+        let tm = TransactionManager::new(io, meta_sm, data_sm);
+        let mut md = ThinMetadata::with_state(tm, sb);
+        for (dev, v) in btree::entries(&md.tm, md.sb.details_root, ValueKind::Details)? {
+            let dev = ThinId::try_from(dev)
+                .map_err(|_| Error::corrupt(format!("device details: id {dev} is not 32-bit")))?;
+            md.details.insert(dev, DeviceDetails::decode(&v));
+        }
+        for (dev, v) in btree::entries(&md.tm, md.sb.mapping_root, ValueKind::DeviceRoot)? {
+            let dev = ThinId::try_from(dev)
+                .map_err(|_| Error::corrupt(format!("mapping tree: device id {dev} is not 32-bit")))?;
+            if !md.details.contains_key(&dev) {
+                return fail(ErrorKind::Corrupt, format!("mapping tree has device {dev} with no details"));
+            }
+            md.roots.insert(dev, read_u64(&v, 0));
+        }
+        if md.roots.len() != md.details.len() {
+            return fail(ErrorKind::Corrupt, "device details list a device with no mapping tree");
+        }
+        Ok(md)
+    }
+
+    fn writable(&self) -> Result<()> {
+        match &self.failure {
+            Some(why) => fail(
+                ErrorKind::ReadOnly,
+                format!("pool metadata is read-only after an earlier failure ({why})"),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs a mutation; a failure inside it leaves the in-core state unknown, so it turns the
+    /// pool read-only unless it is an ordinary refusal (no space, bad argument).
+    fn mutate<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.writable()?;
+        let r = f(self);
+        if let Err(e) = &r {
+            if matches!(e.kind(), ErrorKind::Io | ErrorKind::Corrupt) {
+                self.failure = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn data_block_sectors(&self) -> u32 {
+        self.sb.data_block_size
+    }
+
+    pub fn data_block_bytes(&self) -> u64 {
+        u64::from(self.sb.data_block_size) * 512
+    }
+
+    pub fn transaction_id(&self) -> u64 {
+        self.sb.transaction_id
+    }
+
+    pub fn set_transaction_id(&mut self, id: u64) -> Result<()> {
+        self.writable()?;
+        self.sb.transaction_id = id;
+        self.superblock_changed = true;
+        Ok(())
+    }
+
+    pub fn time(&self) -> u32 {
+        self.sb.time
+    }
+
+    pub fn thin_ids(&self) -> Vec<ThinId> {
+        self.details.keys().copied().collect()
+    }
+
+    pub fn exists(&self, dev: ThinId) -> bool {
+        self.details.contains_key(&dev)
+    }
+
+    pub fn device_details(&self, dev: ThinId) -> Result<DeviceDetails> {
+        self.details
+            .get(&dev)
+            .copied()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("thin device {dev} does not exist")))
+    }
+
+    pub fn mapped_blocks(&self, dev: ThinId) -> Result<u64> {
+        Ok(self.device_details(dev)?.mapped_blocks)
+    }
+
+    fn root(&self, dev: ThinId) -> Result<u64> {
+        self.roots
+            .get(&dev)
+            .copied()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("thin device {dev} does not exist")))
+    }
+
+    pub fn create_thin(&mut self, dev: ThinId) -> Result<()> {
+        check_thin_id(dev)?;
+        if self.exists(dev) {
+            return fail(ErrorKind::Busy, format!("thin device {dev} already exists"));
+        }
+        self.mutate(|md| {
+            let root = btree::empty_tree(&mut md.tm, ValueKind::Mapping)?;
+            md.add_device(dev, root, 0)
+        })
+    }
+
+    fn add_device(&mut self, dev: ThinId, root: u64, mapped_blocks: u64) -> Result<()> {
+        let (top, old) =
+            btree::insert(&mut self.tm, self.sb.mapping_root, u64::from(dev), &root.to_le_bytes(), ValueKind::DeviceRoot)?;
+        if old.is_some() {
+            return fail(ErrorKind::Corrupt, format!("mapping tree already had device {dev}"));
+        }
+        self.sb.mapping_root = top;
+        self.superblock_changed = true;
+        self.roots.insert(dev, root);
+        self.exclusive_devs.insert(dev);
+        let time = self.sb.time;
+        self.details.insert(
+            dev,
+            DeviceDetails {
+                mapped_blocks,
+                transaction_id: self.sb.transaction_id,
+                creation_time: time,
+                snapshotted_time: time,
+            },
+        );
+        self.changed_details.insert(dev);
+        Ok(())
+    }
+
+    /// A snapshot shares the origin's whole mapping tree; sharing breaks lazily on writes.
+    pub fn create_snapshot(&mut self, dev: ThinId, origin: ThinId) -> Result<()> {
+        check_thin_id(dev)?;
+        if self.exists(dev) {
+            return fail(ErrorKind::Busy, format!("thin device {dev} already exists"));
+        }
+        let origin_root = self.root(origin)?;
+        let mapped = self.mapped_blocks(origin)?;
+        self.mutate(|md| {
+            md.tm.meta_sm.inc(origin_root)?;
+            md.sb.time = md.sb.time.wrapping_add(1) & 0xff_ffff;
+            md.add_device(dev, origin_root, mapped)?;
+            let time = md.sb.time;
+            if let Some(o) = md.details.get_mut(&origin) {
+                o.snapshotted_time = time;
+            }
+            md.changed_details.insert(origin);
+            Ok(())
+        })
+    }
+
+    /// Deletes a device; data and metadata blocks nobody else shares are freed.
+    pub fn delete_thin(&mut self, dev: ThinId) -> Result<()> {
+        let root = self.root(dev)?;
+        self.mutate(|md| {
+            let (top, _stale) = btree::remove(&mut md.tm, md.sb.mapping_root, u64::from(dev), ValueKind::DeviceRoot)?;
+            md.sb.mapping_root = top;
+            btree::delete_tree(&mut md.tm, root, ValueKind::Mapping)?;
+            let (details_root, _) = btree::remove(&mut md.tm, md.sb.details_root, u64::from(dev), ValueKind::Details)?;
+            md.sb.details_root = details_root;
+            md.superblock_changed = true;
+            md.roots.remove(&dev);
+            md.details.remove(&dev);
+            md.changed_details.remove(&dev);
+            md.changed_roots.remove(&dev);
+            md.exclusive_devs.remove(&dev);
+            Ok(())
+        })
+    }
+
+    /// Looks up a virtual block of a device.
+    pub fn lookup(&self, dev: ThinId, vblock: u64) -> Result<Option<Mapping>> {
+        let details = self.device_details(dev)?;
+        let root = self.root(dev)?;
+        Ok(btree::lookup_u64(&self.tm, root, vblock, ValueKind::Mapping)?.map(|v| {
+            let (data_block, time) = unpack_block_time(v);
+            Mapping { data_block, shared: details.snapshotted_time > time }
+        }))
+    }
+
+    /// Mappings with `begin <= vblock < end`, in order.
+    pub fn mappings_in(&self, dev: ThinId, begin: u64, end: u64) -> Result<Vec<(u64, Mapping)>> {
+        let details = self.device_details(dev)?;
+        let root = self.root(dev)?;
+        let mut out = Vec::new();
+        btree::iterate(&self.tm, root, ValueKind::Mapping, begin, end, &mut |k, v| {
+            let (data_block, time) = unpack_block_time(read_u64(v, 0));
+            out.push((k, Mapping { data_block, shared: details.snapshotted_time > time }));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Makes the device's path in the top-level tree exclusive to this transaction.
+    fn prepare_device(&mut self, dev: ThinId) -> Result<u64> {
+        let root = self.root(dev)?;
+        if !self.exclusive_devs.contains(&dev) {
+            let (top, _) = btree::insert(
+                &mut self.tm,
+                self.sb.mapping_root,
+                u64::from(dev),
+                &root.to_le_bytes(),
+                ValueKind::DeviceRoot,
+            )?;
+            self.sb.mapping_root = top;
+            self.superblock_changed = true;
+            self.exclusive_devs.insert(dev);
+        }
+        Ok(root)
+    }
+
+    fn set_root(&mut self, dev: ThinId, root: u64) {
+        if self.roots.insert(dev, root) != Some(root) {
+            self.changed_roots.insert(dev);
+        }
+    }
+
+    /// Maps `vblock` to `data_block` (whose reference, from `alloc_data_block`, it takes over).
+    /// A previous mapping is replaced and its data block released.
+    pub fn insert(&mut self, dev: ThinId, vblock: u64, data_block: u64) -> Result<()> {
+        if data_block >= self.tm.data_sm.nr_blocks() {
+            return fail(ErrorKind::OutOfBounds, format!("data block {data_block} is past the data device"));
+        }
+        self.mutate(|md| {
+            let root = md.prepare_device(dev)?;
+            let value = pack_block_time(data_block, md.sb.time);
+            let (new_root, old) = btree::insert(&mut md.tm, root, vblock, &value.to_le_bytes(), ValueKind::Mapping)?;
+            md.set_root(dev, new_root);
+            match old {
+                Some(old) => ValueKind::Mapping.dec(&mut md.tm, &old)?,
+                None => {
+                    if let Some(d) = md.details.get_mut(&dev) {
+                        d.mapped_blocks += 1;
+                    }
+                    md.changed_details.insert(dev);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes the mapping of `vblock`, if any.
+    pub fn remove(&mut self, dev: ThinId, vblock: u64) -> Result<Option<Unmapped>> {
+        self.root(dev)?;
+        self.mutate(|md| md.remove_one(dev, vblock))
+    }
+
+    fn remove_one(&mut self, dev: ThinId, vblock: u64) -> Result<Option<Unmapped>> {
+        let root = self.root(dev)?;
+        if btree::lookup(&self.tm, root, vblock, ValueKind::Mapping)?.is_none() {
+            return Ok(None);
+        }
+        let root = self.prepare_device(dev)?;
+        let (new_root, removed) = btree::remove(&mut self.tm, root, vblock, ValueKind::Mapping)?;
+        self.set_root(dev, new_root);
+        let Some(v) = removed else { return Ok(None) };
+        let (data_block, _) = unpack_block_time(read_u64(&v, 0));
+        let left = self.tm.data_sm.dec(data_block)?;
+        if let Some(d) = self.details.get_mut(&dev) {
+            d.mapped_blocks = d.mapped_blocks.saturating_sub(1);
+        }
+        self.changed_details.insert(dev);
+        Ok(Some(Unmapped { vblock, data_block, freed: left == 0 }))
+    }
+
+    /// Removes every mapping with `begin <= vblock < end`.
+    pub fn remove_range(&mut self, dev: ThinId, begin: u64, end: u64) -> Result<Vec<Unmapped>> {
+        let keys: Vec<u64> = self.mappings_in(dev, begin, end)?.into_iter().map(|(k, _)| k).collect();
+        self.mutate(|md| {
+            let mut out = Vec::with_capacity(keys.len());
+            for k in keys {
+                if let Some(u) = md.remove_one(dev, k)? {
+                    out.push(u);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Allocates a data block (reference count 1) for a new mapping.
+    pub fn alloc_data_block(&mut self) -> Result<u64> {
+        self.writable()?;
+        self.tm.data_sm.alloc().ok_or_else(|| {
+            Error::new(ErrorKind::NoSpace, "the pool's data device has no free block")
+        })
+    }
+
+    /// Returns a data block taken by `alloc_data_block` but never mapped.
+    pub fn release_data_block(&mut self, data_block: u64) -> Result<()> {
+        self.mutate(|md| md.tm.data_sm.dec(data_block).map(drop))
+    }
+
+    /// Reference count of a data block (1 = exclusive to one mapping or one shared leaf).
+    pub fn data_block_refs(&self, data_block: u64) -> Result<u32> {
+        self.tm.data_sm.get(data_block)
+    }
+
+    /// Free data blocks, not counting those that become free at the next commit.
+    pub fn free_data_blocks(&self) -> u64 {
+        self.tm.data_sm.nr_free() - self.tm.data_sm.nr_freed_since_commit()
+    }
+
+    /// Data blocks freed in this transaction, allocatable after the next commit.
+    pub fn data_blocks_awaiting_commit(&self) -> u64 {
+        self.tm.data_sm.nr_freed_since_commit()
+    }
+
+    /// Grows the data device to `nr_blocks` data blocks.
+    pub fn resize_data(&mut self, nr_blocks: u64) -> Result<()> {
+        let now = self.tm.data_sm.nr_blocks();
+        if nr_blocks < now {
+            return fail(ErrorKind::Unsupported, "shrinking the data device");
+        }
+        if nr_blocks >= 1 << 40 {
+            return fail(ErrorKind::OutOfBounds, "more than 2^40 data blocks");
+        }
+        self.mutate(|md| {
+            md.tm.data_sm.grow(nr_blocks);
+            md.superblock_changed = true;
+            Ok(())
+        })
+    }
+
+    pub fn status(&self) -> MetadataStatus {
+        MetadataStatus {
+            transaction_id: self.sb.transaction_id,
+            data_block_size_sectors: self.sb.data_block_size,
+            data_total: self.tm.data_sm.nr_blocks(),
+            data_used: self.tm.data_sm.nr_allocated(),
+            metadata_total: self.tm.meta_sm.nr_blocks(),
+            metadata_used: self.tm.meta_sm.nr_allocated(),
+            metadata_snap: self.sb.metadata_snap,
+            time: self.sb.time,
+        }
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.tm.cache_stats()
+    }
+
+    pub fn has_uncommitted_changes(&self) -> bool {
+        self.superblock_changed
+            || self.tm.has_changes()
+            || !self.changed_details.is_empty()
+            || !self.changed_roots.is_empty()
+    }
+
+    /// Makes every change durable. On failure the pool turns read-only.
+    pub fn commit(&mut self) -> Result<()> {
+        self.writable()?;
+        if !self.has_uncommitted_changes() {
+            return Ok(());
+        }
+        let r = self.commit_inner();
+        if let Err(e) = &r {
+            self.failure = Some(e.to_string());
+            self.tm.clear_cache();
+        }
+        r
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
+        let mut changed: Vec<ThinId> = self.changed_roots.drain().collect();
+        changed.sort_unstable();
+        for dev in changed {
+            let root = self.root(dev)?;
+            // The path is exclusive (prepare_device ran), so this rewrites in place; the stale
+            // value's reference was already carried over to the new root by shadowing.
+            let (top, _) =
+                btree::insert(&mut self.tm, self.sb.mapping_root, u64::from(dev), &root.to_le_bytes(), ValueKind::DeviceRoot)?;
+            self.sb.mapping_root = top;
+        }
+        let mut changed: Vec<ThinId> = self.changed_details.drain().collect();
+        changed.sort_unstable();
+        for dev in changed {
+            if let Some(d) = self.details.get(&dev) {
+                let (root, _) =
+                    btree::insert(&mut self.tm, self.sb.details_root, u64::from(dev), &d.encode(), ValueKind::Details)?;
+                self.sb.details_root = root;
+            }
+        }
+        let (data_root, meta_root) = self.tm.write_space_maps()?;
+        self.sb.data_sm_root = data_root;
+        self.sb.metadata_sm_root = meta_root;
+        self.sb.metadata_nr_blocks = meta_root.nr_blocks;
+        self.tm.flush_with_superblock(self.sb.encode())?;
+        self.exclusive_devs.clear();
+        self.superblock_changed = false;
+        Ok(())
+    }
+
+    /// Drops everything since the last commit by reading the committed state again.
+    pub fn abort(&mut self) -> Result<()> {
+        let io = self.tm.io().clone();
+        *self = ThinMetadata::open(io)?;
+        Ok(())
+    }
+
+    /// Takes a metadata snapshot (for tools reading a live pool with `-m`); commits first.
+    pub fn reserve_metadata_snap(&mut self) -> Result<u64> {
+        if self.sb.metadata_snap != 0 {
+            return fail(ErrorKind::Busy, "a metadata snapshot is already held");
+        }
+        self.commit()?;
+        self.mutate(|md| {
+            let mut copy = md.sb.clone();
+            copy.data_sm_root = Default::default();
+            copy.metadata_sm_root = Default::default();
+            copy.metadata_snap = 0;
+            let s = md.tm.new_block(BlockKind::Superblock)?;
+            *md.tm.get_mut(s)? = *copy.encode();
+            md.tm.meta_sm.inc(md.sb.mapping_root)?;
+            md.tm.meta_sm.inc(md.sb.details_root)?;
+            md.sb.metadata_snap = s;
+            md.superblock_changed = true;
+            Ok(())
+        })?;
+        self.commit()?;
+        Ok(self.sb.metadata_snap)
+    }
+
+    /// Releases the metadata snapshot and whatever only it referenced.
+    pub fn release_metadata_snap(&mut self) -> Result<()> {
+        let s = self.sb.metadata_snap;
+        if s == 0 {
+            return fail(ErrorKind::NotFound, "no metadata snapshot is held");
+        }
+        self.mutate(|md| {
+            let snap = Superblock::decode(&*md.tm.read(s, BlockKind::Superblock)?)?;
+            btree::delete_tree(&mut md.tm, snap.mapping_root, ValueKind::DeviceRoot)?;
+            btree::delete_tree(&mut md.tm, snap.details_root, ValueKind::Details)?;
+            md.tm.meta_sm.dec(s)?;
+            md.sb.metadata_snap = 0;
+            md.superblock_changed = true;
+            Ok(())
+        })
+    }
+
+    /// All mappings of a device as (vblock, data block, time), for dump and tests.
+    pub fn device_mappings(&self, dev: ThinId) -> Result<Vec<(u64, u64, u32)>> {
+        let root = self.root(dev)?;
+        let mut out = Vec::new();
+        btree::iterate(&self.tm, root, ValueKind::Mapping, 0, u64::MAX, &mut |k, v| {
+            let (b, t) = unpack_block_time(read_u64(v, 0));
+            out.push((k, b, t));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    pub(crate) fn tm(&self) -> &TransactionManager {
+        &self.tm
+    }
+
+    /// Restores devices in bulk (thin_restore): one transaction, trees built bottom-up.
+    pub(crate) fn bulk_load_device(
+        &mut self,
+        dev: ThinId,
+        details: DeviceDetails,
+        mappings: &[(u64, u64, u32)],
+    ) -> Result<()> {
+        check_thin_id(dev)?;
+        if self.exists(dev) {
+            return fail(ErrorKind::InvalidInput, format!("device {dev} appears twice"));
+        }
+        self.mutate(|md| {
+            let keys: Vec<u64> = mappings.iter().map(|m| m.0).collect();
+            if keys.windows(2).any(|w| w[0] >= w[1]) {
+                return fail(ErrorKind::InvalidInput, format!("device {dev}: mappings overlap or are unsorted"));
+            }
+            let mut values = Vec::with_capacity(mappings.len() * 8);
+            for &(_, data_block, time) in mappings {
+                if data_block >= md.tm.data_sm.nr_blocks() {
+                    return fail(
+                        ErrorKind::OutOfBounds,
+                        format!("device {dev}: data block {data_block} is past the data device"),
+                    );
+                }
+                md.tm.data_sm.inc(data_block)?;
+                values.extend_from_slice(&pack_block_time(data_block, time).to_le_bytes());
+            }
+            let root = btree::bulk_build(&mut md.tm, ValueKind::Mapping, &keys, &values)?;
+            md.add_device(dev, root, mappings.len() as u64)?;
+            let d = md.details.get_mut(&dev).expect("just added");
+            *d = DeviceDetails { mapped_blocks: mappings.len() as u64, ..details };
+            Ok(())
+        })
+    }
+
+    /// Sets superblock fields carried by a restore.
+    pub(crate) fn set_restored_header(&mut self, time: u32, transaction_id: u64, flags: u32) {
+        self.sb.time = time;
+        self.sb.transaction_id = transaction_id;
+        self.sb.flags = flags;
+        self.superblock_changed = true;
+    }
+}
+
+/// Count of uncommitted roots, for tests of the commit path.
+#[cfg(test)]
+impl ThinMetadata {
+    pub(crate) fn pending_roots(&self) -> usize {
+        self.changed_roots.len()
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send(_: &HashMap<u32, u32>) {}

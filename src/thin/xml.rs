@@ -1,0 +1,1 @@
+//! thin_dump / thin_restore XML.

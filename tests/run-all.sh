@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, with set-up: installs the external tools the tests drive when missing
+# (Debian packages), then builds and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v thin_check >/dev/null || need+=(thin-provisioning-tools)
+command -v python3 >/dev/null || need+=(python3)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v fio >/dev/null || need+=(fio)
+if [ ${#need[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "${need[@]}"
+fi
+
+cargo build --release --bins
+cargo test --release -- --test-threads=2
