@@ -41,11 +41,19 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn new(kind: ErrorKind, context: impl Into<String>) -> Self {
-        Error { kind, context: context.into(), source: None }
+        Error {
+            kind,
+            context: context.into(),
+            source: None,
+        }
     }
 
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error { kind: ErrorKind::Io, context: context.into(), source: Some(source) }
+        Error {
+            kind: ErrorKind::Io,
+            context: context.into(),
+            source: Some(source),
+        }
     }
 
     pub fn corrupt(context: impl Into<String>) -> Self {
@@ -74,8 +82,15 @@ impl Error {
     /// A copy that keeps kind and message (io::Error is not Clone); used where one failure
     /// must be reported to several waiters, such as a coalesced flush.
     pub fn duplicate(&self) -> Self {
-        let source = self.source.as_ref().map(|e| io::Error::new(e.kind(), e.to_string()));
-        Error { kind: self.kind, context: self.context.clone(), source }
+        let source = self
+            .source
+            .as_ref()
+            .map(|e| io::Error::new(e.kind(), e.to_string()));
+        Error {
+            kind: self.kind,
+            context: self.context.clone(),
+            source,
+        }
     }
 }
 
@@ -102,7 +117,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e as &(dyn std::error::Error + 'static))
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

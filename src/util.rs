@@ -44,7 +44,10 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
 /// Parses a size such as `4096`, `64K`, `10G`, `1T` (binary units, optional trailing `B`/`iB`).
 pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (digits, shift) = match t.chars().last()? {
         'k' | 'K' => (&t[..t.len() - 1], 10),
         'm' | 'M' => (&t[..t.len() - 1], 20),

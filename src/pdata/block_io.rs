@@ -46,7 +46,10 @@ pub struct FileBlockIo {
 impl FileBlockIo {
     pub fn new(file: File) -> Result<Self> {
         let len = crate::util::device_size(&file).map_err(|e| Error::io("sizing metadata", e))?;
-        Ok(FileBlockIo { file, nr_blocks: len / BLOCK_SIZE as u64 })
+        Ok(FileBlockIo {
+            file,
+            nr_blocks: len / BLOCK_SIZE as u64,
+        })
     }
 }
 
@@ -72,7 +75,9 @@ impl BlockIo for FileBlockIo {
     }
 
     fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::io("syncing metadata", e))
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("syncing metadata", e))
     }
 }
 
@@ -96,7 +101,10 @@ pub struct MemBlockIo {
 
 impl MemBlockIo {
     pub fn new(nr_blocks: u64) -> Self {
-        MemBlockIo { nr_blocks, state: Arc::new(Mutex::new(MemState::default())) }
+        MemBlockIo {
+            nr_blocks,
+            state: Arc::new(Mutex::new(MemState::default())),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, MemState> {
@@ -124,7 +132,10 @@ impl MemBlockIo {
         let durable = st.durable.clone();
         MemBlockIo {
             nr_blocks: self.nr_blocks,
-            state: Arc::new(Mutex::new(MemState { durable, ..MemState::default() })),
+            state: Arc::new(Mutex::new(MemState {
+                durable,
+                ..MemState::default()
+            })),
         }
     }
 
@@ -162,7 +173,10 @@ impl BlockIo for MemBlockIo {
     fn read_block(&self, location: u64) -> Result<Box<Block>> {
         check_range(location, self.nr_blocks)?;
         let st = self.lock();
-        let found = st.volatile.get(&location).or_else(|| st.durable.get(&location));
+        let found = st
+            .volatile
+            .get(&location)
+            .or_else(|| st.durable.get(&location));
         Ok(found.cloned().unwrap_or_else(zeroed_block))
     }
 

@@ -141,7 +141,10 @@ impl<'a> Node<'a> {
             f => return bad(format!("flags {f} are neither internal nor leaf")),
         };
         if self.value_size() != expect_vs {
-            return bad(format!("value size {} where {expect_vs} was expected", self.value_size()));
+            return bad(format!(
+                "value size {} where {expect_vs} was expected",
+                self.value_size()
+            ));
         }
         if self.max_entries() != max_entries(expect_vs) {
             return bad(format!("max_entries {} is wrong", self.max_entries()));
@@ -190,9 +193,11 @@ impl NodeMut<'_> {
         let n = self.view().nr_entries();
         let vs = self.view().value_size();
         let max = self.view().max_entries();
-        self.b.copy_within(HEADER + 8 * i..HEADER + 8 * n, HEADER + 8 * (i + 1));
+        self.b
+            .copy_within(HEADER + 8 * i..HEADER + 8 * n, HEADER + 8 * (i + 1));
         let vbase = HEADER + 8 * max;
-        self.b.copy_within(vbase + vs * i..vbase + vs * n, vbase + vs * (i + 1));
+        self.b
+            .copy_within(vbase + vs * i..vbase + vs * n, vbase + vs * (i + 1));
         self.set_key(i, k);
         self.set_value(i, v);
         self.set_nr_entries(n + 1);
@@ -201,9 +206,11 @@ impl NodeMut<'_> {
         let n = self.view().nr_entries();
         let vs = self.view().value_size();
         let max = self.view().max_entries();
-        self.b.copy_within(HEADER + 8 * (i + 1)..HEADER + 8 * n, HEADER + 8 * i);
+        self.b
+            .copy_within(HEADER + 8 * (i + 1)..HEADER + 8 * n, HEADER + 8 * i);
         let vbase = HEADER + 8 * max;
-        self.b.copy_within(vbase + vs * (i + 1)..vbase + vs * n, vbase + vs * i);
+        self.b
+            .copy_within(vbase + vs * (i + 1)..vbase + vs * n, vbase + vs * i);
         // Keep unused slots zero: they are covered by the checksum and tools compare them.
         self.set_key(n - 1, 0);
         let off = vbase + vs * (n - 1);
@@ -279,7 +286,12 @@ pub fn lookup(
     }
 }
 
-pub fn lookup_u64(tm: &TransactionManager, root: u64, key: u64, kind: ValueKind) -> Result<Option<u64>> {
+pub fn lookup_u64(
+    tm: &TransactionManager,
+    root: u64,
+    key: u64,
+    kind: ValueKind,
+) -> Result<Option<u64>> {
     Ok(lookup(tm, root, key, kind)?.map(|v| read_u64(&v, 0)))
 }
 
@@ -306,7 +318,9 @@ fn shadow_node(tm: &mut TransactionManager, b: u64, kind: ValueKind) -> Result<u
 }
 
 fn node_mut(tm: &mut TransactionManager, b: u64) -> Result<NodeMut<'_>> {
-    Ok(NodeMut { b: &mut tm.get_mut(b)?[..] })
+    Ok(NodeMut {
+        b: &mut tm.get_mut(b)?[..],
+    })
 }
 
 /// An empty tree: one leaf with no entries.
@@ -318,7 +332,11 @@ pub fn empty_tree(tm: &mut TransactionManager, kind: ValueKind) -> Result<u64> {
 
 enum Inserted {
     One(u64),
-    Split { left: u64, right: u64, right_key: u64 },
+    Split {
+        left: u64,
+        right: u64,
+        right_key: u64,
+    },
 }
 
 /// Inserts or replaces `key`. Returns the new root and the replaced value, if any. The caller
@@ -334,13 +352,23 @@ pub fn insert(
     let mut old = None;
     match insert_rec(tm, root, key, value, kind, &mut old)? {
         Inserted::One(b) => Ok((b, old)),
-        Inserted::Split { left, right, right_key } => {
+        Inserted::Split {
+            left,
+            right,
+            right_key,
+        } => {
             let left_key = Node::new(&tm.read(left, BlockKind::Node)?[..]).key(0);
             let new_root = tm.new_block(BlockKind::Node)?;
             let mut values = Vec::with_capacity(16);
             values.extend_from_slice(&left.to_le_bytes());
             values.extend_from_slice(&right.to_le_bytes());
-            write_entries(&mut tm.get_mut(new_root)?[..], INTERNAL_NODE, 8, &[left_key, right_key], &values);
+            write_entries(
+                &mut tm.get_mut(new_root)?[..],
+                INTERNAL_NODE,
+                8,
+                &[left_key, right_key],
+                &values,
+            );
             Ok((new_root, old))
         }
     }
@@ -387,7 +415,11 @@ fn insert_rec(
             node.set_value(pos, &c.to_le_bytes());
             Ok(Inserted::One(nb))
         }
-        Inserted::Split { left, right, right_key } => {
+        Inserted::Split {
+            left,
+            right,
+            right_key,
+        } => {
             node.set_value(pos, &left.to_le_bytes());
             insert_entry(tm, nb, pos + 1, right_key, &right.to_le_bytes())
         }
@@ -395,11 +427,22 @@ fn insert_rec(
 }
 
 /// Inserts an entry into an exclusive node, splitting it in two when full.
-fn insert_entry(tm: &mut TransactionManager, nb: u64, pos: usize, key: u64, value: &[u8]) -> Result<Inserted> {
+fn insert_entry(
+    tm: &mut TransactionManager,
+    nb: u64,
+    pos: usize,
+    key: u64,
+    value: &[u8],
+) -> Result<Inserted> {
     let (n, max, flags, vs) = {
         let v = node_mut(tm, nb)?;
         let view = v.view();
-        (view.nr_entries(), view.max_entries(), view.flags(), view.value_size())
+        (
+            view.nr_entries(),
+            view.max_entries(),
+            view.flags(),
+            view.value_size(),
+        )
     };
     if n < max {
         node_mut(tm, nb)?.insert_at(pos, key, value);
@@ -417,7 +460,11 @@ fn insert_entry(tm: &mut TransactionManager, nb: u64, pos: usize, key: u64, valu
         node_mut(tm, right)?.insert_at(pos - mid, key, value);
     }
     let right_key = node_mut(tm, right)?.view().key(0);
-    Ok(Inserted::Split { left: nb, right, right_key })
+    Ok(Inserted::Split {
+        left: nb,
+        right,
+        right_key,
+    })
 }
 
 /// Removes `key`. Returns the new root and the removed value (whose reference the caller now
@@ -437,7 +484,11 @@ pub fn remove(
         let (leaf, n, only_child) = {
             let block = tm.read(new_root, BlockKind::Node)?;
             let node = Node::new(&block[..]);
-            (node.is_leaf(), node.nr_entries(), if node.is_leaf() { 0 } else { node.value_u64(0) })
+            (
+                node.is_leaf(),
+                node.nr_entries(),
+                if node.is_leaf() { 0 } else { node.value_u64(0) },
+            )
         };
         if leaf || n != 1 {
             break;
@@ -462,7 +513,9 @@ fn remove_rec(
         if view.is_leaf() {
             let (i, found) = view.search(key);
             if !found {
-                return Err(Error::corrupt(format!("key {key} vanished from btree node {nb}")));
+                return Err(Error::corrupt(format!(
+                    "key {key} vanished from btree node {nb}"
+                )));
             }
             (true, i, 0)
         } else {
@@ -496,7 +549,11 @@ fn rebalance(tm: &mut TransactionManager, parent: u64, pos: usize, kind: ValueKi
     if n < 2 {
         return Ok(());
     }
-    let (li, ri) = if pos + 1 < n { (pos, pos + 1) } else { (pos - 1, pos) };
+    let (li, ri) = if pos + 1 < n {
+        (pos, pos + 1)
+    } else {
+        (pos - 1, pos)
+    };
     let (left_old, right_old) = {
         let p = node_mut(tm, parent)?;
         (p.view().value_u64(li), p.view().value_u64(ri))
@@ -508,9 +565,10 @@ fn rebalance(tm: &mut TransactionManager, parent: u64, pos: usize, kind: ValueKi
         let v = Node::new(&block[..]);
         (v.flags(), v.value_size(), v.max_entries())
     };
-    let (mut keys, mut values) = take_entries(Node::new(&tm.read(left, BlockKind::Node)?[..]), 0, {
-        Node::new(&tm.read(left, BlockKind::Node)?[..]).nr_entries()
-    });
+    let (mut keys, mut values) =
+        take_entries(Node::new(&tm.read(left, BlockKind::Node)?[..]), 0, {
+            Node::new(&tm.read(left, BlockKind::Node)?[..]).nr_entries()
+        });
     {
         let block = tm.read(right, BlockKind::Node)?;
         let r = Node::new(&block[..]);
@@ -528,8 +586,20 @@ fn rebalance(tm: &mut TransactionManager, parent: u64, pos: usize, kind: ValueKi
         tm.meta_sm.dec(right)?;
     } else {
         let half = keys.len() / 2;
-        write_entries(&mut tm.get_mut(left)?[..], flags, vs, &keys[..half], &values[..half * vs]);
-        write_entries(&mut tm.get_mut(right)?[..], flags, vs, &keys[half..], &values[half * vs..]);
+        write_entries(
+            &mut tm.get_mut(left)?[..],
+            flags,
+            vs,
+            &keys[..half],
+            &values[..half * vs],
+        );
+        write_entries(
+            &mut tm.get_mut(right)?[..],
+            flags,
+            vs,
+            &keys[half..],
+            &values[half * vs..],
+        );
         let mut p = node_mut(tm, parent)?;
         p.set_value(li, &left.to_le_bytes());
         p.set_value(ri, &right.to_le_bytes());
@@ -586,7 +656,12 @@ pub fn entries(tm: &TransactionManager, root: u64, kind: ValueKind) -> Result<Ve
 }
 
 /// Builds a tree from sorted keys in one pass: leaves of near-equal size, then internal levels.
-pub fn bulk_build(tm: &mut TransactionManager, kind: ValueKind, keys: &[u64], values: &[u8]) -> Result<u64> {
+pub fn bulk_build(
+    tm: &mut TransactionManager,
+    kind: ValueKind,
+    keys: &[u64],
+    values: &[u8],
+) -> Result<u64> {
     let vs = kind.size();
     if keys.is_empty() {
         return empty_tree(tm, kind);
@@ -615,7 +690,13 @@ fn build_level(
     for i in 0..nodes {
         let end = n * (i + 1) / nodes;
         let b = tm.new_block(BlockKind::Node)?;
-        write_entries(&mut tm.get_mut(b)?[..], flags, vs, &keys[start..end], &values[start * vs..end * vs]);
+        write_entries(
+            &mut tm.get_mut(b)?[..],
+            flags,
+            vs,
+            &keys[start..end],
+            &values[start * vs..end * vs],
+        );
         out.push((keys[start], b));
         start = end;
     }

@@ -72,11 +72,17 @@ impl SpaceMap {
     }
 
     fn out_of_range(&self, b: u64) -> Error {
-        Error::corrupt(format!("block {b} is outside the space map ({} blocks)", self.nr_blocks()))
+        Error::corrupt(format!(
+            "block {b} is outside the space map ({} blocks)",
+            self.nr_blocks()
+        ))
     }
 
     pub fn get(&self, b: u64) -> Result<u32> {
-        self.counts.get(b as usize).copied().ok_or_else(|| self.out_of_range(b))
+        self.counts
+            .get(b as usize)
+            .copied()
+            .ok_or_else(|| self.out_of_range(b))
     }
 
     fn is_busy(&self, b: u64) -> bool {
@@ -133,7 +139,9 @@ impl SpaceMap {
     pub fn dec(&mut self, b: u64) -> Result<u32> {
         let old = self.get(b)?;
         if old == 0 {
-            return Err(Error::corrupt(format!("reference count of block {b} would drop below 0")));
+            return Err(Error::corrupt(format!(
+                "reference count of block {b} would drop below 0"
+            )));
         }
         self.counts[b as usize] = old - 1;
         self.changed(b, old, old - 1);
@@ -147,7 +155,9 @@ impl SpaceMap {
             return None;
         }
         let start = self.cursor.min(n - 1);
-        let found = self.find_clear(start, n).or_else(|| self.find_clear(0, start))?;
+        let found = self
+            .find_clear(start, n)
+            .or_else(|| self.find_clear(0, start))?;
         self.counts[found as usize] = 1;
         self.changed(found, 0, 1);
         self.cursor = found + 1;
@@ -172,7 +182,10 @@ impl SpaceMap {
 
     /// Blocks freed since the last commit that could be handed out once it completes.
     pub fn nr_freed_since_commit(&self) -> u64 {
-        self.freed_since_commit.iter().filter(|b| self.counts[**b as usize] == 0).count() as u64
+        self.freed_since_commit
+            .iter()
+            .filter(|b| self.counts[**b as usize] == 0)
+            .count() as u64
     }
 
     /// Called once a commit is durable: blocks freed before it become allocatable.
@@ -290,7 +303,11 @@ mod tests {
         assert_eq!(sm.alloc(), None);
         sm.commit_done();
         sm.dec(a).unwrap();
-        assert_eq!(sm.alloc(), None, "a block freed in this transaction is not reused");
+        assert_eq!(
+            sm.alloc(),
+            None,
+            "a block freed in this transaction is not reused"
+        );
         sm.commit_done();
         assert_eq!(sm.alloc(), Some(a));
         assert_eq!(sm.get(b).unwrap(), 1);

@@ -176,7 +176,10 @@ impl TransactionManager {
     /// Allocates a metadata block for this transaction, zero-filled and dirty.
     pub fn new_block(&mut self, kind: BlockKind) -> Result<u64> {
         let b = self.meta_sm.alloc().ok_or_else(|| {
-            Error::new(ErrorKind::NoSpace, "metadata device is full: no free metadata block")
+            Error::new(
+                ErrorKind::NoSpace,
+                "metadata device is full: no free metadata block",
+            )
         })?;
         self.fresh.insert(b);
         self.dirty.insert(b, (kind, zeroed_block()));
@@ -187,7 +190,9 @@ impl TransactionManager {
     pub fn get_mut(&mut self, b: u64) -> Result<&mut Block> {
         match self.dirty.get_mut(&b) {
             Some((_, block)) => Ok(block),
-            None => Err(Error::corrupt(format!("block {b} changed without being shadowed"))),
+            None => Err(Error::corrupt(format!(
+                "block {b} changed without being shadowed"
+            ))),
         }
     }
 
@@ -196,7 +201,9 @@ impl TransactionManager {
     pub fn shadow(&mut self, b: u64, kind: BlockKind) -> Result<(u64, bool)> {
         let count = self.meta_sm.get(b)?;
         if count == 0 {
-            return Err(Error::corrupt(format!("shadowing block {b}, which has no references")));
+            return Err(Error::corrupt(format!(
+                "shadowing block {b}, which has no references"
+            )));
         }
         if count == 1 && self.fresh.contains(&b) {
             return Ok((b, false));
@@ -259,7 +266,8 @@ impl TransactionManager {
         }
         if self.data_sm.take_overflow_dirty() || self.data_sm.ref_count_root == 0 {
             let entries = self.data_sm.overflow_entries();
-            self.data_sm.ref_count_root = self.rebuild_ref_tree(self.data_sm.ref_count_root, &entries)?;
+            self.data_sm.ref_count_root =
+                self.rebuild_ref_tree(self.data_sm.ref_count_root, &entries)?;
         }
         Ok(SmRoot {
             nr_blocks: self.data_sm.nr_blocks(),
@@ -281,13 +289,17 @@ impl TransactionManager {
 
     fn write_meta_sm(&mut self) -> Result<SmRoot> {
         if self.meta_sm.bitmap_locations.len() as u64 > MAX_METADATA_BITMAPS {
-            return Err(Error::new(ErrorKind::Unsupported, "metadata device larger than 255 bitmaps"));
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "metadata device larger than 255 bitmaps",
+            ));
         }
         // Blocks allocated below only go 0 -> 1 and old ones 1 -> 0, so the overflow tree
         // built first stays right; bitmaps are relocated until no new one turns dirty.
         if self.meta_sm.take_overflow_dirty() || self.meta_sm.ref_count_root == 0 {
             let entries = self.meta_sm.overflow_entries();
-            self.meta_sm.ref_count_root = self.rebuild_ref_tree(self.meta_sm.ref_count_root, &entries)?;
+            self.meta_sm.ref_count_root =
+                self.rebuild_ref_tree(self.meta_sm.ref_count_root, &entries)?;
         }
         let old_index = self.meta_sm.index_root;
         let new_index = self.new_block(BlockKind::Index)?;
@@ -319,7 +331,9 @@ impl TransactionManager {
         }
         self.meta_sm.take_dirty_bitmaps();
         if self.meta_sm.take_overflow_dirty() {
-            return Err(Error::corrupt("metadata overflow counts changed while writing bitmaps"));
+            return Err(Error::corrupt(
+                "metadata overflow counts changed while writing bitmaps",
+            ));
         }
         let mut index = zeroed_block();
         for &i in &relocated {
@@ -358,7 +372,8 @@ impl TransactionManager {
         for (b, (kind, block)) in self.dirty.drain() {
             self.cache.insert(b, kind, Arc::from(block));
         }
-        self.cache.insert(0, BlockKind::Superblock, Arc::from(superblock));
+        self.cache
+            .insert(0, BlockKind::Superblock, Arc::from(superblock));
         self.fresh.clear();
         self.meta_sm.commit_done();
         self.data_sm.commit_done();

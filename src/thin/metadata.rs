@@ -109,7 +109,10 @@ pub struct ThinMetadata {
 
 fn check_thin_id(dev: ThinId) -> Result<()> {
     if dev > MAX_THIN_ID {
-        return fail(ErrorKind::OutOfBounds, format!("thin id {dev} exceeds the 24-bit limit"));
+        return fail(
+            ErrorKind::OutOfBounds,
+            format!("thin id {dev} exceeds the 24-bit limit"),
+        );
     }
     Ok(())
 }
@@ -122,7 +125,11 @@ pub fn recommended_metadata_blocks(nr_data_blocks: u64) -> u64 {
 
 impl ThinMetadata {
     /// Writes fresh, empty metadata.
-    pub fn format(io: Arc<dyn BlockIo>, data_block_sectors: u32, nr_data_blocks: u64) -> Result<Self> {
+    pub fn format(
+        io: Arc<dyn BlockIo>,
+        data_block_sectors: u32,
+        nr_data_blocks: u64,
+    ) -> Result<Self> {
         if !(MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&data_block_sectors)
             || data_block_sectors % MIN_DATA_BLOCK_SECTORS != 0
         {
@@ -186,7 +193,10 @@ impl ThinMetadata {
         let probe = TransactionManager::new(io.clone(), SpaceMap::new(0), SpaceMap::new(0));
         let sb = Superblock::decode(&*probe.read(0, BlockKind::Superblock)?)?;
         if !(MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&sb.data_block_size) {
-            return fail(ErrorKind::Corrupt, format!("superblock: data block size {}", sb.data_block_size));
+            return fail(
+                ErrorKind::Corrupt,
+                format!("superblock: data block size {}", sb.data_block_size),
+            );
         }
         let meta_root = sb.metadata_sm_root;
         if meta_root.nr_blocks == 0 || meta_root.nr_blocks > dev_blocks.min(MAX_METADATA_BLOCKS) {
@@ -243,15 +253,22 @@ impl ThinMetadata {
             md.details.insert(dev, DeviceDetails::decode(&v));
         }
         for (dev, v) in btree::entries(&md.tm, md.sb.mapping_root, ValueKind::DeviceRoot)? {
-            let dev = ThinId::try_from(dev)
-                .map_err(|_| Error::corrupt(format!("mapping tree: device id {dev} is not 32-bit")))?;
+            let dev = ThinId::try_from(dev).map_err(|_| {
+                Error::corrupt(format!("mapping tree: device id {dev} is not 32-bit"))
+            })?;
             if !md.details.contains_key(&dev) {
-                return fail(ErrorKind::Corrupt, format!("mapping tree has device {dev} with no details"));
+                return fail(
+                    ErrorKind::Corrupt,
+                    format!("mapping tree has device {dev} with no details"),
+                );
             }
             md.roots.insert(dev, read_u64(&v, 0));
         }
         if md.roots.len() != md.details.len() {
-            return fail(ErrorKind::Corrupt, "device details list a device with no mapping tree");
+            return fail(
+                ErrorKind::Corrupt,
+                "device details list a device with no mapping tree",
+            );
         }
         Ok(md)
     }
@@ -323,10 +340,12 @@ impl ThinMetadata {
     }
 
     pub fn device_details(&self, dev: ThinId) -> Result<DeviceDetails> {
-        self.details
-            .get(&dev)
-            .copied()
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("thin device {dev} does not exist")))
+        self.details.get(&dev).copied().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("thin device {dev} does not exist"),
+            )
+        })
     }
 
     pub fn mapped_blocks(&self, dev: ThinId) -> Result<u64> {
@@ -334,10 +353,12 @@ impl ThinMetadata {
     }
 
     fn root(&self, dev: ThinId) -> Result<u64> {
-        self.roots
-            .get(&dev)
-            .copied()
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("thin device {dev} does not exist")))
+        self.roots.get(&dev).copied().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("thin device {dev} does not exist"),
+            )
+        })
     }
 
     pub fn create_thin(&mut self, dev: ThinId) -> Result<()> {
@@ -352,10 +373,18 @@ impl ThinMetadata {
     }
 
     fn add_device(&mut self, dev: ThinId, root: u64, mapped_blocks: u64) -> Result<()> {
-        let (top, old) =
-            btree::insert(&mut self.tm, self.sb.mapping_root, u64::from(dev), &root.to_le_bytes(), ValueKind::DeviceRoot)?;
+        let (top, old) = btree::insert(
+            &mut self.tm,
+            self.sb.mapping_root,
+            u64::from(dev),
+            &root.to_le_bytes(),
+            ValueKind::DeviceRoot,
+        )?;
         if old.is_some() {
-            return fail(ErrorKind::Corrupt, format!("mapping tree already had device {dev}"));
+            return fail(
+                ErrorKind::Corrupt,
+                format!("mapping tree already had device {dev}"),
+            );
         }
         self.sb.mapping_root = top;
         self.superblock_changed = true;
@@ -400,10 +429,20 @@ impl ThinMetadata {
     pub fn delete_thin(&mut self, dev: ThinId) -> Result<()> {
         let root = self.root(dev)?;
         self.mutate(|md| {
-            let (top, _stale) = btree::remove(&mut md.tm, md.sb.mapping_root, u64::from(dev), ValueKind::DeviceRoot)?;
+            let (top, _stale) = btree::remove(
+                &mut md.tm,
+                md.sb.mapping_root,
+                u64::from(dev),
+                ValueKind::DeviceRoot,
+            )?;
             md.sb.mapping_root = top;
             btree::delete_tree(&mut md.tm, root, ValueKind::Mapping)?;
-            let (details_root, _) = btree::remove(&mut md.tm, md.sb.details_root, u64::from(dev), ValueKind::Details)?;
+            let (details_root, _) = btree::remove(
+                &mut md.tm,
+                md.sb.details_root,
+                u64::from(dev),
+                ValueKind::Details,
+            )?;
             md.sb.details_root = details_root;
             md.superblock_changed = true;
             md.roots.remove(&dev);
@@ -419,10 +458,15 @@ impl ThinMetadata {
     pub fn lookup(&self, dev: ThinId, vblock: u64) -> Result<Option<Mapping>> {
         let details = self.device_details(dev)?;
         let root = self.root(dev)?;
-        Ok(btree::lookup_u64(&self.tm, root, vblock, ValueKind::Mapping)?.map(|v| {
-            let (data_block, time) = unpack_block_time(v);
-            Mapping { data_block, shared: details.snapshotted_time > time }
-        }))
+        Ok(
+            btree::lookup_u64(&self.tm, root, vblock, ValueKind::Mapping)?.map(|v| {
+                let (data_block, time) = unpack_block_time(v);
+                Mapping {
+                    data_block,
+                    shared: details.snapshotted_time > time,
+                }
+            }),
+        )
     }
 
     /// Mappings with `begin <= vblock < end`, in order.
@@ -430,11 +474,24 @@ impl ThinMetadata {
         let details = self.device_details(dev)?;
         let root = self.root(dev)?;
         let mut out = Vec::new();
-        btree::iterate(&self.tm, root, ValueKind::Mapping, begin, end, &mut |k, v| {
-            let (data_block, time) = unpack_block_time(read_u64(v, 0));
-            out.push((k, Mapping { data_block, shared: details.snapshotted_time > time }));
-            Ok(true)
-        })?;
+        btree::iterate(
+            &self.tm,
+            root,
+            ValueKind::Mapping,
+            begin,
+            end,
+            &mut |k, v| {
+                let (data_block, time) = unpack_block_time(read_u64(v, 0));
+                out.push((
+                    k,
+                    Mapping {
+                        data_block,
+                        shared: details.snapshotted_time > time,
+                    },
+                ));
+                Ok(true)
+            },
+        )?;
         Ok(out)
     }
 
@@ -466,12 +523,21 @@ impl ThinMetadata {
     /// A previous mapping is replaced and its data block released.
     pub fn insert(&mut self, dev: ThinId, vblock: u64, data_block: u64) -> Result<()> {
         if data_block >= self.tm.data_sm.nr_blocks() {
-            return fail(ErrorKind::OutOfBounds, format!("data block {data_block} is past the data device"));
+            return fail(
+                ErrorKind::OutOfBounds,
+                format!("data block {data_block} is past the data device"),
+            );
         }
         self.mutate(|md| {
             let root = md.prepare_device(dev)?;
             let value = pack_block_time(data_block, md.sb.time);
-            let (new_root, old) = btree::insert(&mut md.tm, root, vblock, &value.to_le_bytes(), ValueKind::Mapping)?;
+            let (new_root, old) = btree::insert(
+                &mut md.tm,
+                root,
+                vblock,
+                &value.to_le_bytes(),
+                ValueKind::Mapping,
+            )?;
             md.set_root(dev, new_root);
             match old {
                 Some(old) => ValueKind::Mapping.dec(&mut md.tm, &old)?,
@@ -507,12 +573,20 @@ impl ThinMetadata {
             d.mapped_blocks = d.mapped_blocks.saturating_sub(1);
         }
         self.changed_details.insert(dev);
-        Ok(Some(Unmapped { vblock, data_block, freed: left == 0 }))
+        Ok(Some(Unmapped {
+            vblock,
+            data_block,
+            freed: left == 0,
+        }))
     }
 
     /// Removes every mapping with `begin <= vblock < end`.
     pub fn remove_range(&mut self, dev: ThinId, begin: u64, end: u64) -> Result<Vec<Unmapped>> {
-        let keys: Vec<u64> = self.mappings_in(dev, begin, end)?.into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<u64> = self
+            .mappings_in(dev, begin, end)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         self.mutate(|md| {
             let mut out = Vec::with_capacity(keys.len());
             for k in keys {
@@ -528,7 +602,10 @@ impl ThinMetadata {
     pub fn alloc_data_block(&mut self) -> Result<u64> {
         self.writable()?;
         self.tm.data_sm.alloc().ok_or_else(|| {
-            Error::new(ErrorKind::NoSpace, "the pool's data device has no free block")
+            Error::new(
+                ErrorKind::NoSpace,
+                "the pool's data device has no free block",
+            )
         })
     }
 
@@ -613,16 +690,26 @@ impl ThinMetadata {
             let root = self.root(dev)?;
             // The path is exclusive (prepare_device ran), so this rewrites in place; the stale
             // value's reference was already carried over to the new root by shadowing.
-            let (top, _) =
-                btree::insert(&mut self.tm, self.sb.mapping_root, u64::from(dev), &root.to_le_bytes(), ValueKind::DeviceRoot)?;
+            let (top, _) = btree::insert(
+                &mut self.tm,
+                self.sb.mapping_root,
+                u64::from(dev),
+                &root.to_le_bytes(),
+                ValueKind::DeviceRoot,
+            )?;
             self.sb.mapping_root = top;
         }
         let mut changed: Vec<ThinId> = self.changed_details.drain().collect();
         changed.sort_unstable();
         for dev in changed {
             if let Some(d) = self.details.get(&dev) {
-                let (root, _) =
-                    btree::insert(&mut self.tm, self.sb.details_root, u64::from(dev), &d.encode(), ValueKind::Details)?;
+                let (root, _) = btree::insert(
+                    &mut self.tm,
+                    self.sb.details_root,
+                    u64::from(dev),
+                    &d.encode(),
+                    ValueKind::Details,
+                )?;
                 self.sb.details_root = root;
             }
         }
@@ -687,11 +774,18 @@ impl ThinMetadata {
     pub fn device_mappings(&self, dev: ThinId) -> Result<Vec<(u64, u64, u32)>> {
         let root = self.root(dev)?;
         let mut out = Vec::new();
-        btree::iterate(&self.tm, root, ValueKind::Mapping, 0, u64::MAX, &mut |k, v| {
-            let (b, t) = unpack_block_time(read_u64(v, 0));
-            out.push((k, b, t));
-            Ok(true)
-        })?;
+        btree::iterate(
+            &self.tm,
+            root,
+            ValueKind::Mapping,
+            0,
+            u64::MAX,
+            &mut |k, v| {
+                let (b, t) = unpack_block_time(read_u64(v, 0));
+                out.push((k, b, t));
+                Ok(true)
+            },
+        )?;
         Ok(out)
     }
 
@@ -708,12 +802,18 @@ impl ThinMetadata {
     ) -> Result<()> {
         check_thin_id(dev)?;
         if self.exists(dev) {
-            return fail(ErrorKind::InvalidInput, format!("device {dev} appears twice"));
+            return fail(
+                ErrorKind::InvalidInput,
+                format!("device {dev} appears twice"),
+            );
         }
         self.mutate(|md| {
             let keys: Vec<u64> = mappings.iter().map(|m| m.0).collect();
             if keys.windows(2).any(|w| w[0] >= w[1]) {
-                return fail(ErrorKind::InvalidInput, format!("device {dev}: mappings overlap or are unsorted"));
+                return fail(
+                    ErrorKind::InvalidInput,
+                    format!("device {dev}: mappings overlap or are unsorted"),
+                );
             }
             let mut values = Vec::with_capacity(mappings.len() * 8);
             for &(_, data_block, time) in mappings {
@@ -729,7 +829,10 @@ impl ThinMetadata {
             let root = btree::bulk_build(&mut md.tm, ValueKind::Mapping, &keys, &values)?;
             md.add_device(dev, root, mappings.len() as u64)?;
             let d = md.details.get_mut(&dev).expect("just added");
-            *d = DeviceDetails { mapped_blocks: mappings.len() as u64, ..details };
+            *d = DeviceDetails {
+                mapped_blocks: mappings.len() as u64,
+                ..details
+            };
             Ok(())
         })
     }

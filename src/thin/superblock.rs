@@ -50,7 +50,9 @@ impl Superblock {
     pub fn decode(b: &Block) -> Result<Self> {
         let magic = read_u64(b, 32);
         if magic != THIN_MAGIC {
-            return Err(Error::corrupt(format!("superblock: bad magic {magic} (want {THIN_MAGIC})")));
+            return Err(Error::corrupt(format!(
+                "superblock: bad magic {magic} (want {THIN_MAGIC})"
+            )));
         }
         let incompat = read_u32(b, 360);
         let compat_ro = read_u32(b, 356);
@@ -62,7 +64,10 @@ impl Superblock {
         }
         let version = read_u32(b, 40);
         if !(1..=2).contains(&version) {
-            return Err(Error::new(ErrorKind::Unsupported, format!("superblock: version {version}")));
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("superblock: version {version}"),
+            ));
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[16..32]);
@@ -97,7 +102,12 @@ mod tests {
             details_root: 6,
             data_block_size: 128,
             metadata_nr_blocks: 1024,
-            data_sm_root: SmRoot { nr_blocks: 1024, nr_allocated: 611, bitmap_root: 4, ref_count_root: 5 },
+            data_sm_root: SmRoot {
+                nr_blocks: 1024,
+                nr_allocated: 611,
+                bitmap_root: 4,
+                ref_count_root: 5,
+            },
             ..Default::default()
         };
         let b = sb.encode();
