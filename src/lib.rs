@@ -4,11 +4,13 @@
 //! `pdata` (persistent data) -> `thin` (pool metadata) -> `engine` (I/O) -> `nbd` (protocol
 //! and server) -> the CLI and the nbdkit plugin.
 
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod nbd;
 pub mod pdata;
 pub mod thin;
 pub mod util;
+pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};

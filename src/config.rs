@@ -1,0 +1,293 @@
+//! Configuration: a serde mirror of `config/thinnbd.toml` (every key optional, unknown keys
+//! refused), validated into a runtime `Config`. Errors name the file and the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::util::parse_size;
+
+/// The configuration compiled in, identical to `config/thinnbd.toml`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/thinnbd.toml");
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    pool: RawPool,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    engine: RawEngine,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    dir: Option<PathBuf>,
+    data: Option<PathBuf>,
+    create_if_missing: Option<bool>,
+    data_size: Option<String>,
+    block_size: Option<String>,
+    default_volume: Option<String>,
+    default_volume_size: Option<String>,
+    no_space_policy: Option<String>,
+    no_space_timeout_secs: Option<u64>,
+    low_water_mark: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Vec<String>>,
+    socket: Option<PathBuf>,
+    max_connections: Option<usize>,
+    max_inflight_per_connection: Option<usize>,
+    max_request_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    cell_pool_size: Option<usize>,
+    metadata_cache_blocks: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSpacePolicy {
+    Error,
+    Queue,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    pub dir: PathBuf,
+    pub data: Option<PathBuf>,
+    pub create_if_missing: bool,
+    pub data_size: u64,
+    pub block_size: u64,
+    pub default_volume: String,
+    pub default_volume_size: u64,
+    pub no_space_policy: NoSpacePolicy,
+    pub no_space_timeout: Duration,
+    pub low_water_mark: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    pub max_connections: usize,
+    pub max_inflight_per_connection: usize,
+    pub max_request_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    pub cell_pool_size: usize,
+    pub metadata_cache_blocks: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub pool: PoolSettings,
+    pub server: ServerSettings,
+    pub engine: EngineSettings,
+    pub log_level: String,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn bad(&self, key: &str, why: impl std::fmt::Display) -> Error {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("config {}: key {key}: {why}", self.file),
+        )
+    }
+
+    fn size(&self, key: &str, v: Option<String>, default: &str) -> Result<u64> {
+        let text = v.unwrap_or_else(|| default.to_string());
+        parse_size(&text)
+            .ok_or_else(|| self.bad(key, format!("{text:?} is not a size (e.g. 4096, 64K, 10G)")))
+    }
+}
+
+impl Config {
+    /// The built-in defaults.
+    pub fn default_config() -> Config {
+        Config::from_toml(DEFAULT_CONFIG_TOML, "<built-in defaults>")
+            .expect("the shipped config is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn from_toml(text: &str, file: &str) -> Result<Config> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let key = e
+                .span()
+                .map(|s| text.get(s).unwrap_or("").trim().to_string())
+                .unwrap_or_default();
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("config {file}: {} (at {key:?})", e.message().trim()),
+            )
+        })?;
+        let c = Ctx { file };
+        let p = raw.pool;
+        let block_size = c.size("pool.block_size", p.block_size, "64K")?;
+        if !(64 << 10..=1 << 30).contains(&block_size) || block_size % (64 << 10) != 0 {
+            return Err(c.bad("pool.block_size", "must be 64K to 1G and a multiple of 64K"));
+        }
+        let data_size = c.size("pool.data_size", p.data_size, "64G")?;
+        if data_size < block_size {
+            return Err(c.bad("pool.data_size", "smaller than one block"));
+        }
+        let default_volume = p.default_volume.unwrap_or_else(|| "default".into());
+        if !default_volume.is_empty() {
+            crate::volume::registry::validate_name(&default_volume)
+                .map_err(|e| c.bad("pool.default_volume", e))?;
+        }
+        let no_space_policy = match p.no_space_policy.as_deref().unwrap_or("queue") {
+            "queue" => NoSpacePolicy::Queue,
+            "error" => NoSpacePolicy::Error,
+            other => {
+                return Err(c.bad(
+                    "pool.no_space_policy",
+                    format!("{other:?} is not \"error\" or \"queue\""),
+                ))
+            }
+        };
+        let pool = PoolSettings {
+            dir: p.dir.unwrap_or_else(|| PathBuf::from("./thinnbd-pool")),
+            data: p.data,
+            create_if_missing: p.create_if_missing.unwrap_or(true),
+            data_size,
+            block_size,
+            default_volume,
+            default_volume_size: c.size(
+                "pool.default_volume_size",
+                p.default_volume_size,
+                "10G",
+            )?,
+            no_space_policy,
+            no_space_timeout: Duration::from_secs(p.no_space_timeout_secs.unwrap_or(60)),
+            low_water_mark: c.size("pool.low_water_mark", p.low_water_mark, "1G")?,
+        };
+        let s = raw.server;
+        let mut listen = Vec::new();
+        for a in s.listen.unwrap_or_else(|| vec!["127.0.0.1:10809".into()]) {
+            listen.push(
+                a.parse()
+                    .map_err(|_| c.bad("server.listen", format!("{a:?} is not ADDR:PORT")))?,
+            );
+        }
+        let max_request_size = c.size("server.max_request_size", s.max_request_size, "32M")?;
+        if !(4096..=1 << 30).contains(&max_request_size) {
+            return Err(c.bad("server.max_request_size", "must be 4K to 1G"));
+        }
+        let positive = |key: &str, v: Option<usize>, d: usize| -> Result<usize> {
+            match v.unwrap_or(d) {
+                0 => Err(c.bad(key, "must be at least 1")),
+                n => Ok(n),
+            }
+        };
+        let server = ServerSettings {
+            listen,
+            socket: s.socket.filter(|p| !p.as_os_str().is_empty()),
+            max_connections: positive("server.max_connections", s.max_connections, 256)?,
+            max_inflight_per_connection: positive(
+                "server.max_inflight_per_connection",
+                s.max_inflight_per_connection,
+                64,
+            )?,
+            max_request_size,
+        };
+        let engine = EngineSettings {
+            cell_pool_size: positive("engine.cell_pool_size", raw.engine.cell_pool_size, 1024)?,
+            metadata_cache_blocks: positive(
+                "engine.metadata_cache_blocks",
+                raw.engine.metadata_cache_blocks,
+                16384,
+            )?,
+        };
+        let log_level = raw.log.level.unwrap_or_else(|| "info".into());
+        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+            return Err(c.bad(
+                "log.level",
+                format!("{log_level:?} is not error, warn, info, debug or trace"),
+            ));
+        }
+        Ok(Config {
+            pool,
+            server,
+            engine,
+            log_level,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_equals_the_built_in_defaults() {
+        let shipped = Config::default_config();
+        let empty = Config::from_toml("", "empty").unwrap();
+        assert_eq!(
+            shipped, empty,
+            "config/thinnbd.toml must spell out exactly the defaults"
+        );
+        assert_eq!(shipped.pool.block_size, 64 << 10);
+        assert_eq!(shipped.pool.data_size, 64 << 30);
+        assert_eq!(
+            shipped.server.listen,
+            vec!["127.0.0.1:10809".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_key_and_file() {
+        let e = Config::from_toml("[pool]\nbogus_key = 1\n", "my.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("my.toml") && msg.contains("bogus_key"),
+            "{msg}"
+        );
+        let e = Config::from_toml("[pool]\nblock_size = \"3K\"\n", "my.toml").unwrap_err();
+        assert!(
+            e.to_string().contains("pool.block_size") && e.to_string().contains("my.toml"),
+            "{e}"
+        );
+        let e = Config::from_toml("[server]\nlisten = [\"nowhere\"]\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        let e = Config::from_toml("[pool]\nno_space_policy = \"maybe\"\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("pool.no_space_policy"), "{e}");
+    }
+
+    #[test]
+    fn sizes_take_suffixes() {
+        let c =
+            Config::from_toml("[pool]\ndata_size = \"2T\"\nblock_size = \"1M\"\n", "x").unwrap();
+        assert_eq!(c.pool.data_size, 2 << 40);
+        assert_eq!(c.pool.block_size, 1 << 20);
+    }
+}

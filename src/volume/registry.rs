@@ -1,0 +1,255 @@
+//! The volume registry: names, sizes and flags of thin volumes, which dm-thin metadata does not
+//! hold (LVM keeps them elsewhere too). One small TOML file, replaced atomically: write a
+//! temporary file, fsync it, rename it over the old one, fsync the directory.
+//!
+//! Ordering with metadata commits keeps names from ever pointing at missing thins: a thin is
+//! committed before its name is added, and a name is removed before its thin is deleted. A crash
+//! in between leaves at worst an orphan thin with no name, which `thinnbd check` reports.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::thin::metadata::{ThinId, MAX_THIN_ID};
+
+pub const REGISTRY_FILE: &str = "volumes.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub name: String,
+    pub thin_id: ThinId,
+    /// Size in bytes.
+    pub size: u64,
+    #[serde(default)]
+    pub read_only: bool,
+    /// The volume this one was snapshotted from, when it is a snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    #[serde(default)]
+    volume: Vec<Volume>,
+}
+
+/// The registry of a pool directory, held in memory and written through on every change.
+#[derive(Debug)]
+pub struct Registry {
+    path: PathBuf,
+    volumes: Vec<Volume>,
+}
+
+/// Volume names become NBD export names and file-system-safe identifiers.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+@".contains(c))
+        && !name.starts_with('.');
+    if !ok {
+        return fail(
+            ErrorKind::InvalidInput,
+            format!("volume name {name:?}: use 1-128 characters of A-Z a-z 0-9 - _ . + @, not starting with '.'"),
+        );
+    }
+    Ok(())
+}
+
+impl Registry {
+    /// Loads `DIR/volumes.toml`; a missing file is an empty registry.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(REGISTRY_FILE);
+        let volumes = match fs::read_to_string(&path) {
+            Ok(text) => {
+                let file: RegistryFile = toml::from_str(&text).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        format!("volume registry {}: {}", path.display(), e.message()),
+                    )
+                })?;
+                file.volume
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let reg = Registry { path, volumes };
+        reg.validate()?;
+        Ok(reg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (i, v) in self.volumes.iter().enumerate() {
+            validate_name(&v.name)
+                .map_err(|e| e.within(format!("volume registry {}", self.path.display())))?;
+            if v.thin_id > MAX_THIN_ID {
+                return fail(
+                    ErrorKind::Corrupt,
+                    format!("volume {}: thin id {} is not 24-bit", v.name, v.thin_id),
+                );
+            }
+            if self.volumes[..i]
+                .iter()
+                .any(|o| o.name == v.name || o.thin_id == v.thin_id)
+            {
+                return fail(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "volume registry {}: {} or its thin id appears twice",
+                        self.path.display(),
+                        v.name
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn volumes(&self) -> &[Volume] {
+        &self.volumes
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Volume> {
+        self.volumes
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume named {name:?}")))
+    }
+
+    pub fn by_thin(&self, id: ThinId) -> Option<&Volume> {
+        self.volumes.iter().find(|v| v.thin_id == id)
+    }
+
+    /// The lowest thin id not used by a registered volume nor by `also_taken` (metadata).
+    pub fn free_thin_id(&self, also_taken: &[ThinId]) -> Result<ThinId> {
+        (0..=MAX_THIN_ID)
+            .find(|id| self.by_thin(*id).is_none() && !also_taken.contains(id))
+            .ok_or_else(|| Error::new(ErrorKind::NoSpace, "no free thin id"))
+    }
+
+    pub fn add(&mut self, volume: Volume) -> Result<()> {
+        validate_name(&volume.name)?;
+        if self.volumes.iter().any(|v| v.name == volume.name) {
+            return fail(
+                ErrorKind::Busy,
+                format!("volume {:?} already exists", volume.name),
+            );
+        }
+        let mut next = self.volumes.clone();
+        next.push(volume);
+        self.replace(next)
+    }
+
+    pub fn remove(&mut self, name: &str) -> Result<Volume> {
+        let v = self.get(name)?.clone();
+        let next = self
+            .volumes
+            .iter()
+            .filter(|o| o.name != name)
+            .cloned()
+            .collect();
+        self.replace(next)?;
+        Ok(v)
+    }
+
+    pub fn update(&mut self, volume: Volume) -> Result<()> {
+        self.get(&volume.name)?;
+        let next = self
+            .volumes
+            .iter()
+            .map(|o| {
+                if o.name == volume.name {
+                    volume.clone()
+                } else {
+                    o.clone()
+                }
+            })
+            .collect();
+        self.replace(next)
+    }
+
+    /// Writes the new list durably, then adopts it.
+    fn replace(&mut self, volumes: Vec<Volume>) -> Result<()> {
+        let text = toml::to_string(&RegistryFile {
+            volume: volumes.clone(),
+        })
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("encoding the volume registry: {e}"),
+            )
+        })?;
+        write_atomically(&self.path, text.as_bytes())?;
+        self.volumes = volumes;
+        Ok(())
+    }
+}
+
+/// write, fsync, rename, fsync the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let io_err = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
+    let mut f = File::create(&tmp).map_err(|e| io_err("creating", e))?;
+    f.write_all(bytes).map_err(|e| io_err("writing", e))?;
+    f.sync_all().map_err(|e| io_err("syncing", e))?;
+    drop(f);
+    fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("renaming over {}", path.display()), e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(name: &str, id: ThinId) -> Volume {
+        Volume {
+            name: name.into(),
+            thin_id: id,
+            size: 1 << 20,
+            read_only: false,
+            origin: None,
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn add_remove_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::load(dir.path()).unwrap();
+        r.add(vol("a", 0)).unwrap();
+        r.add(vol("b", 1)).unwrap();
+        assert!(r.add(vol("a", 2)).is_err());
+        assert_eq!(r.free_thin_id(&[2]).unwrap(), 3);
+        r.remove("a").unwrap();
+        let again = Registry::load(dir.path()).unwrap();
+        assert_eq!(again.volumes(), &[vol("b", 1)]);
+    }
+
+    #[test]
+    fn bad_names_and_files_are_refused() {
+        assert!(validate_name("ok-name_1.2").is_ok());
+        for bad in ["", ".hidden", "a/b", "sp ace", &"x".repeat(200)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join(REGISTRY_FILE),
+            "[[volume]]\nname = \"a\"\nthin_id = 1\nsize = 1\nbogus = 2\n",
+        )
+        .unwrap();
+        let e = Registry::load(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}
