@@ -131,8 +131,8 @@ impl<'a> Node<'a> {
         }
     }
 
-    /// Structural checks done once when a node is read: flags, sizes, key order.
-    pub fn validate(&self, location: u64, leaf_value_size: usize) -> Result<()> {
+    /// Header checks, done on every read (cheap, and they keep every slice in bounds).
+    pub fn validate_header(&self, location: u64, leaf_value_size: usize) -> Result<()> {
         let bad = |what: String| Err(Error::corrupt(format!("btree node {location}: {what}")));
         let flags = self.flags();
         let expect_vs = match flags {
@@ -155,9 +155,16 @@ impl<'a> Node<'a> {
         if flags == INTERNAL_NODE && self.nr_entries() == 0 {
             return bad("internal node with no entries".into());
         }
+        Ok(())
+    }
+
+    /// Key order, checked once when the node comes from disk.
+    pub fn validate_keys(&self, location: u64) -> Result<()> {
         for i in 1..self.nr_entries() {
             if self.key(i) <= self.key(i - 1) {
-                return bad(format!("keys out of order at entry {i}"));
+                return Err(Error::corrupt(format!(
+                    "btree node {location}: keys out of order at entry {i}"
+                )));
             }
         }
         Ok(())
@@ -253,8 +260,10 @@ pub fn read_node(
     b: u64,
     kind: ValueKind,
 ) -> Result<super::tm::BlockRef<'_>> {
-    let block = tm.read(b, BlockKind::Node)?;
-    Node::new(&block[..]).validate(b, kind.size())?;
+    let block = tm.read_checked(b, BlockKind::Node, &|blk| {
+        Node::new(&blk[..]).validate_keys(b)
+    })?;
+    Node::new(&block[..]).validate_header(b, kind.size())?;
     Ok(block)
 }
 

@@ -85,10 +85,6 @@ impl SpaceMap {
             .ok_or_else(|| self.out_of_range(b))
     }
 
-    fn is_busy(&self, b: u64) -> bool {
-        self.busy[(b / 64) as usize] & (1 << (b % 64)) != 0
-    }
-
     fn set_busy(&mut self, b: u64, on: bool) {
         let word = &mut self.busy[(b / 64) as usize];
         if on {

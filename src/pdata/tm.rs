@@ -134,6 +134,11 @@ impl TransactionManager {
         &self.io
     }
 
+    /// Bounds the block cache to `blocks` entries (at least 64).
+    pub fn set_cache_capacity(&mut self, blocks: usize) {
+        self.cache.capacity = blocks.max(64);
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         CacheStats {
             hits: self.cache.hits.load(Ordering::Relaxed),
@@ -144,6 +149,16 @@ impl TransactionManager {
 
     /// Reads and validates a block (checksum, self location, kind), through the cache.
     pub fn read(&self, b: u64, kind: BlockKind) -> Result<BlockRef<'_>> {
+        self.read_checked(b, kind, &|_| Ok(()))
+    }
+
+    /// As `read`, running `check` once when the block comes from the device (not from cache).
+    pub fn read_checked(
+        &self,
+        b: u64,
+        kind: BlockKind,
+        check: &dyn Fn(&Block) -> Result<()>,
+    ) -> Result<BlockRef<'_>> {
         if let Some((k, block)) = self.dirty.get(&b) {
             if *k != kind {
                 return Err(Error::corrupt(format!(
@@ -160,6 +175,7 @@ impl TransactionManager {
         self.cache.misses.fetch_add(1, Ordering::Relaxed);
         let raw = self.io.read_block(b)?;
         verify(&raw, kind, b)?;
+        check(&raw)?;
         let arc: Arc<Block> = Arc::from(raw);
         self.cache.insert(b, kind, arc.clone());
         Ok(BlockRef::Clean(arc))

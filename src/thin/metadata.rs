@@ -5,7 +5,7 @@
 //! mapping tree is made exclusive before the device's own tree is changed, so that sharing
 //! with snapshots (and the metadata snapshot) is pushed down before anything is copied.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use crate::error::{fail, Error, ErrorKind, Result};
@@ -658,6 +658,10 @@ impl ThinMetadata {
         }
     }
 
+    pub fn set_cache_capacity(&mut self, blocks: usize) {
+        self.tm.set_cache_capacity(blocks);
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         self.tm.cache_stats()
     }
@@ -789,11 +793,13 @@ impl ThinMetadata {
         Ok(out)
     }
 
+    #[allow(dead_code)] // used by the restore and check tools
     pub(crate) fn tm(&self) -> &TransactionManager {
         &self.tm
     }
 
     /// Restores devices in bulk (thin_restore): one transaction, trees built bottom-up.
+    #[allow(dead_code)] // used by restore
     pub(crate) fn bulk_load_device(
         &mut self,
         dev: ThinId,
@@ -838,6 +844,7 @@ impl ThinMetadata {
     }
 
     /// Sets superblock fields carried by a restore.
+    #[allow(dead_code)] // used by restore
     pub(crate) fn set_restored_header(&mut self, time: u32, transaction_id: u64, flags: u32) {
         self.sb.time = time;
         self.sb.transaction_id = transaction_id;
@@ -846,13 +853,84 @@ impl ThinMetadata {
     }
 }
 
-/// Count of uncommitted roots, for tests of the commit path.
 #[cfg(test)]
-impl ThinMetadata {
-    pub(crate) fn pending_roots(&self) -> usize {
-        self.changed_roots.len()
+mod tests {
+    use super::*;
+    use crate::pdata::block_io::MemBlockIo;
+
+    fn pool() -> ThinMetadata {
+        ThinMetadata::format(Arc::new(MemBlockIo::new(512)), 128, 10_000).unwrap()
+    }
+
+    #[test]
+    fn device_roots_reach_the_top_level_tree_at_commit() {
+        let mut md = pool();
+        md.create_thin(1).unwrap();
+        md.commit().unwrap();
+        let b = md.alloc_data_block().unwrap();
+        md.insert(1, 5, b).unwrap();
+        assert_eq!(md.changed_roots.len(), 1, "the new root waits for commit");
+        md.commit().unwrap();
+        assert!(md.changed_roots.is_empty());
+        let io = md.tm.io().clone();
+        let again = ThinMetadata::open(io).unwrap();
+        assert_eq!(again.lookup(1, 5).unwrap().map(|m| m.data_block), Some(b));
+    }
+
+    #[test]
+    fn snapshot_marks_blocks_shared_and_a_write_unshares() {
+        let mut md = pool();
+        md.create_thin(1).unwrap();
+        let b = md.alloc_data_block().unwrap();
+        md.insert(1, 0, b).unwrap();
+        md.create_snapshot(2, 1).unwrap();
+        assert!(md.lookup(1, 0).unwrap().unwrap().shared);
+        assert!(md.lookup(2, 0).unwrap().unwrap().shared);
+        let c = md.alloc_data_block().unwrap();
+        md.insert(1, 0, c).unwrap();
+        assert_eq!(
+            md.lookup(1, 0).unwrap(),
+            Some(Mapping {
+                data_block: c,
+                shared: false
+            })
+        );
+        assert_eq!(md.lookup(2, 0).unwrap().unwrap().data_block, b);
+        assert_eq!(md.data_block_refs(b).unwrap(), 1);
+        md.delete_thin(2).unwrap();
+        assert_eq!(md.data_block_refs(b).unwrap(), 0);
+    }
+
+    #[test]
+    fn failed_commit_turns_read_only() {
+        let io = MemBlockIo::new(512);
+        let mut md = ThinMetadata::format(Arc::new(io.clone()), 128, 100).unwrap();
+        md.create_thin(1).unwrap();
+        io.fail_writes(true);
+        assert_eq!(md.commit().unwrap_err().kind(), ErrorKind::Io);
+        assert!(md.is_read_only());
+        assert_eq!(md.create_thin(2).unwrap_err().kind(), ErrorKind::ReadOnly);
+    }
+
+    #[test]
+    fn full_data_device_is_no_space_and_frees_after_commit() {
+        let mut md = ThinMetadata::format(Arc::new(MemBlockIo::new(512)), 128, 2).unwrap();
+        md.create_thin(1).unwrap();
+        for v in 0..2 {
+            let b = md.alloc_data_block().unwrap();
+            md.insert(1, v, b).unwrap();
+        }
+        assert_eq!(
+            md.alloc_data_block().unwrap_err().kind(),
+            ErrorKind::NoSpace
+        );
+        md.remove(1, 0).unwrap();
+        assert_eq!(md.data_blocks_awaiting_commit(), 1);
+        assert_eq!(
+            md.alloc_data_block().unwrap_err().kind(),
+            ErrorKind::NoSpace
+        );
+        md.commit().unwrap();
+        assert!(md.alloc_data_block().is_ok());
     }
 }
-
-#[allow(dead_code)]
-fn _assert_send(_: &HashMap<u32, u32>) {}
