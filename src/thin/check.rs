@@ -416,7 +416,7 @@ impl Checker {
             let c = read_u32(&v, 0);
             if c < 3 {
                 self.problem(format!(
-                    "{ctx}: overflow tree (root {root}) holds count {c} for block {b}"
+                    "{ctx}: overflow tree (root block {root}) holds count {c} for block {b}"
                 ));
             }
             out.insert(b, c);
@@ -507,7 +507,7 @@ impl Checker {
         let mut complete = index.len() as u64 == want;
         if !complete {
             self.problem(format!(
-                "data space map index tree (root {}): {} entries for {want} bitmaps",
+                "data space map index tree (root block {}): {} entries for {want} bitmaps",
                 root.bitmap_root,
                 index.len()
             ));
@@ -517,7 +517,7 @@ impl Checker {
         for (i, (key, v)) in index.iter().enumerate() {
             if *key != i as u64 {
                 self.problem(format!(
-                    "data space map index tree (root {}): entry {i} has key {key}",
+                    "data space map index tree (root block {}): entry {i} has key {key}",
                     root.bitmap_root
                 ));
                 complete = false;
@@ -678,10 +678,10 @@ impl Checker {
             seen.insert(*dev, n);
             match details.get(dev) {
                 None => self.problem(format!(
-                    "{ctx}: top-level mapping tree (root {mapping_root}) has device {dev}, which has no details"
+                    "{ctx}: top-level mapping tree (root block {mapping_root}) has device {dev}, which has no details"
                 )),
                 Some(d) if d.mapped_blocks != n => self.problem(format!(
-                    "{ctx}: device {dev} (tree root {root}): details say {} mapped blocks, the tree has {n}",
+                    "{ctx}: device {dev} (tree root block {root}): details say {} mapped blocks, the tree has {n}",
                     d.mapped_blocks
                 )),
                 Some(_) => {}
@@ -690,7 +690,7 @@ impl Checker {
         for dev in details.keys() {
             if !seen.contains_key(dev) {
                 self.problem(format!(
-                    "{ctx}: details tree (root {details_root}) has device {dev}, which has no mapping tree"
+                    "{ctx}: details tree (root block {details_root}) has device {dev}, which has no mapping tree"
                 ));
             }
         }
