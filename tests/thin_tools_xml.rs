@@ -157,3 +157,19 @@ fn restore_of_api_dump_is_equivalent() {
     assert_eq!(our_dump(&restored), text);
     assert_eq!(view(&restored).unwrap(), view(&md).unwrap());
 }
+
+#[test]
+fn version_1_and_flags_survive_a_restore() {
+    if !have_tool("thin_dump") {
+        return;
+    }
+    let xml = fixture().replacen(r#"flags="0" version="2""#, r#"flags="1" version="1""#, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("meta");
+    sized_file(&meta);
+    drop(xml::restore(&mut xml.as_bytes(), file_io(&meta)).unwrap());
+    assert_eq!(thin_dump(&[], &meta), xml);
+    let md = ThinMetadata::open(file_io(&meta)).unwrap();
+    assert_eq!(md.superblock().version, 1);
+    assert_eq!(our_dump(&md), xml);
+}

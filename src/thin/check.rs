@@ -116,6 +116,50 @@ fn bitmap_entry(block: &Block, e: usize) -> u32 {
     u32::from((hi << 1) | lo)
 }
 
+/// Data blocks below this are counted in a dense array; others (a huge or damaged pool) in a map.
+const DENSE_DATA_BLOCKS: u64 = 1 << 24;
+
+/// Reference counts per data block.
+#[derive(Default)]
+struct Counts {
+    dense: Vec<u32>,
+    sparse: HashMap<u64, u32>,
+}
+
+impl Counts {
+    fn new(nr_blocks: u64) -> Self {
+        let n = nr_blocks.min(DENSE_DATA_BLOCKS) as usize;
+        Counts {
+            dense: vec![0; n],
+            sparse: HashMap::new(),
+        }
+    }
+
+    fn slot(&mut self, b: u64) -> &mut u32 {
+        match usize::try_from(b).ok().filter(|&i| i < self.dense.len()) {
+            Some(i) => &mut self.dense[i],
+            None => self.sparse.entry(b).or_insert(0),
+        }
+    }
+
+    fn get(&self, b: u64) -> u32 {
+        match usize::try_from(b).ok().and_then(|i| self.dense.get(i)) {
+            Some(c) => *c,
+            None => self.sparse.get(&b).copied().unwrap_or(0),
+        }
+    }
+
+    fn add(&mut self, b: u64) {
+        let c = self.slot(b);
+        *c = c.saturating_add(1);
+    }
+
+    fn nonzero(&self) -> usize {
+        self.dense.iter().filter(|&&c| c > 0).count()
+            + self.sparse.values().filter(|&&c| c > 0).count()
+    }
+}
+
 struct Checker {
     io: Arc<dyn BlockIo>,
     dev_blocks: u64,
@@ -123,7 +167,7 @@ struct Checker {
     /// Computed metadata reference counts, indexed by block (bounded by the device size).
     meta_counts: Vec<u32>,
     /// Computed data reference counts.
-    data_counts: HashMap<u64, u32>,
+    data_counts: Counts,
     data_nr_blocks: u64,
     /// Mappings under each mapping-tree node already walked (for shared subtrees).
     subtree_mappings: HashMap<u64, u64>,
@@ -494,7 +538,7 @@ impl Checker {
     }
 
     /// The data space map as stored: nonzero counts only, `None` if it could not be read whole.
-    fn load_data_sm(&mut self, root: &SmRoot) -> Option<HashMap<u64, u32>> {
+    fn load_data_sm(&mut self, root: &SmRoot) -> Option<Counts> {
         let nr_blocks = root.nr_blocks;
         if nr_blocks >= 1 << 40 {
             self.problem(format!(
@@ -512,7 +556,7 @@ impl Checker {
                 index.len()
             ));
         }
-        let mut counts = HashMap::new();
+        let mut counts = Counts::new(nr_blocks);
         let mut threes = Vec::new();
         for (i, (key, v)) in index.iter().enumerate() {
             if *key != i as u64 {
@@ -532,7 +576,7 @@ impl Checker {
                 Some(bits) => {
                     for (e, &c) in bits.iter().enumerate() {
                         if c != 0 {
-                            counts.insert(begin + e as u64, u32::from(c));
+                            *counts.slot(begin + e as u64) = u32::from(c);
                             if c == 3 {
                                 threes.push(begin + e as u64);
                             }
@@ -544,10 +588,9 @@ impl Checker {
         }
         let overflow = self.overflow(root.ref_count_root, "data");
         for (&b, &c) in &overflow {
-            match counts.get_mut(&b) {
-                Some(slot) if *slot == 3 => *slot = c,
-                other => {
-                    let have = other.map_or(0, |s| *s);
+            match counts.get(b) {
+                3 => *counts.slot(b) = c,
+                have => {
                     self.problem(format!(
                         "data space map: overflow entry for block {b} ({c}) but the bitmap says {have}"
                     ));
@@ -610,8 +653,7 @@ impl Checker {
                         e.keys[i], self.data_nr_blocks
                     ));
                 }
-                let c = self.data_counts.entry(data).or_insert(0);
-                *c = c.saturating_add(1);
+                self.data_counts.add(data);
             }
             total = e.keys.len() as u64;
         } else {
@@ -744,6 +786,7 @@ impl Checker {
         let details_root = read_u64(&sb[..], 328);
         let snap = read_u64(&sb[..], 56);
         self.data_nr_blocks = data_root.nr_blocks;
+        self.data_counts = Counts::new(data_root.nr_blocks.min(1 << 40));
 
         let meta_sm = self.load_metadata_sm(&meta_root);
         let data_sm = self.load_data_sm(&data_root);
@@ -789,19 +832,22 @@ impl Checker {
         self.meta_counts = computed;
     }
 
-    fn compare_data(&mut self, stored: Option<HashMap<u64, u32>>) {
-        self.report.data_blocks_used = self.data_counts.len() as u64;
+    fn compare_data(&mut self, stored: Option<Counts>) {
+        self.report.data_blocks_used = self.data_counts.nonzero() as u64;
         let Some(stored) = stored else { return };
+        let dense = self.data_counts.dense.len().max(stored.dense.len()) as u64;
         let mut blocks: Vec<u64> = stored
+            .sparse
             .keys()
-            .chain(self.data_counts.keys())
+            .chain(self.data_counts.sparse.keys())
             .copied()
+            .filter(|&b| b >= dense)
             .collect();
         blocks.sort_unstable();
         blocks.dedup();
-        for b in blocks {
-            let s = stored.get(&b).copied().unwrap_or(0);
-            let c = self.data_counts.get(&b).copied().unwrap_or(0);
+        for b in (0..dense).chain(blocks) {
+            let s = stored.get(b);
+            let c = self.data_counts.get(b);
             if s != c {
                 self.problem(format!(
                     "data block {b}: space map count {s}, but {c} references were found{}",
@@ -821,7 +867,7 @@ pub fn check(io: Arc<dyn BlockIo>) -> Report {
         dev_blocks,
         report: Report::default(),
         meta_counts: vec![0; tracked],
-        data_counts: HashMap::new(),
+        data_counts: Counts::default(),
         data_nr_blocks: 0,
         subtree_mappings: HashMap::new(),
         reads_left: dev_blocks
