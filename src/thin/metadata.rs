@@ -851,6 +851,19 @@ impl ThinMetadata {
         self.sb.flags = flags;
         self.superblock_changed = true;
     }
+
+    // --- accessors for tools (xml/check) ---
+
+    /// Root of a device's mapping tree as it stands now (committed or not).
+    pub(crate) fn device_root(&self, dev: ThinId) -> Result<u64> {
+        self.root(dev)
+    }
+
+    /// Sets the superblock version carried by a restore (0.9.0 XML may say 1).
+    pub(crate) fn set_restored_version(&mut self, version: u32) {
+        self.sb.version = version;
+        self.superblock_changed = true;
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! persistent-data layer), plus the dump, restore and check tools.
 
 pub mod check;
+pub mod damage;
 pub mod metadata;
 pub mod superblock;
 pub mod xml;
