@@ -16,6 +16,18 @@ pub const LEAF_NODE: u32 = 2;
 const HEADER: usize = 32;
 /// Largest value any tree here stores (device details).
 pub const MAX_VALUE_SIZE: usize = 24;
+/// No valid tree is deeper: with non-root nodes at least a third full, 16 levels would hold
+/// more than 2^64 keys. Deeper means a loop in damaged metadata.
+pub const MAX_DEPTH: usize = 16;
+
+fn check_depth(depth: usize, b: u64) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(Error::corrupt(format!(
+            "btree node {b}: tree deeper than {MAX_DEPTH} levels (a loop in the metadata?)"
+        )));
+    }
+    Ok(())
+}
 
 /// What the values of a tree's leaves are, which decides how sharing is accounted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,7 +287,7 @@ pub fn lookup(
     kind: ValueKind,
 ) -> Result<Option<[u8; MAX_VALUE_SIZE]>> {
     let mut b = root;
-    loop {
+    for _ in 0..=MAX_DEPTH {
         let block = read_node(tm, b, kind)?;
         let node = Node::new(&block[..]);
         if node.is_leaf() {
@@ -293,6 +305,7 @@ pub fn lookup(
         }
         b = node.value_u64(node.child_index(key));
     }
+    check_depth(MAX_DEPTH + 1, b).map(|_| None)
 }
 
 pub fn lookup_u64(
@@ -359,7 +372,7 @@ pub fn insert(
 ) -> Result<(u64, Option<[u8; MAX_VALUE_SIZE]>)> {
     debug_assert_eq!(value.len(), kind.size());
     let mut old = None;
-    match insert_rec(tm, root, key, value, kind, &mut old)? {
+    match insert_rec(tm, root, key, value, kind, &mut old, 0)? {
         Inserted::One(b) => Ok((b, old)),
         Inserted::Split {
             left,
@@ -390,7 +403,9 @@ fn insert_rec(
     value: &[u8],
     kind: ValueKind,
     old: &mut Option<[u8; MAX_VALUE_SIZE]>,
+    depth: usize,
 ) -> Result<Inserted> {
+    check_depth(depth, b)?;
     let nb = shadow_node(tm, b, kind)?;
     let (leaf, pos, found, child) = {
         let node = node_mut(tm, nb)?;
@@ -414,7 +429,7 @@ fn insert_rec(
         }
         return insert_entry(tm, nb, pos, key, value);
     }
-    let sub = insert_rec(tm, child, key, value, kind, old)?;
+    let sub = insert_rec(tm, child, key, value, kind, old, depth + 1)?;
     let mut node = node_mut(tm, nb)?;
     if key < node.view().key(pos) {
         node.set_key(pos, key);
@@ -487,7 +502,7 @@ pub fn remove(
     if lookup(tm, root, key, kind)?.is_none() {
         return Ok((root, None));
     }
-    let (mut new_root, removed) = remove_rec(tm, root, key, kind)?;
+    let (mut new_root, removed) = remove_rec(tm, root, key, kind, 0)?;
     // An internal root with a single child gives way to the child.
     loop {
         let (leaf, n, only_child) = {
@@ -514,7 +529,9 @@ fn remove_rec(
     b: u64,
     key: u64,
     kind: ValueKind,
+    depth: usize,
 ) -> Result<(u64, [u8; MAX_VALUE_SIZE])> {
+    check_depth(depth, b)?;
     let nb = shadow_node(tm, b, kind)?;
     let (leaf, pos, child) = {
         let node = node_mut(tm, nb)?;
@@ -539,7 +556,7 @@ fn remove_rec(
         node.remove_at(pos);
         return Ok((nb, removed));
     }
-    let (new_child, removed) = remove_rec(tm, child, key, kind)?;
+    let (new_child, removed) = remove_rec(tm, child, key, kind, depth + 1)?;
     node_mut(tm, nb)?.set_value(pos, &new_child.to_le_bytes());
     let underfull = {
         let block = tm.read(new_child, BlockKind::Node)?;
@@ -626,6 +643,19 @@ pub fn iterate(
     end: u64,
     visit: &mut dyn FnMut(u64, &[u8]) -> Result<bool>,
 ) -> Result<bool> {
+    iterate_at(tm, root, kind, begin, end, visit, 0)
+}
+
+fn iterate_at(
+    tm: &TransactionManager,
+    root: u64,
+    kind: ValueKind,
+    begin: u64,
+    end: u64,
+    visit: &mut dyn FnMut(u64, &[u8]) -> Result<bool>,
+    depth: usize,
+) -> Result<bool> {
+    check_depth(depth, root)?;
     let block = read_node(tm, root, kind)?;
     let node = Node::new(&block[..]);
     let n = node.nr_entries();
@@ -647,7 +677,7 @@ pub fn iterate(
         if node.key(i) >= end && i > first {
             return Ok(false);
         }
-        if !iterate(tm, node.value_u64(i), kind, begin, end, visit)? {
+        if !iterate_at(tm, node.value_u64(i), kind, begin, end, visit, depth + 1)? {
             return Ok(false);
         }
     }
@@ -715,6 +745,11 @@ fn build_level(
 /// Releases a tree's own blocks that nobody else references (space map trees, which are never
 /// shared); values are not followed.
 pub fn free_tree(tm: &mut TransactionManager, root: u64) -> Result<()> {
+    free_tree_at(tm, root, 0)
+}
+
+fn free_tree_at(tm: &mut TransactionManager, root: u64, depth: usize) -> Result<()> {
+    check_depth(depth, root)?;
     let children = {
         let block = tm.read(root, BlockKind::Node)?;
         let node = Node::new(&block[..]);
@@ -725,7 +760,7 @@ pub fn free_tree(tm: &mut TransactionManager, root: u64) -> Result<()> {
         }
     };
     for c in children {
-        free_tree(tm, c)?;
+        free_tree_at(tm, c, depth + 1)?;
     }
     tm.meta_sm.dec(root)?;
     Ok(())
@@ -733,6 +768,16 @@ pub fn free_tree(tm: &mut TransactionManager, root: u64) -> Result<()> {
 
 /// Drops one reference to a tree; nodes that reach zero release their children and values.
 pub fn delete_tree(tm: &mut TransactionManager, root: u64, kind: ValueKind) -> Result<()> {
+    delete_tree_at(tm, root, kind, 0)
+}
+
+fn delete_tree_at(
+    tm: &mut TransactionManager,
+    root: u64,
+    kind: ValueKind,
+    depth: usize,
+) -> Result<()> {
+    check_depth(depth, root)?;
     let (leaf, values) = {
         let block = read_node(tm, root, kind)?;
         let node = Node::new(&block[..]);
@@ -748,7 +793,7 @@ pub fn delete_tree(tm: &mut TransactionManager, root: u64, kind: ValueKind) -> R
         }
     } else {
         for v in values.chunks(8) {
-            delete_tree(tm, read_u64(v, 0), kind)?;
+            delete_tree_at(tm, read_u64(v, 0), kind, depth + 1)?;
         }
     }
     Ok(())
@@ -761,12 +806,23 @@ pub fn walk_nodes(
     kind: ValueKind,
     visit: &mut dyn FnMut(u64, Node<'_>) -> Result<()>,
 ) -> Result<()> {
+    walk_nodes_at(tm, root, kind, visit, 0)
+}
+
+fn walk_nodes_at(
+    tm: &TransactionManager,
+    root: u64,
+    kind: ValueKind,
+    visit: &mut dyn FnMut(u64, Node<'_>) -> Result<()>,
+    depth: usize,
+) -> Result<()> {
+    check_depth(depth, root)?;
     let block = read_node(tm, root, kind)?;
     let node = Node::new(&block[..]);
     visit(root, node)?;
     if !node.is_leaf() {
         for i in 0..node.nr_entries() {
-            walk_nodes(tm, node.value_u64(i), kind, visit)?;
+            walk_nodes_at(tm, node.value_u64(i), kind, visit, depth + 1)?;
         }
     }
     Ok(())
