@@ -160,6 +160,22 @@ async fn accept_loop(
     done: mpsc::Sender<()>,
 ) {
     loop {
+        // Accept first, then wait for a slot: with several listeners sharing the cap, a loop
+        // that held a permit while waiting in accept() would starve the others. At most one
+        // accepted client per listener waits for a slot; the rest wait in the backlog.
+        let accepted = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            a = accept(&listener) => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning, keep serving the others.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let permit = tokio::select! {
             _ = stopped(&mut stop) => return,
             p = Arc::clone(&connections).acquire_owned() => match p {
@@ -167,48 +183,32 @@ async fn accept_loop(
                 Err(_) => return,
             },
         };
-        let accepted = tokio::select! {
-            _ = stopped(&mut stop) => return,
-            a = accept(&listener) => a,
-        };
-        match accepted {
-            Ok(Accepted::Tcp(stream, peer)) => {
-                // Replies are whole frames; Nagle would only add latency.
-                let _ = stream.set_nodelay(true);
-                let (shared, stop, done) = (Arc::clone(&shared), stop.clone(), done.clone());
-                tokio::spawn(async move {
-                    connection::run(stream, peer, shared, stop).await;
-                    drop((permit, done));
-                });
+        let (shared, stop, done) = (Arc::clone(&shared), stop.clone(), done.clone());
+        tokio::spawn(async move {
+            match stream {
+                Accepted::Tcp(s) => {
+                    // Replies are whole frames; Nagle would only add latency.
+                    let _ = s.set_nodelay(true);
+                    connection::run(s, peer, shared, stop).await;
+                }
+                Accepted::Unix(s) => connection::run(s, peer, shared, stop).await,
             }
-            Ok(Accepted::Unix(stream)) => {
-                let (shared, stop, done) = (Arc::clone(&shared), stop.clone(), done.clone());
-                tokio::spawn(async move {
-                    connection::run(stream, "unix".to_owned(), shared, stop).await;
-                    drop((permit, done));
-                });
-            }
-            Err(e) => {
-                // Typically EMFILE: back off instead of spinning, keep serving the others.
-                warn!(error = %e, "accept failed");
-                drop(permit);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+            drop((permit, done));
+        });
     }
 }
 
 enum Accepted {
-    Tcp(tokio::net::TcpStream, String),
+    Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(listener: &Listener) -> io::Result<Accepted> {
+async fn accept(listener: &Listener) -> io::Result<(Accepted, String)> {
     match listener {
         Listener::Tcp(l) => {
             let (s, addr) = l.accept().await?;
-            Ok(Accepted::Tcp(s, addr.to_string()))
+            Ok((Accepted::Tcp(s), addr.to_string()))
         }
-        Listener::Unix(l) => Ok(Accepted::Unix(l.accept().await?.0)),
+        Listener::Unix(l) => Ok((Accepted::Unix(l.accept().await?.0), "unix".to_owned())),
     }
 }

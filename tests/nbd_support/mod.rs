@@ -188,9 +188,20 @@ impl Drop for TestServer {
 }
 
 /// A stream a raw client can use: TCP or unix.
-pub trait Stream: Read + Write + Send {}
-impl Stream for TcpStream {}
-impl Stream for UnixStream {}
+pub trait Stream: Read + Write + Send {
+    /// Shuts down the sending side, so the server sees end-of-file.
+    fn half_close(&self);
+}
+impl Stream for TcpStream {
+    fn half_close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+impl Stream for UnixStream {
+    fn half_close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
 
 /// A blocking client speaking the protocol byte by byte, for tests that need exact control.
 pub struct RawClient {
