@@ -274,3 +274,38 @@ fn stalled_handshake_times_out_and_frees_its_slot() {
     assert_healthy(&server);
     assert_closed(&mut idle);
 }
+
+#[test]
+fn shutdown_is_not_held_up_by_a_client_that_never_reads_replies() {
+    let config = ServerConfig {
+        shutdown_grace: Duration::from_millis(200),
+        max_inflight_per_connection: 4,
+        ..ServerConfig::default()
+    };
+    let mut server = TestServer::start_with(standard_source(), config);
+    let mut c = RawClient::connect_tcp(server.port);
+    c.go("disk", false);
+    // 64 reads of 1 MiB: far more than the socket buffers hold. The sends themselves may
+    // block once the server stops reading, so they run on their own thread.
+    let sender = std::thread::spawn(move || {
+        for i in 0..64u64 {
+            let req = Request {
+                flags: 0,
+                command: Command::Read,
+                cookie: i,
+                offset: i << 20,
+                length: 1 << 20,
+            };
+            if c.s.write_all(&req.encode()).is_err() {
+                break;
+            }
+        }
+        c
+    });
+    // Let the server fill the socket with replies nobody reads.
+    std::thread::sleep(Duration::from_millis(300));
+    // stop() panics if serve() has not returned within 60 s.
+    server.stop();
+    let c = sender.join().unwrap();
+    drop(c);
+}

@@ -424,12 +424,19 @@ where
             _ => 0,
         };
         let cost = cost.min(u32::try_from(byte_cap).unwrap_or(u32::MAX));
-        // Closing semaphores never happens, so acquire only fails if that changes.
-        let (Ok(c), Ok(b)) = (
-            Arc::clone(&count).acquire_owned().await,
-            Arc::clone(&bytes).acquire_many_owned(cost).await,
-        ) else {
-            break Ok("semaphore closed");
+        // Waiting here is the backpressure on a client that sends faster than it reads.
+        let permits = async {
+            let c = Arc::clone(&count).acquire_owned().await?;
+            let b = Arc::clone(&bytes).acquire_many_owned(cost).await?;
+            Ok::<_, tokio::sync::AcquireError>((c, b))
+        };
+        let (c, b) = tokio::select! {
+            _ = stopped(&mut stop) => break Ok("server shutting down"),
+            p = permits => match p {
+                Ok(p) => p,
+                // The semaphores are never closed.
+                Err(_) => break Ok("semaphore closed"),
+            },
         };
         let payload = if req.command == Command::Write {
             let mut payload = vec![0u8; req.length as usize];
@@ -463,13 +470,30 @@ where
                 .await;
         });
     };
-    // Let every accepted request finish and queue its reply before the writer closes.
-    while tasks.join_next().await.is_some() {}
-    drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(error = %e, "reply writer failed"),
-        Err(e) => warn!(error = %e, "reply writer task failed"),
+    // Let every accepted request finish and its reply go out before the writer closes. A
+    // client that stops reading could hold that up forever, so once the server is shutting
+    // down it gets `shutdown_grace`, then the connection is cut.
+    let writer_abort = writer.abort_handle();
+    let drain = async {
+        while tasks.join_next().await.is_some() {}
+        drop(tx);
+        match writer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "reply writer failed"),
+            Err(e) => warn!(error = %e, "reply writer task failed"),
+        }
+    };
+    let grace = cfg.shutdown_grace;
+    let deadline = async {
+        stopped(&mut stop).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        _ = drain => {}
+        _ = deadline => {
+            warn!("shutdown grace period over: dropping replies the client did not read");
+            writer_abort.abort();
+        }
     }
     outcome
 }

@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub max_request_bytes: u32,
     /// Time a client has to finish option negotiation.
     pub handshake_timeout: Duration,
+    /// On shutdown, how long a connection may take to send the replies of requests already
+    /// accepted (a client that does not read them would otherwise hold shutdown up forever).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +89,7 @@ impl Default for ServerConfig {
             max_inflight_bytes_per_connection: 128 << 20,
             max_request_bytes: 32 << 20,
             handshake_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
