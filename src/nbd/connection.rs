@@ -62,7 +62,7 @@ where
     let Some(n) = negotiated else {
         return Ok("no export chosen");
     };
-    info!(%peer, export = %n.name, structured = n.structured, "transmission started");
+    debug!(%peer, export = %n.name, structured = n.structured, "transmission started");
     transmission(stream, n, shared, stop).await
 }
 

@@ -163,6 +163,8 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
+    // Unix peers have no address; a number tells their log lines apart.
+    let mut unix_clients = 0u64;
     loop {
         // Accept first, then wait for a slot: with several listeners sharing the cap, a loop
         // that held a permit while waiting in accept() would starve the others. At most one
@@ -172,6 +174,10 @@ async fn accept_loop(
             a = accept(&listener) => a,
         };
         let (stream, peer) = match accepted {
+            Ok((s @ Accepted::Unix(_), _)) => {
+                unix_clients += 1;
+                (s, format!("unix#{unix_clients}"))
+            }
             Ok(a) => a,
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning, keep serving the others.
@@ -213,6 +219,6 @@ async fn accept(listener: &Listener) -> io::Result<(Accepted, String)> {
             let (s, addr) = l.accept().await?;
             Ok((Accepted::Tcp(s), addr.to_string()))
         }
-        Listener::Unix(l) => Ok((Accepted::Unix(l.accept().await?.0), "unix".to_owned())),
+        Listener::Unix(l) => Ok((Accepted::Unix(l.accept().await?.0), String::new())),
     }
 }
