@@ -269,7 +269,10 @@ fn fio_randrw_with_verification_on_two_connections() {
         return;
     }
     let server = TestServer::start(standard_source());
-    let out = stdout_of(Command::new("fio").args([
+    // fio leaves state files in its working directory.
+    let dir = tempfile::tempdir().unwrap();
+    let out = stdout_of(Command::new("fio").current_dir(dir.path()).args([
+        "--verify_state_save=0",
         "--name=nbdjob",
         "--ioengine=nbd",
         &format!("--uri={}", server.uri("disk")),
