@@ -338,15 +338,23 @@ fn info_replies(
         }
     }
     // Sent even unasked: a minimum of 1 constrains nothing and tells the limits.
-    let preferred = backend
-        .preferred_block_size()
-        .clamp(512, opts.shared.config.max_request_bytes);
+    let preferred = preferred_block_size(
+        backend.preferred_block_size(),
+        opts.shared.config.max_request_bytes,
+    );
     out.push(InfoReply::BlockSize {
         minimum: 1,
         preferred,
         maximum: opts.shared.config.max_request_bytes,
     });
     out
+}
+
+/// The protocol wants a power of two between 512 and the maximum; a pool block size need not
+/// be one (dm-thin allows any multiple of 64 KiB), so it is rounded down.
+fn preferred_block_size(backend: u32, max: u32) -> u32 {
+    let p = backend.clamp(512, max.max(512));
+    1 << (31 - p.leading_zeros())
 }
 
 // === Transmission ============================================================================
@@ -740,4 +748,18 @@ fn block_status_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
     }
     .encode_into(req.cookie, true, &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preferred_block_size_is_a_power_of_two_within_limits() {
+        assert_eq!(preferred_block_size(4096, 32 << 20), 4096);
+        assert_eq!(preferred_block_size(192 << 10, 32 << 20), 128 << 10);
+        assert_eq!(preferred_block_size(1, 32 << 20), 512);
+        assert_eq!(preferred_block_size(u32::MAX, 32 << 20), 32 << 20);
+        assert_eq!(preferred_block_size(64 << 20, 48 << 20), 32 << 20);
+    }
 }
