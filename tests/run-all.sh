@@ -9,6 +9,7 @@ command -v thin_check >/dev/null || need+=(thin-provisioning-tools)
 command -v python3 >/dev/null || need+=(python3)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdsh >/dev/null || need+=(python3-libnbd)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v fio >/dev/null || need+=(fio)
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,0 +1,765 @@
+//! One client connection: the fixed newstyle handshake, then the transmission phase.
+//!
+//! In transmission the connection's task only reads: it decodes a request, takes permits
+//! (requests in flight, payload bytes in flight), reads a write payload and spawns the request.
+//! Each request runs its backend call on the blocking pool and hands its complete reply frame
+//! to the connection's single writer task, so replies leave in completion order and never
+//! interleave mid-frame. A malformed request closes this connection only; a request that is
+//! merely invalid gets an error reply and the connection goes on.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, trace, warn};
+
+use super::backend::{ExportBackend, Extent};
+use super::codec::*;
+use super::server::{stopped, Shared};
+use super::{errno_of, errno_of_kind, NBD_EINVAL, NBD_EIO, NBD_EPERM};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Option data larger than this is not a real client; the connection is closed.
+const MAX_OPTION_DATA: u32 = 64 << 10;
+/// The id of `base:allocation`, the only metadata context.
+const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Runs a connection to its end; never fails (errors are logged).
+pub(super) async fn run<S>(
+    stream: S,
+    peer: String,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    info!(%peer, "client connected");
+    match serve(stream, &peer, shared, stop).await {
+        Ok(how) => info!(%peer, "client disconnected ({how})"),
+        Err(e) => info!(%peer, error = %e, "client disconnected"),
+    }
+}
+
+async fn serve<S>(
+    mut stream: S,
+    peer: &str,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<&'static str>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = shared.config.handshake_timeout;
+    let negotiated = tokio::select! {
+        _ = stopped(&mut stop) => return Ok("server shutting down during handshake"),
+        r = tokio::time::timeout(timeout, handshake(&mut stream, peer, &shared)) => match r {
+            Err(_) => return Ok("handshake timed out"),
+            Ok(r) => r?,
+        },
+    };
+    let Some(n) = negotiated else {
+        return Ok("no export chosen");
+    };
+    debug!(%peer, export = %n.name, structured = n.structured, "transmission started");
+    transmission(stream, n, shared, stop).await
+}
+
+fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |e| Error::io(what.to_owned(), e)
+}
+
+fn protocol_error<T>(what: impl Into<String>) -> Result<T> {
+    Err(Error::new(ErrorKind::InvalidInput, what))
+}
+
+// === Handshake ===============================================================================
+
+/// What option negotiation settled on.
+struct Negotiated {
+    name: String,
+    backend: Arc<dyn ExportBackend>,
+    flags: u16,
+    structured: bool,
+    base_allocation: bool,
+}
+
+/// Negotiation state across options.
+struct Options<'a> {
+    shared: &'a Shared,
+    structured: bool,
+    /// The export `base:allocation` was selected for by SET_META_CONTEXT, if any.
+    meta_export: Option<String>,
+}
+
+impl Options<'_> {
+    /// The export a client name refers to ("" means the default export).
+    fn resolve(&self, name: &str) -> Result<(String, Arc<dyn ExportBackend>)> {
+        let name = if name.is_empty() {
+            match self.shared.source.default_export() {
+                Some(d) => d,
+                None => return Err(Error::new(ErrorKind::NotFound, "no default export")),
+            }
+        } else {
+            name.to_owned()
+        };
+        let backend = self.shared.source.open(&name)?;
+        Ok((name, backend))
+    }
+
+    fn transmission_flags(&self, backend: &dyn ExportBackend) -> u16 {
+        let mut flags = TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_SEND_FAST_ZERO
+            | TFLAG_CAN_MULTI_CONN
+            | TFLAG_SEND_CACHE;
+        if backend.read_only() {
+            flags |= TFLAG_READ_ONLY;
+        }
+        if self.structured {
+            flags |= TFLAG_SEND_DF;
+        }
+        flags
+    }
+
+    fn negotiated(&self, name: String, backend: Arc<dyn ExportBackend>) -> Negotiated {
+        let flags = self.transmission_flags(backend.as_ref());
+        let base_allocation = self.structured && self.meta_export.as_deref() == Some(name.as_str());
+        Negotiated {
+            name,
+            backend,
+            flags,
+            structured: self.structured,
+            base_allocation,
+        }
+    }
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, reply: OptionReply) -> Result<()> {
+    stream
+        .write_all(&reply.encode())
+        .await
+        .map_err(io_err("sending option reply"))
+}
+
+/// Fixed newstyle negotiation. `None` when the client ends it without choosing an export.
+async fn handshake<S>(stream: &mut S, peer: &str, shared: &Shared) -> Result<Option<Negotiated>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream
+        .write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        .await
+        .map_err(io_err("sending greeting"))?;
+    let mut buf = [0u8; 4];
+    stream
+        .read_exact(&mut buf)
+        .await
+        .map_err(io_err("reading client flags"))?;
+    let client_flags = decode_client_flags(&buf)?;
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return protocol_error(format!("unknown client flags {client_flags:#x}"));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let mut opts = Options {
+        shared,
+        structured: false,
+        meta_export: None,
+    };
+
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
+        stream
+            .read_exact(&mut hdr)
+            .await
+            .map_err(io_err("reading option"))?;
+        let header = OptionHeader::decode(&hdr)?;
+        if header.length > MAX_OPTION_DATA {
+            return protocol_error(format!("option data of {} bytes", header.length));
+        }
+        let mut data = vec![0u8; header.length as usize];
+        stream
+            .read_exact(&mut data)
+            .await
+            .map_err(io_err("reading option data"))?;
+        let option = header.option;
+        let request = match OptionRequest::decode(option, &data) {
+            Ok(r) => r,
+            Err(e) if option == OPT_EXPORT_NAME => return Err(e),
+            Err(e) => {
+                debug!(%peer, option, error = %e, "malformed option");
+                send(
+                    stream,
+                    OptionReply::error(option, REP_ERR_INVALID, e.context()),
+                )
+                .await?;
+                continue;
+            }
+        };
+        debug!(%peer, ?request, "option");
+        match request {
+            OptionRequest::ExportName(name) => {
+                // This option has no error reply: an unknown name can only be a hang-up.
+                let (name, backend) = match opts.resolve(&name) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        debug!(%peer, error = %e, "EXPORT_NAME for unknown export");
+                        return Ok(None);
+                    }
+                };
+                let n = opts.negotiated(name, backend);
+                let reply = encode_export_name_reply(n.backend.size(), n.flags, no_zeroes);
+                stream
+                    .write_all(&reply)
+                    .await
+                    .map_err(io_err("sending export info"))?;
+                return Ok(Some(n));
+            }
+            OptionRequest::Abort => {
+                // The client may already be gone; the ACK is a courtesy.
+                let _ = send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await;
+                return Ok(None);
+            }
+            OptionRequest::List => {
+                for e in shared.source.list() {
+                    let kind = OptionReplyKind::Server {
+                        name: e.name,
+                        description: e.description,
+                    };
+                    send(stream, OptionReply::new(option, kind)).await?;
+                }
+                send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+            }
+            OptionRequest::StructuredReply => {
+                opts.structured = true;
+                send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+            }
+            OptionRequest::Info { go, name, requests } => {
+                let (name, backend) = match opts.resolve(&name) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        let code = match e.kind() {
+                            ErrorKind::NotFound => REP_ERR_UNKNOWN,
+                            _ => REP_ERR_PLATFORM,
+                        };
+                        send(stream, OptionReply::error(option, code, e.to_string())).await?;
+                        continue;
+                    }
+                };
+                for info in info_replies(&opts, &name, backend.as_ref(), &requests) {
+                    send(
+                        stream,
+                        OptionReply::new(option, OptionReplyKind::Info(info)),
+                    )
+                    .await?;
+                }
+                send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+                if go {
+                    return Ok(Some(opts.negotiated(name, backend)));
+                }
+            }
+            OptionRequest::MetaContext {
+                set,
+                export,
+                queries,
+            } => {
+                if set && !opts.structured {
+                    let msg = "SET_META_CONTEXT needs structured replies first";
+                    send(stream, OptionReply::error(option, REP_ERR_INVALID, msg)).await?;
+                    continue;
+                }
+                let name = match opts.resolve(&export) {
+                    Ok((name, _)) => name,
+                    Err(e) => {
+                        send(
+                            stream,
+                            OptionReply::error(option, REP_ERR_UNKNOWN, e.to_string()),
+                        )
+                        .await?;
+                        continue;
+                    }
+                };
+                // An empty query list means "all" for LIST and "none" for SET.
+                let selected = if queries.is_empty() {
+                    !set
+                } else {
+                    queries.iter().any(|q| {
+                        q == META_BASE_ALLOCATION || (!set && (q == "base:" || q == "base"))
+                    })
+                };
+                if selected {
+                    let kind = OptionReplyKind::MetaContext {
+                        id: BASE_ALLOCATION_ID,
+                        name: META_BASE_ALLOCATION.to_owned(),
+                    };
+                    send(stream, OptionReply::new(option, kind)).await?;
+                }
+                if set {
+                    opts.meta_export = selected.then_some(name);
+                }
+                send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+            }
+            OptionRequest::Unknown { option, .. } => {
+                let msg = format!("option {option} is not supported");
+                send(stream, OptionReply::error(option, REP_ERR_UNSUP, msg)).await?;
+            }
+        }
+    }
+}
+
+fn info_replies(
+    opts: &Options<'_>,
+    name: &str,
+    backend: &dyn ExportBackend,
+    requests: &[u16],
+) -> Vec<InfoReply> {
+    let mut out = vec![InfoReply::Export {
+        size: backend.size(),
+        flags: opts.transmission_flags(backend),
+    }];
+    if requests.contains(&INFO_NAME) {
+        out.push(InfoReply::Name(name.to_owned()));
+    }
+    if requests.contains(&INFO_DESCRIPTION) {
+        let description = opts
+            .shared
+            .source
+            .list()
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| e.description)
+            .unwrap_or_default();
+        if !description.is_empty() {
+            out.push(InfoReply::Description(description));
+        }
+    }
+    // Sent even unasked: a minimum of 1 constrains nothing and tells the limits.
+    let preferred = preferred_block_size(
+        backend.preferred_block_size(),
+        opts.shared.config.max_request_bytes,
+    );
+    out.push(InfoReply::BlockSize {
+        minimum: 1,
+        preferred,
+        maximum: opts.shared.config.max_request_bytes,
+    });
+    out
+}
+
+/// The protocol wants a power of two between 512 and the maximum; a pool block size need not
+/// be one (dm-thin allows any multiple of 64 KiB), so it is rounded down.
+fn preferred_block_size(backend: u32, max: u32) -> u32 {
+    let p = backend.clamp(512, max.max(512));
+    1 << (31 - p.leading_zeros())
+}
+
+// === Transmission ============================================================================
+
+/// Everything a request needs, shared by the connection's requests.
+struct Ctx {
+    backend: Arc<dyn ExportBackend>,
+    size: u64,
+    read_only: bool,
+    structured: bool,
+    base_allocation: bool,
+    max_request_bytes: u32,
+}
+
+/// A reply frame on its way to the writer; the permits travel with it so that a connection's
+/// memory is bounded until the bytes are on the socket.
+struct Outgoing {
+    bytes: Vec<u8>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+async fn transmission<S>(
+    stream: S,
+    n: Negotiated,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<&'static str>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &shared.config;
+    let ctx = Arc::new(Ctx {
+        size: n.backend.size(),
+        read_only: n.backend.read_only(),
+        backend: n.backend,
+        structured: n.structured,
+        base_allocation: n.base_allocation,
+        max_request_bytes: cfg.max_request_bytes,
+    });
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let (tx, rx) = mpsc::channel::<Outgoing>(cfg.max_inflight_per_connection);
+    let writer = tokio::spawn(writer(wr, rx));
+    let count = Arc::new(Semaphore::new(cfg.max_inflight_per_connection));
+    let byte_cap = cfg.max_inflight_bytes_per_connection;
+    let bytes = Arc::new(Semaphore::new(byte_cap));
+    let mut tasks = JoinSet::new();
+
+    let outcome = loop {
+        while tasks.try_join_next().is_some() {}
+        let mut hdr = [0u8; REQUEST_LEN];
+        tokio::select! {
+            _ = stopped(&mut stop) => break Ok("server shutting down"),
+            _ = tx.closed() => break Ok("reply writer stopped"),
+            r = rd.read_exact(&mut hdr) => match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok("closed without NBD_CMD_DISC"),
+                Err(e) => break Err(Error::io("reading request", e)),
+            },
+        }
+        let req = match Request::decode(&hdr) {
+            Ok(r) => r,
+            Err(e) => break Err(e),
+        };
+        trace!(?req, "request");
+        if req.command == Command::Disc {
+            break Ok("NBD_CMD_DISC");
+        }
+        if req.command == Command::Write && req.length > ctx.max_request_bytes {
+            // The payload cannot be held; skipping it would mean trusting the length.
+            break protocol_error(format!("write of {} bytes exceeds the maximum", req.length));
+        }
+        let cost = match req.command {
+            Command::Read | Command::Write if req.length <= ctx.max_request_bytes => req.length,
+            _ => 0,
+        };
+        let cost = cost.min(u32::try_from(byte_cap).unwrap_or(u32::MAX));
+        // Waiting here is the backpressure on a client that sends faster than it reads.
+        let permits = async {
+            let c = Arc::clone(&count).acquire_owned().await?;
+            let b = Arc::clone(&bytes).acquire_many_owned(cost).await?;
+            Ok::<_, tokio::sync::AcquireError>((c, b))
+        };
+        let (c, b) = tokio::select! {
+            _ = stopped(&mut stop) => break Ok("server shutting down"),
+            p = permits => match p {
+                Ok(p) => p,
+                // The semaphores are never closed.
+                Err(_) => break Ok("semaphore closed"),
+            },
+        };
+        let payload = if req.command == Command::Write {
+            let mut payload = vec![0u8; req.length as usize];
+            tokio::select! {
+                _ = stopped(&mut stop) => break Ok("server shutting down"),
+                r = rd.read_exact(&mut payload) => if let Err(e) = r {
+                    break Err(Error::io("reading write payload", e));
+                },
+            }
+            payload
+        } else {
+            Vec::new()
+        };
+        let (ctx, tx) = (Arc::clone(&ctx), tx.clone());
+        tasks.spawn(async move {
+            let ctx2 = Arc::clone(&ctx);
+            let bytes =
+                match tokio::task::spawn_blocking(move || execute(&ctx2, &req, payload)).await {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        warn!(error = %e, "request task failed");
+                        error_reply(&ctx, &req, NBD_EIO, "internal error")
+                    }
+                };
+            // A send error means the writer is gone, and the connection with it.
+            let _ = tx
+                .send(Outgoing {
+                    bytes,
+                    _permits: (c, b),
+                })
+                .await;
+        });
+    };
+    // Let every accepted request finish and its reply go out before the writer closes. A
+    // client that stops reading could hold that up forever, so once the server is shutting
+    // down it gets `shutdown_grace`, then the connection is cut.
+    let writer_abort = writer.abort_handle();
+    let drain = async {
+        while tasks.join_next().await.is_some() {}
+        drop(tx);
+        match writer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "reply writer failed"),
+            Err(e) => warn!(error = %e, "reply writer task failed"),
+        }
+    };
+    let grace = cfg.shutdown_grace;
+    let deadline = async {
+        stopped(&mut stop).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        _ = drain => {}
+        _ = deadline => {
+            warn!("shutdown grace period over: dropping replies the client did not read");
+            writer_abort.abort();
+        }
+    }
+    outcome
+}
+
+/// The one task writing to the socket: frames go out whole, batched while more are queued.
+async fn writer<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) -> io::Result<()> {
+    let mut wr = BufWriter::with_capacity(64 << 10, wr);
+    while let Some(out) = rx.recv().await {
+        wr.write_all(&out.bytes).await?;
+        drop(out);
+        while let Ok(out) = rx.try_recv() {
+            wr.write_all(&out.bytes).await?;
+        }
+        wr.flush().await?;
+    }
+    wr.shutdown().await
+}
+
+/// Runs one request on the calling (blocking) thread and returns its whole reply.
+fn execute(ctx: &Ctx, req: &Request, payload: Vec<u8>) -> Vec<u8> {
+    if let Err((errno, msg)) = validate(ctx, req) {
+        debug!(?req, errno, msg, "request rejected");
+        return error_reply(ctx, req, errno, msg);
+    }
+    let fua = req.has(CMD_FLAG_FUA);
+    let (off, len) = (req.offset, u64::from(req.length));
+    let b = ctx.backend.as_ref();
+    let result = match req.command {
+        Command::Read => return read_reply(ctx, req),
+        Command::BlockStatus => return block_status_reply(ctx, req),
+        Command::Write => b.write(off, &payload, fua),
+        Command::Flush => b.flush(),
+        Command::Trim => b.trim(off, len, fua),
+        Command::WriteZeroes => b.write_zeroes(
+            off,
+            len,
+            !req.has(CMD_FLAG_NO_HOLE),
+            req.has(CMD_FLAG_FAST_ZERO),
+            fua,
+        ),
+        Command::Cache => b.cache(off, len),
+        Command::Disc | Command::Other(_) => Err(Error::new(ErrorKind::InvalidInput, "command")),
+    };
+    match result {
+        Ok(()) => SimpleReply {
+            error: 0,
+            cookie: req.cookie,
+        }
+        .encode()
+        .to_vec(),
+        Err(e) => backend_error_reply(ctx, req, &e),
+    }
+}
+
+/// Protocol-level checks, before the backend sees the request.
+fn validate(ctx: &Ctx, req: &Request) -> std::result::Result<(), (u32, &'static str)> {
+    let ranged = match req.command {
+        Command::Read | Command::Cache => true,
+        Command::Write | Command::Trim | Command::WriteZeroes => {
+            if ctx.read_only {
+                return Err((NBD_EPERM, "export is read-only"));
+            }
+            true
+        }
+        Command::BlockStatus => {
+            if !ctx.base_allocation {
+                return Err((NBD_EINVAL, "no metadata context negotiated"));
+            }
+            true
+        }
+        Command::Flush => false,
+        Command::Disc | Command::Other(_) => return Err((NBD_EINVAL, "unknown command")),
+    };
+    if ranged {
+        if req.length == 0 {
+            return Err((NBD_EINVAL, "zero-length request"));
+        }
+        match req.offset.checked_add(u64::from(req.length)) {
+            Some(end) if end <= ctx.size => {}
+            _ => return Err((NBD_EINVAL, "request beyond the end of the export")),
+        }
+        if req.command == Command::Read && req.length > ctx.max_request_bytes {
+            return Err((NBD_EINVAL, "read larger than the maximum block size"));
+        }
+    }
+    Ok(())
+}
+
+fn backend_error_reply(ctx: &Ctx, req: &Request, e: &Error) -> Vec<u8> {
+    let errno = errno_of(e);
+    debug!(?req, error = %e, errno, "request failed");
+    error_reply(ctx, req, errno, &e.to_string())
+}
+
+/// An error reply: a structured error chunk for reads (which must not get simple replies once
+/// structured replies are on), a simple reply otherwise.
+fn error_reply(ctx: &Ctx, req: &Request, errno: u32, message: &str) -> Vec<u8> {
+    if ctx.structured && req.command == Command::Read {
+        let mut out = Vec::new();
+        Chunk::Error {
+            error: errno,
+            message: message.to_owned(),
+        }
+        .encode_into(req.cookie, true, &mut out);
+        out
+    } else {
+        SimpleReply {
+            error: errno,
+            cookie: req.cookie,
+        }
+        .encode()
+        .to_vec()
+    }
+}
+
+fn read_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
+    let len = req.length as usize;
+    let b = ctx.backend.as_ref();
+    if !ctx.structured {
+        let mut out = Vec::with_capacity(SIMPLE_REPLY_LEN + len);
+        out.extend_from_slice(
+            &SimpleReply {
+                error: 0,
+                cookie: req.cookie,
+            }
+            .encode(),
+        );
+        out.resize(SIMPLE_REPLY_LEN + len, 0);
+        return match b.read(req.offset, &mut out[SIMPLE_REPLY_LEN..]) {
+            Ok(()) => out,
+            Err(e) => backend_error_reply(ctx, req, &e),
+        };
+    }
+    let pieces = if req.has(CMD_FLAG_DF) {
+        vec![(u64::from(req.length), false)]
+    } else {
+        read_pieces(b, req.offset, u64::from(req.length))
+    };
+    let mut out = Vec::with_capacity(len + 64);
+    let mut last_header = 0;
+    let mut pos = req.offset;
+    for (length, zero) in pieces {
+        last_header = out.len();
+        if zero {
+            // Pieces are at most the request length, which is a u32.
+            let length = u32::try_from(length).unwrap_or(u32::MAX);
+            Chunk::OffsetHole {
+                offset: pos,
+                length,
+            }
+            .encode_into(req.cookie, false, &mut out);
+        } else {
+            // Header and offset first, then the backend reads straight into the frame.
+            out.extend_from_slice(&[0u8; STRUCTURED_HEADER_LEN]);
+            out.extend_from_slice(&pos.to_be_bytes());
+            let start = out.len();
+            out.resize(start + length as usize, 0);
+            if let Err(e) = b.read(pos, &mut out[start..]) {
+                return backend_error_reply(ctx, req, &e);
+            }
+            let header = ChunkHeader {
+                flags: 0,
+                chunk_type: REPLY_TYPE_OFFSET_DATA,
+                cookie: req.cookie,
+                length: (8 + length) as u32,
+            };
+            out[last_header..last_header + STRUCTURED_HEADER_LEN].copy_from_slice(&header.encode());
+        }
+        pos += length;
+    }
+    // The flags field sits right after the magic.
+    out[last_header + 4..last_header + 6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    out
+}
+
+/// Splits a read into (length, reads-as-zero) pieces using the backend's block status. Falls
+/// back to one data piece when the backend cannot tell.
+fn read_pieces(b: &dyn ExportBackend, offset: u64, len: u64) -> Vec<(u64, bool)> {
+    let mut pieces: Vec<(u64, bool)> = Vec::new();
+    let mut done = 0;
+    while done < len {
+        let extents = match b.block_status(offset + done, len - done) {
+            Ok(e) => e,
+            Err(_) => return vec![(len, false)],
+        };
+        let before = done;
+        for Extent { length, hole, zero } in extents {
+            let length = length.min(len - done);
+            if length == 0 {
+                continue;
+            }
+            let zero = hole || zero;
+            match pieces.last_mut() {
+                Some(last) if last.1 == zero => last.0 += length,
+                _ => pieces.push((length, zero)),
+            }
+            done += length;
+            if done == len {
+                break;
+            }
+        }
+        if done == before {
+            // A backend that reports nothing would loop forever.
+            return vec![(len, false)];
+        }
+    }
+    pieces
+}
+
+fn block_status_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
+    let extents = match ctx.backend.block_status(req.offset, u64::from(req.length)) {
+        Ok(e) => e,
+        Err(e) => return backend_error_reply(ctx, req, &e),
+    };
+    let mut remaining = u64::from(req.length);
+    let mut descriptors: Vec<BlockDescriptor> = Vec::new();
+    for e in extents {
+        let length = e.length.min(remaining);
+        if length == 0 {
+            continue;
+        }
+        let flags =
+            if e.hole { STATE_HOLE } else { 0 } | if e.hole || e.zero { STATE_ZERO } else { 0 };
+        match descriptors.last_mut() {
+            Some(last) if last.flags == flags => last.length += length as u32,
+            _ => descriptors.push(BlockDescriptor {
+                length: length as u32,
+                flags,
+            }),
+        }
+        remaining -= length;
+    }
+    if descriptors.is_empty() {
+        let kind = ErrorKind::Io;
+        return error_reply(ctx, req, errno_of_kind(kind), "backend reported no extents");
+    }
+    if req.has(CMD_FLAG_REQ_ONE) {
+        descriptors.truncate(1);
+    }
+    let mut out = Vec::new();
+    Chunk::BlockStatus {
+        context_id: BASE_ALLOCATION_ID,
+        descriptors,
+    }
+    .encode_into(req.cookie, true, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preferred_block_size_is_a_power_of_two_within_limits() {
+        assert_eq!(preferred_block_size(4096, 32 << 20), 4096);
+        assert_eq!(preferred_block_size(192 << 10, 32 << 20), 128 << 10);
+        assert_eq!(preferred_block_size(1, 32 << 20), 512);
+        assert_eq!(preferred_block_size(u32::MAX, 32 << 20), 32 << 20);
+        assert_eq!(preferred_block_size(64 << 20, 48 << 20), 32 << 20);
+    }
+}

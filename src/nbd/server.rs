@@ -1,0 +1,224 @@
+//! The NBD server: listeners, the connection cap, and graceful shutdown.
+//!
+//! One accept task per listener; each accepted client becomes a connection task
+//! (`connection.rs`) holding a permit of the connection semaphore. Shutdown is a watch channel
+//! every task listens to; `serve` returns once every connection task has dropped its handle on
+//! the `done` channel (the mini-redis pattern).
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::backend::ExportSource;
+use super::connection;
+
+/// A bound socket the server accepts clients on.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Binds a TCP listener (use port 0 for a free port). Needs a tokio runtime.
+    pub async fn bind_tcp(addr: impl ToSocketAddrs) -> io::Result<Self> {
+        Ok(Listener::Tcp(TcpListener::bind(addr).await?))
+    }
+
+    /// Binds a unix socket at `path` (which must not exist). Needs a tokio runtime.
+    pub fn bind_unix(path: &Path) -> io::Result<Self> {
+        Ok(Listener::Unix(UnixListener::bind(path)?))
+    }
+
+    /// The TCP port, for a TCP listener.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Listener::Unix(_) => None,
+        }
+    }
+
+    /// A printable address, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp:{a}"),
+                Err(_) => "tcp:?".to_owned(),
+            },
+            Listener::Unix(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_owned))
+            {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "unix:?".to_owned(),
+            },
+        }
+    }
+}
+
+/// Limits of the server. `Default` gives values fit for production.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Clients served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Requests being executed per connection; the connection stops reading past it.
+    pub max_inflight_per_connection: usize,
+    /// Read and write payload bytes held per connection (at least `max_request_bytes`).
+    pub max_inflight_bytes_per_connection: usize,
+    /// Largest read or write one request may carry; advertised as the maximum block size.
+    pub max_request_bytes: u32,
+    /// Time a client has to finish option negotiation.
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long a connection may take to send the replies of requests already
+    /// accepted (a client that does not read them would otherwise hold shutdown up forever).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 1024,
+            max_inflight_per_connection: 64,
+            max_inflight_bytes_per_connection: 128 << 20,
+            max_request_bytes: 32 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The same config with every limit raised to something the server can work with.
+    fn sane(mut self) -> Self {
+        self.max_connections = self.max_connections.max(1);
+        self.max_inflight_per_connection = self.max_inflight_per_connection.max(1);
+        self.max_request_bytes = self.max_request_bytes.max(512);
+        let min_bytes = self.max_request_bytes as usize;
+        self.max_inflight_bytes_per_connection = self
+            .max_inflight_bytes_per_connection
+            .clamp(min_bytes, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        self
+    }
+}
+
+/// What every connection shares.
+pub(super) struct Shared {
+    pub source: Arc<dyn ExportSource>,
+    pub config: ServerConfig,
+}
+
+/// Serves NBD on every listener until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish and send their replies, closes the connections and returns.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    source: Arc<dyn ExportSource>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config = config.sane();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let shared = Arc::new(Shared { source, config });
+
+    let mut accepters = JoinSet::new();
+    for listener in listeners {
+        info!(listener = %listener.describe(), "listening");
+        accepters.spawn(accept_loop(
+            listener,
+            Arc::clone(&shared),
+            Arc::clone(&connections),
+            stop_rx.clone(),
+            done_tx.clone(),
+        ));
+    }
+    drop(done_tx);
+
+    shutdown.await;
+    info!("shutting down: no new clients, finishing in-flight requests");
+    // Receivers live in the tasks; a send error only means none is left.
+    let _ = stop_tx.send(true);
+    while accepters.join_next().await.is_some() {}
+    // recv() yields None once every connection task has dropped its sender.
+    let _ = done_rx.recv().await;
+    info!("server stopped");
+}
+
+/// Resolves once shutdown is requested (or the server is gone).
+pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    connections: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    // Unix peers have no address; a number tells their log lines apart.
+    let mut unix_clients = 0u64;
+    loop {
+        // Accept first, then wait for a slot: with several listeners sharing the cap, a loop
+        // that held a permit while waiting in accept() would starve the others. At most one
+        // accepted client per listener waits for a slot; the rest wait in the backlog.
+        let accepted = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            a = accept(&listener) => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok((s @ Accepted::Unix(_), _)) => {
+                unix_clients += 1;
+                (s, format!("unix#{unix_clients}"))
+            }
+            Ok(a) => a,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning, keep serving the others.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let permit = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            p = Arc::clone(&connections).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (shared, stop, done) = (Arc::clone(&shared), stop.clone(), done.clone());
+        tokio::spawn(async move {
+            match stream {
+                Accepted::Tcp(s) => {
+                    // Replies are whole frames; Nagle would only add latency.
+                    let _ = s.set_nodelay(true);
+                    connection::run(s, peer, shared, stop).await;
+                }
+                Accepted::Unix(s) => connection::run(s, peer, shared, stop).await,
+            }
+            drop((permit, done));
+        });
+    }
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<(Accepted, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            Ok((Accepted::Tcp(s), addr.to_string()))
+        }
+        Listener::Unix(l) => Ok((Accepted::Unix(l.accept().await?.0), String::new())),
+    }
+}
