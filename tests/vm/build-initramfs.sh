@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Build the test guest's initramfs (gzip'd newc cpio).
+#
+# Usage: build-initramfs.sh --out FILE --conf FILE [--server-bin PATH] [--server-kind thinnbd|nbdkit]
+#
+# Contents: static busybox (shell, insmod, fstrim, blkdiscard, dd with O_DIRECT, sha256sum),
+# nbd-client, mkfs.ext4 with its libraries and /etc/mke2fs.conf, the modules for ext4, virtio-blk
+# and nbd of the guest kernel (tests/vm/lib.sh picks it), /init = tests/vm/guest-init.sh,
+# /vmtest.conf = --conf, and the server binary with its libraries (for nbdkit also the file and
+# memory plugins).
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+out="" conf="" server_bin="" server_kind=""
+while [ $# -gt 0 ]; do
+    case $1 in
+    --out) out=$2; shift 2 ;;
+    --conf) conf=$2; shift 2 ;;
+    --server-bin) server_bin=$2; shift 2 ;;
+    --server-kind) server_kind=$2; shift 2 ;;
+    *) vm_die "build-initramfs.sh: unknown argument $1" ;;
+    esac
+done
+[ -n "$out" ] && [ -n "$conf" ] || vm_die "usage: build-initramfs.sh --out FILE --conf FILE [--server-bin PATH]"
+
+kver=$(vm_kernel_version) || vm_die "no guest kernel (install linux-image-amd64)"
+root=$(mktemp -d "${TMPDIR:-/tmp}/vm-initramfs.XXXXXX")
+trap 'rm -rf "$root"' EXIT
+
+mkdir -p "$root/bin" "$root/sbin" "$root/etc" "$root/tmp"
+cp /bin/busybox "$root/bin/busybox"
+install -m 0755 "$VM_DIR/guest-init.sh" "$root/init"
+cp "$conf" "$root/vmtest.conf"
+
+vm_copy_with_libs "$root" "$(command -v nbd-client || echo /usr/sbin/nbd-client)" /sbin/nbd-client
+# mkfs.ext4 from e2fsprogs: busybox's mke2fs cannot make ext4.
+mkfs=$(command -v mkfs.ext4 || echo /usr/sbin/mkfs.ext4)
+vm_copy_with_libs "$root" "$mkfs" /sbin/mkfs.ext4
+[ -r /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/mke2fs.conf"
+
+: >"$root/modules.list"
+vm_add_modules "$root" "$kver" ext4 virtio_blk virtio_pci nbd
+
+if [ -n "$server_bin" ]; then
+    [ -x "$server_bin" ] || vm_die "server binary not executable: $server_bin"
+    vm_copy_with_libs "$root" "$server_bin" "/bin/$(basename "$server_bin")"
+    if [ "$server_kind" = nbdkit ]; then
+        plugdir=$("$server_bin" --dump-config | sed -n 's/^plugindir=//p')
+        for p in file memory; do
+            vm_copy_with_libs "$root" "$plugdir/nbdkit-$p-plugin.so"
+        done
+    fi
+fi
+
+vm_pack_initramfs "$root" "$out"
+vm_log "initramfs $out ($(du -h "$out" | cut -f1)) for kernel $kver"
