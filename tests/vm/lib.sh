@@ -214,19 +214,23 @@ vm_check_pass() {
 vm_parse_mapped() {
     awk -v vol="$1" '
     function unit(u) {
-        u = toupper(u); sub(/I?B$/, "", u)
+        u = toupper(u); if (u == "BYTES") return 1; sub(/I?B$/, "", u)
         if (u == "K") return 1024; if (u == "M") return 1048576
         if (u == "G") return 1073741824; if (u == "T") return 1099511627776
         return 1
     }
-    index($0, vol) {
+    BEGIN { v = vol; gsub(/\./, "[.]", v); named = "(^|[^a-z0-9_.-])" tolower(v) "([^a-z0-9_.-]|$)" }
+    {
         line = tolower($0)
-        if (match(line, /mapped[^0-9]*[0-9][0-9.]*[ ]*[kmgt]?i?b?/)) {
+        if (line !~ named) next
+        if (match(line, /mapped[^0-9]*[0-9][0-9.]*[ ]*(bytes|[kmgt]i?b|[kmgt]|b)?/)) {
+            # A unit glued to more letters ("192 blocks") is not a size: print nothing.
+            if (substr(line, RSTART + RLENGTH, 1) ~ /[a-z]/) exit
             s = substr(line, RSTART, RLENGTH)
             sub(/^mapped[^0-9]*/, "", s)
             n = s; sub(/[ a-z]*$/, "", n)
             u = s; sub(/^[0-9.]*[ ]*/, "", u)
-            printf "%d\n", n * unit(u)
+            printf "%.0f\n", n * unit(u)
             exit
         }
     }'

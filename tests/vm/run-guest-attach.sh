@@ -41,7 +41,8 @@ fi
 host_bin=${host_bin:-$server_bin}
 
 missing=$(vm_missing_packages)
-if [ -n "$missing" ]; then
+[ -x "$server_bin" ] || [ "$server_kind" != nbdkit ] || missing="$missing nbdkit"
+if [ -n "$(echo $missing)" ]; then
     echo "[vm] missing packages: $(echo $missing)" >&2
     exit 77
 fi
