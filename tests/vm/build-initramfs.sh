@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
     *) vm_die "build-initramfs.sh: unknown argument $1" ;;
     esac
 done
-[ -n "$out" ] && [ -n "$conf" ] || vm_die "usage: build-initramfs.sh --out FILE --conf FILE [--server-bin PATH]"
+{ [ -n "$out" ] && [ -n "$conf" ]; } || vm_die "usage: build-initramfs.sh --out FILE --conf FILE [--server-bin PATH]"
 
 kver=$(vm_kernel_version) || vm_die "no guest kernel (install linux-image-amd64)"
 root=$(mktemp -d "${TMPDIR:-/tmp}/vm-initramfs.XXXXXX")

@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash disable=SC2153,SC2016
 # /init of the test guest (runs as PID 1 inside QEMU, busybox only).
 #
 # Owns the in-guest half of the VM tests; the host half is tests/vm/run-*.sh. Settings come from
@@ -52,6 +53,7 @@ wait_for() {
     n=$1
     shift
     while [ "$n" -gt 0 ]; do
+        # shellcheck disable=SC2294 # the condition is one shell string on purpose
         eval "$@" && return 0
         usleep 200000
         n=$((n - 1))

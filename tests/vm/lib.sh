@@ -11,6 +11,7 @@
 
 # shellcheck shell=bash
 
+# shellcheck disable=SC2034 # used by the scripts that source this file
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 vm_log() { printf '[vm] %s\n' "$*" >&2; }

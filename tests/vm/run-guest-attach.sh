@@ -42,8 +42,10 @@ host_bin=${host_bin:-$server_bin}
 
 missing=$(vm_missing_packages)
 [ -x "$server_bin" ] || [ "$server_kind" != nbdkit ] || missing="$missing nbdkit"
-if [ -n "$(echo $missing)" ]; then
-    echo "[vm] missing packages: $(echo $missing)" >&2
+# shellcheck disable=SC2086,SC2116 # squeeze the list to single spaces
+missing=$(echo $missing)
+if [ -n "$missing" ]; then
+    echo "[vm] missing packages: $missing" >&2
     exit 77
 fi
 if [ "$server_kind" = thinnbd ] && ! command -v thin_check >/dev/null; then

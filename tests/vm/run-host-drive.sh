@@ -40,8 +40,10 @@ command -v nbdinfo >/dev/null || missing="$missing libnbd-bin"
 if [ "$server_kind" = thinnbd ] && ! command -v thin_check >/dev/null; then
     missing="$missing thin-provisioning-tools"
 fi
-if [ -n "$(echo $missing)" ]; then
-    echo "[vm] missing packages: $(echo $missing)" >&2
+# shellcheck disable=SC2086,SC2116 # squeeze the list to single spaces
+missing=$(echo $missing)
+if [ -n "$missing" ]; then
+    echo "[vm] missing packages: $missing" >&2
     exit 77
 fi
 
