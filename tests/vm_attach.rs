@@ -82,28 +82,43 @@ fn server_bin() -> String {
     }
 }
 
-/// KVM if a guest really boots with it, else TCG; probed once per test process.
+/// KVM if a guest really boots with it, else TCG. Probed once per test process (a probe that
+/// hangs costs ~20 s), and remembered in the target dir for this machine and guest kernel.
 fn accel() -> &'static str {
     static ACCEL: OnceLock<String> = OnceLock::new();
     ACCEL.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg("-c")
-            .arg(r#". "$1/lib.sh" && vm_pick_accel"#)
-            .arg("bash")
-            .arg(vm_dir())
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output();
-        let accel = match out {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-            _ => String::new(),
-        };
-        if accel == "kvm" {
-            accel
-        } else {
-            "tcg".to_string()
+        let key = shell_line(r#"echo "$(vm_kernel) $(uname -r) $(hostname)""#);
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-accel.txt");
+        if let Ok(text) = std::fs::read_to_string(&cache) {
+            if let Some((k, a)) = text.trim().rsplit_once(' ') {
+                if k == key && (a == "kvm" || a == "tcg") {
+                    return a.to_string();
+                }
+            }
         }
+        let accel = match shell_line("vm_pick_accel").as_str() {
+            "kvm" => "kvm",
+            _ => "tcg",
+        };
+        let _ = std::fs::write(&cache, format!("{key} {accel}\n"));
+        accel.to_string()
     })
+}
+
+/// The trimmed stdout of a bash snippet run with tests/vm/lib.sh sourced ("" on failure).
+fn shell_line(snippet: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(r#". "$1/lib.sh" && {snippet}"#))
+        .arg("bash")
+        .arg(vm_dir())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => String::new(),
+    }
 }
 
 /// A fresh work directory for one test, kept after the run for its logs.

@@ -35,6 +35,7 @@ vm_missing_packages() {
 # The guest kernel: $VM_KERNEL, else the newest /boot/vmlinuz-* that has its modules installed.
 vm_kernel() {
     if [ -n "${VM_KERNEL:-}" ]; then
+        [ -r "$VM_KERNEL" ] || return 1
         echo "$VM_KERNEL"
         return
     fi
