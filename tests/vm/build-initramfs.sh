@@ -31,6 +31,8 @@ mkdir -p "$root/bin" "$root/sbin" "$root/etc" "$root/tmp"
 cp /bin/busybox "$root/bin/busybox"
 install -m 0755 "$VM_DIR/guest-init.sh" "$root/init"
 cp "$conf" "$root/vmtest.conf"
+# The user-facing example runs in the guest as the attach/trim/detach steps of test 1.
+cp "$VM_DIR/../../examples/nbd-client-attach.sh" "$root/nbd-client-attach.sh"
 
 vm_copy_with_libs "$root" "$(command -v nbd-client || echo /usr/sbin/nbd-client)" /sbin/nbd-client
 # mkfs.ext4 from e2fsprogs: busybox's mke2fs cannot make ext4.

@@ -166,13 +166,20 @@ parse_mapped() {
     }'
 }
 
+# The documented example (examples/nbd-client-attach.sh) does the attach, mkfs, mount, fstrim,
+# unmount and detach, so the steps a user copies are the steps tested here.
+example() {
+    run sh /nbd-client-attach.sh "$@" --port "$PORT" --export "$VOLUME" --mount /mnt \
+        --mount-opts noinit_itable
+}
+
 attach() {
-    run nbd-client 127.0.0.1 "$PORT" /dev/nbd0 -N "$VOLUME"
-    wait_for 50 '[ "$(cat /sys/block/nbd0/size)" -gt 0 ]' || fail "nbd0 has no size after attach"
+    example up "$@"
+    [ "$(cat /sys/block/nbd0/size)" -gt 0 ] || fail "nbd0 has no size after attach"
 }
 
 detach() {
-    run nbd-client -d /dev/nbd0
+    example down
     wait_for 50 '[ "$(cat /sys/block/nbd0/size)" -eq 0 ]' || fail "nbd0 still has a size after detach"
 }
 
@@ -184,10 +191,8 @@ test_attach() {
     server_prepare
     server_start
 
-    attach
+    attach --mkfs
     value nbd0_bytes $(($(cat /sys/block/nbd0/size) * 512))
-    run mkfs.ext4 -q -F /dev/nbd0
-    run mount -t ext4 -o noinit_itable /dev/nbd0 /mnt
     # Random content, so a stale or misplaced block cannot pass the checksum by luck.
     run dd if=/dev/urandom of=/mnt/keep1 bs=1M count=4 status=none
     run dd if=/dev/urandom of=/mnt/delete-me bs=1M count=24 status=none
@@ -199,7 +204,6 @@ test_attach() {
     run sync
     run rm /mnt/delete-me
     run sync
-    run umount /mnt
     detach
 
     # Measure what the pool holds before trimming (the delete alone frees nothing below ext4).
@@ -210,11 +214,7 @@ test_attach() {
     server_start
 
     attach
-    run mount -t ext4 -o noinit_itable /dev/nbd0 /mnt
-    say "+ fstrim -v /mnt"
-    out=$(fstrim -v /mnt 2>&1) || fail "fstrim failed: $out"
-    say "fstrim: $out"
-    run umount /mnt
+    example trim
     detach
     server_stop
     server_mapped
@@ -227,10 +227,8 @@ test_attach() {
     # Re-attach through a fresh server and check every kept byte.
     server_start
     attach
-    run mount -t ext4 -o noinit_itable /dev/nbd0 /mnt
     (cd /mnt && sha256sum -c /tmp/sums) || fail "checksums differ after re-attach"
     [ ! -e /mnt/delete-me ] || fail "deleted file came back"
-    run umount /mnt
     detach
     server_stop
 
