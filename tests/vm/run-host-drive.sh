@@ -107,10 +107,14 @@ DRIVE_PATTERN_MIB=$pattern_mib
 EOF
 )
 
+# The documented example builds the -drive value (nbd over the unix socket, virtio,
+# cache=none, discard=unmap, detect-zeroes=unmap), so what users copy is what runs here.
+drive=$("$VM_DIR/../../examples/qemu-drive.sh" --print-drive --socket "$sock" --export "$volume")
+vm_log "drive: $drive"
 accel=$(vm_pick_accel)
 set +e
 vm_boot "$accel" "$(vm_kernel)" "$workdir/initramfs.cpio.gz" "$console" "$tmo" \
-    -drive "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=$sock,file.export=$volume,if=virtio,discard=unmap,cache=none"
+    -drive "$drive"
 st=$?
 set -e
 [ $st -eq 124 ] && vm_log "guest timed out after ${tmo}s"
