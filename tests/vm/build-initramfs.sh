@@ -2,22 +2,24 @@
 # Build the test guest's initramfs (gzip'd newc cpio).
 #
 # Usage: build-initramfs.sh --out FILE --conf FILE [--server-bin PATH] [--server-kind thinnbd|nbdkit]
+#          [--extra-bin PATH]...
 #
 # Contents: static busybox (shell, insmod, fstrim, blkdiscard, dd with O_DIRECT, sha256sum),
 # nbd-client, mkfs.ext4 with its libraries and /etc/mke2fs.conf, the modules for ext4, virtio-blk
 # and nbd of the guest kernel (tests/vm/lib.sh picks it), /init = tests/vm/guest-init.sh,
 # /vmtest.conf = --conf, and the server binary with its libraries (for nbdkit also the file and
-# memory plugins).
+# memory plugins), and any --extra-bin in /bin with its libraries.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-out="" conf="" server_bin="" server_kind=""
+out="" conf="" server_bin="" extra=()
 while [ $# -gt 0 ]; do
     case $1 in
     --out) out=$2; shift 2 ;;
     --conf) conf=$2; shift 2 ;;
     --server-bin) server_bin=$2; shift 2 ;;
-    --server-kind) server_kind=$2; shift 2 ;;
+    --server-kind) shift 2 ;; # accepted for callers; nbdkit is recognised by its name
+    --extra-bin) extra+=("$2"); shift 2 ;;
     *) vm_die "build-initramfs.sh: unknown argument $1" ;;
     esac
 done
@@ -43,16 +45,22 @@ vm_copy_with_libs "$root" "$mkfs" /sbin/mkfs.ext4
 : >"$root/modules.list"
 vm_add_modules "$root" "$kver" ext4 virtio_blk virtio_pci nbd
 
-if [ -n "$server_bin" ]; then
-    [ -x "$server_bin" ] || vm_die "server binary not executable: $server_bin"
-    vm_copy_with_libs "$root" "$server_bin" "/bin/$(basename "$server_bin")"
-    if [ "$server_kind" = nbdkit ]; then
-        plugdir=$("$server_bin" --dump-config | sed -n 's/^plugindir=//p')
+# A binary in /bin with its libraries; nbdkit also gets the plugins the tests use.
+add_bin() {
+    [ -x "$1" ] || vm_die "not an executable: $1"
+    vm_copy_with_libs "$root" "$1" "/bin/$(basename "$1")"
+    if [ "$(basename "$1")" = nbdkit ]; then
+        local plugdir p
+        plugdir=$("$1" --dump-config | sed -n 's/^plugindir=//p')
         for p in file memory; do
             vm_copy_with_libs "$root" "$plugdir/nbdkit-$p-plugin.so"
         done
     fi
-fi
+}
+[ -z "$server_bin" ] || add_bin "$server_bin"
+for b in "${extra[@]}"; do
+    add_bin "$b"
+done
 
 vm_pack_initramfs "$root" "$out"
 vm_log "initramfs $out ($(du -h "$out" | cut -f1)) for kernel $kver"

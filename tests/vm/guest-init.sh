@@ -231,6 +231,9 @@ test_attach() {
     [ ! -e /mnt/delete-me ] || fail "deleted file came back"
     detach
     server_stop
+    # The host compares its own `pool status` of the copied-out pool with this.
+    server_mapped
+    value mapped_final "$MAPPED"
 
     run umount /pool
     run sync

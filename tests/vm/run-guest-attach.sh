@@ -7,16 +7,17 @@
 #
 # Usage: run-guest-attach.sh --server-bin PATH [--server-kind auto|thinnbd|nbdkit]
 #          [--workdir DIR] [--console FILE] [--timeout SECONDS] [--accel auto|kvm|tcg]
-#          [--host-bin THINNBD]
+#          [--host-bin THINNBD] [--extra-bin PATH]...
 #   --server-bin   the server to run in the guest: a thinnbd binary, or nbdkit (then the guest
 #                  serves a sparse file with nbdkit's file plugin and the thin-pool checks are
 #                  skipped)
 #   --host-bin     thinnbd binary for `pool status` on the host (default: --server-bin)
+#   --extra-bin    another program to put in the guest's /bin (repeatable)
 # Exit status: 0 pass, 1 fail (console log path printed), 77 a needed package is missing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-server_bin="" server_kind=auto workdir="" console="" tmo=${VM_TIMEOUT:-300} host_bin=""
+server_bin="" server_kind=auto workdir="" console="" tmo=${VM_TIMEOUT:-300} extra=() host_bin=""
 while [ $# -gt 0 ]; do
     case $1 in
     --server-bin) server_bin=$2; shift 2 ;;
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
     --console) console=$2; shift 2 ;;
     --timeout) tmo=$2; shift 2 ;;
     --accel) export VM_ACCEL=$2; shift 2 ;;
+    --extra-bin) extra+=(--extra-bin "$2"); shift 2 ;;
     --host-bin) host_bin=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) vm_die "unknown argument $1" ;;
@@ -69,7 +71,7 @@ POOL_BLOCK_SIZE=64K
 VOLUME_SIZE=1G
 EOF
 "$VM_DIR/build-initramfs.sh" --out "$workdir/initramfs.cpio.gz" --conf "$workdir/vmtest.conf" \
-    --server-bin "$server_bin" --server-kind "$server_kind"
+    --server-bin "$server_bin" --server-kind "$server_kind" "${extra[@]}"
 
 rm -f "$workdir/pool.img"
 truncate -s 2G "$workdir/pool.img"
@@ -85,7 +87,8 @@ vm_check_pass "$console" || exit 1
 
 before=$(vm_value "$console" mapped_before_trim)
 after=$(vm_value "$console" mapped_after_trim)
-vm_log "guest: mapped before trim $before, after $after"
+final=$(vm_value "$console" mapped_final)
+vm_log "guest: mapped before trim $before, after $after, at the end $final"
 
 if [ "$server_kind" != thinnbd ]; then
     vm_log "server is $server_kind: thin_check and pool status skipped (thin pool only)"
@@ -111,8 +114,8 @@ thin_check "$meta" >&2 || { vm_log "thin_check failed (console log: $console)"; 
 sed 's/^/[vm] status: /' "$workdir/status.txt" >&2
 host_mapped=$(vm_parse_mapped "$volume" <"$workdir/status.txt")
 [ -n "$host_mapped" ] || vm_die "cannot read the mapped size of $volume from pool status"
-if [ "$host_mapped" -ne "$after" ]; then
-    vm_log "host sees $host_mapped mapped bytes, the guest saw $after after trim"
+if [ "$host_mapped" -ne "$final" ]; then
+    vm_log "host sees $host_mapped mapped bytes, the guest saw $final at its end"
     exit 1
 fi
 if [ "$host_mapped" -ge "$before" ]; then

@@ -7,12 +7,14 @@
 #
 # Usage: run-host-drive.sh --server-bin PATH [--server-kind auto|thinnbd|nbdkit]
 #          [--workdir DIR] [--console FILE] [--timeout SECONDS] [--accel auto|kvm|tcg]
+#          [--extra-bin PATH]...
+#   --extra-bin    another program to put in the guest's /bin (repeatable)
 #   --server-bin   thinnbd (pool in WORKDIR/pool, `serve --socket`), or nbdkit (memory plugin)
 # Exit status: 0 pass, 1 fail (console log path printed), 77 a needed package is missing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-server_bin="" server_kind=auto workdir="" console="" tmo=${VM_TIMEOUT:-300}
+server_bin="" server_kind=auto workdir="" console="" tmo=${VM_TIMEOUT:-300} extra=()
 while [ $# -gt 0 ]; do
     case $1 in
     --server-bin) server_bin=$2; shift 2 ;;
@@ -21,6 +23,7 @@ while [ $# -gt 0 ]; do
     --console) console=$2; shift 2 ;;
     --timeout) tmo=$2; shift 2 ;;
     --accel) export VM_ACCEL=$2; shift 2 ;;
+    --extra-bin) extra+=(--extra-bin "$2"); shift 2 ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) vm_die "unknown argument $1" ;;
     esac
@@ -98,7 +101,7 @@ until [ -S "$sock" ] || [ $n -ge 300 ]; do
 done
 [ -S "$sock" ] || vm_die "server made no socket $sock in 30 s"
 
-"$VM_DIR/build-initramfs.sh" --out "$workdir/initramfs.cpio.gz" --conf <(
+"$VM_DIR/build-initramfs.sh" --out "$workdir/initramfs.cpio.gz" "${extra[@]}" --conf <(
     cat <<EOF
 VMTEST_MODE=drive
 DRIVE_DISCARD_OFF=$discard_off
