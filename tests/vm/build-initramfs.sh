@@ -49,6 +49,10 @@ vm_add_modules "$root" "$kver" ext4 virtio_blk virtio_pci nbd
 add_bin() {
     [ -x "$1" ] || vm_die "not an executable: $1"
     vm_copy_with_libs "$root" "$1" "/bin/$(basename "$1")"
+    # Debug info (a cargo test build carries lots) only slows the guest's unpacking under TCG.
+    if command -v strip >/dev/null && head -c 4 "$1" | grep -q ELF; then
+        strip -g "$root/bin/$(basename "$1")" 2>/dev/null || true
+    fi
     if [ "$(basename "$1")" = nbdkit ]; then
         local plugdir p
         plugdir=$("$1" --dump-config | sed -n 's/^plugindir=//p')
