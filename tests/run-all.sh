@@ -19,5 +19,8 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "${need[@]}"
 fi
 
+# The VM attach tests' packages (qemu-system-x86, linux-image-amd64, busybox-static, nbd-client, ...).
+bash tests/vm/install-packages.sh
+
 cargo build --release --bins
 cargo test --release -- --test-threads=2
