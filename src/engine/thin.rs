@@ -270,6 +270,16 @@ pub struct ThinHandle {
     thin: crate::sync::Arc<Thin>,
 }
 
+impl std::fmt::Debug for ThinHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThinHandle")
+            .field("id", &self.thin.id)
+            .field("instance", &self.thin.instance)
+            .field("size", &self.size())
+            .finish()
+    }
+}
+
 type Gate<'a> = Option<RwLockReadGuard<'a, ()>>;
 
 impl ThinHandle {
