@@ -19,6 +19,7 @@ pub struct DataFaults {
     fail_all_reads: AtomicBool,
     fail_all_writes: AtomicBool,
     injected: AtomicU64,
+    write_delay_ns: AtomicU64,
 }
 
 impl DataFaults {
@@ -49,6 +50,15 @@ impl DataFaults {
         lock(&self.write_blocks).clear();
         self.fail_all_reads.store(false, Ordering::Release);
         self.fail_all_writes.store(false, Ordering::Release);
+        self.write_delay_ns.store(0, Ordering::Release);
+    }
+
+    /// Makes every data write take at least `d` longer (a slow device), so tests can hold
+    /// prison cells long enough for other threads to pile up behind them.
+    pub fn set_write_delay(&self, d: std::time::Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.write_delay_ns.store(ns, Ordering::Release);
+        self.armed.store(true, Ordering::Release);
     }
 
     /// Number of failures injected so far.
@@ -59,6 +69,12 @@ impl DataFaults {
     fn check(&self, write: bool, block: u64) -> io::Result<()> {
         if !self.armed.load(Ordering::Acquire) {
             return Ok(());
+        }
+        if write {
+            let ns = self.write_delay_ns.load(Ordering::Acquire);
+            if ns > 0 {
+                std::thread::sleep(std::time::Duration::from_nanos(ns));
+            }
         }
         let hit = if write {
             self.fail_all_writes.load(Ordering::Acquire)

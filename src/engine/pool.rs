@@ -50,6 +50,9 @@ pub struct PoolConfig {
     pub record_events: bool,
     /// Extra delay inside each commit, for tests that must see flushes coalesce.
     pub commit_delay: Duration,
+    /// Extra delay before the worker drops a thin's clone, for tests that must see teardown
+    /// wait for it.
+    pub worker_hold_delay: Duration,
 }
 
 impl Default for PoolConfig {
@@ -62,6 +65,7 @@ impl Default for PoolConfig {
             zero_new_blocks: true,
             record_events: false,
             commit_delay: Duration::ZERO,
+            worker_hold_delay: Duration::ZERO,
         }
     }
 }
@@ -100,6 +104,7 @@ pub struct PoolStatus {
     pub blocks_provisioned: u64,
     pub blocks_copied: u64,
     pub blocks_discarded: u64,
+    /// Bios handed to the worker: no free cell at submission, or released from a cell.
     pub bios_deferred: u64,
     pub cells_in_use: usize,
     /// Teardowns that found a worker clone still alive and waited for it.
@@ -458,6 +463,9 @@ impl Shared {
     pub(crate) fn release_cell(&self, thin: &Thin, held: super::prison::Held) {
         let inmates = self.prison.release(held);
         if !inmates.is_empty() {
+            self.stats
+                .deferred
+                .fetch_add(inmates.len() as u64, Ordering::Relaxed);
             for bio in inmates {
                 thin.defer(bio);
             }
@@ -478,6 +486,9 @@ impl Shared {
                 instance: r.instance(),
             });
             self.process_deferred(&r);
+            if !self.config.worker_hold_delay.is_zero() {
+                std::thread::sleep(self.config.worker_hold_delay);
+            }
             self.event(EngineEvent::WorkerPut {
                 thin: r.id(),
                 instance: r.instance(),
