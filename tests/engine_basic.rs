@@ -129,6 +129,12 @@ fn snapshot_of_a_live_origin_keeps_acknowledged_data_and_breaks_sharing() {
         snap2.read(0, &mut [0u8; 1]).unwrap_err().kind(),
         ErrorKind::NotFound
     );
+    // A stale handle's teardown does not touch a later activation of the same thin.
+    let again = pool.activate(2, MIB, false).unwrap();
+    pool.teardown(snap2).unwrap();
+    again.read(0, &mut [0u8; 1]).unwrap();
+    assert_eq!(pool.delete_thin(2).unwrap_err().kind(), ErrorKind::Busy);
+    pool.teardown(again).unwrap();
     pool.delete_thin(2).unwrap();
     origin.read(0, &mut o).unwrap();
     expect[(BS + 100) as usize..(BS + 105) as usize].copy_from_slice(b"again");

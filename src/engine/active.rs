@@ -184,9 +184,15 @@ impl<T: Member> ActiveSet<T> {
     /// Unpublishes the member with `key`; readers holding an older snapshot may still see it,
     /// which is why teardown then waits on the member's [`Life`].
     pub fn remove(&self, key: u64) -> Option<Arc<T>> {
+        self.remove_if(key, |_| true)
+    }
+
+    /// Like [`remove`](Self::remove), but only when `which` accepts the member (so a stale
+    /// handle cannot unpublish a later activation under the same key).
+    pub fn remove_if(&self, key: u64, which: impl Fn(&T) -> bool) -> Option<Arc<T>> {
         let _w = sync::lock(&self.writers);
         let cur = self.cell.load_full();
-        let pos = cur.iter().position(|m| m.key() == key)?;
+        let pos = cur.iter().position(|m| m.key() == key && which(m))?;
         let mut next: Vec<Arc<T>> = cur.iter().cloned().collect();
         let gone = next.remove(pos);
         self.cell.store(Arc::new(next));

@@ -523,7 +523,12 @@ impl Shared {
         thin.set_closing();
         // Writes parked on a full pool notice the closing flag once woken.
         self.space_changed();
-        if self.active.remove(thin.key()).is_none() {
+        let instance = thin.instance();
+        if self
+            .active
+            .remove_if(thin.key(), |t| t.instance() == instance)
+            .is_none()
+        {
             return Ok(());
         }
         self.event(EngineEvent::TeardownBegin {
