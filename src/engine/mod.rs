@@ -1,1 +1,18 @@
 //! The thin I/O engine: data device, bio prison, deferred-bio worker, active thins.
+//!
+//! Threads: callers (the NBD server's blocking threads) run reads and overwrites of provisioned,
+//! unshared blocks themselves, under a read lock on the metadata for the lookup and no lock at
+//! all around the data I/O. Writes that must provision or break sharing lock their virtual block
+//! in the [`prison`]; when no cell is free at once they go to their thin's deferred list, which
+//! one pool worker thread drains (see [`pool`]). Flushes are group commits: concurrent flushes
+//! share one `fdatasync` of the data device plus one metadata commit.
+
+pub mod active;
+pub mod data;
+pub mod pool;
+pub mod prison;
+mod thin;
+
+pub use data::{DataDevice, DataFaults};
+pub use pool::{EngineEvent, NoSpacePolicy, Pool, PoolConfig, PoolMode, PoolStatus, ThinStatus};
+pub use thin::ThinHandle;

@@ -1,0 +1,186 @@
+//! The data device: positioned reads and writes of data blocks, hole punching for discards,
+//! and fault injection for tests.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// Chosen failures of the data device (tests). Byte ranges are matched by data block.
+#[derive(Default)]
+pub struct DataFaults {
+    armed: AtomicBool,
+    read_blocks: Mutex<HashSet<u64>>,
+    write_blocks: Mutex<HashSet<u64>>,
+    fail_all_reads: AtomicBool,
+    fail_all_writes: AtomicBool,
+    injected: AtomicU64,
+    write_delay_ns: AtomicU64,
+}
+
+impl DataFaults {
+    /// Fail every read touching data block `b` with EIO.
+    pub fn fail_reads_of(&self, b: u64) {
+        lock(&self.read_blocks).insert(b);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    /// Fail every write touching data block `b` with EIO.
+    pub fn fail_writes_of(&self, b: u64) {
+        lock(&self.write_blocks).insert(b);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    pub fn fail_all_reads(&self, on: bool) {
+        self.fail_all_reads.store(on, Ordering::Release);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    pub fn fail_all_writes(&self, on: bool) {
+        self.fail_all_writes.store(on, Ordering::Release);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    pub fn clear(&self) {
+        lock(&self.read_blocks).clear();
+        lock(&self.write_blocks).clear();
+        self.fail_all_reads.store(false, Ordering::Release);
+        self.fail_all_writes.store(false, Ordering::Release);
+        self.write_delay_ns.store(0, Ordering::Release);
+    }
+
+    /// Makes every data write take at least `d` longer (a slow device), so tests can hold
+    /// prison cells long enough for other threads to pile up behind them.
+    pub fn set_write_delay(&self, d: std::time::Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.write_delay_ns.store(ns, Ordering::Release);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    /// Number of failures injected so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::Relaxed)
+    }
+
+    fn check(&self, write: bool, block: u64) -> io::Result<()> {
+        if !self.armed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if write {
+            let ns = self.write_delay_ns.load(Ordering::Acquire);
+            if ns > 0 {
+                std::thread::sleep(std::time::Duration::from_nanos(ns));
+            }
+        }
+        let hit = if write {
+            self.fail_all_writes.load(Ordering::Acquire)
+                || lock(&self.write_blocks).contains(&block)
+        } else {
+            self.fail_all_reads.load(Ordering::Acquire) || lock(&self.read_blocks).contains(&block)
+        };
+        if hit {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A data file or block device, addressed in data blocks of `block_bytes`.
+pub struct DataDevice {
+    file: File,
+    /// The whole device is known to read zeros (a sparse file we just created).
+    fresh: bool,
+    punch_supported: AtomicBool,
+    faults: DataFaults,
+}
+
+impl DataDevice {
+    /// Wraps an open file or block device. `fresh` says every byte currently reads as zero
+    /// (set it only for a file just created sparse), which spares zeroing of new blocks.
+    pub fn new(file: File, fresh: bool) -> Self {
+        DataDevice {
+            file,
+            fresh,
+            punch_supported: AtomicBool::new(true),
+            faults: DataFaults::default(),
+        }
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    pub fn faults(&self) -> &DataFaults {
+        &self.faults
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn size(&self) -> Result<u64> {
+        crate::util::device_size(&self.file).map_err(|e| Error::io("sizing the data device", e))
+    }
+
+    pub fn read_at(&self, block: u64, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.faults
+            .check(false, block)
+            .and_then(|()| self.file.read_exact_at(buf, offset))
+            .map_err(|e| Error::io(format!("reading data block {block} at byte {offset}"), e))
+    }
+
+    pub fn write_at(&self, block: u64, buf: &[u8], offset: u64) -> Result<()> {
+        self.faults
+            .check(true, block)
+            .and_then(|()| self.file.write_all_at(buf, offset))
+            .map_err(|e| Error::io(format!("writing data block {block} at byte {offset}"), e))
+    }
+
+    /// Deallocates a range so it reads as zeros. Returns false (and remembers it) when the
+    /// device cannot punch holes.
+    pub fn punch(&self, offset: u64, len: u64) -> Result<bool> {
+        if !self.punch_supported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match crate::util::punch_hole(&self.file, offset, len) {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                self.punch_supported.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(Error::io(format!("punching {len} bytes at {offset}"), e)),
+        }
+    }
+
+    /// Makes every completed data write durable (before a metadata commit refers to it).
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("syncing the data device", e))
+    }
+
+    /// Grows a regular file to `bytes` (block devices are left alone). Returns true when the
+    /// new range was added by this call (so it reads zeros).
+    pub fn grow_to(&self, bytes: u64) -> Result<bool> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("inspecting the data device", e))?;
+        if !meta.file_type().is_file() || meta.len() >= bytes {
+            return Ok(false);
+        }
+        self.file
+            .set_len(bytes)
+            .map_err(|e| Error::io("growing the data file", e))?;
+        Ok(true)
+    }
+}

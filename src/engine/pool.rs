@@ -1,0 +1,907 @@
+//! A pool: its metadata (behind one reader-writer lock), its data device, the active thins, the
+//! bio prison, the deferred-bio worker thread, group commit, and the no-space and fail-stop
+//! policies.
+//!
+//! Lock order (outer first): admin mutex -> a thin's quiesce gate -> prison cell (held as a
+//! token, not a lock) -> metadata lock -> small leaf mutexes (deferred lists, counters). Nobody
+//! holds the metadata lock or any mutex while blocking on the cell pool, on a completion, or on
+//! a teardown; the worker holds only counted thin references ([`active::Ref`]) while it blocks.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::pdata::block_io::{BlockIo, FileBlockIo, BLOCK_SIZE};
+use crate::thin::metadata::{
+    recommended_metadata_blocks, ThinId, ThinMetadata, MIN_DATA_BLOCK_SECTORS,
+};
+
+use super::active::{ActiveSet, Member};
+use super::data::DataDevice;
+use super::prison::{Detain, Prison};
+use super::thin::{Bio, Thin, ThinHandle};
+
+/// What a write that needs a new data block does when the pool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSpacePolicy {
+    /// Fail at once with `NoSpace`.
+    Error,
+    /// Wait up to `queue_timeout` for space to be freed (discard, delete, grow), then `NoSpace`.
+    Queue,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub no_space_policy: NoSpacePolicy,
+    pub queue_timeout: Duration,
+    /// Free data blocks at or below which the pool reports (and logs once) the low-water mark;
+    /// 0 turns the mark off.
+    pub low_water_blocks: u64,
+    /// Cells in the bio prison's pool (blocks being provisioned or copied at once).
+    pub cell_pool_size: usize,
+    /// Zero the rest of a newly provisioned block on a partial write (unless it is known to read
+    /// zeros already). Turning it off may expose stale data of freed blocks.
+    pub zero_new_blocks: bool,
+    /// Keep a log of worker and teardown events ([`Pool::take_events`]), for tests.
+    pub record_events: bool,
+    /// Extra delay inside each commit, for tests that must see flushes coalesce.
+    pub commit_delay: Duration,
+    /// Extra delay before the worker drops a thin's clone, for tests that must see teardown
+    /// wait for it.
+    pub worker_hold_delay: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            no_space_policy: NoSpacePolicy::Queue,
+            queue_timeout: Duration::from_secs(60),
+            low_water_blocks: 0,
+            cell_pool_size: 1024,
+            zero_new_blocks: true,
+            record_events: false,
+            commit_delay: Duration::ZERO,
+            worker_hold_delay: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    Write,
+    /// A write needed a block and none was free; writes to provisioned blocks still work.
+    OutOfSpace,
+    /// Fail-stop after a metadata failure: reads only.
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinStatus {
+    pub id: ThinId,
+    pub active: bool,
+    pub mapped_blocks: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolStatus {
+    pub data_block_bytes: u64,
+    pub data_used: u64,
+    pub data_total: u64,
+    pub data_free: u64,
+    pub metadata_used: u64,
+    pub metadata_total: u64,
+    pub mode: PoolMode,
+    pub read_only_reason: Option<String>,
+    pub low_water_blocks: u64,
+    pub low_water_crossed: bool,
+    pub thins: Vec<ThinStatus>,
+    pub commits_done: u64,
+    pub flushes_requested: u64,
+    pub blocks_provisioned: u64,
+    pub blocks_copied: u64,
+    pub blocks_discarded: u64,
+    /// Bios handed to the worker: no free cell at submission, or released from a cell.
+    pub bios_deferred: u64,
+    pub cells_in_use: usize,
+    /// Teardowns that found a worker clone still alive and waited for it.
+    pub teardowns_waited: u64,
+}
+
+/// Worker and teardown events, recorded when `PoolConfig::record_events` is set. `instance`
+/// tells activations of the same thin apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineEvent {
+    WorkerGet { thin: ThinId, instance: u64 },
+    WorkerPut { thin: ThinId, instance: u64 },
+    TeardownBegin { thin: ThinId, instance: u64 },
+    TeardownEnd { thin: ThinId, instance: u64 },
+}
+
+/// State behind the metadata lock.
+pub(crate) struct Core {
+    pub(crate) md: ThinMetadata,
+    /// One bit per data block: known to read zeros (fresh sparse file, or punched).
+    zeroed: Vec<u64>,
+}
+
+impl Core {
+    fn take_zeroed(&mut self, b: u64) -> bool {
+        let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+        match self.zeroed.get_mut(w) {
+            Some(word) => {
+                let was = *word & bit != 0;
+                *word &= !bit;
+                was
+            }
+            None => false,
+        }
+    }
+
+    fn set_zeroed(&mut self, b: u64) {
+        let w = (b / 64) as usize;
+        if self.zeroed.len() <= w {
+            self.zeroed.resize(w + 1, 0);
+        }
+        self.zeroed[w] |= 1u64 << (b % 64);
+    }
+}
+
+#[derive(Default)]
+struct CommitState {
+    started: u64,
+    completed: u64,
+    running: bool,
+    last_error: Option<Error>,
+}
+
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub(crate) commits: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) provisioned: AtomicU64,
+    pub(crate) copied: AtomicU64,
+    pub(crate) discarded: AtomicU64,
+    pub(crate) deferred: AtomicU64,
+    pub(crate) teardowns_waited: AtomicU64,
+}
+
+/// Everything the worker and the handles share; `Pool` owns the worker thread on top.
+pub(crate) struct Shared {
+    core: RwLock<Core>,
+    pub(crate) data: DataDevice,
+    pub(crate) block_bytes: u64,
+    pub(crate) config: PoolConfig,
+    pub(crate) active: ActiveSet<Thin>,
+    pub(crate) prison: Prison<Bio>,
+    admin: Mutex<()>,
+    kick: Mutex<bool>,
+    kick_cv: Condvar,
+    stopping: AtomicBool,
+    commit: Mutex<CommitState>,
+    commit_cv: Condvar,
+    space_gen: Mutex<u64>,
+    space_cv: Condvar,
+    pub(crate) stats: Stats,
+    low_water_crossed: AtomicBool,
+    out_of_space: AtomicBool,
+    /// Fail-stop reason seen outside a metadata mutation (a checksum failure on lookup).
+    failed: Mutex<Option<String>>,
+    failed_flag: AtomicBool,
+    events: Mutex<Vec<EngineEvent>>,
+    next_instance: AtomicU64,
+}
+
+const MAX_EVENTS: usize = 4_000_000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn read_core(&self) -> RwLockReadGuard<'_, Core> {
+        self.core.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn write_core(&self) -> RwLockWriteGuard<'_, Core> {
+        self.core.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn event(&self, e: EngineEvent) {
+        if self.config.record_events {
+            let mut ev = lock(&self.events);
+            if ev.len() < MAX_EVENTS {
+                ev.push(e);
+            }
+        }
+    }
+
+    /// Notes a metadata error; a checksum or I/O failure makes the pool read-only for good.
+    pub(crate) fn note(&self, e: Error) -> Error {
+        if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io) {
+            let mut f = lock(&self.failed);
+            if f.is_none() {
+                tracing::error!("pool metadata failed, switching to read-only: {e}");
+                *f = Some(e.to_string());
+            }
+            self.failed_flag.store(true, Ordering::Release);
+        }
+        e
+    }
+
+    pub(crate) fn read_only_reason(&self, core: &Core) -> Option<String> {
+        if let Some(why) = core.md.failure() {
+            return Some(why.to_string());
+        }
+        if !self.failed_flag.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.failed).clone()
+    }
+
+    pub(crate) fn check_writable(&self, core: &Core) -> Result<()> {
+        match self.read_only_reason(core) {
+            Some(why) => fail(
+                ErrorKind::ReadOnly,
+                format!("the pool is read-only after a metadata failure ({why}); run thin_check"),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn kick(&self) {
+        *lock(&self.kick) = true;
+        self.kick_cv.notify_one();
+    }
+
+    /// Space was freed or added: wakes writes queued on a full pool.
+    pub(crate) fn space_changed(&self) {
+        self.out_of_space.store(false, Ordering::Relaxed);
+        *lock(&self.space_gen) += 1;
+        self.space_cv.notify_all();
+    }
+
+    pub(crate) fn space_generation(&self) -> u64 {
+        *lock(&self.space_gen)
+    }
+
+    /// Waits until the space generation moves past `seen` or `deadline` passes.
+    pub(crate) fn wait_for_space(&self, seen: u64, deadline: Instant) -> bool {
+        let mut g = lock(&self.space_gen);
+        loop {
+            if *g != seen {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .space_cv
+                .wait_timeout(g, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// True when a retry of an allocation could succeed now.
+    pub(crate) fn space_available(&self) -> bool {
+        let core = self.read_core();
+        core.md.free_data_blocks() > 0 || core.md.data_blocks_awaiting_commit() > 0
+    }
+
+    /// Allocates a data block; returns it and whether it is known to read zeros. A failed
+    /// allocation commits once when freed blocks await a commit, then retries.
+    pub(crate) fn alloc_block(&self) -> Result<(u64, bool)> {
+        for attempt in 0..2 {
+            let mut core = self.write_core();
+            self.check_writable(&core)?;
+            match core.md.alloc_data_block() {
+                Ok(b) => {
+                    let zeroed = core.take_zeroed(b);
+                    let free = core.md.free_data_blocks();
+                    drop(core);
+                    self.check_low_water(free);
+                    return Ok((b, zeroed));
+                }
+                Err(e) if e.kind() == ErrorKind::NoSpace => {
+                    let awaiting = core.md.data_blocks_awaiting_commit();
+                    drop(core);
+                    if awaiting > 0 && attempt == 0 {
+                        self.flush()?;
+                        continue;
+                    }
+                    if !self.out_of_space.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("thin pool is out of data space");
+                    }
+                    return fail(ErrorKind::NoSpace, "the thin pool is out of data space");
+                }
+                Err(e) => return Err(self.note(e)),
+            }
+        }
+        fail(ErrorKind::NoSpace, "the thin pool is out of data space")
+    }
+
+    fn check_low_water(&self, free: u64) {
+        let mark = self.config.low_water_blocks;
+        if mark == 0 {
+            return;
+        }
+        if free <= mark {
+            if !self.low_water_crossed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "thin pool reached its low-water mark: {free} free data blocks (mark {mark})"
+                );
+            }
+        } else {
+            self.low_water_crossed.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives back a block allocated for a write that failed.
+    pub(crate) fn release_block(&self, b: u64) {
+        let mut core = self.write_core();
+        if let Err(e) = core.md.release_data_block(b) {
+            drop(core);
+            self.note(e);
+        }
+    }
+
+    /// Maps `vblock` of `thin` to `b`; on failure the block is released.
+    pub(crate) fn insert_mapping(&self, thin: ThinId, vblock: u64, b: u64) -> Result<()> {
+        let mut core = self.write_core();
+        if let Err(e) = core.md.insert(thin, vblock, b) {
+            let _ = core.md.release_data_block(b);
+            drop(core);
+            return Err(self.note(e));
+        }
+        Ok(())
+    }
+
+    /// Unmaps `[begin, end)` of `thin`; blocks nobody references any more are punched out of
+    /// the data device (before a commit can hand them out again, hence under the lock).
+    pub(crate) fn unmap_range(&self, thin: ThinId, begin: u64, end: u64) -> Result<()> {
+        let mut core = self.write_core();
+        self.check_writable(&core)?;
+        let gone = core
+            .md
+            .remove_range(thin, begin, end)
+            .map_err(|e| self.note(e))?;
+        let mut freed = 0u64;
+        for u in &gone {
+            if !u.freed {
+                continue;
+            }
+            freed += 1;
+            let Some(off) = u.data_block.checked_mul(self.block_bytes) else {
+                continue;
+            };
+            match self.data.punch(off, self.block_bytes) {
+                Ok(true) => core.set_zeroed(u.data_block),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("discard passdown failed: {e}"),
+            }
+        }
+        drop(core);
+        self.stats
+            .discarded
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        if freed > 0 {
+            self.space_changed();
+        }
+        Ok(())
+    }
+
+    /// Group commit: returns once a commit that started after this call has finished, so
+    /// every write acknowledged before the call is durable. Concurrent callers share commits.
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        let mut st = lock(&self.commit);
+        let target = st.started + 1;
+        loop {
+            if st.completed >= target {
+                // A failed commit turns the pool read-only, so every later one fails too.
+                return match &st.last_error {
+                    Some(e) => Err(e.duplicate()),
+                    None => Ok(()),
+                };
+            }
+            if !st.running {
+                st.running = true;
+                st.started += 1;
+                let mine = st.started;
+                drop(st);
+                let r = self.commit_now();
+                st = lock(&self.commit);
+                st.running = false;
+                st.completed = mine;
+                st.last_error = r.err();
+                self.commit_cv.notify_all();
+                continue;
+            }
+            st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Data first (so committed mappings never point at unwritten data), then metadata.
+    fn commit_now(&self) -> Result<()> {
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        if !self.config.commit_delay.is_zero() {
+            std::thread::sleep(self.config.commit_delay);
+        }
+        self.data.sync()?;
+        let mut core = self.write_core();
+        if let Some(why) = self.read_only_reason(&core) {
+            return fail(
+                ErrorKind::ReadOnly,
+                format!("the pool is read-only after a metadata failure ({why})"),
+            );
+        }
+        core.md.commit().map_err(|e| self.note(e))
+    }
+
+    /// Processes a thin's deferred bios: lock each block in the prison (blocking on the cell
+    /// pool when it is exhausted), write, release, complete. Called by the worker while it holds
+    /// a counted reference to the thin, and by teardown after the last such reference is gone.
+    pub(crate) fn process_deferred(&self, thin: &Thin) {
+        while let Some(bio) = thin.pop_deferred() {
+            match self.prison.detain((thin.id(), bio.vblock), bio) {
+                Detain::Held(held, bio) => {
+                    let r = self.process_write(thin, &bio);
+                    self.release_cell(thin, held);
+                    bio.complete(r);
+                }
+                Detain::Waiting => {}
+                Detain::NoCell(bio) => thin.defer(bio),
+            }
+        }
+    }
+
+    pub(crate) fn release_cell(&self, thin: &Thin, held: super::prison::Held) {
+        let inmates = self.prison.release(held);
+        if !inmates.is_empty() {
+            self.stats
+                .deferred
+                .fetch_add(inmates.len() as u64, Ordering::Relaxed);
+            for bio in inmates {
+                thin.defer(bio);
+            }
+            self.kick();
+        }
+    }
+
+    /// Walks the active set, one thin at a time: a counted clone is taken inside the snapshot
+    /// read, the snapshot guard is dropped, the thin's deferred bios are processed (which may
+    /// block on the cell pool), then the clone is dropped.
+    fn worker_pass(&self) {
+        let mut i = 0;
+        while let Some(slot) = self.active.get_at(i, |t| t.has_deferred()) {
+            i += 1;
+            let Some(r) = slot else { continue };
+            self.event(EngineEvent::WorkerGet {
+                thin: r.id(),
+                instance: r.instance(),
+            });
+            self.process_deferred(&r);
+            if !self.config.worker_hold_delay.is_zero() {
+                std::thread::sleep(self.config.worker_hold_delay);
+            }
+            self.event(EngineEvent::WorkerPut {
+                thin: r.id(),
+                instance: r.instance(),
+            });
+            drop(r);
+        }
+    }
+
+    fn worker_loop(&self) {
+        loop {
+            {
+                let mut k = lock(&self.kick);
+                while !*k && !self.stopping.load(Ordering::Acquire) {
+                    k = self
+                        .kick_cv
+                        .wait_timeout(k, Duration::from_millis(200))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                *k = false;
+            }
+            self.worker_pass();
+            if self.stopping.load(Ordering::Acquire) && self.active.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Removes a thin from the active set and waits until nothing else uses it; see
+    /// [`Pool::teardown`].
+    pub(crate) fn teardown_thin(&self, thin: &crate::sync::Arc<Thin>) -> Result<()> {
+        thin.set_closing();
+        // Writes parked on a full pool notice the closing flag once woken.
+        self.space_changed();
+        let instance = thin.instance();
+        if self
+            .active
+            .remove_if(thin.key(), |t| t.instance() == instance)
+            .is_none()
+        {
+            return Ok(());
+        }
+        self.event(EngineEvent::TeardownBegin {
+            thin: thin.id(),
+            instance: thin.instance(),
+        });
+        if thin.life().count() > 1 {
+            self.stats.teardowns_waited.fetch_add(1, Ordering::Relaxed);
+        }
+        thin.life().put_and_wait();
+        // The worker can no longer reach this thin. Serve what is left until no request is in
+        // flight (the quiesce gate is free); later requests see the closing flag.
+        loop {
+            self.process_deferred(thin);
+            if let Some(_quiet) = thin.try_quiesce() {
+                self.process_deferred(thin);
+                break;
+            }
+            thin.wait_deferred(Duration::from_millis(2));
+        }
+        let r = self.flush();
+        self.event(EngineEvent::TeardownEnd {
+            thin: thin.id(),
+            instance: thin.instance(),
+        });
+        r
+    }
+}
+
+/// A thin pool. Always used as `Arc<Pool>`; dropping the last one shuts it down.
+pub struct Pool {
+    sh: std::sync::Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn data_block_sectors(block_size_bytes: u64) -> Result<u32> {
+    let unit = u64::from(MIN_DATA_BLOCK_SECTORS) * 512;
+    if block_size_bytes == 0 || block_size_bytes % unit != 0 {
+        return fail(
+            ErrorKind::InvalidInput,
+            format!("block size {block_size_bytes}: must be a multiple of 64 KiB"),
+        );
+    }
+    u32::try_from(block_size_bytes / 512).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("block size {block_size_bytes} is too large"),
+        )
+    })
+}
+
+fn open_rw(path: &Path, create: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+impl Pool {
+    /// Creates a pool: a sparse data file of `data_size_bytes` (created when missing) and fresh
+    /// metadata, sized for the data, in `metadata`.
+    pub fn create(
+        metadata: &Path,
+        data: &Path,
+        data_size_bytes: u64,
+        block_size_bytes: u64,
+        config: PoolConfig,
+    ) -> Result<std::sync::Arc<Pool>> {
+        data_block_sectors(block_size_bytes)?;
+        let nr_blocks = data_size_bytes / block_size_bytes;
+        if nr_blocks == 0 {
+            return fail(
+                ErrorKind::InvalidInput,
+                "the data device is smaller than one block",
+            );
+        }
+        let fresh = !data.exists();
+        let data_file = open_rw(data, true)?;
+        let dev = DataDevice::new(data_file, fresh);
+        dev.grow_to(data_size_bytes)?;
+        let meta_file = open_rw(metadata, true)?;
+        let meta_bytes = recommended_metadata_blocks(nr_blocks) * BLOCK_SIZE as u64;
+        meta_file
+            .set_len(meta_bytes)
+            .map_err(|e| Error::io(format!("sizing {}", metadata.display()), e))?;
+        let io: std::sync::Arc<dyn BlockIo> = std::sync::Arc::new(FileBlockIo::new(meta_file)?);
+        Pool::create_from_parts(io, dev, block_size_bytes, nr_blocks, config)
+    }
+
+    /// Opens an existing pool.
+    pub fn open(metadata: &Path, data: &Path, config: PoolConfig) -> Result<std::sync::Arc<Pool>> {
+        let io: std::sync::Arc<dyn BlockIo> =
+            std::sync::Arc::new(FileBlockIo::new(open_rw(metadata, false)?)?);
+        let dev = DataDevice::new(open_rw(data, false)?, false);
+        Pool::from_parts(io, dev, config)
+    }
+
+    /// Formats `metadata` and builds a pool over `data` (tests: in-memory metadata, faults).
+    pub fn create_from_parts(
+        metadata: std::sync::Arc<dyn BlockIo>,
+        data: DataDevice,
+        block_size_bytes: u64,
+        nr_data_blocks: u64,
+        config: PoolConfig,
+    ) -> Result<std::sync::Arc<Pool>> {
+        let sectors = data_block_sectors(block_size_bytes)?;
+        let md = ThinMetadata::format(metadata, sectors, nr_data_blocks)?;
+        Pool::start(md, data, config)
+    }
+
+    /// Opens existing metadata over `data`.
+    pub fn from_parts(
+        metadata: std::sync::Arc<dyn BlockIo>,
+        data: DataDevice,
+        config: PoolConfig,
+    ) -> Result<std::sync::Arc<Pool>> {
+        let md = ThinMetadata::open(metadata)?;
+        Pool::start(md, data, config)
+    }
+
+    fn start(
+        md: ThinMetadata,
+        data: DataDevice,
+        config: PoolConfig,
+    ) -> Result<std::sync::Arc<Pool>> {
+        let block_bytes = md.data_block_bytes();
+        let nr_blocks = md.status().data_total;
+        let need = nr_blocks.saturating_mul(block_bytes);
+        let have = data.size()?;
+        if have < need {
+            return fail(
+                ErrorKind::InvalidInput,
+                format!("the data device has {have} bytes but the metadata maps {need}"),
+            );
+        }
+        let words = usize::try_from(nr_blocks.div_ceil(64))
+            .map_err(|_| Error::new(ErrorKind::OutOfBounds, "too many data blocks"))?;
+        let zeroed = if data.is_fresh() {
+            vec![u64::MAX; words]
+        } else {
+            vec![0; words]
+        };
+        let sh = std::sync::Arc::new(Shared {
+            core: RwLock::new(Core { md, zeroed }),
+            data,
+            block_bytes,
+            prison: Prison::new(config.cell_pool_size),
+            config,
+            active: ActiveSet::new(),
+            admin: Mutex::new(()),
+            kick: Mutex::new(false),
+            kick_cv: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            commit: Mutex::new(CommitState::default()),
+            commit_cv: Condvar::new(),
+            space_gen: Mutex::new(0),
+            space_cv: Condvar::new(),
+            stats: Stats::default(),
+            low_water_crossed: AtomicBool::new(false),
+            out_of_space: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            failed_flag: AtomicBool::new(false),
+            events: Mutex::new(Vec::new()),
+            next_instance: AtomicU64::new(1),
+        });
+        let worker_sh = sh.clone();
+        let worker = std::thread::Builder::new()
+            .name("thinnbd-pool-worker".into())
+            .spawn(move || worker_sh.worker_loop())
+            .map_err(|e| Error::io("starting the pool worker", e))?;
+        Ok(std::sync::Arc::new(Pool {
+            sh,
+            worker: Mutex::new(Some(worker)),
+        }))
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.sh.block_bytes
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.sh.config
+    }
+
+    /// The data device, for fault injection in tests.
+    pub fn data_device(&self) -> &DataDevice {
+        &self.sh.data
+    }
+
+    fn admin_op<T>(&self, f: impl FnOnce(&mut Core) -> Result<T>) -> Result<T> {
+        let mut core = self.sh.write_core();
+        self.sh.check_writable(&core)?;
+        f(&mut core).map_err(|e| self.sh.note(e))
+    }
+
+    pub fn create_thin(&self, id: ThinId) -> Result<()> {
+        let _a = lock(&self.sh.admin);
+        self.admin_op(|c| c.md.create_thin(id))?;
+        self.sh.flush()
+    }
+
+    /// Snapshots `origin`. An active origin is quiesced first (in-flight writes finish, new ones
+    /// wait) so the snapshot holds exactly what was acknowledged before it.
+    pub fn create_snapshot(&self, id: ThinId, origin: ThinId) -> Result<()> {
+        let _a = lock(&self.sh.admin);
+        let active = self
+            .sh
+            .active
+            .members()
+            .into_iter()
+            .find(|t| t.id() == origin);
+        let _quiet = active.as_ref().map(|t| t.quiesce());
+        self.admin_op(|c| c.md.create_snapshot(id, origin))?;
+        drop(_quiet);
+        self.sh.flush()
+    }
+
+    /// Deletes a thin; `Busy` while it is active.
+    pub fn delete_thin(&self, id: ThinId) -> Result<()> {
+        let _a = lock(&self.sh.admin);
+        if self.sh.active.members().iter().any(|t| t.id() == id) {
+            return fail(ErrorKind::Busy, format!("thin {id} is active"));
+        }
+        self.admin_op(|c| c.md.delete_thin(id))?;
+        self.sh.space_changed();
+        self.sh.flush()
+    }
+
+    pub fn thin_ids(&self) -> Vec<ThinId> {
+        self.sh.read_core().md.thin_ids()
+    }
+
+    /// Activates a thin as a volume of `size_bytes`.
+    pub fn activate(&self, id: ThinId, size_bytes: u64, read_only: bool) -> Result<ThinHandle> {
+        let _a = lock(&self.sh.admin);
+        if self.sh.stopping.load(Ordering::Acquire) {
+            return fail(ErrorKind::Busy, "the pool is shutting down");
+        }
+        if !self.sh.read_core().md.exists(id) {
+            return fail(ErrorKind::NotFound, format!("thin {id} does not exist"));
+        }
+        let instance = self.sh.next_instance.fetch_add(1, Ordering::Relaxed);
+        let thin = crate::sync::Arc::new(Thin::new(id, instance, size_bytes, read_only));
+        if self.sh.active.insert(thin.clone()).is_err() {
+            return fail(ErrorKind::Busy, format!("thin {id} is already active"));
+        }
+        Ok(ThinHandle::new(self.sh.clone(), thin))
+    }
+
+    /// Deactivates a thin: it leaves the active set, then this blocks until the worker's last
+    /// clone is dropped and no request is in flight, serves what was left and commits. After it
+    /// returns nothing touches the thin; requests on remaining handle clones fail.
+    pub fn teardown(&self, handle: ThinHandle) -> Result<()> {
+        self.sh.teardown_thin(handle.thin())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.sh.flush()
+    }
+
+    /// Grows the data device (and the file, when it is a regular file).
+    pub fn resize_data(&self, bytes: u64) -> Result<()> {
+        let _a = lock(&self.sh.admin);
+        let nr = bytes / self.sh.block_bytes;
+        let old = self.sh.read_core().md.status().data_total;
+        if nr < old {
+            return fail(ErrorKind::Unsupported, "shrinking the data device");
+        }
+        let fresh_tail = self.sh.data.grow_to(nr * self.sh.block_bytes)?;
+        if self.sh.data.size()? < nr * self.sh.block_bytes {
+            return fail(
+                ErrorKind::InvalidInput,
+                "the data device is smaller than the requested size",
+            );
+        }
+        self.admin_op(|c| {
+            c.md.resize_data(nr)?;
+            if fresh_tail {
+                for b in old..nr {
+                    c.set_zeroed(b);
+                }
+            }
+            Ok(())
+        })?;
+        self.sh.space_changed();
+        self.sh.flush()
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let sh = &self.sh;
+        let active: Vec<ThinId> = sh.active.members().iter().map(|t| t.id()).collect();
+        let core = sh.read_core();
+        let ms = core.md.status();
+        let ro = sh.read_only_reason(&core);
+        let thins = core
+            .md
+            .thin_ids()
+            .into_iter()
+            .map(|id| ThinStatus {
+                id,
+                active: active.contains(&id),
+                mapped_blocks: core.md.mapped_blocks(id).unwrap_or(0),
+            })
+            .collect();
+        let data_free = core.md.free_data_blocks();
+        drop(core);
+        let mode = if ro.is_some() {
+            PoolMode::ReadOnly
+        } else if sh.out_of_space.load(Ordering::Relaxed) {
+            PoolMode::OutOfSpace
+        } else {
+            PoolMode::Write
+        };
+        PoolStatus {
+            data_block_bytes: sh.block_bytes,
+            data_used: ms.data_used,
+            data_total: ms.data_total,
+            data_free,
+            metadata_used: ms.metadata_used,
+            metadata_total: ms.metadata_total,
+            mode,
+            read_only_reason: ro,
+            low_water_blocks: sh.config.low_water_blocks,
+            low_water_crossed: sh.low_water_crossed.load(Ordering::Relaxed),
+            thins,
+            commits_done: sh.stats.commits.load(Ordering::Relaxed),
+            flushes_requested: sh.stats.flushes.load(Ordering::Relaxed),
+            blocks_provisioned: sh.stats.provisioned.load(Ordering::Relaxed),
+            blocks_copied: sh.stats.copied.load(Ordering::Relaxed),
+            blocks_discarded: sh.stats.discarded.load(Ordering::Relaxed),
+            bios_deferred: sh.stats.deferred.load(Ordering::Relaxed),
+            cells_in_use: sh.prison.pool().in_use(),
+            teardowns_waited: sh.stats.teardowns_waited.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes the recorded events (empty unless `record_events`).
+    pub fn take_events(&self) -> Vec<EngineEvent> {
+        std::mem::take(&mut *lock(&self.sh.events))
+    }
+
+    /// Tears down every active thin, commits, and stops the worker. Idempotent.
+    pub fn shutdown(&self) -> Result<()> {
+        let first = {
+            let _a = lock(&self.sh.admin);
+            !self.sh.stopping.swap(true, Ordering::AcqRel)
+        };
+        let mut result = Ok(());
+        if first {
+            for thin in self.sh.active.members() {
+                if let Err(e) = self.sh.teardown_thin(&thin) {
+                    result = Err(e);
+                }
+            }
+            if let Err(e) = self.sh.flush() {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        self.sh.kick();
+        if let Some(w) = lock(&self.worker).take() {
+            let _ = w.join();
+        }
+        result
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

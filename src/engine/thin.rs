@@ -1,0 +1,577 @@
+//! An active thin and its handle: request splitting, the read and overwrite fast paths, the
+//! provisioning and copy-on-write slow path, discard and write-zeroes, the quiesce gate and the
+//! deferred list.
+//!
+//! The quiesce gate is a per-thin reader-writer lock. Every request holds it shared for its whole
+//! life; snapshots of the thin, discards (which free blocks a concurrent fast-path request might
+//! still touch) and teardown take it exclusively, which waits for requests in flight and holds
+//! new ones back briefly. Requests parked on a full pool let go of it while they wait.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::thin::metadata::ThinId;
+
+use super::active::{Life, Member};
+use super::pool::{NoSpacePolicy, Shared};
+use super::prison::Detain;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One-shot reply slot for a bio served by another thread.
+struct Completion {
+    result: Mutex<Option<Result<()>>>,
+    cv: Condvar,
+}
+
+impl Completion {
+    fn wait(&self) -> Result<()> {
+        let mut r = lock(&self.result);
+        loop {
+            if let Some(done) = r.take() {
+                return done;
+            }
+            r = self.cv.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A write of part of one virtual block that must provision it or break its sharing.
+pub(crate) struct Bio {
+    pub(crate) vblock: u64,
+    pub(crate) offset: usize,
+    pub(crate) data: Vec<u8>,
+    done: std::sync::Arc<Completion>,
+}
+
+impl Bio {
+    fn new(vblock: u64, offset: usize, data: &[u8]) -> Self {
+        Bio {
+            vblock,
+            offset,
+            data: data.to_vec(),
+            done: std::sync::Arc::new(Completion {
+                result: Mutex::new(None),
+                cv: Condvar::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn complete(self, r: Result<()>) {
+        *lock(&self.done.result) = Some(r);
+        self.done.cv.notify_all();
+    }
+}
+
+pub(crate) struct Thin {
+    id: ThinId,
+    instance: u64,
+    size: AtomicU64,
+    read_only: bool,
+    life: Life,
+    gate: RwLock<()>,
+    closing: AtomicBool,
+    deferred: Mutex<VecDeque<Bio>>,
+    deferred_len: AtomicUsize,
+    deferred_cv: Condvar,
+}
+
+impl Member for Thin {
+    fn life(&self) -> &Life {
+        &self.life
+    }
+
+    fn key(&self) -> u64 {
+        u64::from(self.id)
+    }
+}
+
+impl Thin {
+    pub(crate) fn new(id: ThinId, instance: u64, size: u64, read_only: bool) -> Self {
+        Thin {
+            id,
+            instance,
+            size: AtomicU64::new(size),
+            read_only,
+            life: Life::new(),
+            gate: RwLock::new(()),
+            closing: AtomicBool::new(false),
+            deferred: Mutex::new(VecDeque::new()),
+            deferred_len: AtomicUsize::new(0),
+            deferred_cv: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn id(&self) -> ThinId {
+        self.id
+    }
+
+    pub(crate) fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    pub(crate) fn has_deferred(&self) -> bool {
+        self.deferred_len.load(Ordering::Acquire) > 0
+    }
+
+    pub(crate) fn defer(&self, bio: Bio) {
+        let mut q = lock(&self.deferred);
+        q.push_back(bio);
+        self.deferred_len.store(q.len(), Ordering::Release);
+        self.deferred_cv.notify_all();
+    }
+
+    pub(crate) fn pop_deferred(&self) -> Option<Bio> {
+        let mut q = lock(&self.deferred);
+        let bio = q.pop_front();
+        self.deferred_len.store(q.len(), Ordering::Release);
+        bio
+    }
+
+    pub(crate) fn wait_deferred(&self, timeout: Duration) {
+        let q = lock(&self.deferred);
+        if q.is_empty() {
+            drop(self.deferred_cv.wait_timeout(q, timeout));
+        }
+    }
+
+    pub(crate) fn set_closing(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closing.load(Ordering::Acquire) {
+            return fail(
+                ErrorKind::NotFound,
+                format!("thin {} is no longer active", self.id),
+            );
+        }
+        Ok(())
+    }
+
+    /// Enters the gate shared, as every request does.
+    fn enter(&self) -> Result<RwLockReadGuard<'_, ()>> {
+        let g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        self.check_open()?;
+        Ok(g)
+    }
+
+    /// Waits for requests in flight and holds new ones back.
+    pub(crate) fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn try_quiesce(&self) -> Option<RwLockWriteGuard<'_, ()>> {
+        match self.gate.try_write() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+/// Splits `[off, off + len)` into (virtual block, offset in block, length) pieces.
+fn pieces(off: u64, len: usize, bs: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+    let end = off + len as u64;
+    let mut pos = off;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let vb = pos / bs;
+        let inb = pos % bs;
+        let n = (bs - inb).min(end - pos);
+        pos += n;
+        // Both fit in usize: they are below the block size, which came from a usize length.
+        Some((vb, inb as usize, n as usize))
+    })
+}
+
+fn byte_offset(block: u64, bs: u64, within: usize) -> Result<u64> {
+    block
+        .checked_mul(bs)
+        .and_then(|b| b.checked_add(within as u64))
+        .ok_or_else(|| Error::corrupt(format!("data block {block} is past any addressable offset")))
+}
+
+impl Shared {
+    /// The slow path of a write, with the virtual block's cell held.
+    pub(crate) fn process_write(&self, thin: &Thin, bio: &Bio) -> Result<()> {
+        let bs = self.block_bytes;
+        let bs_len =
+            usize::try_from(bs).map_err(|_| Error::new(ErrorKind::Unsupported, "block size"))?;
+        let id = thin.id();
+        let mapping = {
+            let core = self.read_core();
+            self.check_writable(&core)?;
+            core.md.lookup(id, bio.vblock).map_err(|e| self.note(e))?
+        };
+        let end = bio.offset + bio.data.len();
+        match mapping {
+            Some(m) if !m.shared => self.data.write_at(
+                m.data_block,
+                &bio.data,
+                byte_offset(m.data_block, bs, bio.offset)?,
+            ),
+            Some(m) => {
+                let (nb, _) = self.alloc_block()?;
+                let copied = (|| {
+                    let mut buf = vec![0u8; bs_len];
+                    if bio.data.len() < bs_len {
+                        self.data.read_at(
+                            m.data_block,
+                            &mut buf,
+                            byte_offset(m.data_block, bs, 0)?,
+                        )?;
+                    }
+                    buf[bio.offset..end].copy_from_slice(&bio.data);
+                    self.data.write_at(nb, &buf, byte_offset(nb, bs, 0)?)
+                })();
+                if let Err(e) = copied {
+                    self.release_block(nb);
+                    return Err(e);
+                }
+                self.insert_mapping(id, bio.vblock, nb)?;
+                self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            None => {
+                let (nb, zeroed) = self.alloc_block()?;
+                let whole = bio.data.len() == bs_len;
+                let written = if whole || zeroed || !self.config.zero_new_blocks {
+                    byte_offset(nb, bs, bio.offset)
+                        .and_then(|at| self.data.write_at(nb, &bio.data, at))
+                } else {
+                    let mut buf = vec![0u8; bs_len];
+                    buf[bio.offset..end].copy_from_slice(&bio.data);
+                    byte_offset(nb, bs, 0).and_then(|at| self.data.write_at(nb, &buf, at))
+                };
+                if let Err(e) = written {
+                    self.release_block(nb);
+                    return Err(e);
+                }
+                self.insert_mapping(id, bio.vblock, nb)?;
+                self.stats.provisioned.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A handle on an active thin volume. Cheap to clone; all clones stop working after teardown.
+#[derive(Clone)]
+pub struct ThinHandle {
+    sh: std::sync::Arc<Shared>,
+    thin: crate::sync::Arc<Thin>,
+}
+
+impl std::fmt::Debug for ThinHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThinHandle")
+            .field("id", &self.thin.id)
+            .field("instance", &self.thin.instance)
+            .field("size", &self.size())
+            .finish()
+    }
+}
+
+type Gate<'a> = Option<RwLockReadGuard<'a, ()>>;
+
+impl ThinHandle {
+    pub(crate) fn new(sh: std::sync::Arc<Shared>, thin: crate::sync::Arc<Thin>) -> Self {
+        ThinHandle { sh, thin }
+    }
+
+    pub(crate) fn thin(&self) -> &crate::sync::Arc<Thin> {
+        &self.thin
+    }
+
+    pub fn id(&self) -> ThinId {
+        self.thin.id
+    }
+
+    pub fn size(&self) -> u64 {
+        self.thin.size.load(Ordering::Acquire)
+    }
+
+    /// Changes the volume's size (blocks past a smaller size stay mapped until discarded).
+    pub fn set_size(&self, bytes: u64) {
+        self.thin.size.store(bytes, Ordering::Release);
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.thin.read_only
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.sh.block_bytes
+    }
+
+    pub fn mapped_blocks(&self) -> Result<u64> {
+        self.sh.read_core().md.mapped_blocks(self.thin.id)
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match off.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => fail(
+                ErrorKind::OutOfBounds,
+                format!(
+                    "request of {len} bytes at {off} is past the end of thin {} ({size} bytes)",
+                    self.thin.id
+                ),
+            ),
+        }
+    }
+
+    fn check_volume_writable(&self) -> Result<()> {
+        if self.thin.read_only {
+            return fail(
+                ErrorKind::ReadOnly,
+                format!("thin {} is activated read-only", self.thin.id),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        let _gate = self.thin.enter()?;
+        let bs = self.sh.block_bytes;
+        let mut pos = 0usize;
+        for (vb, inb, n) in pieces(off, buf.len(), bs) {
+            let out = &mut buf[pos..pos + n];
+            pos += n;
+            let m = self
+                .sh
+                .read_core()
+                .md
+                .lookup(self.thin.id, vb)
+                .map_err(|e| self.sh.note(e))?;
+            match m {
+                None => out.fill(0),
+                Some(m) => {
+                    self.sh
+                        .data
+                        .read_at(m.data_block, out, byte_offset(m.data_block, bs, inb)?)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, off: u64, buf: &[u8], fua: bool) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.check_volume_writable()?;
+        {
+            let mut gate = Some(self.thin.enter()?);
+            let mut pos = 0usize;
+            for (vb, inb, n) in pieces(off, buf.len(), self.sh.block_bytes) {
+                self.write_piece(vb, inb, &buf[pos..pos + n], &mut gate, true)?;
+                pos += n;
+            }
+        }
+        if fua {
+            self.sh.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes one piece, waiting for space on a full pool when the policy says so (and the
+    /// caller holds the gate shared, which is let go while waiting).
+    fn write_piece<'a>(
+        &'a self,
+        vb: u64,
+        inb: usize,
+        data: &[u8],
+        gate: &mut Gate<'a>,
+        may_queue: bool,
+    ) -> Result<()> {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let err = match self.write_once(vb, inb, data) {
+                Err(e) if e.kind() == ErrorKind::NoSpace => e,
+                other => return other,
+            };
+            if !may_queue || self.sh.config.no_space_policy != NoSpacePolicy::Queue {
+                return Err(err);
+            }
+            let dl = *deadline.get_or_insert_with(|| Instant::now() + self.sh.config.queue_timeout);
+            let seen = self.sh.space_generation();
+            if !self.sh.space_available() {
+                gate.take();
+                let woke = self.sh.wait_for_space(seen, dl);
+                *gate = Some(self.thin.enter()?);
+                if !woke {
+                    return Err(err.within(format!(
+                        "no space was freed within {:?}",
+                        self.sh.config.queue_timeout
+                    )));
+                }
+            } else if Instant::now() >= dl {
+                return Err(err);
+            }
+        }
+    }
+
+    fn write_once(&self, vb: u64, inb: usize, data: &[u8]) -> Result<()> {
+        let sh = &self.sh;
+        {
+            let core = sh.read_core();
+            sh.check_writable(&core)?;
+            let m = core.md.lookup(self.thin.id, vb).map_err(|e| sh.note(e))?;
+            if let Some(m) = m.filter(|m| !m.shared) {
+                drop(core);
+                return sh.data.write_at(
+                    m.data_block,
+                    data,
+                    byte_offset(m.data_block, sh.block_bytes, inb)?,
+                );
+            }
+        }
+        let bio = Bio::new(vb, inb, data);
+        let done = bio.done.clone();
+        match sh.prison.try_detain((self.thin.id, vb), bio) {
+            Detain::Held(held, bio) => {
+                let r = sh.process_write(&self.thin, &bio);
+                sh.release_cell(&self.thin, held);
+                r
+            }
+            Detain::Waiting => done.wait(),
+            Detain::NoCell(bio) => {
+                sh.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                self.thin.defer(bio);
+                sh.kick();
+                done.wait()
+            }
+        }
+    }
+
+    /// Unmaps whole blocks and zeroes the partial ones at the edges.
+    pub fn discard(&self, off: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_range(off, len)?;
+        self.check_volume_writable()?;
+        {
+            let _quiet = self.thin.quiesce();
+            self.thin.check_open()?;
+            let bs = self.sh.block_bytes;
+            let end = off + len;
+            let first_whole = off.div_ceil(bs);
+            let end_whole = end / bs;
+            if first_whole < end_whole {
+                let head = first_whole * bs - off;
+                self.zero_mapped(off, head, &mut None, false)?;
+                self.sh.unmap_range(self.thin.id, first_whole, end_whole)?;
+                self.zero_mapped(end_whole * bs, end - end_whole * bs, &mut None, false)?;
+            } else {
+                self.zero_mapped(off, len, &mut None, false)?;
+            }
+        }
+        if fua {
+            self.sh.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[off, off+len)`: unmapping whole blocks when allowed, writing zeros into mapped
+    /// blocks otherwise; unmapped blocks already read as zeros.
+    pub fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()> {
+        if may_unmap {
+            return self.discard(off, len, fua);
+        }
+        self.check_range(off, len)?;
+        self.check_volume_writable()?;
+        {
+            let mut gate = Some(self.thin.enter()?);
+            self.zero_mapped(off, len, &mut gate, true)?;
+        }
+        if fua {
+            self.sh.flush()?;
+        }
+        Ok(())
+    }
+
+    fn zero_mapped<'a>(
+        &'a self,
+        off: u64,
+        len: u64,
+        gate: &mut Gate<'a>,
+        may_queue: bool,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.sh.block_bytes;
+        let zeros = vec![0u8; usize::try_from(bs.min(len)).unwrap_or(0)];
+        let mut pos = off;
+        let end = off + len;
+        while pos < end {
+            let vb = pos / bs;
+            let inb = pos % bs;
+            let n = (bs - inb).min(end - pos);
+            let mapped = self
+                .sh
+                .read_core()
+                .md
+                .lookup(self.thin.id, vb)
+                .map_err(|e| self.sh.note(e))?
+                .is_some();
+            if mapped {
+                let n_us = usize::try_from(n).unwrap_or(0);
+                self.write_piece(vb, inb as usize, &zeros[..n_us], gate, may_queue)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Runs of (length in bytes, mapped) covering `[off, off+len)`.
+    pub fn block_status(&self, off: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        self.check_range(off, len)?;
+        let _gate = self.thin.enter()?;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let bs = self.sh.block_bytes;
+        let end = off + len;
+        let mapped = self
+            .sh
+            .read_core()
+            .md
+            .mappings_in(self.thin.id, off / bs, end.div_ceil(bs))
+            .map_err(|e| self.sh.note(e))?;
+        let mut push = |n: u64, m: bool| match out.last_mut() {
+            Some(last) if last.1 == m => last.0 += n,
+            _ => out.push((n, m)),
+        };
+        let mut cursor = off;
+        for (vb, _) in mapped {
+            let start = (vb * bs).max(off);
+            let stop = ((vb + 1) * bs).min(end);
+            if start > cursor {
+                push(start - cursor, false);
+            }
+            if stop > start {
+                push(stop - start, true);
+            }
+            cursor = stop;
+        }
+        if cursor < end {
+            push(end - cursor, false);
+        }
+        Ok(out)
+    }
+
+    /// Makes every acknowledged write durable (group commit across the pool).
+    pub fn flush(&self) -> Result<()> {
+        self.thin.check_open()?;
+        self.sh.flush()
+    }
+}

@@ -1,0 +1,35 @@
+//! The one place the engine's concurrency protocol takes its primitives from.
+//!
+//! The active-thin set, the per-thin reference count and the teardown completion are built only
+//! from what this module exports, so that the same code can be model-checked with `loom`
+//! (`RUSTFLAGS="--cfg loom" cargo test --release --test engine_loom`). Normally these are the std
+//! types; under `--cfg loom` they are loom's, which explore every interleaving.
+
+#[cfg(not(loom))]
+pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+#[cfg(not(loom))]
+pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+#[cfg(not(loom))]
+pub use std::thread;
+
+#[cfg(loom)]
+pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+#[cfg(loom)]
+pub use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+#[cfg(loom)]
+pub use loom::thread;
+
+/// Locks a mutex, ignoring poisoning: a panicking holder has already failed its own request, and
+/// the protected state is kept consistent at every unlock point.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits on a condition variable, ignoring poisoning (see [`lock`]).
+pub fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(|p| p.into_inner())
+}
