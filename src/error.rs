@@ -29,6 +29,37 @@ pub enum ErrorKind {
     InvalidInput,
 }
 
+impl ErrorKind {
+    const NAMES: [(ErrorKind, &'static str); 9] = [
+        (ErrorKind::Io, "io"),
+        (ErrorKind::NoSpace, "no_space"),
+        (ErrorKind::Corrupt, "corrupt"),
+        (ErrorKind::ReadOnly, "read_only"),
+        (ErrorKind::OutOfBounds, "out_of_bounds"),
+        (ErrorKind::Unsupported, "unsupported"),
+        (ErrorKind::Busy, "busy"),
+        (ErrorKind::NotFound, "not_found"),
+        (ErrorKind::InvalidInput, "invalid_input"),
+    ];
+
+    /// A stable name, used where errors cross a process boundary (the control socket).
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("io")
+    }
+
+    pub fn from_name(name: &str) -> ErrorKind {
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(k, _)| *k)
+            .unwrap_or(ErrorKind::Io)
+    }
+}
+
 /// An error with its kind, a human-readable context and, where there is one, the cause.
 #[derive(Debug)]
 pub struct Error {

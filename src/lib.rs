@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod nbd;
 pub mod pdata;
+pub mod service;
 pub mod sync;
 pub mod thin;
 pub mod util;

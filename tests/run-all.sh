@@ -21,6 +21,13 @@ fi
 
 # The VM attach tests' packages (qemu-system-x86, linux-image-amd64, busybox-static, nbd-client, ...).
 bash tests/vm/install-packages.sh
+# Debian's qemu-system-x86 may replace a newer qemu-utils (backports) by removing it: put the
+# matching one back.
+if ! command -v qemu-io >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y qemu-utils
+fi
 
 cargo build --release --bins
 cargo test --release -- --test-threads=2

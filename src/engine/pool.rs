@@ -566,7 +566,7 @@ pub struct Pool {
 
 fn data_block_sectors(block_size_bytes: u64) -> Result<u32> {
     let unit = u64::from(MIN_DATA_BLOCK_SECTORS) * 512;
-    if block_size_bytes == 0 || block_size_bytes % unit != 0 {
+    if block_size_bytes == 0 || !block_size_bytes.is_multiple_of(unit) {
         return fail(
             ErrorKind::InvalidInput,
             format!("block size {block_size_bytes}: must be a multiple of 64 KiB"),

@@ -861,7 +861,7 @@ impl Chunk {
             },
             REPLY_TYPE_BLOCK_STATUS => {
                 let context_id = r.u32("block status")?;
-                if r.buf.len() % 8 != 0 {
+                if !r.buf.len().is_multiple_of(8) {
                     return malformed("block status: partial descriptor");
                 }
                 let mut descriptors = Vec::with_capacity(r.buf.len() / 8);

@@ -131,7 +131,7 @@ impl ThinMetadata {
         nr_data_blocks: u64,
     ) -> Result<Self> {
         if !(MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&data_block_sectors)
-            || data_block_sectors % MIN_DATA_BLOCK_SECTORS != 0
+            || !data_block_sectors.is_multiple_of(MIN_DATA_BLOCK_SECTORS)
         {
             return fail(
                 ErrorKind::InvalidInput,

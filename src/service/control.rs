@@ -1,0 +1,154 @@
+//! The control socket (`DIR/control.sock`, mode 0600): volume commands acting online while a
+//! server has the pool open. One JSON request per line, one JSON response per line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::volume::Volumes;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    List,
+    Status,
+    Check,
+    Create {
+        name: String,
+        size: u64,
+    },
+    Snapshot {
+        origin: String,
+        name: String,
+        read_only: bool,
+    },
+    Resize {
+        name: String,
+        size: u64,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Err { kind: String, message: String },
+}
+
+fn to_value<T: Serialize>(v: T) -> Result<serde_json::Value> {
+    serde_json::to_value(v)
+        .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("encoding a reply: {e}")))
+}
+
+/// Executes one request against the open pool (blocking).
+pub fn execute(volumes: &Volumes, req: Request) -> Result<serde_json::Value> {
+    match req {
+        Request::List => to_value(volumes.list()),
+        Request::Status => to_value(volumes.status()),
+        Request::Check => to_value(volumes.check_registry()),
+        Request::Create { name, size } => to_value(volumes.create_volume(&name, size)?),
+        Request::Snapshot {
+            origin,
+            name,
+            read_only,
+        } => to_value(volumes.snapshot(&origin, &name, read_only)?),
+        Request::Resize { name, size } => to_value(volumes.resize(&name, size)?),
+        Request::Delete { name } => {
+            volumes.delete(&name)?;
+            to_value(())
+        }
+    }
+}
+
+/// Serves the control socket until the task is dropped.
+pub async fn serve(path: &Path, volumes: Arc<Volumes>) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("control socket accept: {e}");
+                continue;
+            }
+        };
+        let volumes = volumes.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Err(e) => Response::Err {
+                        kind: "invalid_input".into(),
+                        message: format!("bad request: {e}"),
+                    },
+                    Ok(req) => {
+                        let v = volumes.clone();
+                        match tokio::task::spawn_blocking(move || execute(&v, req)).await {
+                            Ok(Ok(value)) => Response::Ok(value),
+                            Ok(Err(e)) => Response::Err {
+                                kind: e.kind().name().into(),
+                                message: e.to_string(),
+                            },
+                            Err(e) => Response::Err {
+                                kind: "io".into(),
+                                message: format!("request failed: {e}"),
+                            },
+                        }
+                    }
+                };
+                let Ok(mut text) = serde_json::to_string(&resp) else {
+                    break;
+                };
+                text.push('\n');
+                if wr.write_all(text.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// `serve`, logging a failure instead of returning it (it runs as a detached task).
+pub async fn serve_logged(path: std::path::PathBuf, volumes: Arc<Volumes>) {
+    if let Err(e) = serve(&path, volumes).await {
+        tracing::error!("control socket: {e}");
+    }
+}
+
+/// Sends one request to a running server. `Ok(None)` when no server listens there.
+pub fn call(path: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
+    let mut stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(_) => return Ok(None),
+    };
+    let mut line = serde_json::to_string(req)
+        .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("encoding request: {e}")))?;
+    line.push('\n');
+    let io = |e| Error::io(format!("talking to {}", path.display()), e);
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    match serde_json::from_str::<Response>(&reply) {
+        Ok(Response::Ok(v)) => Ok(Some(v)),
+        Ok(Response::Err { kind, message }) => {
+            Err(Error::new(ErrorKind::from_name(&kind), message))
+        }
+        Err(e) => Err(Error::new(
+            ErrorKind::Io,
+            format!("bad reply from {}: {e}", path.display()),
+        )),
+    }
+}

@@ -1,0 +1,120 @@
+//! `thinnbd serve`: opens (or creates) the pool directory, serves every volume over NBD on the
+//! configured listeners and the control socket, and shuts down cleanly on SIGINT/SIGTERM.
+
+pub mod control;
+pub mod exports;
+
+use std::sync::Arc;
+
+use crate::config::{Config, NoSpacePolicy};
+use crate::engine::{self, PoolConfig};
+use crate::error::{Error, Result};
+use crate::nbd::{self, Listener, ServerConfig};
+use crate::volume::{CreateOptions, PoolPaths, Volumes};
+
+/// The engine settings a config asks for.
+pub fn pool_config(config: &Config) -> PoolConfig {
+    PoolConfig {
+        no_space_policy: match config.pool.no_space_policy {
+            NoSpacePolicy::Error => engine::NoSpacePolicy::Error,
+            NoSpacePolicy::Queue => engine::NoSpacePolicy::Queue,
+        },
+        queue_timeout: config.pool.no_space_timeout,
+        low_water_blocks: config.pool.low_water_mark / config.pool.block_size.max(1),
+        cell_pool_size: config.engine.cell_pool_size,
+        ..PoolConfig::default()
+    }
+}
+
+/// Opens the configured pool, creating it (with its default volume) when allowed and missing.
+pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
+    let paths = PoolPaths::new(&config.pool.dir);
+    let mut created = false;
+    if !paths.exists() {
+        if !config.pool.create_if_missing {
+            return Err(Error::new(
+                crate::ErrorKind::NotFound,
+                format!(
+                    "{} holds no pool (create it with `thinnbd pool create`)",
+                    paths.dir.display()
+                ),
+            ));
+        }
+        let opts = CreateOptions {
+            data: config.pool.data.clone(),
+            data_size: config.pool.data_size,
+            block_size: config.pool.block_size,
+        };
+        Volumes::create_pool(&paths.dir, &opts, pool_config(config))?;
+        created = true;
+        tracing::info!(pool = %paths.dir.display(), "created pool");
+    }
+    let volumes = Volumes::open(&paths.dir, pool_config(config))?;
+    if created && !config.pool.default_volume.is_empty() {
+        volumes.create_volume(&config.pool.default_volume, config.pool.default_volume_size)?;
+    }
+    Ok(volumes)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers there is no graceful stop; serve until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Runs the server until a signal, then finishes in-flight requests, commits and returns.
+pub async fn run(config: Config) -> Result<()> {
+    let cfg = config.clone();
+    let volumes = tokio::task::spawn_blocking(move || open_or_create(&cfg))
+        .await
+        .map_err(|e| Error::new(crate::ErrorKind::Io, format!("opening the pool: {e}")))??;
+    let mut listeners = Vec::new();
+    for addr in &config.server.listen {
+        listeners.push(
+            Listener::bind_tcp(addr)
+                .await
+                .map_err(|e| Error::io(format!("listening on {addr}"), e))?,
+        );
+    }
+    if let Some(path) = &config.server.socket {
+        let _ = std::fs::remove_file(path);
+        listeners.push(
+            Listener::bind_unix(path)
+                .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?,
+        );
+    }
+    let control_path = volumes.paths().control_socket.clone();
+    let control = tokio::spawn(control::serve_logged(control_path.clone(), volumes.clone()));
+    let names = volumes.volume_names().join(", ");
+    let wheres: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
+    tracing::info!(pool = %volumes.paths().dir.display(), listen = %wheres.join(" "), volumes = %names, "serving");
+    let server_config = ServerConfig {
+        max_connections: config.server.max_connections,
+        max_inflight_per_connection: config.server.max_inflight_per_connection,
+        max_request_bytes: u32::try_from(config.server.max_request_size).unwrap_or(32 << 20),
+        ..ServerConfig::default()
+    };
+    let default_export = Some(config.pool.default_volume.clone()).filter(|s| !s.is_empty());
+    let source = Arc::new(exports::VolumeExports::new(volumes.clone(), default_export));
+    nbd::serve(listeners, source, server_config, shutdown_signal()).await;
+    control.abort();
+    let _ = std::fs::remove_file(&control_path);
+    if let Some(path) = &config.server.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    tokio::task::spawn_blocking(move || volumes.shutdown())
+        .await
+        .map_err(|e| Error::new(crate::ErrorKind::Io, format!("shutting down: {e}")))??;
+    tracing::info!("pool closed cleanly");
+    Ok(())
+}
