@@ -30,7 +30,7 @@ enum Server {
 }
 
 /// The one line to change to pin the server (e.g. `Server::Thinnbd` once the CLI has landed).
-const SERVER: Server = Server::Auto;
+const SERVER: Server = Server::Thinnbd;
 
 /// Bound for one guest run, boot to power-off (TCG on a shared machine is slow, ~30 s normally).
 const GUEST_TIMEOUT_SECS: u64 = 240;
