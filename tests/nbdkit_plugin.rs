@@ -260,3 +260,68 @@ fn help_and_dump_plugin_need_no_pool() {
         assert!(dump.contains(line), "missing {line} in:\n{dump}");
     }
 }
+
+/// Without -f nbdkit forks into the background and changes directory to /: the pool (given
+/// by a relative path) is opened after the fork, serves, and SIGTERM to the daemon still
+/// commits a pool that thin_check accepts.
+#[test]
+fn daemonized_nbdkit_opens_the_pool_after_the_fork() {
+    if !require_tools(&["nbdkit", "qemu-io", "thin_check"]) {
+        return;
+    }
+    let pool = TestPool::new(&[("disk", "16M")]);
+    let sock = pool.path("daemon.sock");
+    let pidfile = pool.path("daemon.pid");
+    // nbdkit returns once the daemon is ready (after after_fork) and has written the pid file.
+    let daemon = Daemon::start(
+        Command::new("nbdkit")
+            .current_dir(pool.tmp.path())
+            .arg("-U")
+            .arg(&sock)
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(plugin())
+            .arg("pool=pool"),
+        &pool.path("daemon.log"),
+        &pidfile,
+    );
+    let uri = Endpoint::Unix(sock).uri("disk");
+    qemu_io(&uri, &["write -P 0x77 3M 256K", "read -P 0x77 3M 256K"]);
+    daemon.stop();
+    run(Command::new("thin_check").arg(pool.dir.join("metadata")));
+
+    // What the daemon wrote was committed.
+    let mut serve = Serve::start(&pool);
+    qemu_io(
+        &serve.uri("disk"),
+        &["read -P 0x77 3M 256K", "read -P 0 0 3M"],
+    );
+    assert!(serve.proc.stop().success());
+}
+
+/// examples/nbdkit-serve.sh runs the command line the README shows.
+#[test]
+fn example_script_serves_a_pool() {
+    if !require_tools(&["nbdkit", "nbdinfo"]) {
+        return;
+    }
+    let pool = TestPool::new(&[("vm1", "16M"), ("vm2", "16M")]);
+    let sock = pool.path("example.sock");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nbdkit-serve.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script)
+        .arg(&pool.dir)
+        .arg("--socket")
+        .arg(&sock)
+        .env("THINNBD_PLUGIN", plugin());
+    let mut proc = Process::spawn(cmd, "examples/nbdkit-serve.sh", pool.path("example.log"));
+    let uri = Endpoint::Unix(sock.clone()).uri("");
+    proc.wait_until(|| sock.exists());
+    let list = stdout_of(Command::new("nbdinfo").args(["--list", &uri]));
+    for name in ["vm1", "vm2"] {
+        assert!(list.contains(&format!("export=\"{name}\"")), "{list}");
+    }
+    // The script execs nbdkit, so SIGTERM reaches it and the pool is committed.
+    let status = proc.stop();
+    assert!(status.success(), "exit: {status}\n{}", proc.log());
+}

@@ -386,3 +386,24 @@ impl Server for ThinExport {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_callback_becomes_eio() {
+        let e = guard("pread", || -> Result<()> { panic!("boom") }).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert!(e.to_string().contains("pread: internal error: boom"), "{e}");
+        assert_eq!(settings::errno_of(e.kind()), libc::EIO);
+        let e = guard("zero", || fail::<()>(ErrorKind::NoSpace, "full")).unwrap_err();
+        assert_eq!(settings::errno_of(e.kind()), libc::ENOSPC);
+    }
+
+    #[test]
+    fn no_pool_is_open_before_after_fork() {
+        assert_eq!(served().err().map(|e| e.kind()), Some(ErrorKind::Busy));
+        shutdown_pool().unwrap();
+    }
+}

@@ -56,16 +56,22 @@ pub fn thinnbd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_thinnbd"))
 }
 
-/// The plugin built beside the binary: `cargo build --release --features nbdkit --lib`
-/// (tests/run-all.sh does it) leaves it in target/release/libthinnbd.so.
+/// The plugin built with this test: `cargo test --release --features nbdkit` builds it in
+/// target/release/deps (without copying it up); `cargo build --release --features nbdkit --lib`
+/// leaves it in target/release. The newer of the two is the one just built.
 pub fn plugin() -> PathBuf {
     let dir = Path::new(env!("CARGO_BIN_EXE_thinnbd"))
         .parent()
         .expect("target dir")
         .to_path_buf();
-    let so = dir.join("libthinnbd.so");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let so = [dir.join("deps/libthinnbd.so"), dir.join("libthinnbd.so")]
+        .into_iter()
+        .filter_map(|p| Some((modified(&p)?, p)))
+        .max()
+        .map(|(_, p)| p);
     let hint = "build it with `cargo build --release --features nbdkit --lib`";
-    assert!(so.is_file(), "{} is missing: {hint}", so.display());
+    let so = so.unwrap_or_else(|| panic!("no libthinnbd.so in {}: {hint}", dir.display()));
     let out = Command::new("nbdkit")
         .arg(&so)
         .arg("--dump-plugin")
@@ -150,7 +156,7 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(mut cmd: Command, what: &str, log: PathBuf) -> Process {
+    pub fn spawn(mut cmd: Command, what: &str, log: PathBuf) -> Process {
         let err = File::create(&log).expect("log file");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -170,7 +176,7 @@ impl Process {
     }
 
     /// Waits (bounded) until `ready` holds; fails if the process exits first.
-    fn wait_until(&mut self, ready: impl Fn() -> bool) {
+    pub fn wait_until(&mut self, ready: impl Fn() -> bool) {
         let deadline = Instant::now() + PATIENCE;
         while !ready() {
             let child = self.child.as_mut().expect("running");
@@ -375,4 +381,69 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// A daemonized nbdkit, known by its pid file.
+pub struct Daemon {
+    pid: libc::pid_t,
+}
+
+/// Running: exists and is not a zombie (a container's init may never reap the orphaned daemon).
+fn alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; no signal is sent.
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(false);
+    exists && !zombie
+}
+
+impl Daemon {
+    /// Runs nbdkit without -f; returns once it has daemonized (the parent exits then).
+    pub fn start(cmd: &mut Command, log: &Path, pidfile: &Path) -> Daemon {
+        // The daemon may keep the parent's stderr, so output goes to a file, not a pipe that
+        // would stay open until the daemon exits.
+        let err = File::create(log).expect("log file");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("starting nbdkit");
+        let status = wait_bounded(&mut child, "nbdkit (daemonizing)");
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(status.success(), "nbdkit failed: {status}\n{text}");
+        Daemon::from_pidfile(pidfile)
+    }
+
+    pub fn from_pidfile(path: &Path) -> Daemon {
+        let text = std::fs::read_to_string(path).expect("pid file");
+        let pid = text.trim().parse().expect("pid in pid file");
+        assert!(alive(pid), "daemon {pid} is not running");
+        Daemon { pid }
+    }
+
+    /// SIGTERM, then waits (bounded) for the process to go away.
+    pub fn stop(mut self) {
+        let pid = std::mem::replace(&mut self.pid, 0);
+        // SAFETY: kill(2) on the pid nbdkit wrote for its daemon, checked alive just before.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + PATIENCE;
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "daemon {pid} still running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.pid > 0 && alive(self.pid) {
+            // SAFETY: as in stop; a test that failed must not leave the daemon behind.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+    }
 }
