@@ -8,6 +8,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod nbd;
+#[cfg(feature = "nbdkit")]
+pub mod nbdkit_plugin;
 pub mod pdata;
 pub mod service;
 pub mod sync;

@@ -29,5 +29,5 @@ if ! command -v qemu-io >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y qemu-utils
 fi
 
-cargo build --release --bins
-cargo test --release -- --test-threads=2
+cargo build --release --features nbdkit --lib --bins
+cargo test --release --features nbdkit -- --test-threads=2
