@@ -224,7 +224,7 @@ fn concurrent_flushes_share_commits() {
     eprintln!("64 concurrent flushes -> {commits} commits");
     assert_eq!(flushes, 64);
     assert!(
-        commits >= 1 && commits <= 8,
+        (1..=8).contains(&commits),
         "64 flushes caused {commits} commits"
     );
 }

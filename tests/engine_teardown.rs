@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use engine_support::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use thinnbd::engine::{EngineEvent, Pool, PoolConfig, ThinHandle};
+use thinnbd::engine::{EngineEvent, PoolConfig, ThinHandle};
 use thinnbd::ErrorKind;
 
 const BS: u64 = 64 * KIB;
