@@ -3,9 +3,12 @@
 //! policies.
 //!
 //! Lock order (outer first): admin mutex -> a thin's quiesce gate -> prison cell (held as a
-//! token, not a lock) -> metadata lock -> small leaf mutexes (deferred lists, counters). Nobody
+//! token, not a lock) -> metadata lock -> small leaf mutexes (deferred lists, counters). The
+//! admin mutex serialises create/snapshot/delete/activate/teardown and is never taken by the
+//! worker or the I/O paths, so teardown may hold it while it waits. Apart from that, nobody
 //! holds the metadata lock or any mutex while blocking on the cell pool, on a completion, or on
-//! a teardown; the worker holds only counted thin references ([`active::Ref`]) while it blocks.
+//! a teardown; the worker holds only counted thin references ([`super::active::Ref`]) while it
+//! blocks.
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
@@ -548,6 +551,8 @@ impl Shared {
     /// Removes a thin from the active set and waits until nothing else uses it; see
     /// [`Pool::teardown`].
     pub(crate) fn teardown_thin(&self, thin: &crate::sync::Arc<Thin>) -> Result<()> {
+        // Held throughout, so a delete or re-activation of this thin waits for the end.
+        let _admin = lock(&self.admin);
         thin.set_closing();
         // Writes parked on a full pool notice the closing flag once woken.
         self.space_changed();
@@ -893,7 +898,8 @@ impl Pool {
             mode,
             read_only_reason: ro,
             low_water_blocks: sh.config.low_water_blocks,
-            low_water_crossed: sh.low_water_crossed.load(Ordering::Relaxed),
+            low_water_crossed: sh.config.low_water_blocks > 0
+                && data_free <= sh.config.low_water_blocks,
             thins,
             commits_done: sh.stats.commits.load(Ordering::Relaxed),
             flushes_requested: sh.stats.flushes.load(Ordering::Relaxed),
