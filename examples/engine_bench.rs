@@ -71,7 +71,7 @@ fn main() {
     }
     let tmp = match &dir {
         Some(d) => tempfile::tempdir_in(d),
-        None => tempfile::tempdir_in(std::env::current_dir().expect("cwd")),
+        None => tempfile::tempdir(),
     }
     .expect("temporary directory");
     let total_prov: u64 = PROVISION_OPS.iter().sum();
@@ -110,18 +110,23 @@ fn main() {
     let raw_order = Arc::new(raw_order);
 
     let mut rows: Vec<(String, f64, f64, f64)> = Vec::new();
-    // Provisioning: every op takes a new block.
+    // Dirty pages are written back before every run, so neither side pays for the other's
+    // writeback.
+    let settle = || raw.sync_data().expect("fdatasync");
+    // Provisioning: every op takes a new block (so each side runs once per depth).
     let mut used = 0usize;
     for (qd, ops) in DEPTHS.iter().zip(PROVISION_OPS) {
         let slice = &order[used..used + ops as usize];
         let raw_slice = &raw_order[used..used + ops as usize];
         used += ops as usize;
-        let engine = run(*qd, ops, f64::MAX, |_, rng, i| {
+        settle();
+        let engine = run(*qd, ops, 1e6, |_, rng, i| {
             let vb = slice[i as usize];
             let off = vb * BS + rng.gen_range(0..BS / IO) * IO;
             h.write(off, &buf, false).expect("provisioning write");
         });
-        let rawr = run(*qd, ops, f64::MAX, |_, rng, i| {
+        settle();
+        let rawr = run(*qd, ops, 1e6, |_, rng, i| {
             let b = raw_slice[i as usize];
             raw.write_all_at(&buf, b * BS + rng.gen_range(0..BS / IO) * IO)
                 .expect("raw pwrite");
@@ -136,32 +141,56 @@ fn main() {
     );
     pool.flush().expect("flush");
 
+    // Timed runs alternate (engine, raw, raw, engine); the best of two is kept for each side.
+    let best_of_two = |engine: &dyn Fn() -> f64, raw_run: &dyn Fn() -> f64| {
+        settle();
+        let e1 = engine();
+        settle();
+        let r1 = raw_run();
+        settle();
+        let r2 = raw_run();
+        settle();
+        let e2 = engine();
+        (e1.max(e2), r1.max(r2))
+    };
     for qd in DEPTHS {
-        let engine = run(qd, u64::MAX, secs, |_, rng, _| {
-            let vb = order[rng.gen_range(0..provisioned) as usize];
-            h.write(vb * BS + rng.gen_range(0..BS / IO) * IO, &buf, false)
-                .expect("overwrite");
-        });
-        let rawr = run(qd, u64::MAX, secs, |_, rng, _| {
-            let b = raw_order[rng.gen_range(0..provisioned) as usize];
-            raw.write_all_at(&buf, b * BS + rng.gen_range(0..BS / IO) * IO)
-                .expect("raw pwrite");
-        });
+        let (engine, rawr) = best_of_two(
+            &|| {
+                run(qd, u64::MAX, secs, |_, rng, _| {
+                    let vb = order[rng.gen_range(0..provisioned) as usize];
+                    h.write(vb * BS + rng.gen_range(0..BS / IO) * IO, &buf, false)
+                        .expect("overwrite");
+                })
+            },
+            &|| {
+                run(qd, u64::MAX, secs, |_, rng, _| {
+                    let b = raw_order[rng.gen_range(0..provisioned) as usize];
+                    raw.write_all_at(&buf, b * BS + rng.gen_range(0..BS / IO) * IO)
+                        .expect("raw pwrite");
+                })
+            },
+        );
         rows.push((format!("overwrite 4K  qd{qd}"), engine, rawr, 0.8));
     }
     for qd in DEPTHS {
-        let engine = run(qd, u64::MAX, secs, |_, rng, _| {
-            let mut b = [0u8; IO as usize];
-            let vb = order[rng.gen_range(0..provisioned) as usize];
-            h.read(vb * BS + rng.gen_range(0..BS / IO) * IO, &mut b)
-                .expect("read");
-        });
-        let rawr = run(qd, u64::MAX, secs, |_, rng, _| {
-            let mut b = [0u8; IO as usize];
-            let blk = raw_order[rng.gen_range(0..provisioned) as usize];
-            raw.read_exact_at(&mut b, blk * BS + rng.gen_range(0..BS / IO) * IO)
-                .expect("raw pread");
-        });
+        let (engine, rawr) = best_of_two(
+            &|| {
+                run(qd, u64::MAX, secs, |_, rng, _| {
+                    let mut b = [0u8; IO as usize];
+                    let vb = order[rng.gen_range(0..provisioned) as usize];
+                    h.read(vb * BS + rng.gen_range(0..BS / IO) * IO, &mut b)
+                        .expect("read");
+                })
+            },
+            &|| {
+                run(qd, u64::MAX, secs, |_, rng, _| {
+                    let mut b = [0u8; IO as usize];
+                    let blk = raw_order[rng.gen_range(0..provisioned) as usize];
+                    raw.read_exact_at(&mut b, blk * BS + rng.gen_range(0..BS / IO) * IO)
+                        .expect("raw pread");
+                })
+            },
+        );
         rows.push((format!("read 4K       qd{qd}"), engine, rawr, 0.8));
     }
 

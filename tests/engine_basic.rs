@@ -428,3 +428,114 @@ fn pool_reopens_with_its_data_and_passes_the_checkers() {
     expect[1000..1014].copy_from_slice(b"after snapshot");
     assert_eq!(got, expect);
 }
+
+#[test]
+fn growing_or_deleting_releases_queued_writes() {
+    let config = PoolConfig {
+        no_space_policy: NoSpacePolicy::Queue,
+        queue_timeout: Duration::from_secs(30),
+        ..PoolConfig::default()
+    };
+    let tp = temp_pool(6 * BS, BS, config);
+    let pool = tp.pool.clone();
+    pool.create_thin(1).unwrap();
+    pool.create_thin(2).unwrap();
+    let h = pool.activate(1, 64 * BS, false).unwrap();
+    let other = pool.activate(2, 64 * BS, false).unwrap();
+    fill_pool(&other, 2);
+    fill_pool(&h, 4);
+    let queued = |off: u64| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = h.clone();
+        std::thread::spawn(move || tx.send(h.write(off, &[3; 64], false)).unwrap());
+        rx
+    };
+    // Growing the data device.
+    let rx = queued(40 * BS);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "write completed on a full pool"
+    );
+    pool.resize_data(7 * BS).unwrap();
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("released by the resize")
+        .unwrap();
+    assert_eq!(pool.status().data_total, 7);
+    // Deleting another thin.
+    let rx = queued(41 * BS);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "write completed on a full pool"
+    );
+    pool.teardown(other).unwrap();
+    pool.delete_thin(2).unwrap();
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("released by the delete")
+        .unwrap();
+    let mut got = [0u8; 64];
+    h.read(41 * BS, &mut got).unwrap();
+    assert_eq!(got, [3; 64]);
+}
+
+#[test]
+fn partial_writes_zero_the_rest_of_a_block_on_a_used_device() {
+    // A data file full of old bytes, not known to read zeros.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
+    std::fs::write(&path, vec![0xEEu8; (16 * BS) as usize]).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let io: Arc<dyn BlockIo> = Arc::new(MemBlockIo::new(1024));
+    let pool = Pool::create_from_parts(
+        io,
+        DataDevice::new(file, false),
+        BS,
+        16,
+        PoolConfig::default(),
+    )
+    .unwrap();
+    pool.create_thin(1).unwrap();
+    let h = pool.activate(1, 16 * BS, false).unwrap();
+    h.write(BS + 100, b"abc", false).unwrap();
+    let mut block = vec![1u8; BS as usize];
+    h.read(BS, &mut block).unwrap();
+    assert_eq!(&block[100..103], b"abc");
+    block[100..103].fill(0);
+    assert!(
+        block.iter().all(|&b| b == 0),
+        "stale device bytes leaked into a new block"
+    );
+}
+
+#[test]
+fn discarding_a_whole_unshared_block_punches_it_out_of_the_data_file() {
+    use std::os::unix::fs::MetadataExt;
+    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let pool = &tp.pool;
+    pool.create_thin(1).unwrap();
+    let h = pool.activate(1, 4 * MIB, false).unwrap();
+    h.write(0, &vec![0x42u8; (16 * BS) as usize], true).unwrap();
+    let allocated = || std::fs::metadata(tp.data_path()).unwrap().blocks() * 512;
+    let before = allocated();
+    assert!(
+        before >= 16 * BS,
+        "the writes were allocated ({before} bytes)"
+    );
+    h.discard(0, 16 * BS, true).unwrap();
+    let after = allocated();
+    assert!(
+        after + 16 * BS <= before,
+        "discard freed no space: {before} -> {after}"
+    );
+    let mut z = vec![1u8; 4096];
+    h.read(5 * BS, &mut z).unwrap();
+    assert!(z.iter().all(|&b| b == 0));
+    // A punched block is known to read zeros, so re-provisioning it needs no zero-fill.
+    h.write(3 * BS + 10, b"x", false).unwrap();
+    let mut blk = vec![1u8; BS as usize];
+    h.read(3 * BS, &mut blk).unwrap();
+    assert_eq!(blk.iter().filter(|&&b| b != 0).count(), 1);
+}

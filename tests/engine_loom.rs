@@ -7,7 +7,8 @@
 //! RUSTFLAGS="--cfg loom" cargo test --release --test engine_loom
 //! ```
 //!
-//! (add `CARGO_TARGET_DIR=target/loom` to keep the loom build apart from the normal one).
+//! (add `CARGO_TARGET_DIR=target/loom` to keep the loom build apart from the normal one;
+//! `LOOM_MAX_PREEMPTIONS=N` changes the preemption bound, 3 by default).
 //! Without `--cfg loom` the same scenario runs on std threads many times, as a smoke test.
 //!
 //! Threads: one walker (the pool worker: takes a counted clone of each member from the current
@@ -104,7 +105,13 @@ fn scenario() {
 #[cfg(loom)]
 #[test]
 fn active_set_teardown_protocol_all_interleavings() {
-    loom::model(scenario);
+    // Every interleaving with up to LOOM_MAX_PREEMPTIONS forced preemptions (default here: 3,
+    // loom's usual bound; unset it and set a larger number for a deeper search).
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(3);
+    }
+    builder.check(scenario);
 }
 
 #[cfg(not(loom))]

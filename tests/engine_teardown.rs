@@ -10,7 +10,7 @@
 mod engine_support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,12 @@ fn retry(slot: &Slot, f: impl Fn(&ThinHandle) -> thinnbd::Result<()>) {
     }
 }
 
-fn writer(slot: Arc<Slot>, stop: Arc<AtomicBool>, w: u64) -> HashMap<u64, u64> {
+fn writer(
+    slot: Arc<Slot>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+    w: u64,
+) -> HashMap<u64, u64> {
     let mut rng = SmallRng::seed_from_u64(w);
     let mut acked: HashMap<u64, u64> = HashMap::new();
     let half = w / u64::from(THINS);
@@ -70,6 +75,7 @@ fn writer(slot: Arc<Slot>, stop: Arc<AtomicBool>, w: u64) -> HashMap<u64, u64> {
             let data = pattern(tag, off, 4096);
             retry(&slot, |h| h.write(off, &data, false));
             acked.insert(off, tag);
+            progress.fetch_add(1, Ordering::Release);
         }
     }
     acked
@@ -99,17 +105,28 @@ fn teardown_during_blocked_worker_never_deadlocks_and_waits_for_the_clone() {
         })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let slot = slots[(w % u64::from(THINS)) as usize].clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || writer(slot, stop, w))
+            let (stop, progress) = (stop.clone(), progress.clone());
+            std::thread::spawn(move || writer(slot, stop, progress, w))
         })
         .collect();
 
     let start = Instant::now();
     let mut rounds = 0u64;
+    let mut seen = 0;
     while rounds < MAX_ROUNDS && start.elapsed() < TIME_BOUND {
+        // Pace the churn by the writers' progress, so that every round overlaps real I/O
+        // (on an idle tmpfs a teardown alone takes microseconds).
+        let wait_start = Instant::now();
+        while progress.load(Ordering::Acquire) < seen + 4
+            && wait_start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        seen = progress.load(Ordering::Acquire);
         let i = (rounds % u64::from(THINS)) as usize;
         let h = slots[i]
             .lock()

@@ -9,6 +9,7 @@
 
 pub mod active;
 pub mod data;
+mod mapcache;
 pub mod pool;
 pub mod prison;
 mod thin;

@@ -3,9 +3,12 @@
 //! policies.
 //!
 //! Lock order (outer first): admin mutex -> a thin's quiesce gate -> prison cell (held as a
-//! token, not a lock) -> metadata lock -> small leaf mutexes (deferred lists, counters). Nobody
+//! token, not a lock) -> metadata lock -> small leaf mutexes (deferred lists, counters). The
+//! admin mutex serialises create/snapshot/delete/activate/teardown and is never taken by the
+//! worker or the I/O paths, so teardown may hold it while it waits. Apart from that, nobody
 //! holds the metadata lock or any mutex while blocking on the cell pool, on a completion, or on
-//! a teardown; the worker holds only counted thin references ([`active::Ref`]) while it blocks.
+//! a teardown; the worker holds only counted thin references ([`super::active::Ref`]) while it
+//! blocks.
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
@@ -17,11 +20,12 @@ use std::time::{Duration, Instant};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::pdata::block_io::{BlockIo, FileBlockIo, BLOCK_SIZE};
 use crate::thin::metadata::{
-    recommended_metadata_blocks, ThinId, ThinMetadata, MIN_DATA_BLOCK_SECTORS,
+    recommended_metadata_blocks, Mapping, ThinId, ThinMetadata, MIN_DATA_BLOCK_SECTORS,
 };
 
 use super::active::{ActiveSet, Member};
 use super::data::DataDevice;
+use super::mapcache::MapCache;
 use super::prison::{Detain, Prison};
 use super::thin::{Bio, Thin, ThinHandle};
 
@@ -53,6 +57,9 @@ pub struct PoolConfig {
     /// Extra delay before the worker drops a thin's clone, for tests that must see teardown
     /// wait for it.
     pub worker_hold_delay: Duration,
+    /// Slots of the lock-free mapping cache used by the read and overwrite fast paths
+    /// (24 bytes each; 0 turns it off).
+    pub mapping_cache_slots: usize,
 }
 
 impl Default for PoolConfig {
@@ -66,6 +73,7 @@ impl Default for PoolConfig {
             record_events: false,
             commit_delay: Duration::ZERO,
             worker_hold_delay: Duration::ZERO,
+            mapping_cache_slots: 1 << 18,
         }
     }
 }
@@ -177,6 +185,7 @@ pub(crate) struct Shared {
     pub(crate) config: PoolConfig,
     pub(crate) active: ActiveSet<Thin>,
     pub(crate) prison: Prison<Bio>,
+    cache: MapCache,
     admin: Mutex<()>,
     kick: Mutex<bool>,
     kick_cv: Condvar,
@@ -250,6 +259,25 @@ impl Shared {
             ),
             None => Ok(()),
         }
+    }
+
+    /// Looks a block up through the mapping cache; misses are filled under the read lock.
+    pub(crate) fn lookup(&self, thin: ThinId, vblock: u64) -> Result<Option<Mapping>> {
+        if let Some(m) = self.cache.get(thin, vblock) {
+            return Ok(Some(m));
+        }
+        let core = self.read_core();
+        let m = core.md.lookup(thin, vblock).map_err(|e| self.note(e))?;
+        if let Some(m) = m {
+            self.cache.fill(thin, vblock, m);
+        }
+        Ok(m)
+    }
+
+    /// Cheap fail-stop test for the overwrite fast path: every metadata failure passes through
+    /// [`note`](Self::note) (failed commits included), which sets the flag.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed_flag.load(Ordering::Acquire)
     }
 
     pub(crate) fn kick(&self) {
@@ -353,6 +381,7 @@ impl Shared {
     /// Maps `vblock` of `thin` to `b`; on failure the block is released.
     pub(crate) fn insert_mapping(&self, thin: ThinId, vblock: u64, b: u64) -> Result<()> {
         let mut core = self.write_core();
+        self.cache.invalidate(thin, vblock);
         if let Err(e) = core.md.insert(thin, vblock, b) {
             let _ = core.md.release_data_block(b);
             drop(core);
@@ -366,12 +395,14 @@ impl Shared {
     pub(crate) fn unmap_range(&self, thin: ThinId, begin: u64, end: u64) -> Result<()> {
         let mut core = self.write_core();
         self.check_writable(&core)?;
-        let gone = core
-            .md
-            .remove_range(thin, begin, end)
-            .map_err(|e| self.note(e))?;
+        let gone = core.md.remove_range(thin, begin, end).map_err(|e| {
+            // Some mappings may be gone already; forget them all.
+            self.cache.clear();
+            self.note(e)
+        })?;
         let mut freed = 0u64;
         for u in &gone {
+            self.cache.invalidate(thin, u.vblock);
             if !u.freed {
                 continue;
             }
@@ -520,6 +551,8 @@ impl Shared {
     /// Removes a thin from the active set and waits until nothing else uses it; see
     /// [`Pool::teardown`].
     pub(crate) fn teardown_thin(&self, thin: &crate::sync::Arc<Thin>) -> Result<()> {
+        // Held throughout, so a delete or re-activation of this thin waits for the end.
+        let _admin = lock(&self.admin);
         thin.set_closing();
         // Writes parked on a full pool notice the closing flag once woken.
         self.space_changed();
@@ -679,6 +712,7 @@ impl Pool {
             data,
             block_bytes,
             prison: Prison::new(config.cell_pool_size),
+            cache: MapCache::new(config.mapping_cache_slots),
             config,
             active: ActiveSet::new(),
             admin: Mutex::new(()),
@@ -744,7 +778,12 @@ impl Pool {
             .into_iter()
             .find(|t| t.id() == origin);
         let _quiet = active.as_ref().map(|t| t.quiesce());
-        self.admin_op(|c| c.md.create_snapshot(id, origin))?;
+        let cache = &self.sh.cache;
+        self.admin_op(|c| {
+            // Every mapping of the origin is shared from now on.
+            cache.clear();
+            c.md.create_snapshot(id, origin)
+        })?;
         drop(_quiet);
         self.sh.flush()
     }
@@ -755,7 +794,11 @@ impl Pool {
         if self.sh.active.members().iter().any(|t| t.id() == id) {
             return fail(ErrorKind::Busy, format!("thin {id} is active"));
         }
-        self.admin_op(|c| c.md.delete_thin(id))?;
+        let cache = &self.sh.cache;
+        self.admin_op(|c| {
+            cache.clear();
+            c.md.delete_thin(id)
+        })?;
         self.sh.space_changed();
         self.sh.flush()
     }
@@ -855,7 +898,8 @@ impl Pool {
             mode,
             read_only_reason: ro,
             low_water_blocks: sh.config.low_water_blocks,
-            low_water_crossed: sh.low_water_crossed.load(Ordering::Relaxed),
+            low_water_crossed: sh.config.low_water_blocks > 0
+                && data_free <= sh.config.low_water_blocks,
             thins,
             commits_done: sh.stats.commits.load(Ordering::Relaxed),
             flushes_requested: sh.stats.flushes.load(Ordering::Relaxed),

@@ -348,13 +348,7 @@ impl ThinHandle {
         for (vb, inb, n) in pieces(off, buf.len(), bs) {
             let out = &mut buf[pos..pos + n];
             pos += n;
-            let m = self
-                .sh
-                .read_core()
-                .md
-                .lookup(self.thin.id, vb)
-                .map_err(|e| self.sh.note(e))?;
-            match m {
+            match self.sh.lookup(self.thin.id, vb)? {
                 None => out.fill(0),
                 Some(m) => {
                     self.sh
@@ -422,17 +416,10 @@ impl ThinHandle {
 
     fn write_once(&self, vb: u64, inb: usize, data: &[u8]) -> Result<()> {
         let sh = &self.sh;
-        {
-            let core = sh.read_core();
-            sh.check_writable(&core)?;
-            let m = core.md.lookup(self.thin.id, vb).map_err(|e| sh.note(e))?;
-            if let Some(m) = m.filter(|m| !m.shared) {
-                drop(core);
-                return sh.data.write_at(
-                    m.data_block,
-                    data,
-                    byte_offset(m.data_block, sh.block_bytes, inb)?,
-                );
+        if !sh.failed() {
+            if let Some(m) = sh.lookup(self.thin.id, vb)?.filter(|m| !m.shared) {
+                let at = byte_offset(m.data_block, sh.block_bytes, inb)?;
+                return sh.data.write_at(m.data_block, data, at);
             }
         }
         let bio = Bio::new(vb, inb, data);

@@ -102,9 +102,13 @@ pub fn thin_check(meta: &Path) -> bool {
     true
 }
 
-/// Runs the shared independent checker when `../shared` exists (required under CI).
+/// Runs the shared independent checker (`$THINNBD_VERIFY_META`, else
+/// `../shared/tools/verify_meta.py`) when it exists; required under CI.
 pub fn verify_meta(meta: &Path) -> bool {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/verify_meta.py");
+    let script = match std::env::var_os("THINNBD_VERIFY_META") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/verify_meta.py"),
+    };
     if !script.exists() {
         assert!(!in_ci(), "{} is required when CI=true", script.display());
         eprintln!("skipping verify_meta.py: {} not found", script.display());
