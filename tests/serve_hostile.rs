@@ -110,7 +110,7 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
     for step in 0..6 {
         for _ in 0..20 {
             let mut s = connect(port);
-            let mut hello = vec![0u8; 18];
+            let mut hello = [0u8; 18];
             match step {
                 0 => {}
                 1 => {
