@@ -62,6 +62,9 @@ fn snapshot_while_fio_writes_to_the_origin() {
         assert!(Instant::now() < deadline, "fio wrote nothing in 120 s");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A connection opened before the snapshot and used after it must break the sharing too.
+    let (mut early, _, _) = RawClient::open(server.port, "origin");
+    assert_eq!(early.read(1, 0, 4096).expect("read"), vec![0x6d; 4096]);
     assert!(fio.try_wait().expect("try_wait").is_none());
     let out = thinnbd(&["snapshot", "--pool", pool.dir_str(), "origin", "snap"]);
     assert!(out.contains("created snapshot snap of origin"), "{out}");
@@ -70,6 +73,13 @@ fn snapshot_while_fio_writes_to_the_origin() {
     // The snapshot holds the marker, and nothing fio writes afterwards reaches it: two copies of
     // the whole snapshot, one taken while fio still runs and one after, are identical.
     let snap_uri = server.uri("snap");
+    qemu_io(&snap_uri, true, &["read -P 0x6d 0 8M"]);
+    assert_eq!(early.write(2, 4 << 20, &[0x5e; 4096]), 0);
+    assert_eq!(
+        early.read(3, 4 << 20, 4096).expect("read"),
+        vec![0x5e; 4096]
+    );
+    early.disconnect();
     qemu_io(&snap_uri, true, &["read -P 0x6d 0 8M"]);
     let copy1 = pool.tmp.path().join("snap1.raw");
     let copy2 = pool.tmp.path().join("snap2.raw");
@@ -101,9 +111,40 @@ fn snapshot_while_fio_writes_to_the_origin() {
     qemu_io(&uri, true, &["read -P 0x99 0 8M"]);
     qemu_io(&snap_uri, true, &["read -P 0x6d 0 8M"]);
 
+    // Deleting the origin leaves the snapshot whole (the blocks they shared stay referenced).
+    delete_when_idle(pool.dir_str(), "origin");
+    run(Command::new("nbdcopy")
+        .arg(&snap_uri)
+        .arg(pool.tmp.path().join("snap3.raw")));
+    run(Command::new("cmp")
+        .arg(&copy1)
+        .arg(pool.tmp.path().join("snap3.raw")));
+
     assert!(server.is_running());
     server.stop();
     assert_pool_clean(&pool.dir);
+}
+
+/// `thinnbd volume delete`, retried (bounded, 60 s) while the server still counts a client that
+/// has just disconnected; any error other than "in use" fails at once.
+fn delete_when_idle(pool: &str, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(BIN)
+            .args(["volume", "delete", "--pool", pool, name])
+            .output()
+            .expect("run thinnbd");
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in use"), "unexpected failure: {err}");
+        assert!(
+            Instant::now() < deadline,
+            "{name} still busy 60 s after its clients left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Export names from `nbdinfo --list`.
@@ -179,23 +220,7 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
 
     // The client leaves: the delete goes through (once the server has seen the disconnect).
     client.disconnect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = Command::new(BIN)
-            .args(["volume", "delete", "--pool", dir, "extra"])
-            .output()
-            .expect("run thinnbd");
-        if out.status.success() {
-            break;
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("in use"), "unexpected failure: {err}");
-        assert!(
-            Instant::now() < deadline,
-            "still busy 60 s after the client left"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    delete_when_idle(dir, "extra");
     assert_eq!(exports(&server.uri("")), ["keep"]);
     let gone = run_failing(Command::new("nbdinfo").arg(server.uri("extra")));
     assert!(!gone.is_empty());
