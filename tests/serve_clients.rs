@@ -240,9 +240,9 @@ fn trim_leaves_a_hole_in_the_map_and_frees_pool_space() {
 
 #[test]
 fn nbdsh_structured_reads_and_block_status() {
-    if !require_nbdsh() {
+    let Some(_) = nbdsh() else {
         return;
-    }
+    };
     let pool = TestPool::create("1G");
     pool.create_volume("vol", "64M");
     let server = pool.serve();
@@ -316,7 +316,8 @@ h.shutdown()
 print("nbdsh ok")
 "#;
     for uri in [server.uri("vol"), server.unix_uri("vol")] {
-        let out = stdout_of(Command::new("nbdsh").env("URI", &uri).args(["-c", script]));
+        let mut cmd = nbdsh().expect("nbdsh");
+        let out = stdout_of(cmd.env("URI", &uri).args(["-c", script]));
         assert!(out.contains("nbdsh ok"), "{out}");
     }
     server.stop();

@@ -36,21 +36,34 @@ pub fn require_tools(names: &[&str]) -> bool {
     names.iter().all(|n| require_tool(n))
 }
 
-/// True when nbdsh and its python3 module `nbd` (python3-libnbd) work.
-pub fn require_nbdsh() -> bool {
-    if !require_tool("nbdsh") {
-        return false;
+/// A command that runs nbdsh, or None (after a skip note; a failure under CI=true). nbdsh is
+/// `python3 -m nbd` with whatever `python3` is first on PATH; when that one lacks the module
+/// (a pyenv or venv python ahead of the system one), the system python that has
+/// python3-libnbd is used directly.
+pub fn nbdsh() -> Option<Command> {
+    let works = |cmd: &mut Command| {
+        cmd.args(["-c", "pass"])
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if require_tool("nbdsh") && works(&mut Command::new("nbdsh")) {
+        return Some(Command::new("nbdsh"));
     }
-    let ok = Command::new("python3")
-        .args(["-c", "import nbd"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(!in_ci(), "python3-libnbd is missing (CI=true)");
-        eprintln!("SKIP: python3-libnbd not installed");
+    for py in ["/usr/bin/python3", "/usr/local/bin/python3"] {
+        if works(Command::new(py).args(["-m", "nbd"])) {
+            let mut cmd = Command::new(py);
+            cmd.args(["-m", "nbd"]);
+            return Some(cmd);
+        }
     }
-    ok
+    assert!(
+        !in_ci(),
+        "nbdsh (python3-libnbd) is missing or broken (CI=true)"
+    );
+    eprintln!("SKIP: nbdsh / python3-libnbd not usable");
+    None
 }
 
 fn describe(cmd: &Command, out: &Output) -> String {
