@@ -198,3 +198,26 @@ fn bad_config_files_are_refused_naming_key_and_file() {
     server.stop();
     assert_pool_clean(&tmp.path().join("custom-pool"));
 }
+
+#[test]
+fn a_second_server_on_the_same_pool_is_refused_and_sigint_stops_cleanly() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let first = serve_default(tmp.path());
+    let out = Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second thinnbd serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second server started:\n{err}");
+    assert!(err.contains("in use"), "{err}");
+    // The first one is unharmed, and SIGINT (Ctrl-C) is as graceful as SIGTERM.
+    let (mut c, size, _) = RawClient::open(first.port, "default");
+    assert_eq!(size, 10 * GIB);
+    assert_eq!(c.write(1, 0, &[3u8; 4096]), 0);
+    c.disconnect();
+    first.stop_with(libc::SIGINT);
+    assert!(!tmp.path().join("thinnbd-pool/control.sock").exists());
+    assert_pool_clean(&tmp.path().join("thinnbd-pool"));
+}

@@ -310,12 +310,17 @@ impl Server {
     }
 
     /// SIGTERM, then waits (at most 60 s) for the exit; asserts a clean exit 0.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// Sends `signal` (SIGTERM or SIGINT), then waits (at most 60 s); asserts exit 0.
+    pub fn stop_with(mut self, signal: libc::c_int) {
         let mut child = self.child.take().expect("server running");
         let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
-        let r = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(r, 0, "kill(SIGTERM) failed");
+        let r = unsafe { libc::kill(pid, signal) };
+        assert_eq!(r, 0, "kill({signal}) failed");
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(s) = child.try_wait().expect("try_wait") {
@@ -325,7 +330,7 @@ impl Server {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "thinnbd serve did not stop within 60 s of SIGTERM:\n{}",
+                    "thinnbd serve did not stop within 60 s of signal {signal}:\n{}",
                     self.log_text()
                 );
             }
@@ -333,7 +338,7 @@ impl Server {
         };
         assert!(
             status.success(),
-            "thinnbd serve exited with {status} after SIGTERM:\n{}",
+            "thinnbd serve exited with {status} after signal {signal}:\n{}",
             self.log_text()
         );
     }
