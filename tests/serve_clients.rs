@@ -360,3 +360,49 @@ fn fio_randrw_crc32c_verify_on_two_connections_for_30s() {
     assert!(pool.mapped_bytes("fio") > 0);
     server.stop();
 }
+
+/// The -drive value printed by examples/qemu-drive.sh, minus the keys only `-drive` knows (`if`,
+/// `cache`), as `qemu-io --image-opts` takes it.
+fn drive_opts(args: &[&str]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/qemu-drive.sh");
+    let line = stdout_of(
+        Command::new("bash")
+            .arg(script)
+            .arg("--print-drive")
+            .args(args),
+    );
+    line.trim()
+        .split(',')
+        .filter(|kv| !kv.starts_with("if=") && !kv.starts_with("cache="))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn qemu_drive_example_line_reaches_the_volume_and_passes_discards() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let pool = TestPool::create("1G");
+    pool.create_volume("vm", "64M");
+    let server = pool.serve();
+    let port = server.port.to_string();
+    let tcp = drive_opts(&["--port", &port, "--export", "vm"]);
+    let socket = server.socket.as_ref().expect("socket").to_str().unwrap();
+    let unix = drive_opts(&["--socket", socket, "--export", "vm"]);
+    assert!(tcp.contains("discard=unmap"), "{tcp}");
+    run(Command::new("qemu-io")
+        .args(["-t", "none", "--image-opts", &tcp])
+        .args(["-c", "write -P 7 0 1M", "-c", "flush"]));
+    assert_eq!(pool.mapped_bytes("vm"), MIB);
+    // With discard=unmap, a discard through QEMU gives the block back to the pool.
+    let out = stdout_of(
+        Command::new("qemu-io")
+            .args(["-t", "none", "--image-opts", &unix])
+            .args(["-c", "discard 0 64k", "-c", "read -P 0 0 64k"])
+            .args(["-c", "read -P 7 64k 960k"]),
+    );
+    assert!(!out.contains("fail") && !out.contains("mismatch"), "{out}");
+    assert_eq!(pool.mapped_bytes("vm"), MIB - (64 << 10));
+    server.stop();
+}
