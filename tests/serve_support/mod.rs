@@ -36,35 +36,9 @@ pub fn require_tools(names: &[&str]) -> bool {
     names.iter().all(|n| require_tool(n))
 }
 
-/// A command that runs nbdsh, or None (after a skip note; a failure under CI=true). nbdsh is
-/// `python3 -m nbd` with whatever `python3` is first on PATH; when that one lacks the module
-/// (a pyenv or venv python ahead of the system one), the system python that has
-/// python3-libnbd is used directly.
-pub fn nbdsh() -> Option<Command> {
-    let works = |cmd: &mut Command| {
-        cmd.args(["-c", "pass"])
-            .stdin(Stdio::null())
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    if require_tool("nbdsh") && works(&mut Command::new("nbdsh")) {
-        return Some(Command::new("nbdsh"));
-    }
-    for py in ["/usr/bin/python3", "/usr/local/bin/python3"] {
-        if works(Command::new(py).args(["-m", "nbd"])) {
-            let mut cmd = Command::new(py);
-            cmd.args(["-m", "nbd"]);
-            return Some(cmd);
-        }
-    }
-    assert!(
-        !in_ci(),
-        "nbdsh (python3-libnbd) is missing or broken (CI=true)"
-    );
-    eprintln!("SKIP: nbdsh / python3-libnbd not usable");
-    None
-}
+#[path = "../common/nbdsh.rs"]
+mod nbdsh_finder;
+pub use nbdsh_finder::nbdsh;
 
 fn describe(cmd: &Command, out: &Output) -> String {
     format!(
