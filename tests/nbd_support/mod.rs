@@ -33,6 +33,7 @@ pub fn require_tool(name: &str) -> bool {
 
 #[path = "../common/nbdsh.rs"]
 mod nbdsh_finder;
+#[allow(unused_imports)] // not every test crate that includes this module runs nbdsh
 pub use nbdsh_finder::nbdsh;
 
 /// Runs a command, failing the test with its output when it does not succeed.

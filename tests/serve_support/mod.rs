@@ -38,6 +38,7 @@ pub fn require_tools(names: &[&str]) -> bool {
 
 #[path = "../common/nbdsh.rs"]
 mod nbdsh_finder;
+#[allow(unused_imports)] // not every test crate that includes this module runs nbdsh
 pub use nbdsh_finder::nbdsh;
 
 fn describe(cmd: &Command, out: &Output) -> String {
