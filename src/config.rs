@@ -56,6 +56,7 @@ struct RawServer {
 struct RawEngine {
     cell_pool_size: Option<usize>,
     metadata_cache_blocks: Option<usize>,
+    mapping_cache_slots: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +98,7 @@ pub struct ServerSettings {
 pub struct EngineSettings {
     pub cell_pool_size: usize,
     pub metadata_cache_blocks: usize,
+    pub mapping_cache_slots: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -255,6 +257,11 @@ impl Config {
                 "engine.metadata_cache_blocks",
                 raw.engine.metadata_cache_blocks,
                 16384,
+            )?,
+            mapping_cache_slots: positive(
+                "engine.mapping_cache_slots",
+                raw.engine.mapping_cache_slots,
+                262_144,
             )?,
         };
         let log_level = raw.log.level.unwrap_or_else(|| "info".into());

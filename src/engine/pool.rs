@@ -60,6 +60,8 @@ pub struct PoolConfig {
     /// Slots of the lock-free mapping cache used by the read and overwrite fast paths
     /// (24 bytes each; 0 turns it off).
     pub mapping_cache_slots: usize,
+    /// Metadata blocks (4 KiB) kept in the metadata block cache.
+    pub metadata_cache_blocks: usize,
 }
 
 impl Default for PoolConfig {
@@ -74,6 +76,7 @@ impl Default for PoolConfig {
             commit_delay: Duration::ZERO,
             worker_hold_delay: Duration::ZERO,
             mapping_cache_slots: 1 << 18,
+            metadata_cache_blocks: crate::pdata::tm::DEFAULT_CACHE_BLOCKS,
         }
     }
 }
@@ -686,10 +689,11 @@ impl Pool {
     }
 
     fn start(
-        md: ThinMetadata,
+        mut md: ThinMetadata,
         data: DataDevice,
         config: PoolConfig,
     ) -> Result<std::sync::Arc<Pool>> {
+        md.set_cache_capacity(config.metadata_cache_blocks);
         let block_bytes = md.data_block_bytes();
         let nr_blocks = md.status().data_total;
         let need = nr_blocks.saturating_mul(block_bytes);
