@@ -709,7 +709,7 @@ impl Pool {
         let zeroed = if data.is_fresh() {
             vec![u64::MAX; words]
         } else {
-            vec![0; words]
+            zeroed_free_blocks(&md, &data, block_bytes, nr_blocks, words)
         };
         let sh = std::sync::Arc::new(Shared {
             core: RwLock::new(Core { md, zeroed }),
@@ -952,4 +952,25 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// Free data blocks that are holes in the data file read zeros: a partial write that provisions
+/// one need not zero the rest of it. (After a restart most free blocks of a sparse file are.)
+fn zeroed_free_blocks(
+    md: &ThinMetadata,
+    data: &DataDevice,
+    block_bytes: u64,
+    nr_blocks: u64,
+    words: usize,
+) -> Vec<u64> {
+    let mut zeroed = vec![0u64; words];
+    for (begin, end) in crate::util::hole_ranges(data.file(), nr_blocks.saturating_mul(block_bytes))
+    {
+        for b in begin.div_ceil(block_bytes)..(end / block_bytes).min(nr_blocks) {
+            if md.data_block_refs(b).unwrap_or(1) == 0 {
+                zeroed[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+    }
+    zeroed
 }

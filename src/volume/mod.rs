@@ -376,7 +376,9 @@ impl Volumes {
 
     /// True while a client (an export) holds the volume.
     pub fn in_use(&self, name: &str) -> bool {
-        locked(&self.active).get(name).is_some_and(|a| Arc::strong_count(a) > 1)
+        locked(&self.active)
+            .get(name)
+            .is_some_and(|a| Arc::strong_count(a) > 1)
     }
 
     fn active_volume(&self, v: &Volume) -> Result<Arc<ActiveVolume>> {
