@@ -2,6 +2,8 @@
 //! sparse data file), so a partial write that provisions one does not zero the rest of it;
 //! blocks that hold old data are still zero-filled.
 
+use std::os::unix::fs::FileExt;
+
 use thinnbd::engine::{Pool, PoolConfig};
 
 const BLOCK: u64 = 64 << 10;
@@ -18,19 +20,26 @@ fn provisioning_after_reopen_skips_zeroing_of_holes_but_not_of_old_data() {
     let pool = Pool::create(&meta, &data, 64 << 20, BLOCK, PoolConfig::default()).unwrap();
     pool.create_thin(0).unwrap();
     pool.create_thin(1).unwrap();
-    // Thin 1 fills block-sized stretches with 0xee, then is deleted without discards: its
-    // blocks become free but keep their bytes in the data file.
+    // Thin 1 fills eight blocks, then is deleted: the delete gives the blocks back to the file
+    // system (as discards do).
     let t1 = pool.activate(1, 16 << 20, false).unwrap();
     t1.write(0, &vec![0xee; 8 * BLOCK as usize], true).unwrap();
     pool.teardown(t1).unwrap();
+    let used = allocated_bytes(&data);
     pool.delete_thin(1).unwrap();
+    assert!(
+        allocated_bytes(&data) + 8 * BLOCK <= used,
+        "delete punched the freed blocks"
+    );
     pool.flush().unwrap();
     pool.shutdown().unwrap();
     drop(pool);
 
-    // Overwrite some stale blocks with nothing: punch them, as a discard would have.
+    // Free blocks holding old bytes (left, say, by a file system that cannot punch holes): they
+    // must still be zero-filled when reused.
     let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
-    thinnbd::util::punch_hole(&f, 0, 4 * BLOCK).unwrap();
+    f.write_all_at(&vec![0xee; 4 * BLOCK as usize], 4 * BLOCK)
+        .unwrap();
     drop(f);
 
     let pool = Pool::open(&meta, &data, PoolConfig::default()).unwrap();

@@ -799,9 +799,23 @@ impl Pool {
             return fail(ErrorKind::Busy, format!("thin {id} is active"));
         }
         let cache = &self.sh.cache;
+        let data = &self.sh.data;
+        let block_bytes = self.sh.block_bytes;
         self.admin_op(|c| {
             cache.clear();
-            c.md.delete_thin(id)
+            c.md.delete_thin(id)?;
+            // Give the freed blocks back to the file system, as a discard would. They cannot be
+            // reallocated before the next commit, which needs this lock: no write can race.
+            let freed = c.md.data_blocks_freed_since_commit();
+            for run in freed.chunk_by(|a, b| a + 1 == *b) {
+                let (first, n) = (run[0], run.len() as u64);
+                match data.punch(first * block_bytes, n * block_bytes) {
+                    Ok(true) => run.iter().for_each(|b| c.set_zeroed(*b)),
+                    Ok(false) => break,
+                    Err(e) => tracing::warn!("giving back the blocks of deleted thin {id}: {e}"),
+                }
+            }
+            Ok(())
         })?;
         self.sh.space_changed();
         self.sh.flush()

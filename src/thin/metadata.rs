@@ -624,6 +624,12 @@ impl ThinMetadata {
         self.tm.data_sm.nr_free() - self.tm.data_sm.nr_freed_since_commit()
     }
 
+    /// The data blocks freed in this transaction (sorted); they stay unallocated until the
+    /// next commit, so their contents may be discarded until then.
+    pub fn data_blocks_freed_since_commit(&self) -> Vec<u64> {
+        self.tm.data_sm.freed_since_commit()
+    }
+
     /// Data blocks freed in this transaction, allocatable after the next commit.
     pub fn data_blocks_awaiting_commit(&self) -> u64 {
         self.tm.data_sm.nr_freed_since_commit()
