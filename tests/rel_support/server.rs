@@ -60,7 +60,36 @@ impl Server {
     /// Starts `thinnbd serve` on the pool (optionally with a config file) and waits until it
     /// listens. Panics with the server's log when it exits or does not come up in 60 s.
     pub fn start(pool: &Path, config: Option<&Path>, log: &Path) -> Server {
+        Server::start_limited(pool, config, log, None)
+    }
+
+    /// Like [`Server::start`]; with `fsize_limit`, the server's writes past that file offset
+    /// fail with EFBIG (RLIMIT_FSIZE, with SIGXFSZ ignored): a failing device, made real.
+    pub fn start_limited(
+        pool: &Path,
+        config: Option<&Path>,
+        log: &Path,
+        fsize_limit: Option<u64>,
+    ) -> Server {
         let mut cmd = Command::new(bin());
+        if let Some(limit) = fsize_limit {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            // SAFETY: runs in the forked child before exec; signal() and setrlimit() are
+            // async-signal-safe and touch only the child's own state.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("serve");
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
