@@ -1,9 +1,10 @@
-//! Crash test with the real server (issue 6, point 1): a client writes random patterns with
-//! periodic flushes, trims and FUA writes while the server is killed with SIGKILL at random
-//! moments: by a timer, or right after the client sent a flush (so the kill often lands inside
-//! a commit). After each kill the metadata must pass thin_check and verify_meta.py, the server
-//! must start again without repair, every write acknowledged before the last completed flush
-//! must read back, and every other 4 KiB piece must hold its flushed version or a later write.
+//! Crash test with the real server (issue 6, point 1): two clients, each on its own 16 MiB
+//! region, write random patterns with periodic flushes, trims and FUA writes while the server
+//! is killed with SIGKILL at random moments: by a timer, or right after the first client sent
+//! a flush (so the kill often lands inside a commit). After each kill the metadata must pass
+//! thin_check and verify_meta.py, the server must start again without repair, every write
+//! acknowledged before the last completed flush must read back, and every other 4 KiB piece
+//! must hold its flushed version or a later write.
 //!
 //! THINNBD_CRASH_CYCLES (default 50) sets the number of kills; THINNBD_SEED replays a run.
 
@@ -43,8 +44,10 @@ fn send_kill(pid: u32) {
 
 /// Random requests until the connection breaks (the kill) or the op budget runs out. With
 /// `kill_at_flush = Some(n)`, the n-th flush is sent and the server killed at once.
+#[allow(clippy::too_many_arguments)]
 fn writer(
     client: &mut Client,
+    base: u64,
     model: &mut Model,
     rng: &mut SmallRng,
     kill_at_flush: Option<u32>,
@@ -60,7 +63,7 @@ fn writer(
         }
         let first = rng.gen_range(0..NR_PIECES);
         let count = rng.gen_range(1..=32).min(NR_PIECES - first);
-        let off = first * PIECE as u64;
+        let off = base + first * PIECE as u64;
         let roll = rng.gen_range(0..100);
         if roll < 75 {
             let fua = rng.gen_bool(0.05);
@@ -96,9 +99,11 @@ fn writer(
                 if rng.gen_bool(0.5) {
                     std::thread::sleep(Duration::from_micros(rng.gen_range(0..3_000)));
                 }
-                killed.store(true, Ordering::SeqCst);
-                send_kill(pid);
-                tally.kills_after_flush += 1;
+                // The timer may have killed the server first; count the kill once.
+                if !killed.swap(true, Ordering::SeqCst) {
+                    send_kill(pid);
+                    tally.kills_after_flush += 1;
+                }
                 return;
             }
             match client.flush() {
@@ -114,12 +119,16 @@ fn writer(
 }
 
 /// Reads the region back and checks it against the model; then the state found is the base.
-fn verify(port: u16, model: &mut Model, cycle: u64, seed: u64) {
+fn verify(port: u16, base: u64, model: &mut Model, cycle: u64, seed: u64) {
     let mut c = Client::connect(port, "vol").expect("connect after restart");
     let mut buf = vec![0u8; 1 << 20];
     for chunk in 0..REGION / buf.len() as u64 {
         let off = chunk * buf.len() as u64;
-        assert_eq!(c.read(off, &mut buf).expect("read back"), 0, "read error");
+        assert_eq!(
+            c.read(base + off, &mut buf).expect("read back"),
+            0,
+            "read error"
+        );
         let first = off / PIECE as u64;
         match model.check_after_crash(first, &buf) {
             Ok(found) => {
@@ -143,11 +152,16 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
     let log = dir.path().join("server.log");
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut model = Model::new(seed, NR_PIECES);
+    // A second connection writes its own region at the same time, so kills also land with
+    // several requests in flight from different clients.
+    let mut model2 = Model::new(seed ^ 0xb0b, NR_PIECES);
     let mut tally = Tally::default();
+    let mut tally2 = Tally::default();
     for cycle in 0..cycles {
         let mut server = Server::start(&pool, None, &log);
         if cycle > 0 {
-            verify(server.port, &mut model, cycle, seed);
+            verify(server.port, 0, &mut model, cycle, seed);
+            verify(server.port, REGION, &mut model2, cycle, seed);
         }
         let pid = server.pid();
         let killed = Arc::new(AtomicBool::new(false));
@@ -155,6 +169,18 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
             Some(rng.gen_range(1..=4))
         } else {
             None
+        };
+        let mut client = Client::connect(server.port, "vol").expect("connect");
+        let second = {
+            let mut c = Client::connect(server.port, "vol").expect("connect");
+            let killed = killed.clone();
+            let mut m = std::mem::replace(&mut model2, Model::new(0, 0));
+            let mut t = std::mem::take(&mut tally2);
+            let mut r = SmallRng::seed_from_u64(rng.gen());
+            std::thread::spawn(move || {
+                writer(&mut c, REGION, &mut m, &mut r, None, pid, &mut t, &killed);
+                (m, t)
+            })
         };
         // The timer kill: a random moment within the first ~0.8 s of writing.
         let delay = Duration::from_millis(rng.gen_range(5..800));
@@ -175,9 +201,9 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
                 true
             })
         };
-        let mut client = Client::connect(server.port, "vol").expect("connect");
         writer(
             &mut client,
+            0,
             &mut model,
             &mut rng,
             kill_at_flush,
@@ -190,13 +216,15 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         }
         // If the writer ran out of work before either kill, kill now.
         send_kill(pid);
+        (model2, tally2) = second.join().expect("second writer");
         server.kill();
         drop(client);
         common::assert_metadata_clean(&pool.join("metadata"));
     }
     // Last start: the server comes up, the data checks, and a graceful stop is clean.
     let mut server = Server::start(&pool, None, &log);
-    verify(server.port, &mut model, cycles, seed);
+    verify(server.port, 0, &mut model, cycles, seed);
+    verify(server.port, REGION, &mut model2, cycles, seed);
     let st = server.stop();
     assert!(
         st.success(),
@@ -206,13 +234,13 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
     common::assert_metadata_clean(&pool.join("metadata"));
     println!(
         "crash: {cycles} SIGKILLs survived ({} right after a flush was sent, {} by timer, \
-         {} with a request in flight); {} writes, {} trims, {} flushes acknowledged; \
+         {} requests in flight at a kill); {} writes, {} trims, {} flushes acknowledged; \
          bytes lost = 0",
         tally.kills_after_flush,
         tally.kills_by_timer,
-        tally.in_flight_at_kill,
-        tally.writes_acked,
-        tally.trims_acked,
-        tally.flushes_acked
+        tally.in_flight_at_kill + tally2.in_flight_at_kill,
+        tally.writes_acked + tally2.writes_acked,
+        tally.trims_acked + tally2.trims_acked,
+        tally.flushes_acked + tally2.flushes_acked
     );
 }
