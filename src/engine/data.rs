@@ -1,5 +1,6 @@
 //! The data device: positioned reads and writes of data blocks, hole punching for discards,
-//! and fault injection for tests.
+//! and fault injection for tests (chosen EIOs, a slow device, and a tap that power-cut tests
+//! use to model a volatile write cache).
 
 use std::collections::HashSet;
 use std::fs::File;
