@@ -1,14 +1,25 @@
 //! The data device: positioned reads and writes of data blocks, hole punching for discards,
-//! and fault injection for tests.
+//! and fault injection for tests (chosen EIOs, a slow device, and a tap that power-cut tests
+//! use to model a volatile write cache).
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+
+/// A test observer of data-device mutations, called before each write, punch and sync (only
+/// once faults are armed). Power-cut tests model a volatile write cache with it: remember what
+/// a range held before it is changed, forget it at a sync, and fail everything after the cut.
+pub trait DataTap: Send + Sync {
+    /// Before `len` bytes at `offset` are written or punched; an error fails the operation.
+    fn before_change(&self, file: &File, offset: u64, len: u64) -> io::Result<()>;
+    /// Before `fdatasync`; an error fails the sync.
+    fn before_sync(&self) -> io::Result<()>;
+}
 
 /// Chosen failures of the data device (tests). Byte ranges are matched by data block.
 #[derive(Default)]
@@ -20,9 +31,37 @@ pub struct DataFaults {
     fail_all_writes: AtomicBool,
     injected: AtomicU64,
     write_delay_ns: AtomicU64,
+    tap: Mutex<Option<Arc<dyn DataTap>>>,
 }
 
 impl DataFaults {
+    /// Installs (or removes) the observer of writes, punches and syncs.
+    pub fn set_tap(&self, tap: Option<Arc<dyn DataTap>>) {
+        *lock(&self.tap) = tap;
+        self.armed.store(true, Ordering::Release);
+    }
+
+    fn tap(&self) -> Option<Arc<dyn DataTap>> {
+        if !self.armed.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.tap).clone()
+    }
+
+    fn tap_change(&self, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        match self.tap() {
+            Some(t) => t.before_change(file, offset, len),
+            None => Ok(()),
+        }
+    }
+
+    fn tap_sync(&self) -> io::Result<()> {
+        match self.tap() {
+            Some(t) => t.before_sync(),
+            None => Ok(()),
+        }
+    }
+
     /// Fail every read touching data block `b` with EIO.
     pub fn fail_reads_of(&self, b: u64) {
         lock(&self.read_blocks).insert(b);
@@ -141,6 +180,7 @@ impl DataDevice {
     pub fn write_at(&self, block: u64, buf: &[u8], offset: u64) -> Result<()> {
         self.faults
             .check(true, block)
+            .and_then(|()| self.faults.tap_change(&self.file, offset, buf.len() as u64))
             .and_then(|()| self.file.write_all_at(buf, offset))
             .map_err(|e| Error::io(format!("writing data block {block} at byte {offset}"), e))
     }
@@ -151,6 +191,9 @@ impl DataDevice {
         if !self.punch_supported.load(Ordering::Relaxed) {
             return Ok(false);
         }
+        self.faults
+            .tap_change(&self.file, offset, len)
+            .map_err(|e| Error::io(format!("punching {len} bytes at {offset}"), e))?;
         match crate::util::punch_hole(&self.file, offset, len) {
             Ok(true) => Ok(true),
             Ok(false) => {
@@ -163,8 +206,9 @@ impl DataDevice {
 
     /// Makes every completed data write durable (before a metadata commit refers to it).
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
+        self.faults
+            .tap_sync()
+            .and_then(|()| self.file.sync_data())
             .map_err(|e| Error::io("syncing the data device", e))
     }
 

@@ -14,6 +14,6 @@ pub mod pool;
 pub mod prison;
 mod thin;
 
-pub use data::{DataDevice, DataFaults};
+pub use data::{DataDevice, DataFaults, DataTap};
 pub use pool::{EngineEvent, NoSpacePolicy, Pool, PoolConfig, PoolMode, PoolStatus, ThinStatus};
 pub use thin::ThinHandle;

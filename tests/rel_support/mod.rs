@@ -1,0 +1,49 @@
+//! Helpers for the reliability tests (tests/rel_*.rs): the real server as a process, a minimal
+//! NBD client, the crash model of a volume's contents, and power-cut device models.
+#![allow(dead_code)]
+
+pub mod model;
+pub mod nbd;
+pub mod power;
+pub mod server;
+
+/// A count from the environment (long runs on demand), or `default`.
+pub fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Seconds from the environment, or `default`.
+pub fn env_secs(name: &str, default: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(env_count(name, default))
+}
+
+/// A base seed: THINNBD_SEED when set (to replay a failure), else from the clock. Printed so a
+/// failing run can be repeated.
+pub fn base_seed(test: &str) -> u64 {
+    let seed = std::env::var("THINNBD_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("{test}: THINNBD_SEED={seed}");
+    seed
+}
+
+/// A temp dir on tmpfs when there is one: the in-process tests sync often, and what they check
+/// is the model of durability, not the disk's.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("temp dir")
+}
