@@ -254,7 +254,6 @@ fn bad_config_files_name_the_key_and_the_file() {
 /// is reported with toml's message and the offending value, but not the key, e.g.
 /// `config F: invalid type: string "soon", expected u64 (at "\"soon\"")`.
 #[test]
-#[ignore = "fails: config.rs does not name the key of a wrongly typed value (see docs/reliability.md)"]
 fn wrongly_typed_config_values_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     for (i, (text, key)) in [
