@@ -95,7 +95,6 @@ impl Entries {
     }
 }
 
-
 /// Reads a 2-bit space map entry `e` of a bitmap block (kernel bit order: bit 2e is high).
 fn bitmap_entry(block: &Block, e: usize) -> u32 {
     let byte = block[16 + e / 4];

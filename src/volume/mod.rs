@@ -147,17 +147,27 @@ fn take_lock(paths: &PoolPaths) -> Result<File> {
         .write(true)
         .open(&paths.lock)
         .map_err(|e| Error::io(format!("opening {}", paths.lock.display()), e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(fs::TryLockError::WouldBlock) => fail(
-            ErrorKind::Busy,
-            format!(
-                "pool {} is in use by another process (a running server?)",
-                paths.dir.display()
-            ),
-        ),
-        Err(fs::TryLockError::Error(e)) => {
-            Err(Error::io(format!("locking {}", paths.lock.display()), e))
+    // A lock just released can linger for a moment in a child process forked (by another
+    // thread) before our close and not yet past its exec: retry briefly before calling it busy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return fail(
+                    ErrorKind::Busy,
+                    format!(
+                        "pool {} is in use by another process (a running server?)",
+                        paths.dir.display()
+                    ),
+                )
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("locking {}", paths.lock.display()), e))
+            }
         }
     }
 }
