@@ -31,3 +31,7 @@ fi
 
 cargo build --release --features nbdkit --lib --bins
 cargo test --release --features nbdkit -- --test-threads=2
+
+# The loom model of the active-set / teardown protocol, in a build of its own (--cfg loom
+# swaps the engine's sync primitives for loom's).
+CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" cargo test --release --test engine_loom
