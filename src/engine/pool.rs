@@ -137,6 +137,9 @@ pub(crate) struct Core {
     pub(crate) md: ThinMetadata,
     /// One bit per data block: known to read zeros (fresh sparse file, or punched).
     zeroed: Vec<u64>,
+    /// Data blocks freed in this transaction whose contents go back to the file system
+    /// (hole punching) once the commit that frees them is durable.
+    to_punch: Vec<u64>,
 }
 
 impl Core {
@@ -394,7 +397,7 @@ impl Shared {
     }
 
     /// Unmaps `[begin, end)` of `thin`; blocks nobody references any more are punched out of
-    /// the data device (before a commit can hand them out again, hence under the lock).
+    /// the data device after the next commit (see `commit_now`).
     pub(crate) fn unmap_range(&self, thin: ThinId, begin: u64, end: u64) -> Result<()> {
         let mut core = self.write_core();
         self.check_writable(&core)?;
@@ -410,14 +413,7 @@ impl Shared {
                 continue;
             }
             freed += 1;
-            let Some(off) = u.data_block.checked_mul(self.block_bytes) else {
-                continue;
-            };
-            match self.data.punch(off, self.block_bytes) {
-                Ok(true) => core.set_zeroed(u.data_block),
-                Ok(false) => {}
-                Err(e) => tracing::warn!("discard passdown failed: {e}"),
-            }
+            core.to_punch.push(u.data_block);
         }
         drop(core);
         self.stats
@@ -474,7 +470,42 @@ impl Shared {
                 format!("the pool is read-only after a metadata failure ({why})"),
             );
         }
-        core.md.commit().map_err(|e| self.note(e))
+        let to_punch = std::mem::take(&mut core.to_punch);
+        core.md.hold_freed_data_blocks(&to_punch);
+        core.md.commit().map_err(|e| self.note(e))?;
+        drop(core);
+        if !to_punch.is_empty() {
+            self.punch_freed(to_punch);
+        }
+        Ok(())
+    }
+
+    /// Gives blocks freed by a durable commit back to the file system, then to the allocator.
+    /// They are held out of the allocator meanwhile, so no lock is needed around the punching.
+    fn punch_freed(&self, mut blocks: Vec<u64>) {
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut punched = Vec::with_capacity(blocks.len());
+        for run in blocks.chunk_by(|a, b| a + 1 == *b) {
+            let (Some(off), Some(len)) = (
+                run[0].checked_mul(self.block_bytes),
+                (run.len() as u64).checked_mul(self.block_bytes),
+            ) else {
+                continue;
+            };
+            match self.data.punch(off, len) {
+                Ok(true) => punched.extend_from_slice(run),
+                Ok(false) => break,
+                Err(e) => tracing::warn!("discard passdown failed: {e}"),
+            }
+        }
+        let mut core = self.write_core();
+        for b in punched {
+            core.set_zeroed(b);
+        }
+        core.md.release_data_blocks(&blocks);
+        drop(core);
+        self.space_changed();
     }
 
     /// Processes a thin's deferred bios: lock each block in the prison (blocking on the cell
@@ -712,7 +743,11 @@ impl Pool {
             zeroed_free_blocks(&md, &data, block_bytes, nr_blocks, words)
         };
         let sh = std::sync::Arc::new(Shared {
-            core: RwLock::new(Core { md, zeroed }),
+            core: RwLock::new(Core {
+                md,
+                zeroed,
+                to_punch: Vec::new(),
+            }),
             data,
             block_bytes,
             prison: Prison::new(config.cell_pool_size),
@@ -799,22 +834,13 @@ impl Pool {
             return fail(ErrorKind::Busy, format!("thin {id} is active"));
         }
         let cache = &self.sh.cache;
-        let data = &self.sh.data;
-        let block_bytes = self.sh.block_bytes;
         self.admin_op(|c| {
             cache.clear();
             c.md.delete_thin(id)?;
-            // Give the freed blocks back to the file system, as a discard would. They cannot be
-            // reallocated before the next commit, which needs this lock: no write can race.
+            // The freed blocks go back to the file system after the commit below, as a
+            // discard's do.
             let freed = c.md.data_blocks_freed_since_commit();
-            for run in freed.chunk_by(|a, b| a + 1 == *b) {
-                let (first, n) = (run[0], run.len() as u64);
-                match data.punch(first * block_bytes, n * block_bytes) {
-                    Ok(true) => run.iter().for_each(|b| c.set_zeroed(*b)),
-                    Ok(false) => break,
-                    Err(e) => tracing::warn!("giving back the blocks of deleted thin {id}: {e}"),
-                }
-            }
+            c.to_punch.extend(freed);
             Ok(())
         })?;
         self.sh.space_changed();

@@ -197,6 +197,26 @@ impl SpaceMap {
         v
     }
 
+    /// Keeps `blocks` (freed in this transaction) out of the allocator past the next commit,
+    /// until `release_held`: their old contents are being discarded.
+    pub fn hold_freed(&mut self, blocks: &[u64]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let held: std::collections::HashSet<u64> = blocks.iter().copied().collect();
+        self.freed_since_commit.retain(|b| !held.contains(b));
+    }
+
+    /// Lets held blocks be allocated again (those still free).
+    pub fn release_held(&mut self, blocks: &[u64]) {
+        for &b in blocks {
+            if self.counts.get(b as usize) == Some(&0) {
+                self.set_busy(b, false);
+                self.cursor = self.cursor.min(b);
+            }
+        }
+    }
+
     /// Called once a commit is durable: blocks freed before it become allocatable.
     pub fn commit_done(&mut self) {
         for b in std::mem::take(&mut self.freed_since_commit) {

@@ -638,6 +638,17 @@ impl ThinMetadata {
         self.tm.data_sm.freed_since_commit()
     }
 
+    /// Keeps data blocks freed in this transaction unallocatable past the next commit, until
+    /// `release_data_blocks`: their contents are discarded only once the commit that frees them
+    /// is durable (before it, a crash brings back the mappings that use them).
+    pub fn hold_freed_data_blocks(&mut self, blocks: &[u64]) {
+        self.tm.data_sm.hold_freed(blocks);
+    }
+
+    pub fn release_data_blocks(&mut self, blocks: &[u64]) {
+        self.tm.data_sm.release_held(blocks);
+    }
+
     /// Data blocks freed in this transaction, allocatable after the next commit.
     pub fn data_blocks_awaiting_commit(&self) -> u64 {
         self.tm.data_sm.nr_freed_since_commit()
