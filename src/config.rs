@@ -56,6 +56,7 @@ struct RawServer {
 struct RawEngine {
     cell_pool_size: Option<usize>,
     metadata_cache_blocks: Option<usize>,
+    mapping_cache_slots: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +98,7 @@ pub struct ServerSettings {
 pub struct EngineSettings {
     pub cell_pool_size: usize,
     pub metadata_cache_blocks: usize,
+    pub mapping_cache_slots: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +128,29 @@ impl Ctx<'_> {
     }
 }
 
+/// The dotted key (`section.key`) on the line holding byte `at` of a TOML text, when that line
+/// is a `key = value` line.
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let line_start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    let rest = text.get(line_start..)?;
+    let line = rest.split('\n').next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let section = text.get(..line_start)?.lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('[')?
+            .strip_suffix(']')
+            .map(|s| s.trim().to_owned())
+    });
+    Some(match section {
+        Some(s) if !s.is_empty() => format!("{s}.{key}"),
+        _ => key.to_owned(),
+    })
+}
+
 impl Config {
     /// The built-in defaults.
     pub fn default_config() -> Config {
@@ -141,13 +166,19 @@ impl Config {
 
     pub fn from_toml(text: &str, file: &str) -> Result<Config> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let key = e
+            let at = e
                 .span()
                 .map(|s| text.get(s).unwrap_or("").trim().to_string())
                 .unwrap_or_default();
+            // serde names unknown keys but not the key of a value of the wrong type.
+            let key = e
+                .span()
+                .and_then(|s| key_at(text, s.start))
+                .map(|k| format!("key {k}: "))
+                .unwrap_or_default();
             Error::new(
                 ErrorKind::InvalidInput,
-                format!("config {file}: {} (at {key:?})", e.message().trim()),
+                format!("config {file}: {key}{} (at {at:?})", e.message().trim()),
             )
         })?;
         let c = Ctx { file };
@@ -227,6 +258,11 @@ impl Config {
                 raw.engine.metadata_cache_blocks,
                 16384,
             )?,
+            mapping_cache_slots: positive(
+                "engine.mapping_cache_slots",
+                raw.engine.mapping_cache_slots,
+                262_144,
+            )?,
         };
         let log_level = raw.log.level.unwrap_or_else(|| "info".into());
         if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
@@ -281,6 +317,8 @@ mod tests {
         assert!(e.to_string().contains("server.listen"), "{e}");
         let e = Config::from_toml("[pool]\nno_space_policy = \"maybe\"\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("pool.no_space_policy"), "{e}");
+        let e = Config::from_toml("[pool]\ncreate_if_missing = \"yes\"\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("pool.create_if_missing"), "{e}");
     }
 
     #[test]

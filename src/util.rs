@@ -41,6 +41,40 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     }
 }
 
+/// Byte ranges of `file` below `len` that are holes (read as zeros without being stored), found
+/// with `SEEK_DATA`/`SEEK_HOLE`. Empty when the file system or device cannot tell.
+pub fn hole_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
+    let fd = file.as_raw_fd();
+    let seek = |off: u64, whence: libc::c_int| -> Option<u64> {
+        let off = libc::off_t::try_from(off).ok()?;
+        // SAFETY: lseek only reads its integer arguments; the fd is valid for the borrow of
+        // `file`. It moves the file offset, which nothing here relies on (all I/O is positioned).
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        u64::try_from(r).ok()
+    };
+    let mut holes = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        // No data at or after `pos` (ENXIO) means the rest is a hole.
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Some(d) => d.min(len),
+            None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => len,
+            None => return Vec::new(),
+        };
+        if data > pos {
+            holes.push((pos, data));
+        }
+        if data >= len {
+            break;
+        }
+        match seek(data, libc::SEEK_HOLE) {
+            Some(h) if h > data => pos = h,
+            _ => break,
+        }
+    }
+    holes
+}
+
 /// Parses a size such as `4096`, `64K`, `10G`, `1T` (binary units, optional trailing `B`/`iB`).
 pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
@@ -61,7 +95,25 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{hole_ranges, parse_size};
+
+    #[test]
+    fn holes_of_a_sparse_file() {
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 4 << 20).unwrap();
+        let holes = hole_ranges(&f, 8 << 20);
+        // File systems may round data to their own block size; the written range is never a hole.
+        assert!(!holes.is_empty());
+        for (b, e) in &holes {
+            assert!(
+                *e <= 4 << 20 || *b >= (4 << 20) + 4096,
+                "{b}..{e} covers written data"
+            );
+        }
+        assert_eq!(holes[0].0, 0);
+    }
 
     #[test]
     fn sizes_parse_with_suffixes() {

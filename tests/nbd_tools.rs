@@ -224,7 +224,7 @@ fn nbdcopy_in_and_out() {
 
 #[test]
 fn nbdsh_structured_reads_and_block_status() {
-    if !require_nbdsh() {
+    if nbdsh().is_none() {
         return;
     }
     let server = TestServer::start(standard_source());
@@ -274,7 +274,8 @@ h.shutdown()
 print("nbdsh ok")
 "#;
     for uri in [server.uri("disk"), server.unix_uri("disk")] {
-        let out = stdout_of(Command::new("nbdsh").env("URI", &uri).args(["-c", script]));
+        let mut cmd = nbdsh().expect("found above");
+        let out = stdout_of(cmd.env("URI", &uri).args(["-c", script]));
         assert!(out.contains("nbdsh ok"), "{out}");
     }
 }

@@ -87,7 +87,7 @@ impl MapCache {
                     .is_ok()
             {
                 fence(Ordering::Release);
-                if only_if.map_or(true, |k| s.key.load(Ordering::Relaxed) == k) {
+                if only_if.is_none_or(|k| s.key.load(Ordering::Relaxed) == k) {
                     s.key.store(key, Ordering::Relaxed);
                     s.val.store(val, Ordering::Relaxed);
                 }

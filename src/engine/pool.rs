@@ -60,6 +60,8 @@ pub struct PoolConfig {
     /// Slots of the lock-free mapping cache used by the read and overwrite fast paths
     /// (24 bytes each; 0 turns it off).
     pub mapping_cache_slots: usize,
+    /// Metadata blocks (4 KiB) kept in the metadata block cache.
+    pub metadata_cache_blocks: usize,
 }
 
 impl Default for PoolConfig {
@@ -74,6 +76,7 @@ impl Default for PoolConfig {
             commit_delay: Duration::ZERO,
             worker_hold_delay: Duration::ZERO,
             mapping_cache_slots: 1 << 18,
+            metadata_cache_blocks: crate::pdata::tm::DEFAULT_CACHE_BLOCKS,
         }
     }
 }
@@ -686,10 +689,11 @@ impl Pool {
     }
 
     fn start(
-        md: ThinMetadata,
+        mut md: ThinMetadata,
         data: DataDevice,
         config: PoolConfig,
     ) -> Result<std::sync::Arc<Pool>> {
+        md.set_cache_capacity(config.metadata_cache_blocks);
         let block_bytes = md.data_block_bytes();
         let nr_blocks = md.status().data_total;
         let need = nr_blocks.saturating_mul(block_bytes);
@@ -705,7 +709,7 @@ impl Pool {
         let zeroed = if data.is_fresh() {
             vec![u64::MAX; words]
         } else {
-            vec![0; words]
+            zeroed_free_blocks(&md, &data, block_bytes, nr_blocks, words)
         };
         let sh = std::sync::Arc::new(Shared {
             core: RwLock::new(Core { md, zeroed }),
@@ -795,9 +799,23 @@ impl Pool {
             return fail(ErrorKind::Busy, format!("thin {id} is active"));
         }
         let cache = &self.sh.cache;
+        let data = &self.sh.data;
+        let block_bytes = self.sh.block_bytes;
         self.admin_op(|c| {
             cache.clear();
-            c.md.delete_thin(id)
+            c.md.delete_thin(id)?;
+            // Give the freed blocks back to the file system, as a discard would. They cannot be
+            // reallocated before the next commit, which needs this lock: no write can race.
+            let freed = c.md.data_blocks_freed_since_commit();
+            for run in freed.chunk_by(|a, b| a + 1 == *b) {
+                let (first, n) = (run[0], run.len() as u64);
+                match data.punch(first * block_bytes, n * block_bytes) {
+                    Ok(true) => run.iter().for_each(|b| c.set_zeroed(*b)),
+                    Ok(false) => break,
+                    Err(e) => tracing::warn!("giving back the blocks of deleted thin {id}: {e}"),
+                }
+            }
+            Ok(())
         })?;
         self.sh.space_changed();
         self.sh.flush()
@@ -948,4 +966,25 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// Free data blocks that are holes in the data file read zeros: a partial write that provisions
+/// one need not zero the rest of it. (After a restart most free blocks of a sparse file are.)
+fn zeroed_free_blocks(
+    md: &ThinMetadata,
+    data: &DataDevice,
+    block_bytes: u64,
+    nr_blocks: u64,
+    words: usize,
+) -> Vec<u64> {
+    let mut zeroed = vec![0u64; words];
+    for (begin, end) in crate::util::hole_ranges(data.file(), nr_blocks.saturating_mul(block_bytes))
+    {
+        for b in begin.div_ceil(block_bytes)..(end / block_bytes).min(nr_blocks) {
+            if md.data_block_refs(b).unwrap_or(1) == 0 {
+                zeroed[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+    }
+    zeroed
 }

@@ -23,6 +23,19 @@ impl BlockKind {
         }
     }
 
+    /// The kind whose salt makes the stored checksum match, if any (tools on raw blocks).
+    pub fn identify(block: &Block) -> Option<BlockKind> {
+        let stored = read_u32(block, 0);
+        [
+            BlockKind::Superblock,
+            BlockKind::Node,
+            BlockKind::Bitmap,
+            BlockKind::Index,
+        ]
+        .into_iter()
+        .find(|&k| checksum(block, k) == stored)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             BlockKind::Superblock => "superblock",

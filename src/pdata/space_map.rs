@@ -184,6 +184,19 @@ impl SpaceMap {
             .count() as u64
     }
 
+    /// Blocks freed since the last commit (count now 0), sorted.
+    pub fn freed_since_commit(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .freed_since_commit
+            .iter()
+            .copied()
+            .filter(|b| self.counts[*b as usize] == 0)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Called once a commit is durable: blocks freed before it become allocatable.
     pub fn commit_done(&mut self) {
         for b in std::mem::take(&mut self.freed_since_commit) {

@@ -22,6 +22,8 @@ pub fn pool_config(config: &Config) -> PoolConfig {
         queue_timeout: config.pool.no_space_timeout,
         low_water_blocks: config.pool.low_water_mark / config.pool.block_size.max(1),
         cell_pool_size: config.engine.cell_pool_size,
+        metadata_cache_blocks: config.engine.metadata_cache_blocks,
+        mapping_cache_slots: config.engine.mapping_cache_slots,
         ..PoolConfig::default()
     }
 }

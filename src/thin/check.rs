@@ -95,17 +95,6 @@ impl Entries {
     }
 }
 
-fn kind_of(block: &Block) -> Option<BlockKind> {
-    let stored = read_u32(block, 0);
-    [
-        BlockKind::Superblock,
-        BlockKind::Node,
-        BlockKind::Bitmap,
-        BlockKind::Index,
-    ]
-    .into_iter()
-    .find(|&k| checksum(block, k) == stored)
-}
 
 /// Reads a 2-bit space map entry `e` of a bitmap block (kernel bit order: bit 2e is high).
 fn bitmap_entry(block: &Block, e: usize) -> u32 {
@@ -229,7 +218,7 @@ impl Checker {
         };
         let stored = read_u32(&block[..], 0);
         if checksum(&block, kind) != stored {
-            let actual = match kind_of(&block) {
+            let actual = match BlockKind::identify(&block) {
                 Some(k) => format!(" (it checksums as a {})", k.name()),
                 None => String::new(),
             };

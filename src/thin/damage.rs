@@ -3,21 +3,13 @@
 //! rotted block looks like) or resealing it (a wrong value that only structure checks catch).
 
 use crate::pdata::block_io::{Block, BLOCK_SIZE};
-use crate::pdata::checksum::{checksum, read_u32, seal, BlockKind};
+use crate::pdata::checksum::{seal, BlockKind};
 
 use super::metadata::ThinMetadata;
 
 /// The block kind whose salt matches the stored checksum, if any.
 pub fn block_kind(block: &Block) -> Option<BlockKind> {
-    let stored = read_u32(block, 0);
-    [
-        BlockKind::Superblock,
-        BlockKind::Node,
-        BlockKind::Bitmap,
-        BlockKind::Index,
-    ]
-    .into_iter()
-    .find(|&k| checksum(block, k) == stored)
+    BlockKind::identify(block)
 }
 
 /// Metadata blocks the pool's space map counts as in use (the committed state).

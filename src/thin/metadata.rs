@@ -499,18 +499,26 @@ impl ThinMetadata {
     fn prepare_device(&mut self, dev: ThinId) -> Result<u64> {
         let root = self.root(dev)?;
         if !self.exclusive_devs.contains(&dev) {
-            let (top, _) = btree::insert(
-                &mut self.tm,
-                self.sb.mapping_root,
-                u64::from(dev),
-                &root.to_le_bytes(),
-                ValueKind::DeviceRoot,
-            )?;
-            self.sb.mapping_root = top;
+            // Rewriting the entry with its own value shadows the path down to it.
+            self.write_device_root(dev, root)?;
             self.superblock_changed = true;
             self.exclusive_devs.insert(dev);
         }
         Ok(root)
+    }
+
+    /// Stores `root` as the device's entry in the top-level tree. The replaced value needs no
+    /// release: its reference moved to the new root when that was shadowed from it.
+    fn write_device_root(&mut self, dev: ThinId, root: u64) -> Result<()> {
+        let (top, _) = btree::insert(
+            &mut self.tm,
+            self.sb.mapping_root,
+            u64::from(dev),
+            &root.to_le_bytes(),
+            ValueKind::DeviceRoot,
+        )?;
+        self.sb.mapping_root = top;
+        Ok(())
     }
 
     fn set_root(&mut self, dev: ThinId, root: u64) {
@@ -624,6 +632,12 @@ impl ThinMetadata {
         self.tm.data_sm.nr_free() - self.tm.data_sm.nr_freed_since_commit()
     }
 
+    /// The data blocks freed in this transaction (sorted); they stay unallocated until the
+    /// next commit, so their contents may be discarded until then.
+    pub fn data_blocks_freed_since_commit(&self) -> Vec<u64> {
+        self.tm.data_sm.freed_since_commit()
+    }
+
     /// Data blocks freed in this transaction, allocatable after the next commit.
     pub fn data_blocks_awaiting_commit(&self) -> u64 {
         self.tm.data_sm.nr_freed_since_commit()
@@ -691,17 +705,9 @@ impl ThinMetadata {
         let mut changed: Vec<ThinId> = self.changed_roots.drain().collect();
         changed.sort_unstable();
         for dev in changed {
+            // The path is exclusive (prepare_device ran), so this rewrites in place.
             let root = self.root(dev)?;
-            // The path is exclusive (prepare_device ran), so this rewrites in place; the stale
-            // value's reference was already carried over to the new root by shadowing.
-            let (top, _) = btree::insert(
-                &mut self.tm,
-                self.sb.mapping_root,
-                u64::from(dev),
-                &root.to_le_bytes(),
-                ValueKind::DeviceRoot,
-            )?;
-            self.sb.mapping_root = top;
+            self.write_device_root(dev, root)?;
         }
         let mut changed: Vec<ThinId> = self.changed_details.drain().collect();
         changed.sort_unstable();

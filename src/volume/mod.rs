@@ -346,6 +346,12 @@ impl Volumes {
 
     /// Deletes a volume. Busy while a client has it open.
     pub fn delete(&self, name: &str) -> Result<()> {
+        // A client that just disconnected may still be dropping its last requests: give it a
+        // moment (without holding any lock) before calling the volume busy.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while self.in_use(name) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let mut reg = locked(&self.registry);
         let v = reg.get(name)?.clone();
         {
@@ -366,6 +372,13 @@ impl Volumes {
         reg.remove(name)?;
         self.pool.delete_thin(v.thin_id)?;
         self.pool.flush()
+    }
+
+    /// True while a client (an export) holds the volume.
+    pub fn in_use(&self, name: &str) -> bool {
+        locked(&self.active)
+            .get(name)
+            .is_some_and(|a| Arc::strong_count(a) > 1)
     }
 
     fn active_volume(&self, v: &Volume) -> Result<Arc<ActiveVolume>> {

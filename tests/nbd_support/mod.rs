@@ -31,24 +31,10 @@ pub fn require_tool(name: &str) -> bool {
     false
 }
 
-/// True when the python3 module `nbd` (python3-libnbd, which nbdsh needs) imports.
-pub fn require_nbdsh() -> bool {
-    if !require_tool("nbdsh") {
-        return false;
-    }
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import nbd"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("python3 module nbd (python3-libnbd) is missing (CI=true)");
-        }
-        eprintln!("SKIP: python3-libnbd not installed");
-    }
-    ok
-}
+#[path = "../common/nbdsh.rs"]
+mod nbdsh_finder;
+#[allow(unused_imports)] // not every test crate that includes this module runs nbdsh
+pub use nbdsh_finder::nbdsh;
 
 /// Runs a command, failing the test with its output when it does not succeed.
 pub fn run(cmd: &mut std::process::Command) -> Output {

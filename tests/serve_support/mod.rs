@@ -1,0 +1,555 @@
+//! Helpers for the end-to-end tests of the `thinnbd` binary: a pool in a temp dir, a `thinnbd
+//! serve` child process on a free 127.0.0.1 port and a unix socket (stopped with SIGTERM, killed
+//! if a test panics), running the CLI and external clients, and a small raw NBD client.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_thinnbd");
+
+/// True when running in CI, where a missing external tool is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// True when `name` is on PATH. Under CI=true a missing tool fails the test; otherwise the test
+/// prints a skip note and returns.
+pub fn require_tool(name: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(!in_ci(), "required tool {name} is missing (CI=true)");
+        eprintln!("SKIP: {name} not installed");
+    }
+    found
+}
+
+/// `require_tool` for several tools at once.
+pub fn require_tools(names: &[&str]) -> bool {
+    names.iter().all(|n| require_tool(n))
+}
+
+#[path = "../common/nbdsh.rs"]
+mod nbdsh_finder;
+#[allow(unused_imports)] // not every test crate that includes this module runs nbdsh
+pub use nbdsh_finder::nbdsh;
+
+fn describe(cmd: &Command, out: &Output) -> String {
+    format!(
+        "{cmd:?}: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a command to completion, failing the test with its output unless it succeeds.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "failed: {}", describe(cmd, &out));
+    out
+}
+
+/// Runs a command that must fail; returns its stdout and stderr together.
+pub fn run_failing(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        !out.status.success(),
+        "unexpectedly succeeded: {}",
+        describe(cmd, &out)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn stdout_of(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
+}
+
+/// `thinnbd ARGS...`, which must succeed; returns stdout.
+pub fn thinnbd(args: &[&str]) -> String {
+    stdout_of(Command::new(BIN).args(args))
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A temp dir holding a pool at `dir/pool`.
+pub struct TestPool {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+}
+
+impl TestPool {
+    /// A new pool with a sparse data file of `data_size` and 64 KiB blocks.
+    pub fn create(data_size: &str) -> TestPool {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("pool");
+        run(Command::new(BIN)
+            .args(["pool", "create"])
+            .arg(&dir)
+            .args(["--data-size", data_size]));
+        TestPool { tmp, dir }
+    }
+
+    pub fn dir_str(&self) -> &str {
+        self.dir.to_str().expect("utf-8 temp path")
+    }
+
+    /// `thinnbd volume create --pool DIR NAME --size SIZE`.
+    pub fn create_volume(&self, name: &str, size: &str) {
+        thinnbd(&[
+            "volume",
+            "create",
+            "--pool",
+            self.dir_str(),
+            name,
+            "--size",
+            size,
+        ]);
+    }
+
+    /// `thinnbd pool status DIR --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let text = thinnbd(&["pool", "status", self.dir_str(), "--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad status JSON ({e}):\n{text}"))
+    }
+
+    /// Mapped bytes of one volume from `pool status --json`.
+    pub fn mapped_bytes(&self, volume: &str) -> u64 {
+        let s = self.status();
+        s["volumes"]
+            .as_array()
+            .expect("volumes array")
+            .iter()
+            .find(|v| v["name"] == volume)
+            .unwrap_or_else(|| panic!("no volume {volume} in {s}"))["mapped_bytes"]
+            .as_u64()
+            .expect("mapped_bytes")
+    }
+
+    /// Starts `thinnbd serve --pool DIR` on a free port and a unix socket in the temp dir.
+    pub fn serve(&self) -> Server {
+        let socket = self.tmp.path().join("nbd.sock");
+        Server::start(
+            |cmd| {
+                cmd.arg("--pool").arg(&self.dir);
+            },
+            self.tmp.path(),
+            Some(socket),
+            Some(self.dir.join("control.sock")),
+        )
+    }
+}
+
+/// A running `thinnbd serve`. Dropping it kills the process (a test that wants the graceful
+/// stop calls `stop`).
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub socket: Option<PathBuf>,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Spawns `thinnbd serve --listen 127.0.0.1:PORT [--socket S]` plus what `args` adds, in
+    /// `cwd`, with its stderr in `cwd/serve-N.log`; waits until the port, the socket and (when
+    /// given) the control socket accept connections.
+    pub fn start(
+        args: impl FnOnce(&mut Command),
+        cwd: &Path,
+        socket: Option<PathBuf>,
+        control: Option<PathBuf>,
+    ) -> Server {
+        let mut n = 0;
+        let log = loop {
+            let p = cwd.join(format!("serve-{n}.log"));
+            if !p.exists() {
+                break p;
+            }
+            n += 1;
+        };
+        let port = free_port();
+        let mut cmd = Command::new(BIN);
+        // Plain logs in the file the tests print on failure.
+        cmd.current_dir(cwd)
+            .env("NO_COLOR", "1")
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
+        if let Some(s) = &socket {
+            cmd.arg("--socket").arg(s);
+        }
+        args(&mut cmd);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut server = Server {
+            child: Some(child),
+            port,
+            socket,
+            log,
+        };
+        server.wait_ready(control.as_deref());
+        server
+    }
+
+    fn wait_ready(&mut self, control: Option<&Path>) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let tcp = TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            let unix = self
+                .socket
+                .as_ref()
+                .is_none_or(|s| UnixStream::connect(s).is_ok());
+            let ctl = control.is_none_or(|c| UnixStream::connect(c).is_ok());
+            if tcp && unix && ctl {
+                return;
+            }
+            if let Some(status) = self.child_mut().try_wait().expect("try_wait") {
+                panic!(
+                    "thinnbd serve exited during start-up ({status}):\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "thinnbd serve not ready after 120 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("server running")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.port)
+    }
+
+    pub fn unix_uri(&self, export: &str) -> String {
+        let s = self.socket.as_ref().expect("server has a unix socket");
+        format!("nbd+unix:///{export}?socket={}", s.display())
+    }
+
+    /// Still running (has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        self.child_mut().try_wait().expect("try_wait").is_none()
+    }
+
+    /// Resident memory of the server in bytes (VmRSS from /proc/PID/status).
+    pub fn rss_bytes(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .expect("VmRSS line");
+        let kb: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS value");
+        kb * 1024
+    }
+
+    /// SIGTERM, then waits (at most 60 s) for the exit; asserts a clean exit 0.
+    pub fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// Sends `signal` (SIGTERM or SIGINT), then waits (at most 60 s); asserts exit 0.
+    pub fn stop_with(mut self, signal: libc::c_int) {
+        let mut child = self.child.take().expect("server running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+        let r = unsafe { libc::kill(pid, signal) };
+        assert_eq!(r, 0, "kill({signal}) failed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "thinnbd serve did not stop within 60 s of signal {signal}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            status.success(),
+            "thinnbd serve exited with {status} after signal {signal}:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            if std::thread::panicking() {
+                eprintln!("--- thinnbd serve log ---\n{}", self.log_text());
+            }
+        }
+    }
+}
+
+/// Runs qemu-io commands against a URI (`-r` opens read-only); fails on a non-zero exit or a
+/// reported failure (qemu-io exits 0 after a failed `read -P`, so the output is searched).
+pub fn qemu_io(uri: &str, read_only: bool, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    if read_only {
+        cmd.arg("-r");
+    }
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = run(&mut cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bad in ["fail", "error", "Error", "mismatch"] {
+        assert!(!text.contains(bad), "qemu-io reported {bad:?}:\n{text}");
+    }
+    text
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+// The few protocol constants the raw client needs, written out here so the tests do not
+// depend on the codec they check.
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const OPT_GO: u32 = 7;
+pub const REP_ACK: u32 = 1;
+pub const REP_INFO: u32 = 3;
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_TRIM: u16 = 4;
+pub const NBD_EINVAL: u32 = 22;
+
+/// A blocking client that speaks the fixed-newstyle handshake and simple replies byte by byte.
+pub struct RawClient {
+    pub s: TcpStream,
+}
+
+impl RawClient {
+    /// Connects and reads the greeting (without answering it).
+    pub fn connect(port: u16) -> RawClient {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        s.set_write_timeout(Some(Duration::from_secs(30)))
+            .expect("write timeout");
+        let mut c = RawClient { s };
+        let magic = c.u64();
+        let opt = c.u64();
+        assert_eq!((magic, opt), (NBDMAGIC, IHAVEOPT), "bad greeting");
+        let _flags = c.u16();
+        c
+    }
+
+    /// Connects and negotiates `export` with OPT_GO; returns (size, transmission flags).
+    pub fn open(port: u16, export: &str) -> (RawClient, u64, u16) {
+        let mut c = RawClient::connect(port);
+        // Fixed newstyle, no zeroes.
+        c.s.write_all(&3u32.to_be_bytes()).expect("client flags");
+        let mut data = Vec::new();
+        data.extend_from_slice(&u32::try_from(export.len()).expect("name").to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        c.send_option(OPT_GO, &data);
+        let mut size_flags = None;
+        loop {
+            let (opt, kind, payload) = c.option_reply();
+            assert_eq!(opt, OPT_GO);
+            match kind {
+                REP_ACK => break,
+                REP_INFO if payload.len() >= 12 && payload[..2] == [0, 0] => {
+                    let size = u64::from_be_bytes(payload[2..10].try_into().expect("8 bytes"));
+                    let flags = u16::from_be_bytes(payload[10..12].try_into().expect("2 bytes"));
+                    size_flags = Some((size, flags));
+                }
+                REP_INFO => {}
+                other => panic!("OPT_GO {export}: reply {other:#x}"),
+            }
+        }
+        let (size, flags) = size_flags.expect("NBD_INFO_EXPORT before the ACK");
+        (c, size, flags)
+    }
+
+    pub fn u16(&mut self) -> u16 {
+        let mut b = [0u8; 2];
+        self.s.read_exact(&mut b).expect("read u16");
+        u16::from_be_bytes(b)
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        self.s.read_exact(&mut b).expect("read u32");
+        u32::from_be_bytes(b)
+    }
+
+    pub fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.s.read_exact(&mut b).expect("read u64");
+        u64::from_be_bytes(b)
+    }
+
+    pub fn send_option(&mut self, opt: u32, data: &[u8]) {
+        let mut m = Vec::with_capacity(16 + data.len());
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&u32::try_from(data.len()).expect("len").to_be_bytes());
+        m.extend_from_slice(data);
+        self.s.write_all(&m).expect("send option");
+    }
+
+    /// One option reply: (option, reply type, payload).
+    pub fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
+        assert_eq!(self.u64(), OPT_REPLY_MAGIC, "option reply magic");
+        let opt = self.u32();
+        let kind = self.u32();
+        let len = self.u32();
+        assert!(len <= 1 << 20, "option reply of {len} bytes");
+        let mut payload = vec![0u8; len as usize];
+        self.s.read_exact(&mut payload).expect("option reply data");
+        (opt, kind, payload)
+    }
+
+    /// A transmission request header (the caller sends any payload).
+    pub fn request(&mut self, cmd: u16, cookie: u64, offset: u64, len: u32) {
+        let mut m = Vec::with_capacity(28);
+        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&cmd.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        self.s.write_all(&m).expect("send request");
+    }
+
+    /// A simple reply header: (errno, cookie).
+    pub fn simple_reply(&mut self) -> (u32, u64) {
+        assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC, "simple reply magic");
+        let err = self.u32();
+        let cookie = self.u64();
+        (err, cookie)
+    }
+
+    pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) -> u32 {
+        self.request(
+            CMD_WRITE,
+            cookie,
+            offset,
+            u32::try_from(data.len()).expect("len"),
+        );
+        self.s.write_all(data).expect("write payload");
+        let (err, c) = self.simple_reply();
+        assert_eq!(c, cookie);
+        err
+    }
+
+    /// Reads; Ok(data) or Err(errno).
+    pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        self.request(CMD_READ, cookie, offset, len);
+        let (err, c) = self.simple_reply();
+        assert_eq!(c, cookie);
+        if err != 0 {
+            return Err(err);
+        }
+        let mut data = vec![0u8; len as usize];
+        self.s.read_exact(&mut data).expect("read data");
+        Ok(data)
+    }
+
+    pub fn disconnect(mut self) {
+        self.request(CMD_DISC, 0, 0, 0);
+    }
+}
+
+/// ../shared/tools/verify_meta.py beside the checkout, if present (required under CI).
+pub fn verify_meta_script() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/verify_meta.py");
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        !in_ci(),
+        "../shared/tools/verify_meta.py is required when CI=true"
+    );
+    eprintln!("SKIP: ../shared/tools/verify_meta.py not found");
+    None
+}
+
+/// For a pool whose server has stopped: `thinnbd check DIR`, Debian's `thin_check` and
+/// `verify_meta.py check` on its metadata all exit 0.
+pub fn assert_pool_clean(dir: &Path) {
+    let out = run(Command::new(BIN).arg("check").arg(dir));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("clean"), "thinnbd check:\n{text}");
+    let meta = dir.join("metadata");
+    if require_tool("thin_check") {
+        run(Command::new("thin_check").arg(&meta));
+    }
+    if let Some(script) = verify_meta_script() {
+        if require_tool("python3") {
+            run(Command::new("python3").arg(&script).arg("check").arg(&meta));
+        }
+    }
+}
