@@ -7,6 +7,7 @@
 #                         [--reps N] [--dir DIR] [--out FILE] [--no-build] [--list]
 #
 # LIST is comma separated; workload entries may be shell globs (e.g. 'randread-*').
+# Env THINNBD=PATH and THINNBD_PLUGIN=PATH use other builds of the binary and the plugin.
 # Results: DIR/results.tsv (one line per run) and a markdown report (--out, default
 # DIR/report.md) with medians, thinnbd/peer ratios, server CPU and peak RSS.
 # See docs/performance.md for what each workload does and how to read the table.
@@ -82,8 +83,10 @@ for tool in fio nbdkit qemu-nbd qemu-img nbdcopy nbdinfo python3; do
     command -v $tool >/dev/null || { echo "missing $tool (apt-get install fio nbdkit qemu-utils libnbd-bin)" >&2; exit 1; }
 done
 
-thinnbd="$repo/target/release/thinnbd"
-plugin_so="$repo/target/release/libthinnbd.so"
+# THINNBD / THINNBD_PLUGIN point at other builds (e.g. to compare two versions; implies --no-build).
+thinnbd="${THINNBD:-$repo/target/release/thinnbd}"
+plugin_so="${THINNBD_PLUGIN:-$repo/target/release/libthinnbd.so}"
+[ -z "${THINNBD:-}${THINNBD_PLUGIN:-}" ] || build=0
 if [ $build = 1 ]; then
     (cd "$repo" && cargo build --release --features nbdkit --bin thinnbd --lib)
 fi
