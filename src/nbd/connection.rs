@@ -1,9 +1,11 @@
 //! One client connection: the fixed newstyle handshake, then the transmission phase.
 //!
 //! In transmission the connection's task only reads: it decodes a request, takes permits
-//! (requests in flight, payload bytes in flight), reads a write payload and spawns the request.
-//! Each request runs its backend call on the blocking pool and hands its complete reply frame
-//! to the connection's single writer task, so replies leave in completion order and never
+//! (requests in flight, payload bytes in flight), reads a write payload and dispatches the
+//! request. A read the backend can serve from memory without waiting is answered right there
+//! (`read_nowait`); every other request runs its backend call on the blocking pool. Either
+//! way the complete reply frame
+//! goes to the connection's single writer task, so replies leave in completion order and never
 //! interleave mid-frame. A malformed request closes this connection only; a request that is
 //! merely invalid gets an error reply and the connection goes on.
 
@@ -367,6 +369,47 @@ struct Ctx {
     structured: bool,
     base_allocation: bool,
     max_request_bytes: u32,
+    buffers: Buffers,
+}
+
+/// Frames smaller than this are left to the allocator, which serves them quickly.
+const POOLED_MIN: usize = 64 << 10;
+/// Frames larger than this are not kept (a pool of 32 MiB buffers would pin a lot of memory).
+const POOLED_MAX: usize = (1 << 20) + 64;
+/// Buffers kept per connection.
+const POOLED_COUNT: usize = 16;
+
+/// Large frame buffers kept for reuse within one connection: a 1 MiB read or write would
+/// otherwise allocate, zero and fault in fresh memory on every request.
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn pool(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // Only whole buffers are pushed and popped; a poisoned pool is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A buffer of `len` bytes whose contents are unspecified (a reused buffer keeps old
+    /// bytes): the caller overwrites all of it before it leaves the connection.
+    fn take(&self, len: usize) -> Vec<u8> {
+        if len >= POOLED_MIN {
+            if let Some(mut v) = self.pool().pop() {
+                v.resize(len, 0);
+                return v;
+            }
+        }
+        vec![0u8; len]
+    }
+
+    fn put(&self, v: Vec<u8>) {
+        if (POOLED_MIN..=POOLED_MAX).contains(&v.capacity()) {
+            let mut pool = self.pool();
+            if pool.len() < POOLED_COUNT {
+                pool.push(v);
+            }
+        }
+    }
 }
 
 /// A reply frame on its way to the writer; the permits travel with it so that a connection's
@@ -393,11 +436,12 @@ where
         structured: n.structured,
         base_allocation: n.base_allocation,
         max_request_bytes: cfg.max_request_bytes,
+        buffers: Buffers::default(),
     });
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let (tx, rx) = mpsc::channel::<Outgoing>(cfg.max_inflight_per_connection);
-    let writer = tokio::spawn(writer(wr, rx));
+    let writer = tokio::spawn(writer(wr, rx, Arc::clone(&ctx)));
     let count = Arc::new(Semaphore::new(cfg.max_inflight_per_connection));
     let byte_cap = cfg.max_inflight_bytes_per_connection;
     let bytes = Arc::new(Semaphore::new(byte_cap));
@@ -446,8 +490,23 @@ where
                 Err(_) => break Ok("semaphore closed"),
             },
         };
+        // Reads the backend can serve from memory are answered here, on the event loop: the
+        // hop to a blocking thread and back costs more than a page-cache read.
+        if req.command == Command::Read {
+            if let Some(bytes) = read_nowait(&ctx, &req) {
+                let out = Outgoing {
+                    bytes,
+                    _permits: (c, b),
+                };
+                if tx.send(out).await.is_err() {
+                    break Ok("reply writer stopped");
+                }
+                continue;
+            }
+        }
         let payload = if req.command == Command::Write {
-            let mut payload = vec![0u8; req.length as usize];
+            // Overwritten whole by read_exact (or the connection ends).
+            let mut payload = ctx.buffers.take(req.length as usize);
             tokio::select! {
                 _ = stopped(&mut stop) => break Ok("server shutting down"),
                 r = rd.read_exact(&mut payload) => if let Err(e) = r {
@@ -461,14 +520,19 @@ where
         let (ctx, tx) = (Arc::clone(&ctx), tx.clone());
         tasks.spawn(async move {
             let ctx2 = Arc::clone(&ctx);
-            let bytes =
-                match tokio::task::spawn_blocking(move || execute(&ctx2, &req, payload)).await {
-                    Ok(bytes) => bytes,
-                    Err(e) => {
-                        warn!(error = %e, "request task failed");
-                        error_reply(&ctx, &req, NBD_EIO, "internal error")
-                    }
-                };
+            let bytes = match tokio::task::spawn_blocking(move || {
+                let bytes = execute(&ctx2, &req, &payload);
+                ctx2.buffers.put(payload);
+                bytes
+            })
+            .await
+            {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    warn!(error = %e, "request task failed");
+                    error_reply(&ctx, &req, NBD_EIO, "internal error")
+                }
+            };
             // A send error means the writer is gone, and the connection with it.
             let _ = tx
                 .send(Outgoing {
@@ -507,13 +571,18 @@ where
 }
 
 /// The one task writing to the socket: frames go out whole, batched while more are queued.
-async fn writer<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) -> io::Result<()> {
+async fn writer<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    ctx: Arc<Ctx>,
+) -> io::Result<()> {
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
     while let Some(out) = rx.recv().await {
         wr.write_all(&out.bytes).await?;
-        drop(out);
+        ctx.buffers.put(out.bytes);
         while let Ok(out) = rx.try_recv() {
             wr.write_all(&out.bytes).await?;
+            ctx.buffers.put(out.bytes);
         }
         wr.flush().await?;
     }
@@ -521,7 +590,7 @@ async fn writer<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) 
 }
 
 /// Runs one request on the calling (blocking) thread and returns its whole reply.
-fn execute(ctx: &Ctx, req: &Request, payload: Vec<u8>) -> Vec<u8> {
+fn execute(ctx: &Ctx, req: &Request, payload: &[u8]) -> Vec<u8> {
     if let Err((errno, msg)) = validate(ctx, req) {
         debug!(?req, errno, msg, "request rejected");
         return error_reply(ctx, req, errno, msg);
@@ -532,7 +601,7 @@ fn execute(ctx: &Ctx, req: &Request, payload: Vec<u8>) -> Vec<u8> {
     let result = match req.command {
         Command::Read => return read_reply(ctx, req),
         Command::BlockStatus => return block_status_reply(ctx, req),
-        Command::Write => b.write(off, &payload, fua),
+        Command::Write => b.write(off, payload, fua),
         Command::Flush => b.flush(),
         Command::Trim => b.trim(off, len, fua),
         Command::WriteZeroes => b.write_zeroes(
@@ -615,6 +684,45 @@ fn error_reply(ctx: &Ctx, req: &Request, errno: u32, message: &str) -> Vec<u8> {
         .encode()
         .to_vec()
     }
+}
+
+/// The reply to a read the backend can serve without waiting
+/// ([`ExportBackend::try_read_nowait`]): one simple reply or one data chunk. `None` sends the
+/// read down the blocking path, which also produces any error reply.
+fn read_nowait(ctx: &Ctx, req: &Request) -> Option<Vec<u8>> {
+    validate(ctx, req).ok()?;
+    let len = req.length as usize;
+    let head = if ctx.structured {
+        STRUCTURED_HEADER_LEN + 8
+    } else {
+        SIMPLE_REPLY_LEN
+    };
+    let mut out = ctx.buffers.take(head + len);
+    if ctx
+        .backend
+        .try_read_nowait(req.offset, &mut out[head..])
+        .is_none()
+    {
+        ctx.buffers.put(out);
+        return None;
+    }
+    if ctx.structured {
+        let header = ChunkHeader {
+            flags: REPLY_FLAG_DONE,
+            chunk_type: REPLY_TYPE_OFFSET_DATA,
+            cookie: req.cookie,
+            length: req.length.checked_add(8)?,
+        };
+        out[..STRUCTURED_HEADER_LEN].copy_from_slice(&header.encode());
+        out[STRUCTURED_HEADER_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
+    } else {
+        let reply = SimpleReply {
+            error: 0,
+            cookie: req.cookie,
+        };
+        out[..SIMPLE_REPLY_LEN].copy_from_slice(&reply.encode());
+    }
+    Some(out)
 }
 
 fn read_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
@@ -753,6 +861,142 @@ fn block_status_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::nbd::memory::MemoryExport;
+
+    /// A memory export whose non-blocking read serves only ranges written before (all data),
+    /// like the engine's, and counts how often it was asked.
+    struct Fast {
+        inner: MemoryExport,
+        written_below: u64,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ExportBackend for Fast {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn preferred_block_size(&self) -> u32 {
+            4096
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.inner.read(offset, buf)
+        }
+        fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<()> {
+            self.asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if offset + buf.len() as u64 > self.written_below {
+                return None;
+            }
+            self.inner.read(offset, buf).ok()
+        }
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+            self.inner.write(offset, data, fua)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+            self.inner.trim(offset, len, fua)
+        }
+        fn write_zeroes(&self, o: u64, l: u64, u: bool, f: bool, fua: bool) -> Result<()> {
+            self.inner.write_zeroes(o, l, u, f, fua)
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            self.inner.block_status(offset, len)
+        }
+        fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn ctx(structured: bool) -> (Ctx, Arc<Fast>) {
+        let inner = MemoryExport::new(1 << 20);
+        let data: Vec<u8> = (0..256 << 10)
+            .map(|i: u32| (i * 7 + i / 4096) as u8)
+            .collect();
+        inner.write(0, &data, false).unwrap();
+        let fast = Arc::new(Fast {
+            inner,
+            written_below: 256 << 10,
+            asked: Default::default(),
+        });
+        let c = Ctx {
+            backend: fast.clone(),
+            size: 1 << 20,
+            read_only: false,
+            structured,
+            base_allocation: structured,
+            max_request_bytes: 32 << 20,
+            buffers: Buffers::default(),
+        };
+        (c, fast)
+    }
+
+    fn read(cookie: u64, flags: u16, offset: u64, length: u32) -> Request {
+        Request {
+            flags,
+            command: Command::Read,
+            cookie,
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn large_buffers_are_reused_small_and_huge_ones_are_not() {
+        let b = Buffers::default();
+        let v = b.take(1 << 20);
+        assert_eq!(v.len(), 1 << 20);
+        let ptr = v.as_ptr();
+        b.put(v);
+        let again = b.take((1 << 20) - 100);
+        assert_eq!((again.len(), again.as_ptr()), ((1 << 20) - 100, ptr));
+        b.put(vec![0u8; 4096]);
+        b.put(vec![0u8; 32 << 20]);
+        assert!(b.pool().is_empty(), "only 64 KiB to 1 MiB buffers are kept");
+        for _ in 0..2 * POOLED_COUNT {
+            b.put(vec![0u8; 128 << 10]);
+        }
+        assert_eq!(b.pool().len(), POOLED_COUNT);
+        assert_eq!(
+            b.take(100).capacity(),
+            100,
+            "small frames come from the allocator"
+        );
+    }
+
+    #[test]
+    fn nowait_reads_reply_exactly_as_the_blocking_path_does() {
+        for structured in [false, true] {
+            let (c, _) = ctx(structured);
+            for (flags, offset, length) in [(0, 0, 4096), (0, 4095, 70_000), (CMD_FLAG_DF, 8192, 1)]
+            {
+                let req = read(9, flags, offset, length);
+                let fast = read_nowait(&c, &req).expect("written range is served at once");
+                assert_eq!(
+                    fast,
+                    read_reply(&c, &req),
+                    "structured={structured} {req:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nowait_reads_fall_back_when_the_backend_or_the_request_says_so() {
+        let (c, fast) = ctx(true);
+        // Partly unwritten: the backend declines; the blocking path sends its hole chunks.
+        assert!(read_nowait(&c, &read(1, 0, (256 << 10) - 4096, 8192)).is_none());
+        assert_eq!(fast.asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Invalid requests never reach the backend; the blocking path sends their errors.
+        assert!(read_nowait(&c, &read(2, 0, 1 << 20, 1)).is_none());
+        assert!(read_nowait(&c, &read(3, 0, 0, 0)).is_none());
+        assert_eq!(fast.asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn preferred_block_size_is_a_power_of_two_within_limits() {
