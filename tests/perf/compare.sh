@@ -37,7 +37,7 @@ nbdcopy"
 quick_workloads="prov-qd32-j1 seqwrite overwrite-qd32-j1 randread-qd32-j1 seqread cow-qd32-j1 nbdcopy"
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -e/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -137,8 +137,8 @@ start_server() {
                --discard=unmap --shared=16 --persistent "$d/disk.qcow2" 2>>"$d/server.log" & ;;
     esac
     SRV_PID=$!
-    local i
-    for i in $(seq 1 200); do
+    local _
+    for _ in $(seq 1 200); do
         if [ -S "$SOCK" ] && nbdinfo --size "$(uri)" >/dev/null 2>&1; then return 0; fi
         kill -0 "$SRV_PID" 2>/dev/null || break
         sleep 0.1
@@ -151,8 +151,8 @@ start_server() {
 stop_server() {
     [ -n "$SRV_PID" ] || return 0
     kill -TERM "$SRV_PID" 2>/dev/null || true
-    local i
-    for i in $(seq 1 300); do
+    local _
+    for _ in $(seq 1 300); do
         kill -0 "$SRV_PID" 2>/dev/null || break
         sleep 0.1
     done
