@@ -406,6 +406,27 @@ impl ThinHandle {
         sh.data.try_read_cached(&mut buf[p..p + l], a)
     }
 
+    /// Whether a write of `[off, off + len)` would take the overwrite fast path now: the
+    /// volume writable, the pool not failed, every block mapped and unshared in the mapping
+    /// cache. Such a write waits for no cell, no space and no worker. A hint: `write` checks
+    /// everything again.
+    pub fn is_overwrite(&self, off: u64, len: u64) -> bool {
+        let Ok(n) = usize::try_from(len) else {
+            return false;
+        };
+        if self.thin.read_only || self.sh.failed() || n == 0 {
+            return false;
+        }
+        if off.checked_add(len).is_none_or(|end| end > self.size()) {
+            return false;
+        }
+        pieces(off, n, self.sh.block_bytes).all(|(vb, _, _)| {
+            self.sh
+                .cached_mapping(self.thin.id, vb)
+                .is_some_and(|m| !m.shared)
+        })
+    }
+
     pub fn write(&self, off: u64, buf: &[u8], fua: bool) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         self.check_volume_writable()?;
@@ -647,12 +668,23 @@ mod tests {
         assert_eq!(h.try_read_cached(16 * BS - 4096, &mut buf), None);
         assert_eq!(h.try_read_cached(0, &mut []), None);
 
+        // Overwrites of those blocks are quick; holes, the end and past it are not.
+        assert!(h.is_overwrite(BS + 10, 2 * BS));
+        assert!(!h.is_overwrite(BS - 1, 2));
+        assert!(!h.is_overwrite(16 * BS - 4096, 8192));
+        assert!(!h.is_overwrite(BS, 0));
+
         // A quiesce in progress (snapshot, discard, teardown) makes it decline, not wait.
         {
             let _q = h.thin.quiesce();
             assert_eq!(h.try_read_cached(BS, &mut one), None);
         }
         assert_eq!(h.try_read_cached(BS, &mut one), Some(()));
+
+        // After a snapshot the blocks are shared: writing them copies, which is not quick.
+        pool.create_snapshot(2, 1).unwrap();
+        h.read(BS, &mut back).unwrap();
+        assert!(!h.is_overwrite(BS, 4096));
 
         // Armed faults always go the blocking way, where they are injected and reported.
         h.sh.data.faults().fail_reads_of(1000);

@@ -26,6 +26,13 @@ pub trait ExportBackend: Send + Sync + 'static {
         None
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
+    /// Whether a write of this range is known to finish quickly right now (no waiting for
+    /// space, for other requests or for a commit), so the server may run several such writes
+    /// one after another on one thread. A hint; `write` still does all its checks.
+    fn write_is_quick(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
     /// Makes every completed write durable (from any connection).
     fn flush(&self) -> Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;

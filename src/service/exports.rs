@@ -97,6 +97,10 @@ impl ExportBackend for VolumeExport {
         self.active.thin.write(offset, data, fua)
     }
 
+    fn write_is_quick(&self, offset: u64, len: u64) -> bool {
+        self.active.thin.is_overwrite(offset, len)
+    }
+
     fn flush(&self) -> Result<()> {
         self.active.thin.flush()
     }
