@@ -1024,6 +1024,125 @@ mod tests {
         }
     }
 
+    /// A memory export whose writes all count as quick, so the connection batches them.
+    struct Quick(MemoryExport);
+
+    impl ExportBackend for Quick {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn preferred_block_size(&self) -> u32 {
+            4096
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.0.read(offset, buf)
+        }
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+            self.0.write(offset, data, fua)
+        }
+        fn write_is_quick(&self, _offset: u64, _len: u64) -> bool {
+            true
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+            self.0.trim(offset, len, fua)
+        }
+        fn write_zeroes(&self, o: u64, l: u64, u: bool, f: bool, fua: bool) -> Result<()> {
+            self.0.write_zeroes(o, l, u, f, fua)
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            self.0.block_status(offset, len)
+        }
+        fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pipelined_quick_writes_are_batched_and_each_gets_its_reply() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let backend = Arc::new(Quick(MemoryExport::new(1 << 20)));
+            let shared = Arc::new(Shared {
+                source: Arc::new(crate::nbd::memory::MemorySource::new()),
+                config: crate::nbd::ServerConfig::default(),
+            });
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            let (_stop_tx, stop_rx) = watch::channel(false);
+            let n = Negotiated {
+                name: "q".into(),
+                backend: backend.clone(),
+                flags: 0,
+                structured: false,
+                base_allocation: false,
+            };
+            let conn = tokio::spawn(transmission(server, n, shared, stop_rx));
+            // 40 writes sent at once: the connection reads them 64 KiB at a time, so runs of
+            // complete writes sit in its buffer and go out in batches; one FUA write and a
+            // flush in the middle go alone.
+            const N: u64 = 40;
+            let mut out = Vec::new();
+            for i in 0..N {
+                let (command, flags) = match i {
+                    20 => (Command::Flush, 0),
+                    25 => (Command::Write, CMD_FLAG_FUA),
+                    _ => (Command::Write, 0),
+                };
+                let length = if command == Command::Write { 4096 } else { 0 };
+                let req = Request {
+                    flags,
+                    command,
+                    cookie: i,
+                    offset: if length > 0 { i * 4096 } else { 0 },
+                    length,
+                };
+                out.extend_from_slice(&req.encode());
+                out.extend(std::iter::repeat_n(i as u8 + 1, length as usize));
+            }
+            client.write_all(&out).await.unwrap();
+            let mut cookies = Vec::new();
+            for _ in 0..N {
+                let mut r = [0u8; SIMPLE_REPLY_LEN];
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(60),
+                    client.read_exact(&mut r),
+                )
+                .await
+                .expect("every request is answered")
+                .unwrap();
+                assert_eq!(r[4..8], [0, 0, 0, 0], "no error");
+                cookies.push(u64::from_be_bytes(r[8..16].try_into().unwrap()));
+            }
+            cookies.sort_unstable();
+            assert_eq!(cookies, (0..N).collect::<Vec<_>>());
+            let mut all = vec![0u8; (N * 4096) as usize];
+            backend.0.read(0, &mut all).unwrap();
+            for (i, chunk) in all.chunks(4096).enumerate() {
+                let want = if i == 20 { 0 } else { i as u8 + 1 };
+                assert!(chunk.iter().all(|&b| b == want), "block {i}");
+            }
+            let disc = Request {
+                flags: 0,
+                command: Command::Disc,
+                cookie: N,
+                offset: 0,
+                length: 0,
+            };
+            client.write_all(&disc.encode()).await.unwrap();
+            let how = conn.await.unwrap().unwrap();
+            assert_eq!(how, "NBD_CMD_DISC");
+        });
+    }
+
     #[test]
     fn large_buffers_are_reused_small_and_huge_ones_are_not() {
         let b = Buffers::default();
