@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -139,6 +140,8 @@ pub struct DataDevice {
     /// The whole device is known to read zeros (a sparse file we just created).
     fresh: bool,
     punch_supported: AtomicBool,
+    /// `preadv2(RWF_NOWAIT)` works here (cleared on the first EOPNOTSUPP/EINVAL/ENOSYS).
+    nowait_supported: AtomicBool,
     faults: DataFaults,
 }
 
@@ -150,6 +153,7 @@ impl DataDevice {
             file,
             fresh,
             punch_supported: AtomicBool::new(true),
+            nowait_supported: AtomicBool::new(true),
             faults: DataFaults::default(),
         }
     }
@@ -175,6 +179,37 @@ impl DataDevice {
             .check(false, block)
             .and_then(|()| self.file.read_exact_at(buf, offset))
             .map_err(|e| Error::io(format!("reading data block {block} at byte {offset}"), e))
+    }
+
+    /// Reads `buf` at `offset` only if the page cache holds all of it (`preadv2` with
+    /// `RWF_NOWAIT`, which never waits for the device). `None` when it would have to wait, came
+    /// up short, failed in any way, or faults are armed: the caller then takes the ordinary
+    /// path ([`read_at`](Self::read_at)), which also reports any error. This is what lets the
+    /// NBD server answer cached reads on its event loop instead of a blocking thread.
+    pub fn try_read_cached(&self, buf: &mut [u8], offset: u64) -> Option<()> {
+        if self.faults.armed.load(Ordering::Acquire)
+            || !self.nowait_supported.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        let at = libc::off_t::try_from(offset).ok()?;
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is valid for writes of `buf.len()` bytes and
+        // borrowed mutably for the whole call; the descriptor belongs to `self.file`, open for
+        // as long as `self` lives.
+        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error().raw_os_error();
+            if e == Some(libc::EOPNOTSUPP) || e == Some(libc::EINVAL) || e == Some(libc::ENOSYS) {
+                // Old kernel or a file system without NOWAIT reads: stop trying.
+                self.nowait_supported.store(false, Ordering::Relaxed);
+            }
+            return None;
+        }
+        (usize::try_from(n).ok()? == buf.len()).then_some(())
     }
 
     pub fn write_at(&self, block: u64, buf: &[u8], offset: u64) -> Result<()> {

@@ -280,6 +280,11 @@ impl Shared {
         Ok(m)
     }
 
+    /// The mapping if the lock-free cache has it; never touches the metadata lock.
+    pub(crate) fn cached_mapping(&self, thin: ThinId, vblock: u64) -> Option<Mapping> {
+        self.cache.get(thin, vblock)
+    }
+
     /// Cheap fail-stop test for the overwrite fast path: every metadata failure passes through
     /// [`note`](Self::note) (failed commits included), which sets the flag.
     pub(crate) fn failed(&self) -> bool {

@@ -161,6 +161,20 @@ impl Thin {
         Ok(g)
     }
 
+    /// Enters the gate shared if that needs no waiting (no snapshot, discard or teardown
+    /// holding or waiting for it), as the non-blocking read path must.
+    fn try_enter(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        let g = match self.gate.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        if self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(g)
+    }
+
     /// Waits for requests in flight and holds new ones back.
     pub(crate) fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
         self.gate.write().unwrap_or_else(|p| p.into_inner())
@@ -358,6 +372,59 @@ impl ThinHandle {
             }
         }
         Ok(())
+    }
+
+    /// [`read`](Self::read) when it needs no waiting at all: the gate free, every block in the
+    /// mapping cache (so mapped: the range holds no holes) and every byte in the page cache.
+    /// `None` means "call `read`", which also reports any error; `buf` may then hold anything.
+    /// Runs of consecutive data blocks are read with one call.
+    pub fn try_read_cached(&self, off: u64, buf: &mut [u8]) -> Option<()> {
+        let end = off.checked_add(buf.len() as u64)?;
+        if end > self.size() || buf.is_empty() {
+            return None;
+        }
+        let _gate = self.thin.try_enter()?;
+        let bs = self.sh.block_bytes;
+        let sh = &self.sh;
+        // (position in buf, byte offset in the data device, length) of the pending run.
+        let mut run: Option<(usize, u64, usize)> = None;
+        let mut pos = 0usize;
+        for (vb, inb, n) in pieces(off, buf.len(), bs) {
+            let m = sh.cached_mapping(self.thin.id, vb)?;
+            let at = byte_offset(m.data_block, bs, inb).ok()?;
+            run = match run {
+                Some((p, a, l)) if a.checked_add(l as u64) == Some(at) => Some((p, a, l + n)),
+                Some((p, a, l)) => {
+                    sh.data.try_read_cached(&mut buf[p..p + l], a)?;
+                    Some((pos, at, n))
+                }
+                None => Some((pos, at, n)),
+            };
+            pos += n;
+        }
+        let (p, a, l) = run?;
+        sh.data.try_read_cached(&mut buf[p..p + l], a)
+    }
+
+    /// Whether a write of `[off, off + len)` would take the overwrite fast path now: the
+    /// volume writable, the pool not failed, every block mapped and unshared in the mapping
+    /// cache. Such a write waits for no cell, no space and no worker. A hint: `write` checks
+    /// everything again.
+    pub fn is_overwrite(&self, off: u64, len: u64) -> bool {
+        let Ok(n) = usize::try_from(len) else {
+            return false;
+        };
+        if self.thin.read_only || self.sh.failed() || n == 0 {
+            return false;
+        }
+        if off.checked_add(len).is_none_or(|end| end > self.size()) {
+            return false;
+        }
+        pieces(off, n, self.sh.block_bytes).all(|(vb, _, _)| {
+            self.sh
+                .cached_mapping(self.thin.id, vb)
+                .is_some_and(|m| !m.shared)
+        })
     }
 
     pub fn write(&self, off: u64, buf: &[u8], fua: bool) -> Result<()> {
@@ -560,5 +627,69 @@ impl ThinHandle {
     pub fn flush(&self) -> Result<()> {
         self.thin.check_open()?;
         self.sh.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::{Pool, PoolConfig};
+
+    const BS: u64 = 64 << 10;
+
+    fn pool(dir: &std::path::Path) -> std::sync::Arc<Pool> {
+        let (meta, data) = (dir.join("meta"), dir.join("data"));
+        Pool::create(&meta, &data, 64 * BS, BS, PoolConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn cached_reads_serve_mapped_blocks_and_decline_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(dir.path());
+        pool.create_thin(1).unwrap();
+        let h = pool.activate(1, 16 * BS, false).unwrap();
+        let data: Vec<u8> = (0..3 * BS as u32).map(|i| (i % 251) as u8).collect();
+        h.write(BS, &data, false).unwrap();
+        // Slow reads fill the mapping cache.
+        let mut back = vec![0u8; data.len()];
+        h.read(BS, &mut back).unwrap();
+        assert_eq!(back, data);
+
+        // Across three (consecutively allocated) blocks, and within one.
+        let mut fast = vec![0xEEu8; data.len() - 100];
+        assert_eq!(h.try_read_cached(BS + 50, &mut fast), Some(()));
+        assert_eq!(fast, data[50..data.len() - 50]);
+        let mut one = vec![0u8; 4096];
+        assert_eq!(h.try_read_cached(2 * BS + 4096, &mut one), Some(()));
+        assert_eq!(one, data[(BS + 4096) as usize..(BS + 8192) as usize]);
+
+        // A hole in the range, a range past the end, an empty buffer: the blocking path's.
+        let mut buf = vec![0u8; 8192];
+        assert_eq!(h.try_read_cached(BS - 4096, &mut buf), None);
+        assert_eq!(h.try_read_cached(16 * BS - 4096, &mut buf), None);
+        assert_eq!(h.try_read_cached(0, &mut []), None);
+
+        // Overwrites of those blocks are quick; holes, the end and past it are not.
+        assert!(h.is_overwrite(BS + 10, 2 * BS));
+        assert!(!h.is_overwrite(BS - 1, 2));
+        assert!(!h.is_overwrite(16 * BS - 4096, 8192));
+        assert!(!h.is_overwrite(BS, 0));
+
+        // A quiesce in progress (snapshot, discard, teardown) makes it decline, not wait.
+        {
+            let _q = h.thin.quiesce();
+            assert_eq!(h.try_read_cached(BS, &mut one), None);
+        }
+        assert_eq!(h.try_read_cached(BS, &mut one), Some(()));
+
+        // After a snapshot the blocks are shared: writing them copies, which is not quick.
+        pool.create_snapshot(2, 1).unwrap();
+        h.read(BS, &mut back).unwrap();
+        assert!(!h.is_overwrite(BS, 4096));
+
+        // Armed faults always go the blocking way, where they are injected and reported.
+        h.sh.data.faults().fail_reads_of(1000);
+        assert_eq!(h.try_read_cached(BS, &mut one), None);
+        h.sh.data.faults().clear();
+        assert!(h.read(BS, &mut one).is_ok());
     }
 }

@@ -16,7 +16,23 @@ pub trait ExportBackend: Send + Sync + 'static {
     fn preferred_block_size(&self) -> u32;
     /// Fills `buf` from `offset`; holes read as zeros.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Serves a read at once if that needs no waiting at all (no lock to wait for, no device
+    /// I/O: the bytes are in memory), so the server can answer it on its event loop without a
+    /// hop to a blocking thread. `None`: not now (or an error); the server then calls
+    /// [`read`](Self::read) off the executor. A backend that fills `buf` here promises the
+    /// range holds only data (no holes), so one data chunk is the right structured reply.
+    fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<()> {
+        let _ = (offset, buf);
+        None
+    }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
+    /// Whether a write of this range is known to finish quickly right now (no waiting for
+    /// space, for other requests or for a commit), so the server may run several such writes
+    /// one after another on one thread. A hint; `write` still does all its checks.
+    fn write_is_quick(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
     /// Makes every completed write durable (from any connection).
     fn flush(&self) -> Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;

@@ -1,9 +1,11 @@
 //! One client connection: the fixed newstyle handshake, then the transmission phase.
 //!
 //! In transmission the connection's task only reads: it decodes a request, takes permits
-//! (requests in flight, payload bytes in flight), reads a write payload and spawns the request.
-//! Each request runs its backend call on the blocking pool and hands its complete reply frame
-//! to the connection's single writer task, so replies leave in completion order and never
+//! (requests in flight, payload bytes in flight), reads a write payload and dispatches the
+//! request. A read the backend can serve from memory without waiting is answered right there
+//! (`read_nowait`); every other request runs its backend call on the blocking pool. Either
+//! way the complete reply frame
+//! goes to the connection's single writer task, so replies leave in completion order and never
 //! interleave mid-frame. A malformed request closes this connection only; a request that is
 //! merely invalid gets an error reply and the connection goes on.
 
@@ -367,6 +369,47 @@ struct Ctx {
     structured: bool,
     base_allocation: bool,
     max_request_bytes: u32,
+    buffers: Buffers,
+}
+
+/// Frames smaller than this are left to the allocator, which serves them quickly.
+const POOLED_MIN: usize = 64 << 10;
+/// Frames larger than this are not kept (a pool of 32 MiB buffers would pin a lot of memory).
+const POOLED_MAX: usize = (1 << 20) + 64;
+/// Buffers kept per connection.
+const POOLED_COUNT: usize = 16;
+
+/// Large frame buffers kept for reuse within one connection: a 1 MiB read or write would
+/// otherwise allocate, zero and fault in fresh memory on every request.
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn pool(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // Only whole buffers are pushed and popped; a poisoned pool is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A buffer of `len` bytes whose contents are unspecified (a reused buffer keeps old
+    /// bytes): the caller overwrites all of it before it leaves the connection.
+    fn take(&self, len: usize) -> Vec<u8> {
+        if len >= POOLED_MIN {
+            if let Some(mut v) = self.pool().pop() {
+                v.resize(len, 0);
+                return v;
+            }
+        }
+        vec![0u8; len]
+    }
+
+    fn put(&self, v: Vec<u8>) {
+        if (POOLED_MIN..=POOLED_MAX).contains(&v.capacity()) {
+            let mut pool = self.pool();
+            if pool.len() < POOLED_COUNT {
+                pool.push(v);
+            }
+        }
+    }
 }
 
 /// A reply frame on its way to the writer; the permits travel with it so that a connection's
@@ -393,15 +436,19 @@ where
         structured: n.structured,
         base_allocation: n.base_allocation,
         max_request_bytes: cfg.max_request_bytes,
+        buffers: Buffers::default(),
     });
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let (tx, rx) = mpsc::channel::<Outgoing>(cfg.max_inflight_per_connection);
-    let writer = tokio::spawn(writer(wr, rx));
+    let writer = tokio::spawn(writer(wr, rx, Arc::clone(&ctx)));
     let count = Arc::new(Semaphore::new(cfg.max_inflight_per_connection));
     let byte_cap = cfg.max_inflight_bytes_per_connection;
     let bytes = Arc::new(Semaphore::new(byte_cap));
     let mut tasks = JoinSet::new();
+    // Read in full, not yet dispatched; only ever non-empty while the next request is a write
+    // already in the read buffer (so nothing waits on it).
+    let mut batch: Vec<Pending> = Vec::new();
 
     let outcome = loop {
         while tasks.try_join_next().is_some() {}
@@ -446,8 +493,23 @@ where
                 Err(_) => break Ok("semaphore closed"),
             },
         };
+        // Reads the backend can serve from memory are answered here, on the event loop: the
+        // hop to a blocking thread and back costs more than a page-cache read.
+        if req.command == Command::Read {
+            if let Some(bytes) = read_nowait(&ctx, &req) {
+                let out = Outgoing {
+                    bytes,
+                    _permits: (c, b),
+                };
+                if tx.send(out).await.is_err() {
+                    break Ok("reply writer stopped");
+                }
+                continue;
+            }
+        }
         let payload = if req.command == Command::Write {
-            let mut payload = vec![0u8; req.length as usize];
+            // Overwritten whole by read_exact (or the connection ends).
+            let mut payload = ctx.buffers.take(req.length as usize);
             tokio::select! {
                 _ = stopped(&mut stop) => break Ok("server shutting down"),
                 r = rd.read_exact(&mut payload) => if let Err(e) = r {
@@ -458,26 +520,23 @@ where
         } else {
             Vec::new()
         };
-        let (ctx, tx) = (Arc::clone(&ctx), tx.clone());
-        tasks.spawn(async move {
-            let ctx2 = Arc::clone(&ctx);
-            let bytes =
-                match tokio::task::spawn_blocking(move || execute(&ctx2, &req, payload)).await {
-                    Ok(bytes) => bytes,
-                    Err(e) => {
-                        warn!(error = %e, "request task failed");
-                        error_reply(&ctx, &req, NBD_EIO, "internal error")
-                    }
-                };
-            // A send error means the writer is gone, and the connection with it.
-            let _ = tx
-                .send(Outgoing {
-                    bytes,
-                    _permits: (c, b),
-                })
-                .await;
+        batch.push(Pending {
+            req,
+            payload,
+            permits: (c, b),
         });
+        // Quick writes the client has already sent in full go to one blocking call together:
+        // one hand-off to a thread and one wake-up for the lot instead of one per request.
+        if batch.len() >= MAX_BATCH
+            || !batchable(&ctx, &req)
+            || !next_is_batchable(rd.buffer(), &ctx, &count, &bytes)
+        {
+            dispatch(&mut tasks, std::mem::take(&mut batch), &ctx, &tx);
+        }
     };
+    if !batch.is_empty() {
+        dispatch(&mut tasks, batch, &ctx, &tx);
+    }
     // Let every accepted request finish and its reply go out before the writer closes. A
     // client that stops reading could hold that up forever, so once the server is shutting
     // down it gets `shutdown_grace`, then the connection is cut.
@@ -506,14 +565,102 @@ where
     outcome
 }
 
+/// Requests dispatched together at most.
+const MAX_BATCH: usize = 16;
+
+/// A request read in full, with its permits, waiting to be dispatched.
+struct Pending {
+    req: Request,
+    payload: Vec<u8>,
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Only writes the backend knows to be quick are batched: a request that may wait (for space,
+/// for another request, for a flush) must not hold up the ones queued behind it.
+fn batchable(ctx: &Ctx, req: &Request) -> bool {
+    req.command == Command::Write
+        && !req.has(CMD_FLAG_FUA)
+        && ctx
+            .backend
+            .write_is_quick(req.offset, u64::from(req.length))
+}
+
+/// Whether the next request is a batchable write whose header and payload are already
+/// buffered and whose permits are free now (only this task takes permits, so they stay free):
+/// reading it cannot wait, so the batch never holds requests back from a client.
+fn next_is_batchable(buf: &[u8], ctx: &Ctx, count: &Semaphore, bytes: &Semaphore) -> bool {
+    let Some(next) = buf.get(..REQUEST_LEN).and_then(|h| Request::decode(h).ok()) else {
+        return false;
+    };
+    let len = next.length as usize;
+    next.length <= ctx.max_request_bytes
+        && buf.len() >= REQUEST_LEN + len
+        && count.available_permits() >= 1
+        && bytes.available_permits() >= len
+        && batchable(ctx, &next)
+}
+
+/// Runs a batch on the blocking pool, in order, and queues its replies.
+fn dispatch(
+    tasks: &mut JoinSet<()>,
+    batch: Vec<Pending>,
+    ctx: &Arc<Ctx>,
+    tx: &mpsc::Sender<Outgoing>,
+) {
+    let (ctx, tx) = (Arc::clone(ctx), tx.clone());
+    let mut reqs = Vec::with_capacity(batch.len());
+    let mut work = Vec::with_capacity(batch.len());
+    let mut permits = Vec::with_capacity(batch.len());
+    for p in batch {
+        reqs.push(p.req);
+        work.push((p.req, p.payload));
+        permits.push(p.permits);
+    }
+    tasks.spawn(async move {
+        let ctx2 = Arc::clone(&ctx);
+        let run = tokio::task::spawn_blocking(move || {
+            work.into_iter()
+                .map(|(req, payload)| {
+                    let bytes = execute(&ctx2, &req, &payload);
+                    ctx2.buffers.put(payload);
+                    bytes
+                })
+                .collect::<Vec<_>>()
+        });
+        let replies = match run.await {
+            Ok(replies) => replies,
+            Err(e) => {
+                warn!(error = %e, "request task failed");
+                reqs.iter()
+                    .map(|req| error_reply(&ctx, req, NBD_EIO, "internal error"))
+                    .collect()
+            }
+        };
+        for (bytes, permits) in replies.into_iter().zip(permits) {
+            // A send error means the writer is gone, and the connection with it.
+            let _ = tx
+                .send(Outgoing {
+                    bytes,
+                    _permits: permits,
+                })
+                .await;
+        }
+    });
+}
+
 /// The one task writing to the socket: frames go out whole, batched while more are queued.
-async fn writer<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) -> io::Result<()> {
+async fn writer<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    ctx: Arc<Ctx>,
+) -> io::Result<()> {
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
     while let Some(out) = rx.recv().await {
         wr.write_all(&out.bytes).await?;
-        drop(out);
+        ctx.buffers.put(out.bytes);
         while let Ok(out) = rx.try_recv() {
             wr.write_all(&out.bytes).await?;
+            ctx.buffers.put(out.bytes);
         }
         wr.flush().await?;
     }
@@ -521,7 +668,7 @@ async fn writer<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) 
 }
 
 /// Runs one request on the calling (blocking) thread and returns its whole reply.
-fn execute(ctx: &Ctx, req: &Request, payload: Vec<u8>) -> Vec<u8> {
+fn execute(ctx: &Ctx, req: &Request, payload: &[u8]) -> Vec<u8> {
     if let Err((errno, msg)) = validate(ctx, req) {
         debug!(?req, errno, msg, "request rejected");
         return error_reply(ctx, req, errno, msg);
@@ -532,7 +679,7 @@ fn execute(ctx: &Ctx, req: &Request, payload: Vec<u8>) -> Vec<u8> {
     let result = match req.command {
         Command::Read => return read_reply(ctx, req),
         Command::BlockStatus => return block_status_reply(ctx, req),
-        Command::Write => b.write(off, &payload, fua),
+        Command::Write => b.write(off, payload, fua),
         Command::Flush => b.flush(),
         Command::Trim => b.trim(off, len, fua),
         Command::WriteZeroes => b.write_zeroes(
@@ -615,6 +762,45 @@ fn error_reply(ctx: &Ctx, req: &Request, errno: u32, message: &str) -> Vec<u8> {
         .encode()
         .to_vec()
     }
+}
+
+/// The reply to a read the backend can serve without waiting
+/// ([`ExportBackend::try_read_nowait`]): one simple reply or one data chunk. `None` sends the
+/// read down the blocking path, which also produces any error reply.
+fn read_nowait(ctx: &Ctx, req: &Request) -> Option<Vec<u8>> {
+    validate(ctx, req).ok()?;
+    let len = req.length as usize;
+    let head = if ctx.structured {
+        STRUCTURED_HEADER_LEN + 8
+    } else {
+        SIMPLE_REPLY_LEN
+    };
+    let mut out = ctx.buffers.take(head + len);
+    if ctx
+        .backend
+        .try_read_nowait(req.offset, &mut out[head..])
+        .is_none()
+    {
+        ctx.buffers.put(out);
+        return None;
+    }
+    if ctx.structured {
+        let header = ChunkHeader {
+            flags: REPLY_FLAG_DONE,
+            chunk_type: REPLY_TYPE_OFFSET_DATA,
+            cookie: req.cookie,
+            length: req.length.checked_add(8)?,
+        };
+        out[..STRUCTURED_HEADER_LEN].copy_from_slice(&header.encode());
+        out[STRUCTURED_HEADER_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
+    } else {
+        let reply = SimpleReply {
+            error: 0,
+            cookie: req.cookie,
+        };
+        out[..SIMPLE_REPLY_LEN].copy_from_slice(&reply.encode());
+    }
+    Some(out)
 }
 
 fn read_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
@@ -753,6 +939,261 @@ fn block_status_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::nbd::memory::MemoryExport;
+
+    /// A memory export whose non-blocking read serves only ranges written before (all data),
+    /// like the engine's, and counts how often it was asked.
+    struct Fast {
+        inner: MemoryExport,
+        written_below: u64,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ExportBackend for Fast {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn preferred_block_size(&self) -> u32 {
+            4096
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.inner.read(offset, buf)
+        }
+        fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<()> {
+            self.asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if offset + buf.len() as u64 > self.written_below {
+                return None;
+            }
+            self.inner.read(offset, buf).ok()
+        }
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+            self.inner.write(offset, data, fua)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+            self.inner.trim(offset, len, fua)
+        }
+        fn write_zeroes(&self, o: u64, l: u64, u: bool, f: bool, fua: bool) -> Result<()> {
+            self.inner.write_zeroes(o, l, u, f, fua)
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            self.inner.block_status(offset, len)
+        }
+        fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn ctx(structured: bool) -> (Ctx, Arc<Fast>) {
+        let inner = MemoryExport::new(1 << 20);
+        let data: Vec<u8> = (0..256 << 10)
+            .map(|i: u32| (i * 7 + i / 4096) as u8)
+            .collect();
+        inner.write(0, &data, false).unwrap();
+        let fast = Arc::new(Fast {
+            inner,
+            written_below: 256 << 10,
+            asked: Default::default(),
+        });
+        let c = Ctx {
+            backend: fast.clone(),
+            size: 1 << 20,
+            read_only: false,
+            structured,
+            base_allocation: structured,
+            max_request_bytes: 32 << 20,
+            buffers: Buffers::default(),
+        };
+        (c, fast)
+    }
+
+    fn read(cookie: u64, flags: u16, offset: u64, length: u32) -> Request {
+        Request {
+            flags,
+            command: Command::Read,
+            cookie,
+            offset,
+            length,
+        }
+    }
+
+    /// A memory export whose writes all count as quick, so the connection batches them.
+    struct Quick(MemoryExport);
+
+    impl ExportBackend for Quick {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn preferred_block_size(&self) -> u32 {
+            4096
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.0.read(offset, buf)
+        }
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+            self.0.write(offset, data, fua)
+        }
+        fn write_is_quick(&self, _offset: u64, _len: u64) -> bool {
+            true
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+            self.0.trim(offset, len, fua)
+        }
+        fn write_zeroes(&self, o: u64, l: u64, u: bool, f: bool, fua: bool) -> Result<()> {
+            self.0.write_zeroes(o, l, u, f, fua)
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            self.0.block_status(offset, len)
+        }
+        fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pipelined_quick_writes_are_batched_and_each_gets_its_reply() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let backend = Arc::new(Quick(MemoryExport::new(1 << 20)));
+            let shared = Arc::new(Shared {
+                source: Arc::new(crate::nbd::memory::MemorySource::new()),
+                config: crate::nbd::ServerConfig::default(),
+            });
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            let (_stop_tx, stop_rx) = watch::channel(false);
+            let n = Negotiated {
+                name: "q".into(),
+                backend: backend.clone(),
+                flags: 0,
+                structured: false,
+                base_allocation: false,
+            };
+            let conn = tokio::spawn(transmission(server, n, shared, stop_rx));
+            // 40 writes sent at once: the connection reads them 64 KiB at a time, so runs of
+            // complete writes sit in its buffer and go out in batches; one FUA write and a
+            // flush in the middle go alone.
+            const N: u64 = 40;
+            let mut out = Vec::new();
+            for i in 0..N {
+                let (command, flags) = match i {
+                    20 => (Command::Flush, 0),
+                    25 => (Command::Write, CMD_FLAG_FUA),
+                    _ => (Command::Write, 0),
+                };
+                let length = if command == Command::Write { 4096 } else { 0 };
+                let req = Request {
+                    flags,
+                    command,
+                    cookie: i,
+                    offset: if length > 0 { i * 4096 } else { 0 },
+                    length,
+                };
+                out.extend_from_slice(&req.encode());
+                out.extend(std::iter::repeat_n(i as u8 + 1, length as usize));
+            }
+            client.write_all(&out).await.unwrap();
+            let mut cookies = Vec::new();
+            for _ in 0..N {
+                let mut r = [0u8; SIMPLE_REPLY_LEN];
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(60),
+                    client.read_exact(&mut r),
+                )
+                .await
+                .expect("every request is answered")
+                .unwrap();
+                assert_eq!(r[4..8], [0, 0, 0, 0], "no error");
+                cookies.push(u64::from_be_bytes(r[8..16].try_into().unwrap()));
+            }
+            cookies.sort_unstable();
+            assert_eq!(cookies, (0..N).collect::<Vec<_>>());
+            let mut all = vec![0u8; (N * 4096) as usize];
+            backend.0.read(0, &mut all).unwrap();
+            for (i, chunk) in all.chunks(4096).enumerate() {
+                let want = if i == 20 { 0 } else { i as u8 + 1 };
+                assert!(chunk.iter().all(|&b| b == want), "block {i}");
+            }
+            let disc = Request {
+                flags: 0,
+                command: Command::Disc,
+                cookie: N,
+                offset: 0,
+                length: 0,
+            };
+            client.write_all(&disc.encode()).await.unwrap();
+            let how = conn.await.unwrap().unwrap();
+            assert_eq!(how, "NBD_CMD_DISC");
+        });
+    }
+
+    #[test]
+    fn large_buffers_are_reused_small_and_huge_ones_are_not() {
+        let b = Buffers::default();
+        let v = b.take(1 << 20);
+        assert_eq!(v.len(), 1 << 20);
+        let ptr = v.as_ptr();
+        b.put(v);
+        let again = b.take((1 << 20) - 100);
+        assert_eq!((again.len(), again.as_ptr()), ((1 << 20) - 100, ptr));
+        b.put(vec![0u8; 4096]);
+        b.put(vec![0u8; 32 << 20]);
+        assert!(b.pool().is_empty(), "only 64 KiB to 1 MiB buffers are kept");
+        for _ in 0..2 * POOLED_COUNT {
+            b.put(vec![0u8; 128 << 10]);
+        }
+        assert_eq!(b.pool().len(), POOLED_COUNT);
+        assert_eq!(
+            b.take(100).capacity(),
+            100,
+            "small frames come from the allocator"
+        );
+    }
+
+    #[test]
+    fn nowait_reads_reply_exactly_as_the_blocking_path_does() {
+        for structured in [false, true] {
+            let (c, _) = ctx(structured);
+            for (flags, offset, length) in [(0, 0, 4096), (0, 4095, 70_000), (CMD_FLAG_DF, 8192, 1)]
+            {
+                let req = read(9, flags, offset, length);
+                let fast = read_nowait(&c, &req).expect("written range is served at once");
+                assert_eq!(
+                    fast,
+                    read_reply(&c, &req),
+                    "structured={structured} {req:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nowait_reads_fall_back_when_the_backend_or_the_request_says_so() {
+        let (c, fast) = ctx(true);
+        // Partly unwritten: the backend declines; the blocking path sends its hole chunks.
+        assert!(read_nowait(&c, &read(1, 0, (256 << 10) - 4096, 8192)).is_none());
+        assert_eq!(fast.asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Invalid requests never reach the backend; the blocking path sends their errors.
+        assert!(read_nowait(&c, &read(2, 0, 1 << 20, 1)).is_none());
+        assert!(read_nowait(&c, &read(3, 0, 0, 0)).is_none());
+        assert_eq!(fast.asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn preferred_block_size_is_a_power_of_two_within_limits() {

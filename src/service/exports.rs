@@ -89,8 +89,16 @@ impl ExportBackend for VolumeExport {
         self.active.thin.read(offset, buf)
     }
 
+    fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<()> {
+        self.active.thin.try_read_cached(offset, buf)
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.active.thin.write(offset, data, fua)
+    }
+
+    fn write_is_quick(&self, offset: u64, len: u64) -> bool {
+        self.active.thin.is_overwrite(offset, len)
     }
 
     fn flush(&self) -> Result<()> {

@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# Side-by-side NBD benchmark: thinnbd (serve and nbdkit plugin) against nbdkit file, nbdkit
+# memory, qemu-nbd on qcow2 and nbdkit null (the protocol ceiling), all on unix sockets, all
+# backing files on one filesystem, each server stopped by its PID.
+#
+#   tests/perf/compare.sh [--quick] [--runtime S] [--workloads LIST] [--servers LIST]
+#                         [--reps N] [--dir DIR] [--out FILE] [--no-build] [--list]
+#
+# LIST is comma separated; workload entries may be shell globs (e.g. 'randread-*').
+# Env THINNBD=PATH and THINNBD_PLUGIN=PATH use other builds of the binary and the plugin.
+# Results: DIR/results.tsv (one line per run) and a markdown report (--out, default
+# DIR/report.md) with medians, thinnbd/peer ratios, server CPU and peak RSS.
+# See docs/performance.md for what each workload does and how to read the table.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+quick=0
+runtime=""
+reps=2
+workdir="$repo/target/perf-work"
+out=""
+build=1
+sel_workloads=""
+sel_servers="thinnbd,plugin,file,memory,qcow2,null"
+all_servers="thinnbd plugin file memory qcow2 null"
+
+all_workloads="
+prov-qd1-j1 prov-qd32-j1 prov-qd1-j2 prov-qd32-j2
+seqwrite
+overwrite-qd1-j1 overwrite-qd32-j1 overwrite-qd1-j2 overwrite-qd32-j2
+randread-qd1-j1 randread-qd32-j1 randread-qd1-j2 randread-qd32-j2
+seqread
+cow-qd32-j1
+nbdcopy"
+quick_workloads="prov-qd32-j1 seqwrite overwrite-qd32-j1 randread-qd32-j1 seqread cow-qd32-j1 nbdcopy"
+
+usage() {
+    sed -n '2,/^set -e/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --quick) quick=1 ;;
+    --runtime) runtime=$2; shift ;;
+    --workloads) sel_workloads=$2; shift ;;
+    --servers) sel_servers=$2; shift ;;
+    --reps) reps=$2; shift ;;
+    --dir) workdir=$2; shift ;;
+    --out) out=$2; shift ;;
+    --no-build) build=0 ;;
+    --list) echo "workloads:" $all_workloads; echo "servers: $all_servers"; exit 0 ;;
+    -h|--help) usage 0 ;;
+    *) echo "unknown argument $1" >&2; usage 2 ;;
+    esac
+    shift
+done
+
+[ -n "$runtime" ] || { [ $quick = 1 ] && runtime=2 || runtime=5; }
+[ -n "$out" ] || out="$workdir/report.md"
+
+# Which workloads run: the selection (globs allowed) or the default set for the mode.
+pattern_list=${sel_workloads:-$([ $quick = 1 ] && echo "$quick_workloads" || echo "$all_workloads")}
+workloads=""
+for w in $all_workloads; do
+    for p in ${pattern_list//,/ }; do
+        # shellcheck disable=SC2053
+        if [[ $w == $p ]]; then workloads="$workloads $w"; break; fi
+    done
+done
+[ -n "$workloads" ] || { echo "no workload matches '$pattern_list' (see --list)" >&2; exit 2; }
+servers=""
+for s in ${sel_servers//,/ }; do
+    case " $all_servers " in *" $s "*) servers="$servers $s" ;; *) echo "unknown server $s" >&2; exit 2 ;; esac
+done
+
+wanted() { case " $workloads " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+wanted_prefix() { case " $workloads " in *" $1"*) return 0 ;; *) return 1 ;; esac; }
+
+for tool in fio nbdkit qemu-nbd qemu-img nbdcopy nbdinfo python3; do
+    command -v $tool >/dev/null || { echo "missing $tool (apt-get install fio nbdkit qemu-utils libnbd-bin)" >&2; exit 1; }
+done
+
+# THINNBD / THINNBD_PLUGIN point at other builds (e.g. to compare two versions; implies --no-build).
+thinnbd="${THINNBD:-$repo/target/release/thinnbd}"
+plugin_so="${THINNBD_PLUGIN:-$repo/target/release/libthinnbd.so}"
+[ -z "${THINNBD:-}${THINNBD_PLUGIN:-}" ] || build=0
+if [ $build = 1 ]; then
+    (cd "$repo" && cargo build --release --features nbdkit --bin thinnbd --lib)
+fi
+case " $servers " in
+*" thinnbd "*|*" plugin "*)
+    [ -x "$thinnbd" ] && [ -f "$plugin_so" ] || { echo "build $thinnbd and $plugin_so first" >&2; exit 1; } ;;
+esac
+
+rm -rf "$workdir"
+mkdir -p "$workdir"
+results="$workdir/results.tsv"
+: >"$results"
+log() { echo "[$(date +%T)] $*" >&2; }
+
+REGION=1g          # every fio workload works inside the first GiB of the 4 GiB export
+VOLSIZE=4G
+SRV_PID=""
+SOCK=""
+
+# --- servers -------------------------------------------------------------------------------
+
+# Fresh backing store for $1 in $workdir/$1 (pool + 4 GiB volume, sparse file, qcow2 image).
+setup_backing() {
+    local s=$1 d="$workdir/$1"
+    rm -rf "$d"
+    mkdir -p "$d"
+    case $s in
+    thinnbd|plugin)
+        "$thinnbd" pool create "$d/pool" --data-size 8G --block-size 64K >/dev/null
+        "$thinnbd" volume create --pool "$d/pool" vol --size $VOLSIZE >/dev/null ;;
+    file) truncate -s $VOLSIZE "$d/disk.raw" ;;
+    qcow2) qemu-img create -q -f qcow2 "$d/disk.qcow2" $VOLSIZE ;;
+    memory|null) ;;
+    esac
+}
+
+start_server() {
+    local s=$1 d="$workdir/$1"
+    SOCK="$d/nbd.sock"
+    rm -f "$SOCK" "$d/pid"
+    case $s in
+    thinnbd) "$thinnbd" serve --pool "$d/pool" --socket "$SOCK" 2>>"$d/server.log" & ;;
+    plugin) nbdkit -f -U "$SOCK" -P "$d/pid" "$plugin_so" pool="$d/pool" 2>>"$d/server.log" & ;;
+    file) nbdkit -f -U "$SOCK" -P "$d/pid" file file="$d/disk.raw" 2>>"$d/server.log" & ;;
+    memory) nbdkit -f -U "$SOCK" -P "$d/pid" memory size=$VOLSIZE 2>>"$d/server.log" & ;;
+    null) nbdkit -f -U "$SOCK" -P "$d/pid" null size=$VOLSIZE 2>>"$d/server.log" & ;;
+    qcow2) qemu-nbd -k "$SOCK" --pid-file="$d/pid" -x vol -f qcow2 --cache=writeback \
+               --discard=unmap --shared=16 --persistent "$d/disk.qcow2" 2>>"$d/server.log" & ;;
+    esac
+    SRV_PID=$!
+    local _
+    for _ in $(seq 1 200); do
+        if [ -S "$SOCK" ] && nbdinfo --size "$(uri)" >/dev/null 2>&1; then return 0; fi
+        kill -0 "$SRV_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "server $s did not start; log:" >&2
+    tail -20 "$d/server.log" >&2
+    exit 1
+}
+
+stop_server() {
+    [ -n "$SRV_PID" ] || return 0
+    kill -TERM "$SRV_PID" 2>/dev/null || true
+    local _
+    for _ in $(seq 1 300); do
+        kill -0 "$SRV_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$SRV_PID" 2>/dev/null; then
+        log "server $SRV_PID ignored SIGTERM for 30 s; SIGKILL"
+        kill -KILL "$SRV_PID" 2>/dev/null || true
+    fi
+    wait "$SRV_PID" 2>/dev/null || true
+    SRV_PID=""
+}
+trap 'stop_server' EXIT
+trap 'exit 130' INT TERM
+
+uri() { echo "nbd+unix:///vol?socket=$SOCK"; }
+
+# Takes a snapshot of the export's volume so the next writes break sharing (not in a
+# subshell: it may restart the server). Says what it did in SNAP_NOTE.
+snapshot() {
+    local s=$1 d="$workdir/$1"
+    case $s in
+    thinnbd) "$thinnbd" snapshot --pool "$d/pool" vol snap >/dev/null; SNAP_NOTE="online snapshot" ;;
+    plugin)
+        stop_server
+        "$thinnbd" snapshot --pool "$d/pool" vol snap >/dev/null
+        start_server "$s"; SNAP_NOTE="offline snapshot, nbdkit restarted" ;;
+    qcow2)
+        stop_server
+        qemu-img snapshot -c snap "$d/disk.qcow2"
+        start_server "$s"; SNAP_NOTE="internal qcow2 snapshot, qemu-nbd restarted" ;;
+    *) SNAP_NOTE="no snapshot (plain overwrite)" ;;
+    esac
+}
+
+# --- measurement ---------------------------------------------------------------------------
+
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+now() { date +%s.%N; }
+
+# record WORKLOAD REP SERVER VALUE UNIT OPS CPU0 CPU1 T0 T1
+record() {
+    local rss
+    rss=$(hwm_kib "$SRV_PID")
+    python3 - "$@" "$rss" >>"$results" <<'EOF'
+import os, sys
+w, rep, s, value, unit, ops, c0, c1, t0, t1, rss = sys.argv[1:]
+hz = os.sysconf("SC_CLK_TCK")
+cpu_s = (int(c1) - int(c0)) / hz
+wall = float(t1) - float(t0)
+pct = 100.0 * cpu_s / wall if wall > 0 else 0.0
+us_per_op = 1e6 * cpu_s / float(ops) if float(ops) > 0 else 0.0
+print(f"{w}\t{rep}\t{s}\t{float(value):.3f}\t{unit}\t{pct:.1f}\t{us_per_op:.2f}\t{int(rss)}")
+EOF
+}
+
+# run_fio WORKLOAD REP SERVER fio-args...: one measured fio run against the running server.
+run_fio() {
+    local w=$1 rep=$2 s=$3
+    shift 3
+    local json="$workdir/$s/$w.$rep.json" c0 c1 t0 t1
+    c0=$(cpu_ticks "$SRV_PID"); t0=$(now)
+    fio --name="$w" --ioengine=nbd --uri="$(uri)" --size=$REGION --offset=0 \
+        --group_reporting --output-format=json --output="$json" --randrepeat=0 "$@" \
+        >/dev/null \
+        2>"$workdir/$s/$w.$rep.err" || { log "fio failed: $(tail -3 "$workdir/$s/$w.$rep.err")"; exit 1; }
+    c1=$(cpu_ticks "$SRV_PID"); t1=$(now)
+    local v
+    v=$(python3 - "$json" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+r, w = j["read"], j["write"]
+d = w if w["io_bytes"] > r["io_bytes"] else r
+big = d["bs"] if "bs" in d else 0
+ops = d["total_ios"]
+# 1 MiB workloads are reported in MiB/s, 4 KiB ones in IOPS.
+if d["io_bytes"] >= ops * 1048576 * 0.99 and ops > 0:
+    print(d["bw_bytes"] / 1048576, "MiB/s", ops)
+else:
+    print(d["iops"], "IOPS", ops)
+EOF
+)
+    # shellcheck disable=SC2086
+    record "$w" "$rep" "$s" $v "$c0" "$c1" "$t0" "$t1"
+    log "  $s $w rep $rep: $(tail -1 "$results" | cut -f4,5,6,8 | tr '\t' ' ')"
+}
+
+# Parses "kind-qdN-jM" into fio arguments for 4 KiB random I/O.
+rand_args() {
+    local w=$1 qd j
+    qd=${w#*-qd}; qd=${qd%%-*}
+    j=${w##*-j}
+    echo "--bs=4k --iodepth=$qd --numjobs=$j"
+}
+
+order() {  # servers in run order for repetition $1 (reversed on even reps)
+    if [ $(($1 % 2)) = 1 ]; then echo $servers; else echo $servers | tr ' ' '\n' | tac | tr '\n' ' '; fi
+}
+
+# --- phase A: provisioning, each run on a fresh volume -------------------------------------
+# A fixed count of writes (as many as the region has 64 KiB blocks), so every server does the
+# same work and about two thirds of the writes land in blocks nobody has written yet.
+for w in prov-qd1-j1 prov-qd32-j1 prov-qd1-j2 prov-qd32-j2; do
+    wanted $w || continue
+    log "phase A: $w"
+    for rep in $(seq 1 "$reps"); do
+        for s in $(order "$rep"); do
+            setup_backing "$s"; start_server "$s"
+            # shellcheck disable=SC2046
+            run_fio "$w" "$rep" "$s" --rw=randwrite $(rand_args $w) --norandommap \
+                --io_size=$((64 / ${w##*-j}))m
+            stop_server
+        done
+    done
+done
+
+# --- phase B: one session per server on a volume whose region gets written first ---------
+phase_b=0
+for w in seqwrite seqread overwrite randread cow; do wanted_prefix $w && phase_b=1; done
+if [ $phase_b = 1 ]; then
+    for rep in $(seq 1 "$reps"); do
+        for s in $(order "$rep"); do
+            log "phase B: $s rep $rep"
+            setup_backing "$s"; start_server "$s"
+            # The sequential write fills the whole region once (fixed work, not time based);
+            # everything after it reads and overwrites written blocks.
+            if wanted seqwrite; then
+                run_fio seqwrite "$rep" "$s" --rw=write --bs=1m --iodepth=32
+            else
+                fio --name=fill --ioengine=nbd --uri="$(uri)" --size=$REGION --rw=write \
+                    --bs=1m --iodepth=32 >/dev/null
+            fi
+            for w in $workloads; do
+                case $w in
+                overwrite-*)
+                    # shellcheck disable=SC2046
+                    run_fio "$w" "$rep" "$s" --rw=randwrite $(rand_args $w) --norandommap \
+                        --time_based --runtime="$runtime" ;;
+                randread-*)
+                    # shellcheck disable=SC2046
+                    run_fio "$w" "$rep" "$s" --rw=randread $(rand_args $w) --norandommap \
+                        --time_based --runtime="$runtime" ;;
+                esac
+            done
+            if wanted seqread; then
+                run_fio seqread "$rep" "$s" --rw=read --bs=1m --iodepth=32 \
+                    --time_based --runtime="$runtime"
+            fi
+            if wanted cow-qd32-j1; then
+                snapshot "$s"
+                log "  $s: $SNAP_NOTE"
+                # No ramp: the first writes after the snapshot are the copy-on-write ones.
+                run_fio cow-qd32-j1 "$rep" "$s" --rw=randwrite --bs=4k --iodepth=32 \
+                    --numjobs=1 --norandommap --time_based --runtime="$runtime"
+            fi
+            stop_server
+        done
+    done
+fi
+
+# --- phase C: nbdcopy of a 4 GiB export with 10% written, to null: -------------------------
+if wanted nbdcopy; then
+    log "phase C: nbdcopy"
+    for rep in $(seq 1 "$reps"); do
+        for s in $(order "$rep"); do
+            setup_backing "$s"; start_server "$s"
+            # 1 MiB written in every 10 MiB: 410 MiB spread over the whole export.
+            fio --name=fill --ioengine=nbd --uri="$(uri)" --size=4g --rw=write:9m --bs=1m \
+                --iodepth=16 >/dev/null
+            c0=$(cpu_ticks "$SRV_PID"); t0=$(now)
+            nbdcopy "$(uri)" null:
+            c1=$(cpu_ticks "$SRV_PID"); t1=$(now)
+            secs=$(python3 -c "print(float('$t1') - float('$t0'))")
+            record nbdcopy "$rep" "$s" "$secs" s 1 "$c0" "$c1" "$t0" "$t1"
+            log "  $s nbdcopy rep $rep: ${secs}s"
+            stop_server
+        done
+    done
+fi
+
+# --- report --------------------------------------------------------------------------------
+{
+    echo "Run of $(date -u '+%Y-%m-%d %H:%M UTC') on $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')), kernel $(uname -r), $(df -T "$workdir" | awk 'NR==2 {print $2}') filesystem."
+    echo "fio $(fio --version), nbdkit $(nbdkit --version | awk '{print $2}'), qemu-nbd $(qemu-nbd --version | awk 'NR==1 {print $2}'), $(nbdcopy --version | head -1)."
+    echo "Mode: $([ $quick = 1 ] && echo quick || echo full), runtime ${runtime}s (no ramp: server CPU covers exactly the counted requests), $reps repetitions (median), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo
+    python3 "$here/summarize.py" "$results"
+} >"$out"
+cat "$out"
+log "results: $results, report: $out"

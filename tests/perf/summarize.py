@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Turns compare.sh's results.tsv into markdown tables: medians per server, thinnbd/peer
+ratios, server CPU, peak RSS, and the targets of issue 7 checked against this run.
+
+Usage: summarize.py results.tsv
+Columns of results.tsv: workload rep server value unit cpu% cpu-us-per-op vmhwm-kib
+"""
+
+import statistics
+import sys
+from collections import defaultdict
+
+SERVERS = ["thinnbd", "plugin", "file", "memory", "qcow2", "null"]
+TITLES = {
+    "thinnbd": "thinnbd serve",
+    "plugin": "thinnbd nbdkit plugin",
+    "file": "nbdkit file",
+    "memory": "nbdkit memory",
+    "qcow2": "qemu-nbd qcow2",
+    "null": "nbdkit null",
+}
+# (workload, peer, minimum of thinnbd/peer) from issue 7. For nbdcopy the ratio is
+# peer time / thinnbd time, so "within 1.5x of qemu-nbd's time" is a ratio of at least 1/1.5.
+TARGETS = [
+    ("randread-qd32-j1", "file", 1.0),
+    ("randread-qd32-j1", "qcow2", 2.0),
+    ("overwrite-qd32-j1", "file", 1.0),
+    ("overwrite-qd32-j1", "qcow2", 2.0),
+    ("prov-qd32-j1", "file", 0.8),
+    ("prov-qd32-j1", "qcow2", 2.0),
+    ("seqread", "file", 0.9),
+    ("seqwrite", "file", 0.9),
+    ("nbdcopy", "qcow2", 1 / 1.5),
+]
+
+
+def fmt(v, unit):
+    if unit == "IOPS":
+        return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
+    if unit == "s":
+        return f"{v:.2f} s"
+    return f"{v:.0f}"
+
+
+def main():
+    rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
+    value = defaultdict(list)
+    cpu = defaultdict(list)
+    us = defaultdict(list)
+    rss = defaultdict(list)
+    unit = {}
+    order = []
+    for w, _rep, s, v, u, pct, per_op, hwm in rows:
+        if w not in order:
+            order.append(w)
+        value[w, s].append(float(v))
+        cpu[w, s].append(float(pct))
+        us[w, s].append(float(per_op))
+        rss[w, s].append(int(hwm))
+        unit[w] = u
+    servers = [s for s in SERVERS if any((w, s) in value for w in order)]
+    med = {k: statistics.median(v) for k, v in value.items()}
+
+    def ratio(w, a, b):
+        """a relative to b, >1 meaning a is faster (times are inverted)."""
+        if (w, a) not in med or (w, b) not in med or med[w, a] == 0 or med[w, b] == 0:
+            return None
+        r = med[w, a] / med[w, b]
+        return 1 / r if unit[w] == "s" else r
+
+    def cell(r):
+        return "-" if r is None else f"{r:.2f}"
+
+    out = []
+    out.append("Throughput (median; IOPS for 4 KiB, MiB/s for 1 MiB, seconds for nbdcopy):\n")
+    out.append("| workload | unit | " + " | ".join(TITLES[s] for s in servers) + " |")
+    out.append("|---|---|" + "---:|" * len(servers))
+    for w in order:
+        vals = [fmt(med[w, s], unit[w]) if (w, s) in med else "-" for s in servers]
+        out.append(f"| {w} | {unit[w]} | " + " | ".join(vals) + " |")
+
+    peers = [s for s in servers if s != "thinnbd"]
+    if "thinnbd" in servers and peers:
+        out.append("\nRatios thinnbd serve / peer (>1: thinnbd faster; nbdcopy: peer time / "
+                   "thinnbd time):\n")
+        out.append("| workload | " + " | ".join(f"/ {TITLES[s]}" for s in peers) + " |")
+        out.append("|---|" + "---:|" * len(peers))
+        for w in order:
+            out.append(f"| {w} | " + " | ".join(cell(ratio(w, "thinnbd", s)) for s in peers)
+                       + " |")
+
+    out.append("\nServer CPU during the run: % of one core / CPU microseconds per request "
+               "(nbdcopy: CPU seconds):\n")
+    out.append("| workload | " + " | ".join(TITLES[s] for s in servers) + " |")
+    out.append("|---|" + "---:|" * len(servers))
+    for w in order:
+        cells = []
+        for s in servers:
+            if (w, s) not in cpu:
+                cells.append("-")
+                continue
+            p = statistics.median(cpu[w, s])
+            if unit[w] == "s":
+                cells.append(f"{p:.0f}% / {p * med[w, s] / 100:.2f} s")
+            else:
+                cells.append(f"{p:.0f}% / {statistics.median(us[w, s]):.1f}")
+        out.append(f"| {w} | " + " | ".join(cells) + " |")
+
+    out.append("\nServer peak RSS (VmHWM, MiB; the largest over the runs of each server):\n")
+    out.append("| " + " | ".join(TITLES[s] for s in servers) + " |")
+    out.append("|" + "---:|" * len(servers))
+    out.append("| " + " | ".join(
+        f"{max(max(rss[w, s]) for w in order if (w, s) in rss) / 1024:.0f}" for s in servers)
+        + " |")
+
+    checks = []
+    for w, peer, need in TARGETS:
+        r = ratio(w, "thinnbd", peer)
+        if r is not None:
+            checks.append((f"{w}: thinnbd / {TITLES[peer]} >= {need:.2f}", r, need))
+    for w in order:
+        r = ratio(w, "thinnbd", "null")
+        if r is not None:
+            checks.append((f"{w}: thinnbd / nbdkit null >= 0.60", r, 0.6))
+    for w in order:
+        r = ratio(w, "plugin", "thinnbd")
+        if r is not None:
+            checks.append((f"{w}: plugin / thinnbd serve >= 0.90", r, 0.9))
+    if checks:
+        out.append("\nTargets of issue 7 in this run:\n")
+        out.append("| target | ratio | met |")
+        out.append("|---|---:|---|")
+        for what, r, need in checks:
+            out.append(f"| {what} | {r:.2f} | {'yes' if r >= need else 'NO'} |")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
