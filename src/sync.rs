@@ -2,25 +2,25 @@
 //!
 //! The active-thin set, the per-thin reference count and the teardown completion are built only
 //! from what this module exports, so that the same code can be model-checked with `loom`
-//! (`RUSTFLAGS="--cfg loom" cargo test --release --test engine_loom`). Normally these are the std
-//! types; under `--cfg loom` they are loom's, which explore every interleaving.
+//! (`cargo test --release --features loom --test engine_loom`). Normally these are the std
+//! types; with the `loom` feature they are loom's, which explore every interleaving.
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 pub use std::thread;
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 pub use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 pub use loom::thread;
 
 /// Locks a mutex, ignoring poisoning: a panicking holder has already failed its own request, and

@@ -4,12 +4,12 @@
 //! Run the exhaustive loom model with:
 //!
 //! ```text
-//! RUSTFLAGS="--cfg loom" cargo test --release --test engine_loom
+//! cargo test --release --features loom --test engine_loom
 //! ```
 //!
 //! (add `CARGO_TARGET_DIR=target/loom` to keep the loom build apart from the normal one;
 //! `LOOM_MAX_PREEMPTIONS=N` changes the preemption bound, 3 by default).
-//! Without `--cfg loom` the same scenario runs on std threads many times, as a smoke test.
+//! Without the `loom` feature the same scenario runs on std threads many times, as a smoke test.
 //!
 //! Threads: one walker (the pool worker: takes a counted clone of each member from the current
 //! snapshot, drops the snapshot, blocks on the cell pool, checks the member is not torn down,
@@ -102,7 +102,7 @@ fn scenario() {
     assert_eq!(cells.in_use(), 0);
 }
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 #[test]
 fn active_set_teardown_protocol_all_interleavings() {
     // Every interleaving with up to LOOM_MAX_PREEMPTIONS forced preemptions (default here: 3,
@@ -114,7 +114,7 @@ fn active_set_teardown_protocol_all_interleavings() {
     builder.check(scenario);
 }
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 #[test]
 fn active_set_teardown_protocol_std_smoke() {
     for _ in 0..2000 {

@@ -32,6 +32,6 @@ fi
 cargo build --release --features nbdkit --lib --bins
 cargo test --release --features nbdkit -- --test-threads=2
 
-# The loom model of the active-set / teardown protocol, in a build of its own (--cfg loom
-# swaps the engine's sync primitives for loom's).
-CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" cargo test --release --test engine_loom
+# The loom model of the active-set / teardown protocol (the `loom` feature swaps the engine's
+# sync primitives for loom's).
+cargo test --release --features loom --test engine_loom -- --test-threads=1

@@ -13,7 +13,7 @@
 //! (`try_get` is "increment unless zero"), which closes the window where a walker still holds an
 //! old snapshot that lists a member teardown has already finished with.
 //!
-//! Under `--cfg loom` the snapshot cell is a loom `Mutex<Arc<..>>` (arc-swap is not loom-aware);
+//! With the `loom` feature the snapshot cell is a loom `Mutex<Arc<..>>` (arc-swap is not loom-aware);
 //! the protocol code above it is the same.
 
 use crate::sync::{self, Arc, Condvar, Mutex};
@@ -110,10 +110,10 @@ impl<T: Member> Drop for Ref<T> {
 
 type Snapshot<T> = Arc<Vec<Arc<T>>>;
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 struct Cell<T>(arc_swap::ArcSwap<Vec<Arc<T>>>);
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 impl<T> Cell<T> {
     fn new() -> Self {
         Cell(arc_swap::ArcSwap::from_pointee(Vec::new()))
@@ -129,10 +129,10 @@ impl<T> Cell<T> {
     }
 }
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 struct Cell<T>(Mutex<Snapshot<T>>);
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 impl<T> Cell<T> {
     fn new() -> Self {
         Cell(Mutex::new(Arc::new(Vec::new())))
