@@ -123,6 +123,11 @@ setup_backing() {
     esac
 }
 
+# Frees the disk space of a session's backing store (logs and fio output stay).
+discard_backing() {
+    rm -rf "$workdir/$1/pool" "$workdir/$1/disk.raw" "$workdir/$1/disk.qcow2"
+}
+
 start_server() {
     local s=$1 d="$workdir/$1"
     SOCK="$d/nbd.sock"
@@ -264,6 +269,7 @@ for w in prov-qd1-j1 prov-qd32-j1 prov-qd1-j2 prov-qd32-j2; do
             run_fio "$w" "$rep" "$s" --rw=randwrite $(rand_args $w) --norandommap \
                 --io_size=$((64 / ${w##*-j}))m
             stop_server
+            discard_backing "$s"
         done
     done
 done
@@ -308,6 +314,7 @@ if [ $phase_b = 1 ]; then
                     --numjobs=1 --norandommap --time_based --runtime="$runtime"
             fi
             stop_server
+            discard_backing "$s"
         done
     done
 fi
@@ -328,6 +335,7 @@ if wanted nbdcopy; then
             record nbdcopy "$rep" "$s" "$secs" s 1 "$c0" "$c1" "$t0" "$t1"
             log "  $s nbdcopy rep $rep: ${secs}s"
             stop_server
+            discard_backing "$s"
         done
     done
 fi
