@@ -236,7 +236,7 @@ impl<T: Member> ActiveSet<T> {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
 
