@@ -7,10 +7,11 @@
 //! Each thread owns its thins (so their model is exact) and owns every fourth 4 KiB chunk of one
 //! shared thin: neighbouring chunks of one 64 KiB block are written by different threads at once,
 //! which drives the prison, the copy-on-write path (after snapshots of the shared thin) and the
-//! deferred worker.
+//! deferred worker. Half the plain writes try the non-blocking path of the NBD server first.
 
 mod engine_support;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use engine_support::*;
@@ -29,6 +30,19 @@ struct Vol {
     id: u32,
     h: ThinHandle,
     model: Vec<u8>,
+}
+
+/// Writes that `try_write_nowait` took (the rest of the writes it was offered fell back).
+static NOWAIT_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// Half the plain writes go first to the non-blocking path the NBD server uses, falling back to
+/// the blocking one as the server does when it declines.
+fn write(h: &ThinHandle, rng: &mut SmallRng, off: u64, data: &[u8], fua: bool) {
+    if !fua && rng.gen_bool(0.5) && h.try_write_nowait(off, data).is_some() {
+        NOWAIT_WRITES.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    h.write(off, data, fua).unwrap();
 }
 
 fn check_range(h: &ThinHandle, model: &[u8], off: u64, len: u64, what: &str) {
@@ -87,7 +101,8 @@ fn run_thread(pool: Arc<Pool>, shared: ThinHandle, t: u64) -> (Vec<(u32, Vec<u8>
                 let (off, len) = random_range(&mut rng, VOL);
                 let mut data = vec![0u8; len as usize];
                 rng.fill(&mut data[..]);
-                v.h.write(off, &data, rng.gen_bool(0.02)).unwrap();
+                let fua = rng.gen_bool(0.02);
+                write(&v.h, &mut rng, off, &data, fua);
                 v.model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             350..=599 => {
@@ -112,7 +127,7 @@ fn run_thread(pool: Arc<Pool>, shared: ThinHandle, t: u64) -> (Vec<(u32, Vec<u8>
                 let off = c * CHUNK + inoff;
                 let mut data = vec![0u8; len as usize];
                 rng.fill(&mut data[..]);
-                shared.write(off, &data, false).unwrap();
+                write(&shared, &mut rng, off, &data, false);
                 shared_model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             840..=919 => {
@@ -217,6 +232,12 @@ fn random_operations_match_the_model_and_the_metadata_checks_out() {
     );
     assert!(st.blocks_copied > 0 && st.blocks_provisioned > 0 && st.blocks_discarded > 0);
     assert!(st.bios_deferred > 0, "the deferred worker was exercised");
+    let nowait = NOWAIT_WRITES.load(Ordering::Relaxed);
+    eprintln!("writes done by try_write_nowait: {nowait}");
+    assert!(
+        nowait > 1000,
+        "the non-blocking write path was exercised ({nowait})"
+    );
     pool.shutdown().unwrap();
     drop(shared);
     drop(pool);

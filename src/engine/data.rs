@@ -181,15 +181,19 @@ impl DataDevice {
             .map_err(|e| Error::io(format!("reading data block {block} at byte {offset}"), e))
     }
 
+    /// Whether fault injection is armed: paths that would have to be retried after a failure
+    /// (the non-blocking ones) stand aside, so each injected fault is seen exactly once.
+    pub fn faults_armed(&self) -> bool {
+        self.faults.armed.load(Ordering::Acquire)
+    }
+
     /// Reads `buf` at `offset` only if the page cache holds all of it (`preadv2` with
     /// `RWF_NOWAIT`, which never waits for the device). `None` when it would have to wait, came
     /// up short, failed in any way, or faults are armed: the caller then takes the ordinary
     /// path ([`read_at`](Self::read_at)), which also reports any error. This is what lets the
     /// NBD server answer cached reads on its event loop instead of a blocking thread.
     pub fn try_read_cached(&self, buf: &mut [u8], offset: u64) -> Option<()> {
-        if self.faults.armed.load(Ordering::Acquire)
-            || !self.nowait_supported.load(Ordering::Relaxed)
-        {
+        if self.faults_armed() || !self.nowait_supported.load(Ordering::Relaxed) {
             return None;
         }
         let at = libc::off_t::try_from(offset).ok()?;

@@ -172,6 +172,14 @@ struct CommitState {
     last_error: Option<Error>,
 }
 
+/// See [`Shared::try_claim`].
+pub(crate) enum Claim {
+    /// Mapped and not shared: write in place.
+    Mapped(Mapping),
+    /// Unmapped: `block` was allocated for it (`zeroed`: it reads zeros already).
+    New { block: u64, zeroed: bool },
+}
+
 #[derive(Default)]
 pub(crate) struct Stats {
     pub(crate) commits: AtomicU64,
@@ -203,6 +211,9 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     low_water_crossed: AtomicBool,
     out_of_space: AtomicBool,
+    /// A commit holds (or is about to take) the metadata write lock for its I/O: the
+    /// non-blocking write path declines rather than wait behind it.
+    pub(crate) committing: AtomicBool,
     /// Fail-stop reason seen outside a metadata mutation (a checksum failure on lookup).
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
@@ -364,6 +375,34 @@ impl Shared {
         fail(ErrorKind::NoSpace, "the thin pool is out of data space")
     }
 
+    /// What a write into a block the mapping cache does not know can do, decided under the
+    /// metadata write lock only if that lock is free at once (`None` otherwise, and also for
+    /// shared blocks, a read-only or full pool, or an error: the blocking path's cases).
+    pub(crate) fn try_claim(&self, thin: ThinId, vblock: u64) -> Option<Claim> {
+        let mut core = match self.core.try_write() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        if self.read_only_reason(&core).is_some() {
+            return None;
+        }
+        match core.md.lookup(thin, vblock).ok()? {
+            None => {}
+            Some(m) if !m.shared => {
+                self.cache.fill(thin, vblock, m);
+                return Some(Claim::Mapped(m));
+            }
+            Some(_) => return None,
+        }
+        let block = core.md.alloc_data_block().ok()?;
+        let zeroed = core.take_zeroed(block);
+        let free = core.md.free_data_blocks();
+        drop(core);
+        self.check_low_water(free);
+        Some(Claim::New { block, zeroed })
+    }
+
     fn check_low_water(&self, free: u64) {
         let mark = self.config.low_water_blocks;
         if mark == 0 {
@@ -463,6 +502,13 @@ impl Shared {
 
     /// Data first (so committed mappings never point at unwritten data), then metadata.
     fn commit_now(&self) -> Result<()> {
+        self.committing.store(true, Ordering::Release);
+        let r = self.commit_inner();
+        self.committing.store(false, Ordering::Release);
+        r
+    }
+
+    fn commit_inner(&self) -> Result<()> {
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         if !self.config.commit_delay.is_zero() {
             std::thread::sleep(self.config.commit_delay);
@@ -770,6 +816,7 @@ impl Pool {
             stats: Stats::default(),
             low_water_crossed: AtomicBool::new(false),
             out_of_space: AtomicBool::new(false),
+            committing: AtomicBool::new(false),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             events: Mutex::new(Vec::new()),

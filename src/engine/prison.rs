@@ -111,6 +111,17 @@ impl<B> Prison<B> {
         Detain::Held(Held { key }, bio)
     }
 
+    /// Locks `key` only if no bio holds or waits on it and a cell is free at once: for a
+    /// caller that must not wait at all (nor leave a bio behind in someone else's cell).
+    pub fn try_lock(&self, key: CellKey) -> Option<Held> {
+        let mut cells = sync::lock(&self.cells);
+        if cells.contains_key(&key) || !self.pool.try_alloc() {
+            return None;
+        }
+        cells.insert(key, Vec::new());
+        Some(Held { key })
+    }
+
     /// Locks `key`, blocking on the cell pool if it is exhausted. No prison lock is held while
     /// blocked; the caller must hold none of its own either.
     pub fn detain(&self, key: CellKey, bio: B) -> Detain<B> {
@@ -166,8 +177,13 @@ mod tests {
             panic!("other block is free")
         };
         assert!(matches!(p.try_detain((2, 5), 7), Detain::NoCell(7)));
+        assert!(p.try_lock((1, 5)).is_none(), "held by another");
+        assert!(p.try_lock((2, 5)).is_none(), "no cell free");
         assert_eq!(p.release(h), vec![1, 2, 3]);
         assert!(p.release(h2).is_empty());
+        let h3 = p.try_lock((2, 5)).expect("free block, free cell");
+        assert!(matches!(p.try_detain((2, 5), 8), Detain::Waiting));
+        assert_eq!(p.release(h3), vec![8]);
         assert_eq!(p.pool().in_use(), 0);
     }
 

@@ -16,7 +16,7 @@ use crate::error::{fail, Error, ErrorKind, Result};
 use crate::thin::metadata::ThinId;
 
 use super::active::{Life, Member};
-use super::pool::{NoSpacePolicy, Shared};
+use super::pool::{Claim, NoSpacePolicy, Shared};
 use super::prison::Detain;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -256,22 +256,79 @@ impl Shared {
             }
             None => {
                 let (nb, zeroed) = self.alloc_block()?;
-                let whole = bio.data.len() == bs_len;
-                let written = if whole || zeroed || !self.config.zero_new_blocks {
-                    byte_offset(nb, bs, bio.offset)
-                        .and_then(|at| self.data.write_at(nb, &bio.data, at))
-                } else {
-                    let mut buf = vec![0u8; bs_len];
-                    buf[bio.offset..end].copy_from_slice(&bio.data);
-                    byte_offset(nb, bs, 0).and_then(|at| self.data.write_at(nb, &buf, at))
-                };
-                if let Err(e) = written {
-                    self.release_block(nb);
-                    return Err(e);
-                }
-                self.insert_mapping(id, bio.vblock, nb)?;
-                self.stats.provisioned.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                self.provision(id, bio.vblock, nb, zeroed, bio.offset, &bio.data)
+            }
+        }
+    }
+
+    /// Writes a new block's data, then maps it: data first, so a reader that finds the mapping
+    /// finds the bytes. The rest of the block is zeroed unless it is known to read zeros. On
+    /// failure the block goes back to the allocator.
+    fn provision(
+        &self,
+        thin: ThinId,
+        vblock: u64,
+        nb: u64,
+        zeroed: bool,
+        inb: usize,
+        data: &[u8],
+    ) -> Result<()> {
+        let bs = self.block_bytes;
+        let whole = data.len() as u64 == bs;
+        let written = if whole || zeroed || !self.config.zero_new_blocks {
+            byte_offset(nb, bs, inb).and_then(|at| self.data.write_at(nb, data, at))
+        } else {
+            // `inb + data.len()` is within the block: `pieces` never crosses one.
+            let bs_len = usize::try_from(bs)
+                .map_err(|_| Error::new(ErrorKind::Unsupported, "block size"))?;
+            let mut buf = vec![0u8; bs_len];
+            buf[inb..inb + data.len()].copy_from_slice(data);
+            byte_offset(nb, bs, 0).and_then(|at| self.data.write_at(nb, &buf, at))
+        };
+        if let Err(e) = written {
+            self.release_block(nb);
+            return Err(e);
+        }
+        self.insert_mapping(thin, vblock, nb)?;
+        self.stats.provisioned.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A write of `data` at `inb` into `vblock`, which the mapping cache does not know as
+    /// mapped, if it can be done without waiting: the block's cell and the metadata lock free
+    /// at once, no commit running, a data block free, no fault injection armed. Then it
+    /// provisions the block (or writes in place when it turns out mapped and unshared).
+    /// `None` means nothing was changed that a retry would not redo: call the blocking path,
+    /// which also reports any error and applies the no-space policy.
+    ///
+    /// The only wait left is for the metadata write lock to map the block, held briefly by
+    /// other writers; a commit that starts in between can make that one wait longer (rare).
+    pub(crate) fn try_write_unmapped(
+        &self,
+        thin: &Thin,
+        vblock: u64,
+        inb: usize,
+        data: &[u8],
+    ) -> Option<()> {
+        if self.failed() || self.committing.load(Ordering::Acquire) || self.data.faults_armed() {
+            return None;
+        }
+        let held = self.prison.try_lock((thin.id(), vblock))?;
+        let r = self.try_write_held(thin.id(), vblock, inb, data);
+        self.release_cell(thin, held);
+        r
+    }
+
+    fn try_write_held(&self, thin: ThinId, vblock: u64, inb: usize, data: &[u8]) -> Option<()> {
+        match self.try_claim(thin, vblock)? {
+            Claim::Mapped(m) => {
+                let at = byte_offset(m.data_block, self.block_bytes, inb).ok()?;
+                self.data.write_at(m.data_block, data, at).ok()
+            }
+            // A failure here is recorded (a metadata failure makes the pool read-only); the
+            // blocking retry then reports it.
+            Claim::New { block, zeroed } => {
+                self.provision(thin, vblock, block, zeroed, inb, data).ok()
             }
         }
     }
@@ -406,25 +463,35 @@ impl ThinHandle {
         sh.data.try_read_cached(&mut buf[p..p + l], a)
     }
 
-    /// Whether a write of `[off, off + len)` would take the overwrite fast path now: the
-    /// volume writable, the pool not failed, every block mapped and unshared in the mapping
-    /// cache. Such a write waits for no cell, no space and no worker. A hint: `write` checks
-    /// everything again.
-    pub fn is_overwrite(&self, off: u64, len: u64) -> bool {
-        let Ok(n) = usize::try_from(len) else {
-            return false;
-        };
-        if self.thin.read_only || self.sh.failed() || n == 0 {
-            return false;
+    /// [`write`](Self::write) when it needs no waiting: the gate free and, per block, either
+    /// mapped and unshared in the mapping cache (written in place) or provisioned by
+    /// `try_write_unmapped` (cell, metadata lock and a free block all available at once).
+    /// Shared blocks (copy-on-write), a full pool, FUA and anything unusual decline. `None`
+    /// means "call `write`": blocks done so far are simply written again, with the same bytes.
+    pub fn try_write_nowait(&self, off: u64, buf: &[u8]) -> Option<()> {
+        let end = off.checked_add(buf.len() as u64)?;
+        if self.thin.read_only || self.sh.failed() || buf.is_empty() || end > self.size() {
+            return None;
         }
-        if off.checked_add(len).is_none_or(|end| end > self.size()) {
-            return false;
+        let _gate = self.thin.try_enter()?;
+        let sh = &self.sh;
+        let mut pos = 0usize;
+        for (vb, inb, n) in pieces(off, buf.len(), sh.block_bytes) {
+            let data = &buf[pos..pos + n];
+            pos += n;
+            match sh.cached_mapping(self.thin.id, vb) {
+                Some(m) if !m.shared => {
+                    if sh.data.faults_armed() {
+                        return None;
+                    }
+                    let at = byte_offset(m.data_block, sh.block_bytes, inb).ok()?;
+                    sh.data.write_at(m.data_block, data, at).ok()?;
+                }
+                Some(_) => return None,
+                None => sh.try_write_unmapped(&self.thin, vb, inb, data)?,
+            }
         }
-        pieces(off, n, self.sh.block_bytes).all(|(vb, _, _)| {
-            self.sh
-                .cached_mapping(self.thin.id, vb)
-                .is_some_and(|m| !m.shared)
-        })
+        Some(())
     }
 
     pub fn write(&self, off: u64, buf: &[u8], fua: bool) -> Result<()> {
@@ -668,12 +735,6 @@ mod tests {
         assert_eq!(h.try_read_cached(16 * BS - 4096, &mut buf), None);
         assert_eq!(h.try_read_cached(0, &mut []), None);
 
-        // Overwrites of those blocks are quick; holes, the end and past it are not.
-        assert!(h.is_overwrite(BS + 10, 2 * BS));
-        assert!(!h.is_overwrite(BS - 1, 2));
-        assert!(!h.is_overwrite(16 * BS - 4096, 8192));
-        assert!(!h.is_overwrite(BS, 0));
-
         // A quiesce in progress (snapshot, discard, teardown) makes it decline, not wait.
         {
             let _q = h.thin.quiesce();
@@ -684,12 +745,86 @@ mod tests {
         // After a snapshot the blocks are shared: writing them copies, which is not quick.
         pool.create_snapshot(2, 1).unwrap();
         h.read(BS, &mut back).unwrap();
-        assert!(!h.is_overwrite(BS, 4096));
+        assert_eq!(h.try_write_nowait(BS, &one), None);
 
         // Armed faults always go the blocking way, where they are injected and reported.
         h.sh.data.faults().fail_reads_of(1000);
         assert_eq!(h.try_read_cached(BS, &mut one), None);
         h.sh.data.faults().clear();
         assert!(h.read(BS, &mut one).is_ok());
+    }
+
+    #[test]
+    fn nowait_writes_overwrite_and_provision_and_decline_what_must_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(dir.path());
+        pool.create_thin(1).unwrap();
+        let h = pool.activate(1, 16 * BS, false).unwrap();
+        let a = vec![0xA5u8; 4096];
+        let b = vec![0x5Au8; 2 * BS as usize];
+
+        // Provisioning (a partial block, and two blocks at once), then overwriting in place.
+        assert_eq!(h.try_write_nowait(BS + 4096, &a), Some(()));
+        assert_eq!(h.try_write_nowait(4 * BS, &b), Some(()));
+        assert_eq!(h.mapped_blocks().unwrap(), 3);
+        let mut back = vec![0u8; BS as usize];
+        h.read(BS, &mut back).unwrap();
+        assert!(
+            back[..4096].iter().all(|&x| x == 0),
+            "rest of a new block reads zeros"
+        );
+        assert_eq!(back[4096..8192], a[..]);
+        assert!(back[8192..].iter().all(|&x| x == 0));
+        assert_eq!(h.try_write_nowait(BS, &a), Some(()));
+        h.read(BS, &mut back[..8192]).unwrap();
+        assert_eq!(back[..4096], a[..]);
+        let mut two = vec![0u8; b.len()];
+        h.read(4 * BS, &mut two).unwrap();
+        assert_eq!(two, b);
+
+        // Past the end, empty, read-only pieces: declined, nothing written.
+        assert_eq!(h.try_write_nowait(16 * BS - 4096, &b[..8192]), None);
+        assert_eq!(h.try_write_nowait(0, &[]), None);
+
+        // The block's cell held by someone else, the gate taken, a commit running, faults
+        // armed: declined rather than waited for.
+        let cell = h.sh.prison.try_lock((1, 7)).unwrap();
+        assert_eq!(h.try_write_nowait(7 * BS, &a), None);
+        h.sh.release_cell(&h.thin, cell);
+        {
+            let _q = h.thin.quiesce();
+            assert_eq!(h.try_write_nowait(BS, &a), None);
+        }
+        {
+            let _core = h.sh.write_core();
+            assert_eq!(h.try_write_nowait(8 * BS, &a), None);
+        }
+        h.sh.committing
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert_eq!(h.try_write_nowait(8 * BS, &a), None);
+        h.sh.committing
+            .store(false, std::sync::atomic::Ordering::Release);
+        h.sh.data.faults().fail_reads_of(1000);
+        assert_eq!(h.try_write_nowait(BS, &a), None);
+        assert_eq!(h.try_write_nowait(9 * BS, &a), None);
+        h.sh.data.faults().clear();
+        assert_eq!(h.mapped_blocks().unwrap(), 3);
+
+        assert_eq!(pool.status().blocks_provisioned, 3);
+
+        // A full pool declines; the blocking path applies the no-space policy.
+        let small_dir = tempfile::tempdir().unwrap();
+        let cfg = PoolConfig {
+            no_space_policy: crate::engine::NoSpacePolicy::Error,
+            ..PoolConfig::default()
+        };
+        let (meta, data) = (small_dir.path().join("meta"), small_dir.path().join("data"));
+        let small = Pool::create(&meta, &data, 2 * BS, BS, cfg).unwrap();
+        small.create_thin(1).unwrap();
+        let s = small.activate(1, 16 * BS, false).unwrap();
+        assert_eq!(s.try_write_nowait(0, &b), Some(()));
+        assert_eq!(s.try_write_nowait(2 * BS, &a), None);
+        let err = s.write(2 * BS, &a, false).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::NoSpace);
     }
 }

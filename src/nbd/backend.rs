@@ -26,12 +26,14 @@ pub trait ExportBackend: Send + Sync + 'static {
         None
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
-    /// Whether a write of this range is known to finish quickly right now (no waiting for
-    /// space, for other requests or for a commit), so the server may run several such writes
-    /// one after another on one thread. A hint; `write` still does all its checks.
-    fn write_is_quick(&self, offset: u64, len: u64) -> bool {
-        let _ = (offset, len);
-        false
+    /// Does a write at once if that needs no waiting at all (no lock or cell to wait for, no
+    /// commit, no full pool), so the server can run it on its event loop without a hop to a
+    /// blocking thread. `None`: not now (or an error); the server then calls
+    /// [`write`](Self::write) off the executor with the same bytes, so a backend may decline
+    /// after writing part of the range. Never called for FUA writes.
+    fn try_write_nowait(&self, offset: u64, data: &[u8]) -> Option<()> {
+        let _ = (offset, data);
+        None
     }
     /// Makes every completed write durable (from any connection).
     fn flush(&self) -> Result<()>;

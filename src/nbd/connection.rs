@@ -446,9 +446,6 @@ where
     let byte_cap = cfg.max_inflight_bytes_per_connection;
     let bytes = Arc::new(Semaphore::new(byte_cap));
     let mut tasks = JoinSet::new();
-    // Read in full, not yet dispatched; only ever non-empty while the next request is a write
-    // already in the read buffer (so nothing waits on it).
-    let mut batch: Vec<Pending> = Vec::new();
 
     let outcome = loop {
         while tasks.try_join_next().is_some() {}
@@ -520,23 +517,29 @@ where
         } else {
             Vec::new()
         };
-        batch.push(Pending {
-            req,
-            payload,
-            permits: (c, b),
-        });
-        // Quick writes the client has already sent in full go to one blocking call together:
-        // one hand-off to a thread and one wake-up for the lot instead of one per request.
-        if batch.len() >= MAX_BATCH
-            || !batchable(&ctx, &req)
-            || !next_is_batchable(rd.buffer(), &ctx, &count, &bytes)
-        {
-            dispatch(&mut tasks, std::mem::take(&mut batch), &ctx, &tx);
+        // Small writes the backend can do without waiting run here too, for the same reason.
+        if let Some(bytes) = write_nowait(&ctx, &req, &payload) {
+            ctx.buffers.put(payload);
+            let out = Outgoing {
+                bytes,
+                _permits: (c, b),
+            };
+            if tx.send(out).await.is_err() {
+                break Ok("reply writer stopped");
+            }
+            continue;
         }
+        dispatch(
+            &mut tasks,
+            Pending {
+                req,
+                payload,
+                permits: (c, b),
+            },
+            &ctx,
+            &tx,
+        );
     };
-    if !batch.is_empty() {
-        dispatch(&mut tasks, batch, &ctx, &tx);
-    }
     // Let every accepted request finish and its reply go out before the writer closes. A
     // client that stops reading could hold that up forever, so once the server is shutting
     // down it gets `shutdown_grace`, then the connection is cut.
@@ -565,8 +568,9 @@ where
     outcome
 }
 
-/// Requests dispatched together at most.
-const MAX_BATCH: usize = 16;
+/// Writes longer than this always go to a blocking thread: the hop costs little next to
+/// copying them, and the event loop is not held up by a long copy.
+const NOWAIT_WRITE_MAX: u32 = 128 << 10;
 
 /// A request read in full, with its permits, waiting to be dispatched.
 struct Pending {
@@ -575,76 +579,35 @@ struct Pending {
     permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
-/// Only writes the backend knows to be quick are batched: a request that may wait (for space,
-/// for another request, for a flush) must not hold up the ones queued behind it.
-fn batchable(ctx: &Ctx, req: &Request) -> bool {
-    req.command == Command::Write
-        && !req.has(CMD_FLAG_FUA)
-        && ctx
-            .backend
-            .write_is_quick(req.offset, u64::from(req.length))
-}
-
-/// Whether the next request is a batchable write whose header and payload are already
-/// buffered and whose permits are free now (only this task takes permits, so they stay free):
-/// reading it cannot wait, so the batch never holds requests back from a client.
-fn next_is_batchable(buf: &[u8], ctx: &Ctx, count: &Semaphore, bytes: &Semaphore) -> bool {
-    let Some(next) = buf.get(..REQUEST_LEN).and_then(|h| Request::decode(h).ok()) else {
-        return false;
-    };
-    let len = next.length as usize;
-    next.length <= ctx.max_request_bytes
-        && buf.len() >= REQUEST_LEN + len
-        && count.available_permits() >= 1
-        && bytes.available_permits() >= len
-        && batchable(ctx, &next)
-}
-
-/// Runs a batch on the blocking pool, in order, and queues its replies.
-fn dispatch(
-    tasks: &mut JoinSet<()>,
-    batch: Vec<Pending>,
-    ctx: &Arc<Ctx>,
-    tx: &mpsc::Sender<Outgoing>,
-) {
+/// Runs a request on the blocking pool and queues its reply.
+fn dispatch(tasks: &mut JoinSet<()>, p: Pending, ctx: &Arc<Ctx>, tx: &mpsc::Sender<Outgoing>) {
     let (ctx, tx) = (Arc::clone(ctx), tx.clone());
-    let mut reqs = Vec::with_capacity(batch.len());
-    let mut work = Vec::with_capacity(batch.len());
-    let mut permits = Vec::with_capacity(batch.len());
-    for p in batch {
-        reqs.push(p.req);
-        work.push((p.req, p.payload));
-        permits.push(p.permits);
-    }
     tasks.spawn(async move {
+        let Pending {
+            req,
+            payload,
+            permits,
+        } = p;
         let ctx2 = Arc::clone(&ctx);
         let run = tokio::task::spawn_blocking(move || {
-            work.into_iter()
-                .map(|(req, payload)| {
-                    let bytes = execute(&ctx2, &req, &payload);
-                    ctx2.buffers.put(payload);
-                    bytes
-                })
-                .collect::<Vec<_>>()
+            let bytes = execute(&ctx2, &req, &payload);
+            ctx2.buffers.put(payload);
+            bytes
         });
-        let replies = match run.await {
-            Ok(replies) => replies,
+        let bytes = match run.await {
+            Ok(bytes) => bytes,
             Err(e) => {
                 warn!(error = %e, "request task failed");
-                reqs.iter()
-                    .map(|req| error_reply(&ctx, req, NBD_EIO, "internal error"))
-                    .collect()
+                error_reply(&ctx, &req, NBD_EIO, "internal error")
             }
         };
-        for (bytes, permits) in replies.into_iter().zip(permits) {
-            // A send error means the writer is gone, and the connection with it.
-            let _ = tx
-                .send(Outgoing {
-                    bytes,
-                    _permits: permits,
-                })
-                .await;
-        }
+        // A send error means the writer is gone, and the connection with it.
+        let _ = tx
+            .send(Outgoing {
+                bytes,
+                _permits: permits,
+            })
+            .await;
     });
 }
 
@@ -762,6 +725,28 @@ fn error_reply(ctx: &Ctx, req: &Request, errno: u32, message: &str) -> Vec<u8> {
         .encode()
         .to_vec()
     }
+}
+
+/// A plain write (no FUA, at most [`NOWAIT_WRITE_MAX`] bytes, valid) done at once if the
+/// backend can do it without waiting ([`ExportBackend::try_write_nowait`]); its reply.
+/// `None`: dispatch it as usual (which also validates and reports errors).
+fn write_nowait(ctx: &Ctx, req: &Request, payload: &[u8]) -> Option<Vec<u8>> {
+    if req.command != Command::Write
+        || req.has(CMD_FLAG_FUA)
+        || req.length > NOWAIT_WRITE_MAX
+        || validate(ctx, req).is_err()
+    {
+        return None;
+    }
+    ctx.backend.try_write_nowait(req.offset, payload)?;
+    Some(
+        SimpleReply {
+            error: 0,
+            cookie: req.cookie,
+        }
+        .encode()
+        .to_vec(),
+    )
 }
 
 /// The reply to a read the backend can serve without waiting
@@ -1024,8 +1009,13 @@ mod tests {
         }
     }
 
-    /// A memory export whose writes all count as quick, so the connection batches them.
-    struct Quick(MemoryExport);
+    /// A memory export that takes every write it is offered without waiting, and counts
+    /// which path each write came by.
+    struct Quick(
+        MemoryExport,
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    );
 
     impl ExportBackend for Quick {
         fn size(&self) -> u64 {
@@ -1041,10 +1031,12 @@ mod tests {
             self.0.read(offset, buf)
         }
         fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+            self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.0.write(offset, data, fua)
         }
-        fn write_is_quick(&self, _offset: u64, _len: u64) -> bool {
-            true
+        fn try_write_nowait(&self, offset: u64, data: &[u8]) -> Option<()> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.write(offset, data, false).ok()
         }
         fn flush(&self) -> Result<()> {
             Ok(())
@@ -1064,14 +1056,18 @@ mod tests {
     }
 
     #[test]
-    fn pipelined_quick_writes_are_batched_and_each_gets_its_reply() {
+    fn pipelined_nowait_writes_run_inline_and_each_gets_its_reply() {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let backend = Arc::new(Quick(MemoryExport::new(1 << 20)));
+            let backend = Arc::new(Quick(
+                MemoryExport::new(1 << 20),
+                Default::default(),
+                Default::default(),
+            ));
             let shared = Arc::new(Shared {
                 source: Arc::new(crate::nbd::memory::MemorySource::new()),
                 config: crate::nbd::ServerConfig::default(),
@@ -1086,9 +1082,8 @@ mod tests {
                 base_allocation: false,
             };
             let conn = tokio::spawn(transmission(server, n, shared, stop_rx));
-            // 40 writes sent at once: the connection reads them 64 KiB at a time, so runs of
-            // complete writes sit in its buffer and go out in batches; one FUA write and a
-            // flush in the middle go alone.
+            // 40 writes sent at once, one of them FUA, and a flush in the middle: the FUA
+            // write and anything past the end go the blocking way, the rest run inline.
             const N: u64 = 40;
             let mut out = Vec::new();
             for i in 0..N {
@@ -1097,12 +1092,14 @@ mod tests {
                     25 => (Command::Write, CMD_FLAG_FUA),
                     _ => (Command::Write, 0),
                 };
+                // One write past the end of the 1 MiB export: an error reply, never inline.
+                let i_off = if i == 30 { 1 << 20 } else { i * 4096 };
                 let length = if command == Command::Write { 4096 } else { 0 };
                 let req = Request {
                     flags,
                     command,
                     cookie: i,
-                    offset: if length > 0 { i * 4096 } else { 0 },
+                    offset: if length > 0 { i_off } else { 0 },
                     length,
                 };
                 out.extend_from_slice(&req.encode());
@@ -1119,17 +1116,23 @@ mod tests {
                 .await
                 .expect("every request is answered")
                 .unwrap();
-                assert_eq!(r[4..8], [0, 0, 0, 0], "no error");
-                cookies.push(u64::from_be_bytes(r[8..16].try_into().unwrap()));
+                let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
+                let error = u32::from_be_bytes(r[4..8].try_into().unwrap());
+                let want = if cookie == 30 { NBD_EINVAL } else { 0 };
+                assert_eq!(error, want, "reply to {cookie}");
+                cookies.push(cookie);
             }
             cookies.sort_unstable();
             assert_eq!(cookies, (0..N).collect::<Vec<_>>());
             let mut all = vec![0u8; (N * 4096) as usize];
             backend.0.read(0, &mut all).unwrap();
             for (i, chunk) in all.chunks(4096).enumerate() {
-                let want = if i == 20 { 0 } else { i as u8 + 1 };
+                let want = if i == 20 || i == 30 { 0 } else { i as u8 + 1 };
                 assert!(chunk.iter().all(|&b| b == want), "block {i}");
             }
+            let inline = backend.1.load(std::sync::atomic::Ordering::SeqCst);
+            let blocking = backend.2.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!((inline, blocking), (N as usize - 3, 1), "inline, blocking");
             let disc = Request {
                 flags: 0,
                 command: Command::Disc,

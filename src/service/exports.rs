@@ -97,8 +97,8 @@ impl ExportBackend for VolumeExport {
         self.active.thin.write(offset, data, fua)
     }
 
-    fn write_is_quick(&self, offset: u64, len: u64) -> bool {
-        self.active.thin.is_overwrite(offset, len)
+    fn try_write_nowait(&self, offset: u64, data: &[u8]) -> Option<()> {
+        self.active.thin.try_write_nowait(offset, data)
     }
 
     fn flush(&self) -> Result<()> {
