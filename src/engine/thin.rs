@@ -468,6 +468,9 @@ impl ThinHandle {
     /// `try_write_unmapped` (cell, metadata lock and a free block all available at once).
     /// Shared blocks (copy-on-write), a full pool, FUA and anything unusual decline. `None`
     /// means "call `write`": blocks done so far are simply written again, with the same bytes.
+    /// The data write itself is a buffered `pwrite`, which the kernel can still hold up (the
+    /// inode lock, dirty-page throttling) like any page-cache write: ext4 refuses `RWF_NOWAIT`
+    /// for buffered writes, so there is no cheaper way to know.
     pub fn try_write_nowait(&self, off: u64, buf: &[u8]) -> Option<()> {
         let end = off.checked_add(buf.len() as u64)?;
         if self.thin.read_only || self.sh.failed() || buf.is_empty() || end > self.size() {

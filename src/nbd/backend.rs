@@ -8,7 +8,8 @@ use std::sync::Arc;
 use crate::error::Result;
 
 /// One export as the server sees it. Methods block (they do disk I/O): the server calls them
-/// off the async executor (spawn_blocking or a dedicated thread pool), never on it.
+/// off the async executor (spawn_blocking), never on it; only the `try_*_nowait` methods,
+/// which must not wait for anything, run on it.
 pub trait ExportBackend: Send + Sync + 'static {
     fn size(&self) -> u64;
     fn read_only(&self) -> bool;

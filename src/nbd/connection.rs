@@ -2,9 +2,10 @@
 //!
 //! In transmission the connection's task only reads: it decodes a request, takes permits
 //! (requests in flight, payload bytes in flight), reads a write payload and dispatches the
-//! request. A read the backend can serve from memory without waiting is answered right there
-//! (`read_nowait`); every other request runs its backend call on the blocking pool. Either
-//! way the complete reply frame
+//! request. A read the backend can serve from memory, or a small plain write it can do,
+//! without waiting is done right there (`read_nowait`, `write_nowait`): a hop to a blocking
+//! thread and back costs more than the work. Every other request runs its backend call on the
+//! blocking pool. Either way the complete reply frame
 //! goes to the connection's single writer task, so replies leave in completion order and never
 //! interleave mid-frame. A malformed request closes this connection only; a request that is
 //! merely invalid gets an error reply and the connection goes on.
