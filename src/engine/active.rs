@@ -13,14 +13,20 @@
 //! (`try_get` is "increment unless zero"), which closes the window where a walker still holds an
 //! old snapshot that lists a member teardown has already finished with.
 //!
-//! With the `loom` feature the snapshot cell is a loom `Mutex<Arc<..>>` (arc-swap is not loom-aware);
-//! the protocol code above it is the same.
+//! With the `loom` feature the snapshot cell is a loom `Mutex<Arc<..>>` (arc-swap is not
+//! loom-aware; `Arc` is std's, see `crate::sync`); the protocol code above it is the same.
 
-use crate::sync::{self, Arc, Condvar, Mutex};
+use crate::sync::{self, Arc, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Reference count plus completion of one active member.
+///
+/// The count is a lone atomic so that taking and dropping a reference (once per member per
+/// worker walk) never takes a lock; the mutex and condition variable exist only for the
+/// teardown waiter to sleep on. The last `put` takes the mutex before notifying, and the waiter
+/// re-reads the count under it, so the wakeup cannot be lost between its check and its sleep.
 pub struct Life {
-    refs: Mutex<usize>,
+    refs: AtomicUsize,
+    sleep: Mutex<()>,
     zero: Condvar,
 }
 
@@ -34,42 +40,63 @@ impl Life {
     /// A new life holding the set's own reference.
     pub fn new() -> Self {
         Life {
-            refs: Mutex::new(1),
+            refs: AtomicUsize::new(1),
+            sleep: Mutex::new(()),
             zero: Condvar::new(),
         }
     }
 
     /// Takes a reference unless the count already reached zero (the member is finished).
     pub fn try_get(&self) -> bool {
-        let mut refs = sync::lock(&self.refs);
-        if *refs == 0 {
-            return false;
+        // Guess the common count (only the set's reference) instead of loading first: one
+        // atomic step when the guess holds, the failed exchange reports the real count otherwise.
+        let mut cur: usize = 1;
+        loop {
+            if cur == 0 {
+                return false;
+            }
+            let Some(next) = cur.checked_add(1) else {
+                return false;
+            };
+            match self
+                .refs
+                .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
         }
-        *refs += 1;
-        true
     }
 
     /// Drops a reference; the last one completes the teardown waiter.
+    ///
+    /// Every `put` pairs with the set's own reference or a successful [`try_get`](Self::try_get)
+    /// (only [`Ref`] and the teardown path call it), so the count never goes below zero.
     pub fn put(&self) {
-        let mut refs = sync::lock(&self.refs);
-        *refs = refs.saturating_sub(1);
-        if *refs == 0 {
+        let prev = self.refs.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(prev > 0, "Life::put without a reference");
+        if prev == 1 {
+            let _g = sync::lock(&self.sleep);
             self.zero.notify_all();
         }
     }
 
     /// Drops the owner's reference and blocks until every other reference is gone.
     pub fn put_and_wait(&self) {
-        let mut refs = sync::lock(&self.refs);
-        *refs = refs.saturating_sub(1);
-        while *refs > 0 {
-            refs = sync::wait(&self.zero, refs);
+        let prev = self.refs.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(prev > 0, "Life::put_and_wait without a reference");
+        if prev == 1 {
+            return;
+        }
+        let mut g = sync::lock(&self.sleep);
+        while self.refs.load(Ordering::Acquire) > 0 {
+            g = sync::wait(&self.zero, g);
         }
     }
 
     /// Current count, for status and tests.
     pub fn count(&self) -> usize {
-        *sync::lock(&self.refs)
+        self.refs.load(Ordering::Acquire)
     }
 }
 
@@ -121,9 +148,6 @@ impl<T> Cell<T> {
     fn load(&self) -> arc_swap::Guard<Snapshot<T>> {
         self.0.load()
     }
-    fn load_full(&self) -> Snapshot<T> {
-        self.0.load_full()
-    }
     fn store(&self, s: Snapshot<T>) {
         self.0.store(s)
     }
@@ -140,9 +164,6 @@ impl<T> Cell<T> {
     fn load(&self) -> Snapshot<T> {
         sync::lock(&self.0).clone()
     }
-    fn load_full(&self) -> Snapshot<T> {
-        sync::lock(&self.0).clone()
-    }
     fn store(&self, s: Snapshot<T>) {
         *sync::lock(&self.0) = s;
     }
@@ -151,7 +172,9 @@ impl<T> Cell<T> {
 /// The published set of active members.
 pub struct ActiveSet<T: Member> {
     cell: Cell<T>,
-    writers: Mutex<()>,
+    /// Serialises writers and holds the snapshot they last published, so a writer builds the
+    /// next one from it without reading the cell back.
+    writers: Mutex<Snapshot<T>>,
 }
 
 impl<T: Member> Default for ActiveSet<T> {
@@ -164,20 +187,21 @@ impl<T: Member> ActiveSet<T> {
     pub fn new() -> Self {
         ActiveSet {
             cell: Cell::new(),
-            writers: Mutex::new(()),
+            writers: Mutex::new(Arc::new(Vec::new())),
         }
     }
 
     /// Publishes `item` unless a member with the same key is active (then gives it back).
     pub fn insert(&self, item: Arc<T>) -> std::result::Result<(), Arc<T>> {
-        let _w = sync::lock(&self.writers);
-        let cur = self.cell.load_full();
+        let mut cur = sync::lock(&self.writers);
         if cur.iter().any(|m| m.key() == item.key()) {
             return Err(item);
         }
         let mut next: Vec<Arc<T>> = cur.iter().cloned().collect();
         next.push(item);
-        self.cell.store(Arc::new(next));
+        let next = Arc::new(next);
+        self.cell.store(next.clone());
+        *cur = next;
         Ok(())
     }
 
@@ -190,12 +214,13 @@ impl<T: Member> ActiveSet<T> {
     /// Like [`remove`](Self::remove), but only when `which` accepts the member (so a stale
     /// handle cannot unpublish a later activation under the same key).
     pub fn remove_if(&self, key: u64, which: impl Fn(&T) -> bool) -> Option<Arc<T>> {
-        let _w = sync::lock(&self.writers);
-        let cur = self.cell.load_full();
+        let mut cur = sync::lock(&self.writers);
         let pos = cur.iter().position(|m| m.key() == key && which(m))?;
         let mut next: Vec<Arc<T>> = cur.iter().cloned().collect();
         let gone = next.remove(pos);
-        self.cell.store(Arc::new(next));
+        let next = Arc::new(next);
+        self.cell.store(next.clone());
+        *cur = next;
         Some(gone)
     }
 
@@ -224,7 +249,7 @@ impl<T: Member> ActiveSet<T> {
 
     /// Members of the current snapshot (for status; not counted).
     pub fn members(&self) -> Vec<Arc<T>> {
-        self.cell.load_full().iter().cloned().collect()
+        self.cell.load().iter().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
