@@ -491,20 +491,6 @@ where
                 Err(_) => break Ok("semaphore closed"),
             },
         };
-        // Reads the backend can serve from memory are answered here, on the event loop: the
-        // hop to a blocking thread and back costs more than a page-cache read.
-        if req.command == Command::Read {
-            if let Some(bytes) = read_nowait(&ctx, &req) {
-                let out = Outgoing {
-                    bytes,
-                    _permits: (c, b),
-                };
-                if tx.send(out).await.is_err() {
-                    break Ok("reply writer stopped");
-                }
-                continue;
-            }
-        }
         let payload = if req.command == Command::Write {
             // Overwritten whole by read_exact (or the connection ends).
             let mut payload = ctx.buffers.take(req.length as usize);
@@ -518,8 +504,14 @@ where
         } else {
             Vec::new()
         };
-        // Small writes the backend can do without waiting run here too, for the same reason.
-        if let Some(bytes) = write_nowait(&ctx, &req, &payload) {
+        // What the backend can do without waiting (reads from memory, small writes) is done
+        // here, on the event loop: the hop to a blocking thread and back costs more.
+        let done_here = match req.command {
+            Command::Read => read_nowait(&ctx, &req),
+            Command::Write => write_nowait(&ctx, &req, &payload),
+            _ => None,
+        };
+        if let Some(bytes) = done_here {
             ctx.buffers.put(payload);
             let out = Outgoing {
                 bytes,
@@ -732,11 +724,7 @@ fn error_reply(ctx: &Ctx, req: &Request, errno: u32, message: &str) -> Vec<u8> {
 /// backend can do it without waiting ([`ExportBackend::try_write_nowait`]); its reply.
 /// `None`: dispatch it as usual (which also validates and reports errors).
 fn write_nowait(ctx: &Ctx, req: &Request, payload: &[u8]) -> Option<Vec<u8>> {
-    if req.command != Command::Write
-        || req.has(CMD_FLAG_FUA)
-        || req.length > NOWAIT_WRITE_MAX
-        || validate(ctx, req).is_err()
-    {
+    if req.has(CMD_FLAG_FUA) || req.length > NOWAIT_WRITE_MAX || validate(ctx, req).is_err() {
         return None;
     }
     ctx.backend.try_write_nowait(req.offset, payload)?;
