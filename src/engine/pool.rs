@@ -185,6 +185,8 @@ pub(crate) struct Stats {
     pub(crate) commits: AtomicU64,
     pub(crate) flushes: AtomicU64,
     pub(crate) provisioned: AtomicU64,
+    /// Runs of whole new blocks provisioned together (`try_provision_run`).
+    pub(crate) provisioned_runs: AtomicU64,
     pub(crate) copied: AtomicU64,
     pub(crate) discarded: AtomicU64,
     pub(crate) deferred: AtomicU64,
@@ -436,6 +438,60 @@ impl Shared {
             let _ = core.md.release_data_block(b);
             drop(core);
             return Err(self.note(e));
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` blocks for the unmapped run `[vblock, vblock + n)` of `thin` under one
+    /// metadata lock; `None` (nothing allocated) if any of them is mapped, the pool cannot
+    /// hold them all, or anything fails: the block-by-block path then deals with it.
+    pub(crate) fn alloc_run(&self, thin: ThinId, vblock: u64, n: u64) -> Option<Vec<u64>> {
+        let mut core = self.write_core();
+        if self.read_only_reason(&core).is_some() || core.md.free_data_blocks() < n {
+            return None;
+        }
+        for vb in vblock..vblock + n {
+            if core.md.lookup(thin, vb).ok()?.is_some() {
+                return None;
+            }
+        }
+        let mut blocks = Vec::with_capacity(usize::try_from(n).ok()?);
+        for _ in 0..n {
+            match core.md.alloc_data_block() {
+                Ok(b) => {
+                    // Whole blocks are written in full, but the block must stop counting as
+                    // known-zero, or its next owner after a free would skip zeroing it.
+                    core.take_zeroed(b);
+                    blocks.push(b);
+                }
+                Err(_) => {
+                    for &b in &blocks {
+                        let _ = core.md.release_data_block(b);
+                    }
+                    return None;
+                }
+            }
+        }
+        let free = core.md.free_data_blocks();
+        drop(core);
+        self.check_low_water(free);
+        Some(blocks)
+    }
+
+    /// Maps `vblock + i` of `thin` to `blocks[i]` under one lock; on failure every block not
+    /// yet mapped is released and the pool turns read-only (as with one insert).
+    pub(crate) fn insert_mappings(&self, thin: ThinId, vblock: u64, blocks: &[u64]) -> Result<()> {
+        let mut core = self.write_core();
+        for (i, &b) in blocks.iter().enumerate() {
+            let vb = vblock + i as u64;
+            self.cache.invalidate(thin, vb);
+            if let Err(e) = core.md.insert(thin, vb, b) {
+                for &rest in &blocks[i..] {
+                    let _ = core.md.release_data_block(rest);
+                }
+                drop(core);
+                return Err(self.note(e));
+            }
         }
         Ok(())
     }

@@ -319,6 +319,71 @@ impl Shared {
         r
     }
 
+    /// Provisions whole blocks `[vblock, vblock + n)` with `data` (`n` blocks of bytes, at
+    /// least two) together when every one of them is unmapped, their cells are free at once
+    /// and the pool has room for all: one allocation under one metadata lock, the data written
+    /// with one `pwrite` per run of consecutive data blocks, then every block mapped under one
+    /// lock. `None`: nothing was changed; write block by block instead (that path also handles
+    /// mapped and shared blocks, a full pool and its policy).
+    pub(crate) fn try_provision_run(
+        &self,
+        thin: &Thin,
+        vblock: u64,
+        data: &[u8],
+    ) -> Option<Result<()>> {
+        let bs = self.block_bytes;
+        let n = data.len() as u64 / bs;
+        if n < 2 || self.failed() || self.data.faults_armed() {
+            return None;
+        }
+        let mut cells = Vec::with_capacity(n as usize);
+        for vb in vblock..vblock + n {
+            match self.prison.try_lock((thin.id(), vb)) {
+                Some(held) => cells.push(held),
+                None => break,
+            }
+        }
+        let r = if cells.len() as u64 == n {
+            self.provision_run_held(thin.id(), vblock, n, data)
+        } else {
+            None
+        };
+        for held in cells {
+            self.release_cell(thin, held);
+        }
+        r
+    }
+
+    fn provision_run_held(
+        &self,
+        thin: ThinId,
+        vblock: u64,
+        n: u64,
+        data: &[u8],
+    ) -> Option<Result<()>> {
+        let bs = self.block_bytes;
+        let blocks = self.alloc_run(thin, vblock, n)?;
+        let mut pos = 0usize;
+        for run in blocks.chunk_by(|a, b| a + 1 == *b) {
+            let len = usize::try_from(run.len() as u64 * bs).ok()?;
+            let written = byte_offset(run[0], bs, 0)
+                .and_then(|at| self.data.write_at(run[0], &data[pos..pos + len], at));
+            if let Err(e) = written {
+                for &b in &blocks {
+                    self.release_block(b);
+                }
+                return Some(Err(e));
+            }
+            pos += len;
+        }
+        Some(self.insert_mappings(thin, vblock, &blocks).map(|()| {
+            self.stats
+                .provisioned
+                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+            self.stats.provisioned_runs.fetch_add(1, Ordering::Relaxed);
+        }))
+    }
+
     fn try_write_held(&self, thin: ThinId, vblock: u64, inb: usize, data: &[u8]) -> Option<()> {
         match self.try_claim(thin, vblock)? {
             Claim::Mapped(m) => {
@@ -502,14 +567,34 @@ impl ThinHandle {
         self.check_volume_writable()?;
         {
             let mut gate = Some(self.thin.enter()?);
-            let mut pos = 0usize;
-            for (vb, inb, n) in pieces(off, buf.len(), self.sh.block_bytes) {
-                self.write_piece(vb, inb, &buf[pos..pos + n], &mut gate, true)?;
-                pos += n;
+            // Whole blocks in the middle that are all new are provisioned together: one
+            // allocation, one `pwrite` per run of consecutive data blocks, one mapping update.
+            let bs = self.sh.block_bytes;
+            let head = usize::try_from((bs - off % bs) % bs)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let whole = (buf.len() - head) as u64 / bs;
+            let mid_end = head + usize::try_from(whole * bs).unwrap_or(0);
+            self.write_pieces(off, &buf[..head], &mut gate)?;
+            let mid = &buf[head..mid_end];
+            let mid_off = off + head as u64;
+            match self.sh.try_provision_run(&self.thin, mid_off / bs, mid) {
+                Some(r) => r?,
+                None => self.write_pieces(mid_off, mid, &mut gate)?,
             }
+            self.write_pieces(off + mid_end as u64, &buf[mid_end..], &mut gate)?;
         }
         if fua {
             self.sh.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_pieces<'a>(&'a self, off: u64, buf: &[u8], gate: &mut Gate<'a>) -> Result<()> {
+        let mut pos = 0usize;
+        for (vb, inb, n) in pieces(off, buf.len(), self.sh.block_bytes) {
+            self.write_piece(vb, inb, &buf[pos..pos + n], gate, true)?;
+            pos += n;
         }
         Ok(())
     }
@@ -829,5 +914,61 @@ mod tests {
         assert_eq!(s.try_write_nowait(2 * BS, &a), None);
         let err = s.write(2 * BS, &a, false).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::NoSpace);
+    }
+
+    #[test]
+    fn whole_new_blocks_are_provisioned_together_and_mixed_runs_block_by_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(dir.path());
+        pool.create_thin(1).unwrap();
+        let h = pool.activate(1, 32 * BS, false).unwrap();
+        let data: Vec<u8> = (0..6 * BS as u32).map(|i| (i % 253) as u8).collect();
+
+        // A partial head, four whole new blocks, a partial tail.
+        let off = 2 * BS - 4096;
+        let len = 4 * BS as usize + 8192;
+        h.write(off, &data[..len], false).unwrap();
+        assert_eq!(h.mapped_blocks().unwrap(), 6);
+        assert_eq!(pool.status().blocks_provisioned, 6);
+        let runs = || {
+            h.sh.stats
+                .provisioned_runs
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        assert_eq!(runs(), 1, "the four whole blocks went together");
+        let mut back = vec![0u8; len];
+        h.read(off, &mut back).unwrap();
+        assert_eq!(back, data[..len]);
+        let mut edge = vec![0xFFu8; BS as usize - 4096];
+        h.read(BS, &mut edge).unwrap();
+        assert!(
+            edge.iter().all(|&b| b == 0),
+            "the head block's start reads zeros"
+        );
+
+        // A run over mapped and new blocks goes block by block, and still lands.
+        h.write(5 * BS, &data[..4 * BS as usize], false).unwrap();
+        assert_eq!(h.mapped_blocks().unwrap(), 8);
+        assert_eq!(
+            runs(),
+            1,
+            "a run with mapped blocks is not provisioned as one"
+        );
+        let mut back = vec![0u8; 4 * BS as usize];
+        h.read(5 * BS, &mut back).unwrap();
+        assert_eq!(back, data[..4 * BS as usize]);
+
+        // After a snapshot the blocks are shared: a whole-block run copies, never re-provisions
+        // in place of the origin's blocks.
+        pool.create_snapshot(2, 1).unwrap();
+        let snap = pool.activate(2, 32 * BS, true).unwrap();
+        h.write(2 * BS, &data[BS as usize..3 * BS as usize], false)
+            .unwrap();
+        let mut old = vec![0u8; 2 * BS as usize];
+        snap.read(2 * BS, &mut old).unwrap();
+        assert_eq!(old, data[4096..4096 + 2 * BS as usize]);
+        h.read(2 * BS, &mut old).unwrap();
+        assert_eq!(old, data[BS as usize..3 * BS as usize]);
+        h.flush().unwrap();
     }
 }
