@@ -49,6 +49,7 @@ struct RawServer {
     max_connections: Option<usize>,
     max_inflight_per_connection: Option<usize>,
     max_request_size: Option<String>,
+    busy_poll_us: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +93,7 @@ pub struct ServerSettings {
     pub max_connections: usize,
     pub max_inflight_per_connection: usize,
     pub max_request_size: u64,
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -250,6 +252,10 @@ impl Config {
                 64,
             )?,
             max_request_size,
+            busy_poll: match s.busy_poll_us.unwrap_or(100) {
+                us @ 0..=10_000 => Duration::from_micros(us),
+                _ => return Err(c.bad("server.busy_poll_us", "must be 0 to 10000")),
+            },
         };
         let engine = EngineSettings {
             cell_pool_size: positive("engine.cell_pool_size", raw.engine.cell_pool_size, 1024)?,
@@ -319,6 +325,10 @@ mod tests {
         assert!(e.to_string().contains("pool.no_space_policy"), "{e}");
         let e = Config::from_toml("[pool]\ncreate_if_missing = \"yes\"\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("pool.create_if_missing"), "{e}");
+        let e = Config::from_toml("[server]\nbusy_poll_us = 20000\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("server.busy_poll_us"), "{e}");
+        let off = Config::from_toml("[server]\nbusy_poll_us = 0\n", "f.toml").unwrap();
+        assert!(off.server.busy_poll.is_zero());
     }
 
     #[test]

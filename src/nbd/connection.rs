@@ -12,13 +12,18 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    BufWriter,
+};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn};
 
 use super::backend::{ExportBackend, Extent};
+use super::busy_poll::PollWindow;
 use super::codec::*;
 use super::server::{stopped, Shared};
 use super::{errno_of, errno_of_kind, NBD_EINVAL, NBD_EIO, NBD_EPERM};
@@ -448,9 +453,19 @@ where
     let bytes = Arc::new(Semaphore::new(byte_cap));
     let mut tasks = JoinSet::new();
 
+    let mut poll = PollWindow::new(cfg.busy_poll_max);
     let outcome = loop {
         while tasks.try_join_next().is_some() {}
         let mut hdr = [0u8; REQUEST_LEN];
+        // Nothing buffered and at most the reply just queued in flight: the client is likely
+        // waiting on us alone, one request at a time. Poll for its next request briefly
+        // rather than sleep (see `busy_poll`); deeper queues keep the worker busy anyway.
+        let idle_since = (rd.buffer().is_empty()
+            && count.available_permits() + 1 >= cfg.max_inflight_per_connection)
+            .then(Instant::now);
+        if idle_since.is_some() {
+            poll_for_request(&mut rd, poll.window()).await;
+        }
         tokio::select! {
             _ = stopped(&mut stop) => break Ok("server shutting down"),
             _ = tx.closed() => break Ok("reply writer stopped"),
@@ -459,6 +474,9 @@ where
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok("closed without NBD_CMD_DISC"),
                 Err(e) => break Err(Error::io("reading request", e)),
             },
+        }
+        if let Some(t) = idle_since {
+            poll.waited(t.elapsed());
         }
         let req = match Request::decode(&hdr) {
             Ok(r) => r,
@@ -559,6 +577,29 @@ where
         }
     }
     outcome
+}
+
+/// Keeps this worker awake for up to `window` while no request bytes are buffered, so that
+/// the next request is picked up without a sleep and wake-up. `yield_now` returns once the
+/// runtime has polled its I/O driver, which is what notices the request; `fill_buf` is
+/// cancel-safe, so bytes it reads stay buffered for the header read that follows.
+async fn poll_for_request<R: AsyncBufRead + Unpin>(rd: &mut R, window: Duration) {
+    if window.is_zero() {
+        return;
+    }
+    let until = Instant::now() + window;
+    loop {
+        tokio::select! {
+            biased;
+            _ = rd.fill_buf() => return,
+            _ = tokio::task::yield_now() => {}
+        }
+        if Instant::now() >= until {
+            return;
+        }
+        // A client sharing this CPU is what we wait for: let it run.
+        std::thread::yield_now();
+    }
 }
 
 /// Writes longer than this always go to a blocking thread: the hop costs little next to

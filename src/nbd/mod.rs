@@ -4,6 +4,7 @@
 //! `errno_of` is the one place where an error kind becomes an NBD errno.
 
 pub mod backend;
+mod busy_poll;
 pub mod codec;
 mod connection;
 pub mod memory;

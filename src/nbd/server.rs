@@ -63,6 +63,10 @@ impl Listener {
     }
 }
 
+/// Longest busy-poll window: above the wake-up latency of an idle virtual CPU (tens of
+/// microseconds), so that a one-request-at-a-time client is caught by the poll.
+pub const DEFAULT_BUSY_POLL_MAX: Duration = Duration::from_micros(100);
+
 /// Limits of the server. `Default` gives values fit for production.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -79,6 +83,9 @@ pub struct ServerConfig {
     /// On shutdown, how long a connection may take to send the replies of requests already
     /// accepted (a client that does not read them would otherwise hold shutdown up forever).
     pub shutdown_grace: Duration,
+    /// Longest a connection polls for the next request before it sleeps (adaptive; zero never
+    /// polls). Spends CPU to save the wake-up latency of clients that send one request at a time.
+    pub busy_poll_max: Duration,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +97,7 @@ impl Default for ServerConfig {
             max_request_bytes: 32 << 20,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            busy_poll_max: DEFAULT_BUSY_POLL_MAX,
         }
     }
 }
