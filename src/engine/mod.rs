@@ -16,4 +16,4 @@ mod thin;
 
 pub use data::{DataDevice, DataFaults, DataTap};
 pub use pool::{EngineEvent, NoSpacePolicy, Pool, PoolConfig, PoolMode, PoolStatus, ThinStatus};
-pub use thin::ThinHandle;
+pub use thin::{ThinHandle, NOWAIT_WRITE_MAX};

@@ -398,6 +398,11 @@ impl Shared {
     }
 }
 
+/// Largest write worth trying [`ThinHandle::try_write_nowait`] for. Longer writes go to
+/// [`ThinHandle::write`]: it provisions a run of new blocks together, and the copy is long
+/// enough that a hand-off to a blocking thread costs little next to it.
+pub const NOWAIT_WRITE_MAX: usize = 128 << 10;
+
 /// A handle on an active thin volume. Cheap to clone; all clones stop working after teardown.
 #[derive(Clone)]
 pub struct ThinHandle {

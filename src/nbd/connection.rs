@@ -602,9 +602,9 @@ async fn poll_for_request<R: AsyncBufRead + Unpin>(rd: &mut R, window: Duration)
     }
 }
 
-/// Writes longer than this always go to a blocking thread: the hop costs little next to
-/// copying them, and the event loop is not held up by a long copy.
-const NOWAIT_WRITE_MAX: u32 = 128 << 10;
+/// Writes longer than this always go to a blocking thread (see the engine's constant); the
+/// event loop is not held up by a long copy either.
+const NOWAIT_WRITE_MAX: u32 = crate::engine::NOWAIT_WRITE_MAX as u32;
 
 /// A request read in full, with its permits, waiting to be dispatched.
 struct Pending {

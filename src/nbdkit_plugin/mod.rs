@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, ThreadModel};
 
+use crate::engine::NOWAIT_WRITE_MAX;
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::nbd::{ExportInfo, ExportSource};
 use crate::service::exports::VolumeExports;
@@ -312,15 +313,27 @@ impl Server for ThinExport {
         Ok(CacheFlags::Native)
     }
 
+    /// The server's quick paths first (one read for a run of cached blocks, no metadata lock),
+    /// then the general one, which also reports any error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> nbdkit::Result<()> {
-        call("pread", || self.active.thin.read(offset, buf))
+        call("pread", || {
+            let thin = &self.active.thin;
+            match thin.try_read_cached(offset, buf) {
+                Some(()) => Ok(()),
+                None => thin.read(offset, buf),
+            }
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, flags: Flags) -> nbdkit::Result<()> {
         call("pwrite", || {
-            self.active
-                .thin
-                .write(offset, buf, flags.contains(Flags::FUA))
+            let thin = &self.active.thin;
+            let fua = flags.contains(Flags::FUA);
+            if !fua && buf.len() <= NOWAIT_WRITE_MAX && thin.try_write_nowait(offset, buf).is_some()
+            {
+                return Ok(());
+            }
+            thin.write(offset, buf, fua)
         })
     }
 
