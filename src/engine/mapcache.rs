@@ -62,7 +62,8 @@ impl MapCache {
         let thin = key >> 40;
         let vblock = key & ((1 << 40) - 1);
         let start = thin.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24;
-        self.slots.get((start.wrapping_add(vblock) as usize) & self.mask)
+        self.slots
+            .get((start.wrapping_add(vblock) as usize) & self.mask)
     }
 
     pub(crate) fn get(&self, thin: ThinId, vblock: u64) -> Option<Mapping> {
@@ -210,7 +211,11 @@ mod tests {
             c.fill(7, b, m(b));
         }
         for b in 5000..6024 {
-            assert_eq!(c.get(7, b), Some(m(b)), "block {b} was evicted by its neighbours");
+            assert_eq!(
+                c.get(7, b),
+                Some(m(b)),
+                "block {b} was evicted by its neighbours"
+            );
         }
         // The next block wraps onto the first one's slot: a direct-mapped cache, still exact.
         c.fill(7, 6024, m(6024));

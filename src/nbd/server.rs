@@ -209,12 +209,21 @@ async fn accept_loop(
                     let _ = s.set_nodelay(true);
                     connection::run(s, peer, shared, stop).await;
                 }
-                Accepted::Unix(s) => connection::run(s, peer, shared, stop).await,
+                Accepted::Unix(s) => {
+                    // Best effort: the kernel caps it at net.core.wmem_max.
+                    let _ = socket2::SockRef::from(&s).set_send_buffer_size(UNIX_SEND_BUFFER);
+                    connection::run(s, peer, shared, stop).await
+                }
             }
             drop((permit, done));
         });
     }
 }
+
+/// Send buffer asked for on unix connections. The default (about 200 KiB) takes a 1 MiB read
+/// reply in five rounds of write, EAGAIN and wake-up; with room for a whole reply the
+/// connection writes it in one go (1 MiB sequential reads +17-20%). TCP tunes its own.
+const UNIX_SEND_BUFFER: usize = 1 << 20;
 
 enum Accepted {
     Tcp(tokio::net::TcpStream),
