@@ -205,7 +205,7 @@ mod tests {
         let c = MapCache::new(1024);
         let m = |b: u64| Mapping {
             data_block: b * 3,
-            shared: b % 2 == 0,
+            shared: b.is_multiple_of(2),
         };
         for b in 5000..6024 {
             c.fill(7, b, m(b));
