@@ -142,6 +142,38 @@ fn snapshot_of_a_live_origin_keeps_acknowledged_data_and_breaks_sharing() {
 }
 
 #[test]
+fn copy_on_write_without_waiting_when_the_source_is_cached() {
+    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let pool = &tp.pool;
+    pool.create_thin(1).unwrap();
+    let origin = pool.activate(1, 2 * MIB, false).unwrap();
+    let before = pattern(3, 0, 2 * BS as usize);
+    origin.write(0, &before, false).unwrap();
+    pool.create_snapshot(2, 1).unwrap();
+    let snap = pool.activate(2, 2 * MIB, false).unwrap();
+    // Just written, so in the page cache: the copy needs no waiting.
+    assert_eq!(origin.try_write_nowait(BS + 7, b"quick"), Some(()));
+    assert_eq!(pool.status().blocks_copied, 1);
+    // Now exclusive: written in place, no second copy.
+    assert_eq!(origin.try_write_nowait(BS + 100, b"again"), Some(()));
+    assert_eq!(pool.status().blocks_copied, 1);
+    let mut expect = before.clone();
+    expect[(BS + 7) as usize..(BS + 12) as usize].copy_from_slice(b"quick");
+    expect[(BS + 100) as usize..(BS + 105) as usize].copy_from_slice(b"again");
+    let mut o = vec![0u8; before.len()];
+    origin.read(0, &mut o).unwrap();
+    assert_eq!(o, expect);
+    let mut s = vec![0u8; before.len()];
+    snap.read(0, &mut s).unwrap();
+    assert_eq!(s, before, "the snapshot keeps the shared data");
+    pool.teardown(snap).unwrap();
+    pool.teardown(origin).unwrap();
+    pool.shutdown().unwrap();
+    thin_check(&tp.meta_path());
+    verify_meta(&tp.meta_path());
+}
+
+#[test]
 fn concurrent_writes_to_one_unprovisioned_block_provision_it_once() {
     let tp = temp_pool(
         32 * MIB,

@@ -178,6 +178,8 @@ pub(crate) enum Claim {
     Mapped(Mapping),
     /// Unmapped: `block` was allocated for it (`zeroed`: it reads zeros already).
     New { block: u64, zeroed: bool },
+    /// Mapped to `from`, which is shared: `block` was allocated for the copy.
+    Copy { from: u64, block: u64 },
 }
 
 #[derive(Default)]
@@ -377,9 +379,10 @@ impl Shared {
         fail(ErrorKind::NoSpace, "the thin pool is out of data space")
     }
 
-    /// What a write into a block the mapping cache does not know can do, decided under the
-    /// metadata write lock only if that lock is free at once (`None` otherwise, and also for
-    /// shared blocks, a read-only or full pool, or an error: the blocking path's cases).
+    /// What a write into a block the mapping cache does not know as mapped and unshared can
+    /// do, decided under the metadata write lock only if that lock is free at once (`None`
+    /// otherwise, and also for a read-only or full pool, or an error: the blocking path's
+    /// cases).
     pub(crate) fn try_claim(&self, thin: ThinId, vblock: u64) -> Option<Claim> {
         let mut core = match self.core.try_write() {
             Ok(c) => c,
@@ -389,20 +392,23 @@ impl Shared {
         if self.read_only_reason(&core).is_some() {
             return None;
         }
-        match core.md.lookup(thin, vblock).ok()? {
-            None => {}
+        let shared_from = match core.md.lookup(thin, vblock).ok()? {
+            None => None,
             Some(m) if !m.shared => {
                 self.cache.fill(thin, vblock, m);
                 return Some(Claim::Mapped(m));
             }
-            Some(_) => return None,
-        }
+            Some(m) => Some(m.data_block),
+        };
         let block = core.md.alloc_data_block().ok()?;
         let zeroed = core.take_zeroed(block);
         let free = core.md.free_data_blocks();
         drop(core);
         self.check_low_water(free);
-        Some(Claim::New { block, zeroed })
+        Some(match shared_from {
+            None => Claim::New { block, zeroed },
+            Some(from) => Claim::Copy { from, block },
+        })
     }
 
     fn check_low_water(&self, free: u64) {

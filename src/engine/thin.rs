@@ -295,9 +295,10 @@ impl Shared {
     }
 
     /// A write of `data` at `inb` into `vblock`, which the mapping cache does not know as
-    /// mapped, if it can be done without waiting: the block's cell and the metadata lock free
-    /// at once, no commit running, a data block free, no fault injection armed. Then it
-    /// provisions the block (or writes in place when it turns out mapped and unshared).
+    /// mapped and unshared, if it can be done without waiting: the block's cell and the
+    /// metadata lock free at once, no commit running, a data block free, no fault injection
+    /// armed. Then it provisions the block, copies it if it is shared and the source is in the
+    /// page cache, or writes in place when it turns out mapped and unshared.
     /// `None` means nothing was changed that a retry would not redo: call the blocking path,
     /// which also reports any error and applies the no-space policy.
     ///
@@ -394,7 +395,32 @@ impl Shared {
             Claim::New { block, zeroed } => {
                 self.provision(thin, vblock, block, zeroed, inb, data).ok()
             }
+            Claim::Copy { from, block } => {
+                if self.try_copy_cached(from, block, inb, data).is_none() {
+                    self.release_block(block);
+                    return None;
+                }
+                self.insert_mapping(thin, vblock, block).ok()?;
+                self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                Some(())
+            }
         }
+    }
+
+    /// Copy-on-write of block `from` into `to` with `data` at `inb` laid over it, if the part
+    /// of `from` that survives is in the page cache (`None` otherwise, or on any error).
+    /// `from` cannot change meanwhile: a shared block is never written in place.
+    fn try_copy_cached(&self, from: u64, to: u64, inb: usize, data: &[u8]) -> Option<()> {
+        let bs = self.block_bytes;
+        let mut buf = vec![0u8; usize::try_from(bs).ok()?];
+        if data.len() < buf.len() {
+            self.data
+                .try_read_cached(&mut buf, byte_offset(from, bs, 0).ok()?)?;
+        }
+        buf.get_mut(inb..inb + data.len())?.copy_from_slice(data);
+        self.data
+            .write_at(to, &buf, byte_offset(to, bs, 0).ok()?)
+            .ok()
     }
 }
 
@@ -552,9 +578,10 @@ impl ThinHandle {
     }
 
     /// [`write`](Self::write) when it needs no waiting: the gate free and, per block, either
-    /// mapped and unshared in the mapping cache (written in place) or provisioned by
-    /// `try_write_unmapped` (cell, metadata lock and a free block all available at once).
-    /// Shared blocks (copy-on-write), a full pool, FUA and anything unusual decline. `None`
+    /// mapped and unshared in the mapping cache (written in place), or provisioned or copied
+    /// (copy-on-write of a shared block) by `try_write_unmapped` (cell, metadata lock and a
+    /// free block all available at once; for a copy, the source in the page cache). A full
+    /// pool, FUA and anything unusual decline. `None`
     /// means "call `write`": blocks done so far are simply written again, with the same bytes.
     /// The data write itself is a buffered `pwrite`, which the kernel can still hold up (the
     /// inode lock, dirty-page throttling) like any page-cache write: ext4 refuses `RWF_NOWAIT`
@@ -578,8 +605,10 @@ impl ThinHandle {
                     let at = byte_offset(m.data_block, sh.block_bytes, inb).ok()?;
                     sh.data.write_at(m.data_block, data, at).ok()?;
                 }
-                Some(_) => return None,
-                None => sh.try_write_unmapped(&self.thin, vb, inb, data)?,
+                // Unmapped, unknown or shared: provisioning or copy-on-write, if the cell,
+                // the metadata lock, a free block (and for a copy the cached source) are all
+                // there at once.
+                _ => sh.try_write_unmapped(&self.thin, vb, inb, data)?,
             }
         }
         Some(())
