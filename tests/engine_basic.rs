@@ -93,16 +93,30 @@ fn reads_writes_discards_and_zeroes_follow_the_block_rules() {
     );
 }
 
+/// Thin 1 (2 MiB) with its first `blocks` blocks written, and thin 2, its snapshot, both
+/// active; with the bytes written.
+fn origin_and_snapshot(
+    pool: &Pool,
+    blocks: usize,
+) -> (
+    thinnbd::engine::ThinHandle,
+    thinnbd::engine::ThinHandle,
+    Vec<u8>,
+) {
+    pool.create_thin(1).unwrap();
+    let origin = pool.activate(1, 2 * MIB, false).unwrap();
+    let before = pattern(7, 0, blocks * BS as usize);
+    origin.write(0, &before, false).unwrap();
+    pool.create_snapshot(2, 1).unwrap();
+    let snap = pool.activate(2, 2 * MIB, false).unwrap();
+    (origin, snap, before)
+}
+
 #[test]
 fn snapshot_of_a_live_origin_keeps_acknowledged_data_and_breaks_sharing() {
     let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
     let pool = &tp.pool;
-    pool.create_thin(1).unwrap();
-    let origin = pool.activate(1, 2 * MIB, false).unwrap();
-    let before = pattern(7, 0, 3 * BS as usize);
-    origin.write(0, &before, false).unwrap();
-    pool.create_snapshot(2, 1).unwrap();
-    let snap = pool.activate(2, 2 * MIB, false).unwrap();
+    let (origin, snap, before) = origin_and_snapshot(pool, 3);
     // Partial overwrite of a shared block: the origin copies it first.
     origin.write(BS + 5, b"hello", false).unwrap();
     snap.write(2 * BS, &[9u8; 4096], false).unwrap();
@@ -145,12 +159,7 @@ fn snapshot_of_a_live_origin_keeps_acknowledged_data_and_breaks_sharing() {
 fn copy_on_write_without_waiting_when_the_source_is_cached() {
     let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
     let pool = &tp.pool;
-    pool.create_thin(1).unwrap();
-    let origin = pool.activate(1, 2 * MIB, false).unwrap();
-    let before = pattern(3, 0, 2 * BS as usize);
-    origin.write(0, &before, false).unwrap();
-    pool.create_snapshot(2, 1).unwrap();
-    let snap = pool.activate(2, 2 * MIB, false).unwrap();
+    let (origin, snap, before) = origin_and_snapshot(pool, 2);
     // Just written, so in the page cache: the copy needs no waiting.
     assert_eq!(origin.try_write_nowait(BS + 7, b"quick"), Some(()));
     assert_eq!(pool.status().blocks_copied, 1);
