@@ -58,6 +58,7 @@ struct RawEngine {
     cell_pool_size: Option<usize>,
     metadata_cache_blocks: Option<usize>,
     mapping_cache_slots: Option<usize>,
+    data_write_chunk: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +102,8 @@ pub struct EngineSettings {
     pub cell_pool_size: usize,
     pub metadata_cache_blocks: usize,
     pub mapping_cache_slots: usize,
+    /// Largest single write to the data device; 0 writes each request's part of a block whole.
+    pub data_write_chunk: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -269,6 +272,19 @@ impl Config {
                 raw.engine.mapping_cache_slots,
                 262_144,
             )?,
+            data_write_chunk: match c.size(
+                "engine.data_write_chunk",
+                raw.engine.data_write_chunk,
+                "8K",
+            )? {
+                n if n == 0 || (n % 4096 == 0 && n <= 1 << 30) => n,
+                _ => {
+                    return Err(c.bad(
+                        "engine.data_write_chunk",
+                        "must be 0 or a multiple of 4K up to 1G",
+                    ))
+                }
+            },
         };
         let log_level = raw.log.level.unwrap_or_else(|| "info".into());
         if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
@@ -327,6 +343,10 @@ mod tests {
         assert!(e.to_string().contains("pool.create_if_missing"), "{e}");
         let e = Config::from_toml("[server]\nbusy_poll_us = 20000\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("server.busy_poll_us"), "{e}");
+        let e = Config::from_toml("[engine]\ndata_write_chunk = \"6K\"\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("engine.data_write_chunk"), "{e}");
+        let whole = Config::from_toml("[engine]\ndata_write_chunk = \"0\"\n", "f.toml").unwrap();
+        assert_eq!(whole.engine.data_write_chunk, 0);
         let off = Config::from_toml("[server]\nbusy_poll_us = 0\n", "f.toml").unwrap();
         assert!(off.server.busy_poll.is_zero());
     }

@@ -142,8 +142,13 @@ pub struct DataDevice {
     punch_supported: AtomicBool,
     /// `preadv2(RWF_NOWAIT)` works here (cleared on the first EOPNOTSUPP/EINVAL/ENOSYS).
     nowait_supported: AtomicBool,
+    /// Largest single write handed to the kernel; see [`set_write_chunk`](Self::set_write_chunk).
+    write_chunk: u64,
     faults: DataFaults,
 }
+
+/// Default for [`DataDevice::set_write_chunk`]: two pages.
+pub const DEFAULT_WRITE_CHUNK: u64 = 8 << 10;
 
 impl DataDevice {
     /// Wraps an open file or block device. `fresh` says every byte currently reads as zero
@@ -161,8 +166,22 @@ impl DataDevice {
             fresh,
             punch_supported: AtomicBool::new(true),
             nowait_supported: AtomicBool::new(true),
+            write_chunk: DEFAULT_WRITE_CHUNK,
             faults: DataFaults::default(),
         }
+    }
+
+    /// Splits every write into pieces of at most `bytes`, aligned to `bytes` in the device
+    /// (0: never split). Why: the page cache sizes each folio by the write that creates it,
+    /// so a block written in one 64 KiB `pwrite` becomes one 64 KiB folio, and every later
+    /// 4 KiB overwrite into it makes ext4 walk and dirty-track all sixteen of its buffers,
+    /// and allocating it needs an order-4 page, which costs compaction once memory is
+    /// fragmented. Measured side by side: random 4 KiB overwrites at queue depth 32 ran at
+    /// 108-114k IOPS into 64 KiB folios and 147-151k into 8 KiB ones (4 KiB: 140-151k,
+    /// 16 KiB: 121-135k), and sequential 1 MiB writes went from 47-216 CPU ticks per GiB
+    /// (bimodal) to a steady 70-78.
+    pub fn set_write_chunk(&mut self, bytes: u64) {
+        self.write_chunk = bytes;
     }
 
     pub fn is_fresh(&self) -> bool {
@@ -227,8 +246,15 @@ impl DataDevice {
         self.faults
             .check(true, block)
             .and_then(|()| self.faults.tap_change(&self.file, offset, buf.len() as u64))
-            .and_then(|()| self.file.write_all_at(buf, offset))
+            .and_then(|()| self.write_in_chunks(buf, offset))
             .map_err(|e| Error::io(format!("writing data block {block} at byte {offset}"), e))
+    }
+
+    fn write_in_chunks(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        chunk_spans(offset, buf.len(), self.write_chunk).try_for_each(|(start, len)| {
+            self.file
+                .write_all_at(&buf[start..start + len], offset + start as u64)
+        })
     }
 
     /// Deallocates a range so it reads as zeros. Returns false (and remembers it) when the
@@ -272,5 +298,69 @@ impl DataDevice {
             .set_len(bytes)
             .map_err(|e| Error::io("growing the data file", e))?;
         Ok(true)
+    }
+}
+
+/// `(start, len)` pieces of a `len`-byte buffer written at `offset`, each ending at a multiple
+/// of `chunk` in the device or at the end of the buffer (one piece when `chunk` is 0).
+fn chunk_spans(offset: u64, len: usize, chunk: u64) -> impl Iterator<Item = (usize, usize)> {
+    let mut start = 0usize;
+    std::iter::from_fn(move || {
+        if start >= len {
+            return None;
+        }
+        let left = len - start;
+        let piece = match chunk {
+            0 => left,
+            c => {
+                let to_boundary = c - (offset + start as u64) % c;
+                usize::try_from(to_boundary).map_or(left, |n| n.min(left))
+            }
+        };
+        let span = (start, piece);
+        start += piece;
+        Some(span)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_split_at_chunk_boundaries_of_the_device() {
+        let spans: Vec<_> = chunk_spans(6 << 10, 20 << 10, 8 << 10).collect();
+        // 6K..8K, 8K..16K, 16K..24K, 24K..26K of the device.
+        assert_eq!(
+            spans,
+            vec![
+                (0, 2 << 10),
+                (2 << 10, 8 << 10),
+                (10 << 10, 8 << 10),
+                (18 << 10, 2 << 10)
+            ]
+        );
+        assert_eq!(
+            chunk_spans(0, 64 << 10, 0).collect::<Vec<_>>(),
+            vec![(0, 64 << 10)]
+        );
+        assert_eq!(
+            chunk_spans(4096, 512, 8192).collect::<Vec<_>>(),
+            vec![(0, 512)]
+        );
+        assert_eq!(chunk_spans(0, 0, 8192).count(), 0);
+    }
+
+    #[test]
+    fn a_chunked_write_lands_whole() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(256 << 10).unwrap();
+        let mut dev = DataDevice::new(file, true);
+        dev.set_write_chunk(4096);
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        dev.write_at(1, &data, 65_536 + 100).unwrap();
+        let mut back = vec![0u8; data.len()];
+        dev.read_at(1, &mut back, 65_536 + 100).unwrap();
+        assert_eq!(back, data);
     }
 }

@@ -62,6 +62,9 @@ pub struct PoolConfig {
     pub mapping_cache_slots: usize,
     /// Metadata blocks (4 KiB) kept in the metadata block cache.
     pub metadata_cache_blocks: usize,
+    /// Largest single write to the data device (0: whole writes); see
+    /// [`DataDevice::set_write_chunk`].
+    pub data_write_chunk: u64,
 }
 
 impl Default for PoolConfig {
@@ -77,6 +80,7 @@ impl Default for PoolConfig {
             worker_hold_delay: Duration::ZERO,
             mapping_cache_slots: 1 << 18,
             metadata_cache_blocks: crate::pdata::tm::DEFAULT_CACHE_BLOCKS,
+            data_write_chunk: super::data::DEFAULT_WRITE_CHUNK,
         }
     }
 }
@@ -834,10 +838,11 @@ impl Pool {
 
     fn start(
         mut md: ThinMetadata,
-        data: DataDevice,
+        mut data: DataDevice,
         config: PoolConfig,
     ) -> Result<std::sync::Arc<Pool>> {
         md.set_cache_capacity(config.metadata_cache_blocks);
+        data.set_write_chunk(config.data_write_chunk);
         let block_bytes = md.data_block_bytes();
         let nr_blocks = md.status().data_total;
         let need = nr_blocks.saturating_mul(block_bytes);

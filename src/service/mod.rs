@@ -24,6 +24,7 @@ pub fn pool_config(config: &Config) -> PoolConfig {
         cell_pool_size: config.engine.cell_pool_size,
         metadata_cache_blocks: config.engine.metadata_cache_blocks,
         mapping_cache_slots: config.engine.mapping_cache_slots,
+        data_write_chunk: config.engine.data_write_chunk,
         ..PoolConfig::default()
     }
 }
