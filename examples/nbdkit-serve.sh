@@ -62,4 +62,6 @@ keys=("pool=$pool")
 [ -z "$export_name" ] || keys+=("export=$export_name")
 
 # -f: stay in the foreground. Options for nbdkit come before the plugin, its keys after.
-exec $dry nbdkit -f "${listen[@]}" "$@" "$plugin" "${keys[@]}"
+# --threads 4: fewer threads per connection than nbdkit's 16 serve this plugin faster
+# (docs/operator-guide.md); a later -t in the extra arguments wins.
+exec $dry nbdkit -f --threads 4 "${listen[@]}" "$@" "$plugin" "${keys[@]}"

@@ -364,9 +364,10 @@ impl Shared {
         let bs = self.block_bytes;
         let bs_len = usize::try_from(bs).ok()?;
         let blocks = self.alloc_run(thin, vblock, n)?;
-        // One `pwrite` per block even where blocks are consecutive: the page cache sizes its
+        // One write per block even where blocks are consecutive: the page cache sizes its
         // folios by the write, and a 4 KiB overwrite inside a 1 MiB folio costs ext4 a walk
-        // over all of its buffers (3-4x the CPU of the same write into a 64 KiB folio).
+        // over all of its buffers. The data device splits further (`data_write_chunk`); this
+        // keeps folios within a block when that is turned off.
         for (&b, chunk) in blocks.iter().zip(data.chunks(bs_len)) {
             let written = byte_offset(b, bs, 0).and_then(|at| self.data.write_at(b, chunk, at));
             if let Err(e) = written {

@@ -5,6 +5,7 @@
 #
 #   tests/perf/compare.sh [--quick] [--runtime S] [--workloads LIST] [--servers LIST]
 #                         [--reps N] [--dir DIR] [--out FILE] [--no-build] [--list]
+#                         [--plugin-threads N]
 #
 # LIST is comma separated; workload entries may be shell globs (e.g. 'randread-*').
 # Env THINNBD=PATH and THINNBD_PLUGIN=PATH use other builds of the binary and the plugin.
@@ -22,6 +23,7 @@ reps=2
 workdir="$repo/target/perf-work"
 out=""
 build=1
+plugin_threads=4   # nbdkit --threads for the thinnbd plugin (docs/operator-guide.md)
 sel_workloads=""
 sel_servers="thinnbd,plugin,file,memory,qcow2,null"
 all_servers="thinnbd plugin file memory qcow2 null"
@@ -51,6 +53,7 @@ while [ $# -gt 0 ]; do
     --dir) workdir=$2; shift ;;
     --out) out=$2; shift ;;
     --no-build) build=0 ;;
+    --plugin-threads) plugin_threads=$2; shift ;;
     --list) echo "workloads:" $all_workloads; echo "servers: $all_servers"; exit 0 ;;
     -h|--help) usage 0 ;;
     *) echo "unknown argument $1" >&2; usage 2 ;;
@@ -134,7 +137,8 @@ start_server() {
     rm -f "$SOCK" "$d/pid"
     case $s in
     thinnbd) "$thinnbd" serve --pool "$d/pool" --socket "$SOCK" 2>>"$d/server.log" & ;;
-    plugin) nbdkit -f -U "$SOCK" -P "$d/pid" "$plugin_so" pool="$d/pool" 2>>"$d/server.log" & ;;
+    plugin) nbdkit -f -t "$plugin_threads" -U "$SOCK" -P "$d/pid" "$plugin_so" pool="$d/pool" \
+                2>>"$d/server.log" & ;;
     file) nbdkit -f -U "$SOCK" -P "$d/pid" file file="$d/disk.raw" 2>>"$d/server.log" & ;;
     memory) nbdkit -f -U "$SOCK" -P "$d/pid" memory size=$VOLSIZE 2>>"$d/server.log" & ;;
     null) nbdkit -f -U "$SOCK" -P "$d/pid" null size=$VOLSIZE 2>>"$d/server.log" & ;;

@@ -117,21 +117,28 @@ def main():
     for w, peer, need in TARGETS:
         r = ratio(w, "thinnbd", peer)
         if r is not None:
-            checks.append((f"{w}: thinnbd / {TITLES[peer]} >= {need:.2f}", r, need))
+            checks.append((f"{w}: thinnbd / {TITLES[peer]} >= {need:.2f}", r, need, []))
     for w in order:
         r = ratio(w, "thinnbd", "null")
         if r is not None:
-            checks.append((f"{w}: thinnbd / nbdkit null >= 0.60", r, 0.6))
+            checks.append((f"{w}: thinnbd / nbdkit null >= 0.60", r, 0.6, []))
     for w in order:
         r = ratio(w, "plugin", "thinnbd")
         if r is not None:
-            checks.append((f"{w}: plugin / thinnbd serve >= 0.90", r, 0.9))
+            # What nbdkit itself reaches relative to serve on the same row: memory is the
+            # cheapest plugin that still moves the data, null the protocol alone. A plugin
+            # row whose ceilings are below 0.90 is out of reach for any nbdkit plugin.
+            ceilings = [ratio(w, peer, "thinnbd") for peer in ("memory", "null")]
+            checks.append((f"{w}: plugin / thinnbd serve >= 0.90", r, 0.9, ceilings))
     if checks:
-        out.append("\nTargets of issue 7 in this run:\n")
-        out.append("| target | ratio | met |")
-        out.append("|---|---:|---|")
-        for what, r, need in checks:
-            out.append(f"| {what} | {r:.2f} | {'yes' if r >= need else 'NO'} |")
+        out.append("\nTargets of issue 7 in this run (for the plugin rows, the last two columns "
+                   "are nbdkit memory / thinnbd serve and nbdkit null / thinnbd serve: what "
+                   "nbdkit reaches with a plugin that only copies, and with one that does nothing):\n")
+        out.append("| target | ratio | met | memory / serve | null / serve |")
+        out.append("|---|---:|---|---:|---:|")
+        for what, r, need, ceilings in checks:
+            cols = " | ".join(cell(c) for c in ceilings) if ceilings else "- | -"
+            out.append(f"| {what} | {r:.2f} | {'yes' if r >= need else 'NO'} | {cols} |")
     print("\n".join(out))
 
 
