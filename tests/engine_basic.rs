@@ -580,3 +580,43 @@ fn discarding_a_whole_unshared_block_punches_it_out_of_the_data_file() {
     h.read(3 * BS, &mut blk).unwrap();
     assert_eq!(blk.iter().filter(|&&b| b != 0).count(), 1);
 }
+
+#[test]
+fn a_read_in_flight_keeps_the_block_it_looked_up_from_reuse() {
+    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let pool = &tp.pool;
+    let (origin, snap, before) = origin_and_snapshot(pool, 1);
+    let faults = pool.data_device().faults();
+    // The read looks block 0's mapping up (the block shared with the snapshot), then stalls.
+    faults.set_read_delay(Duration::from_millis(400));
+    let reader = {
+        let origin = origin.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            origin.read(0, &mut buf).unwrap();
+            buf
+        })
+    };
+    while faults.reads_delayed() == 0 {
+        std::thread::yield_now();
+    }
+    faults.set_read_delay(Duration::ZERO);
+    // Meanwhile the origin breaks sharing and the snapshot goes: the old block is freed...
+    origin.write(4096, &[1u8; 4096], false).unwrap();
+    pool.teardown(snap).unwrap();
+    pool.delete_thin(2).unwrap();
+    // ...and a new volume's write would take it (lowest free block first) and the discard
+    // passdown would have punched it, had the commit not waited for the read.
+    pool.create_thin(3).unwrap();
+    let other = pool.activate(3, 2 * MIB, false).unwrap();
+    other.write(0, &[0xee; 4096], false).unwrap();
+    other.flush().unwrap();
+    let got = reader.join().unwrap();
+    assert!(
+        got == before[..4096],
+        "the read returned bytes that were not the origin's (first byte {:#x})",
+        got[0]
+    );
+    pool.teardown(other).unwrap();
+    pool.teardown(origin).unwrap();
+}

@@ -32,6 +32,8 @@ pub struct DataFaults {
     fail_all_writes: AtomicBool,
     injected: AtomicU64,
     write_delay_ns: AtomicU64,
+    read_delay_ns: AtomicU64,
+    reads_delayed: AtomicU64,
     tap: Mutex<Option<Arc<dyn DataTap>>>,
 }
 
@@ -91,6 +93,7 @@ impl DataFaults {
         self.fail_all_reads.store(false, Ordering::Release);
         self.fail_all_writes.store(false, Ordering::Release);
         self.write_delay_ns.store(0, Ordering::Release);
+        self.read_delay_ns.store(0, Ordering::Release);
     }
 
     /// Makes every data write take at least `d` longer (a slow device), so tests can hold
@@ -99,6 +102,19 @@ impl DataFaults {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.write_delay_ns.store(ns, Ordering::Release);
         self.armed.store(true, Ordering::Release);
+    }
+
+    /// Makes every data read wait `d` before it reads (after its mapping was looked up), so
+    /// tests can change the pool under a read in flight.
+    pub fn set_read_delay(&self, d: std::time::Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.read_delay_ns.store(ns, Ordering::Release);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    /// Reads that have started their delay so far.
+    pub fn reads_delayed(&self) -> u64 {
+        self.reads_delayed.load(Ordering::Acquire)
     }
 
     /// Number of failures injected so far.
@@ -110,11 +126,17 @@ impl DataFaults {
         if !self.armed.load(Ordering::Acquire) {
             return Ok(());
         }
-        if write {
-            let ns = self.write_delay_ns.load(Ordering::Acquire);
-            if ns > 0 {
-                std::thread::sleep(std::time::Duration::from_nanos(ns));
+        let delay = if write {
+            &self.write_delay_ns
+        } else {
+            &self.read_delay_ns
+        };
+        let ns = delay.load(Ordering::Acquire);
+        if ns > 0 {
+            if !write {
+                self.reads_delayed.fetch_add(1, Ordering::AcqRel);
             }
+            std::thread::sleep(std::time::Duration::from_nanos(ns));
         }
         let hit = if write {
             self.fail_all_writes.load(Ordering::Acquire)

@@ -9,6 +9,7 @@
 
 pub mod active;
 pub mod data;
+mod epochs;
 mod mapcache;
 pub mod pool;
 pub mod prison;

@@ -25,6 +25,7 @@ use crate::thin::metadata::{
 
 use super::active::{ActiveSet, Member};
 use super::data::DataDevice;
+use super::epochs::ReadEpochs;
 use super::mapcache::MapCache;
 use super::prison::{Detain, Prison};
 use super::thin::{Bio, Thin, ThinHandle};
@@ -222,6 +223,8 @@ pub(crate) struct Shared {
     /// A commit holds (or is about to take) the metadata write lock for its I/O: the
     /// non-blocking write path declines rather than wait behind it.
     pub(crate) committing: AtomicBool,
+    /// Data reads in flight, so a commit can wait for those that may read a block it freed.
+    pub(crate) read_epochs: ReadEpochs,
     /// Fail-stop reason seen outside a metadata mutation (a checksum failure on lookup).
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
@@ -587,19 +590,34 @@ impl Shared {
                 format!("the pool is read-only after a metadata failure ({why})"),
             );
         }
-        let to_punch = std::mem::take(&mut core.to_punch);
+        // Every block this transaction freed stays out of the allocator past the commit until
+        // the reads that may still be copying it are done (see `epochs`); discarded and
+        // deleted ones are also punched first.
+        let mut to_punch = std::mem::take(&mut core.to_punch);
+        let freed = core.md.data_blocks_freed_since_commit();
+        core.md.hold_freed_data_blocks(&freed);
         core.md.hold_freed_data_blocks(&to_punch);
         core.md.commit().map_err(|e| self.note(e))?;
         drop(core);
-        if !to_punch.is_empty() {
-            self.punch_freed(to_punch);
+        if !freed.is_empty() || !to_punch.is_empty() {
+            self.read_epochs.wait_for_earlier_readers();
+            let punched = self.punch_discarded(&mut to_punch);
+            let mut core = self.write_core();
+            for b in punched {
+                core.set_zeroed(b);
+            }
+            core.md.release_data_blocks(&freed);
+            core.md.release_data_blocks(&to_punch);
+            drop(core);
+            self.space_changed();
         }
         Ok(())
     }
 
-    /// Gives blocks freed by a durable commit back to the file system, then to the allocator.
-    /// They are held out of the allocator meanwhile, so no lock is needed around the punching.
-    fn punch_freed(&self, mut blocks: Vec<u64>) {
+    /// Gives discarded blocks, freed by a durable commit, back to the file system and returns
+    /// those punched (they now read zeros). They are held out of the allocator meanwhile, so
+    /// no lock is needed around the punching.
+    fn punch_discarded(&self, blocks: &mut Vec<u64>) -> Vec<u64> {
         blocks.sort_unstable();
         blocks.dedup();
         let mut punched = Vec::with_capacity(blocks.len());
@@ -616,13 +634,7 @@ impl Shared {
                 Err(e) => tracing::warn!("discard passdown failed: {e}"),
             }
         }
-        let mut core = self.write_core();
-        for b in punched {
-            core.set_zeroed(b);
-        }
-        core.md.release_data_blocks(&blocks);
-        drop(core);
-        self.space_changed();
+        punched
     }
 
     /// Processes a thin's deferred bios: lock each block in the prison (blocking on the cell
@@ -884,6 +896,7 @@ impl Pool {
             low_water_crossed: AtomicBool::new(false),
             out_of_space: AtomicBool::new(false),
             committing: AtomicBool::new(false),
+            read_epochs: ReadEpochs::default(),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             events: Mutex::new(Vec::new()),

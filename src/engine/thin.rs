@@ -510,6 +510,9 @@ impl ThinHandle {
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         let _gate = self.thin.enter()?;
+        // From before the first lookup to after the last read: a block looked up here is not
+        // reused or punched until this ends, even if a commit frees it meanwhile.
+        let _reading = self.sh.read_epochs.enter();
         let bs = self.sh.block_bytes;
         let data = &self.sh.data;
         // Runs of consecutive data blocks are read with one call: with no readahead on the
@@ -556,6 +559,7 @@ impl ThinHandle {
             return None;
         }
         let _gate = self.thin.try_enter()?;
+        let _reading = self.sh.read_epochs.enter();
         let bs = self.sh.block_bytes;
         let sh = &self.sh;
         // (position in buf, byte offset in the data device, length) of the pending run.
