@@ -5,7 +5,7 @@
 //! mapping tree is made exclusive before the device's own tree is changed, so that sharing
 //! with snapshots (and the metadata snapshot) is pushed down before anything is copied.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use crate::error::{fail, Error, ErrorKind, Result};
@@ -103,6 +103,10 @@ pub struct ThinMetadata {
     /// Devices whose path in the top-level tree is already exclusive in this transaction.
     exclusive_devs: HashSet<ThinId>,
     superblock_changed: bool,
+    /// Data blocks allocated for a mapping that is not inserted yet (the engine writes the
+    /// data first). A commit in between records them as free: a crash then loses nothing
+    /// but an unacknowledged write, where recording them would leak them.
+    unmapped_allocs: BTreeSet<u64>,
     /// Set after a failed metadata write: the pool is read-only from then on (fail-stop).
     failure: Option<String>,
 }
@@ -180,6 +184,7 @@ impl ThinMetadata {
             changed_roots: HashSet::new(),
             exclusive_devs: HashSet::new(),
             superblock_changed: false,
+            unmapped_allocs: BTreeSet::new(),
             failure: None,
         }
     }
@@ -547,6 +552,7 @@ impl ThinMetadata {
                 ValueKind::Mapping,
             )?;
             md.set_root(dev, new_root);
+            md.unmapped_allocs.remove(&data_block);
             match old {
                 Some(old) => ValueKind::Mapping.dec(&mut md.tm, &old)?,
                 None => {
@@ -609,16 +615,19 @@ impl ThinMetadata {
     /// Allocates a data block (reference count 1) for a new mapping.
     pub fn alloc_data_block(&mut self) -> Result<u64> {
         self.writable()?;
-        self.tm.data_sm.alloc().ok_or_else(|| {
+        let b = self.tm.data_sm.alloc().ok_or_else(|| {
             Error::new(
                 ErrorKind::NoSpace,
                 "the pool's data device has no free block",
             )
-        })
+        })?;
+        self.unmapped_allocs.insert(b);
+        Ok(b)
     }
 
     /// Returns a data block taken by `alloc_data_block` but never mapped.
     pub fn release_data_block(&mut self, data_block: u64) -> Result<()> {
+        self.unmapped_allocs.remove(&data_block);
         self.mutate(|md| md.tm.data_sm.dec(data_block).map(drop))
     }
 
@@ -734,7 +743,22 @@ impl ThinMetadata {
                 self.sb.details_root = root;
             }
         }
-        let (data_root, meta_root) = self.tm.write_space_maps()?;
+        // Allocated but not mapped yet: written as free (see `unmapped_allocs`), then counted
+        // again in memory. Only blocks nothing else references.
+        let hidden: Vec<u64> = self
+            .unmapped_allocs
+            .iter()
+            .copied()
+            .filter(|&b| self.tm.data_sm.get(b).ok() == Some(1))
+            .collect();
+        for &b in &hidden {
+            self.tm.data_sm.dec(b)?;
+        }
+        let written = self.tm.write_space_maps();
+        for &b in &hidden {
+            self.tm.data_sm.inc(b)?;
+        }
+        let (data_root, meta_root) = written?;
         self.sb.data_sm_root = data_root;
         self.sb.metadata_sm_root = meta_root;
         self.sb.metadata_nr_blocks = meta_root.nr_blocks;
@@ -905,6 +929,27 @@ mod tests {
         let io = md.tm.io().clone();
         let again = ThinMetadata::open(io).unwrap();
         assert_eq!(again.lookup(1, 5).unwrap().map(|m| m.data_block), Some(b));
+    }
+
+    #[test]
+    fn a_block_allocated_but_not_yet_mapped_is_committed_as_free() {
+        let mut md = pool();
+        md.create_thin(1).unwrap();
+        let mapped = md.alloc_data_block().unwrap();
+        md.insert(1, 0, mapped).unwrap();
+        let pending = md.alloc_data_block().unwrap();
+        md.commit().unwrap();
+        // A crash now: the committed state has the mapped block and no leak.
+        let crashed = ThinMetadata::open(md.tm.io().clone()).unwrap();
+        assert_eq!(crashed.data_block_refs(mapped).unwrap(), 1);
+        assert_eq!(crashed.data_block_refs(pending).unwrap(), 0);
+        // In memory it stays taken, and counts once mapped.
+        assert_eq!(md.data_block_refs(pending).unwrap(), 1);
+        assert_ne!(md.alloc_data_block().unwrap(), pending);
+        md.insert(1, 1, pending).unwrap();
+        md.commit().unwrap();
+        let reopened = ThinMetadata::open(md.tm.io().clone()).unwrap();
+        assert_eq!(reopened.data_block_refs(pending).unwrap(), 1);
     }
 
     #[test]
