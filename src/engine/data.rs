@@ -196,12 +196,11 @@ impl DataDevice {
     /// Splits every write into pieces of at most `bytes`, aligned to `bytes` in the device
     /// (0: never split). Why: the page cache sizes each folio by the write that creates it,
     /// so a block written in one 64 KiB `pwrite` becomes one 64 KiB folio, and every later
-    /// 4 KiB overwrite into it makes ext4 walk and dirty-track all sixteen of its buffers,
-    /// and allocating it needs an order-4 page, which costs compaction once memory is
-    /// fragmented. Measured side by side: random 4 KiB overwrites at queue depth 32 ran at
-    /// 108-114k IOPS into 64 KiB folios and 147-151k into 8 KiB ones (4 KiB: 140-151k,
-    /// 16 KiB: 121-135k), and sequential 1 MiB writes went from 47-216 CPU ticks per GiB
-    /// (bimodal) to a steady 70-78.
+    /// 4 KiB overwrite into it makes ext4 walk and dirty-track all sixteen of its buffers.
+    /// Measured side by side: random 4 KiB overwrites at queue depth 32 ran at 108-114k IOPS
+    /// into 64 KiB folios and 147-151k into 8 KiB ones (4 KiB: 140-151k, 16 KiB: 121-135k),
+    /// and sequential 1 MiB writes went from 47-216 CPU ticks per GiB (two modes we did not
+    /// explain) to a steady 70-78.
     pub fn set_write_chunk(&mut self, bytes: u64) {
         self.write_chunk = bytes;
     }
