@@ -50,6 +50,7 @@ struct RawServer {
     max_inflight_per_connection: Option<usize>,
     max_request_size: Option<String>,
     busy_poll_us: Option<u64>,
+    thread_per_connection: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +96,7 @@ pub struct ServerSettings {
     pub max_inflight_per_connection: usize,
     pub max_request_size: u64,
     pub busy_poll: Duration,
+    pub thread_per_connection: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -259,6 +261,7 @@ impl Config {
                 us @ 0..=10_000 => Duration::from_micros(us),
                 _ => return Err(c.bad("server.busy_poll_us", "must be 0 to 10000")),
             },
+            thread_per_connection: s.thread_per_connection.unwrap_or(true),
         };
         let engine = EngineSettings {
             cell_pool_size: positive("engine.cell_pool_size", raw.engine.cell_pool_size, 1024)?,
@@ -349,6 +352,12 @@ mod tests {
         assert_eq!(whole.engine.data_write_chunk, 0);
         let off = Config::from_toml("[server]\nbusy_poll_us = 0\n", "f.toml").unwrap();
         assert!(off.server.busy_poll.is_zero());
+        assert!(off.server.thread_per_connection, "the default");
+        let pooled =
+            Config::from_toml("[server]\nthread_per_connection = false\n", "f.toml").unwrap();
+        assert!(!pooled.server.thread_per_connection);
+        let e = Config::from_toml("[server]\nthread_per_connection = 1\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("thread_per_connection"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use nbd_support::*;
 use thinnbd::error::Result;
 use thinnbd::nbd::codec::*;
 use thinnbd::nbd::memory::MemoryExport;
-use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, Extent};
+use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, Extent, ServerConfig};
 
 const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
@@ -440,13 +440,35 @@ fn fast_zero_that_would_be_slow_is_enotsup() {
 
 #[test]
 fn many_pipelined_requests_all_get_exactly_one_reply() {
-    let server = TestServer::start(standard_source());
-    let mut c = RawClient::connect_unix(&server.socket);
+    pipelined_requests_from_two_clients_at_once(ServerConfig::default());
+}
+
+#[test]
+fn connections_on_the_shared_worker_threads_serve_the_same() {
+    pipelined_requests_from_two_clients_at_once(ServerConfig {
+        thread_per_connection: false,
+        ..ServerConfig::default()
+    });
+}
+
+fn pipelined_requests_from_two_clients_at_once(config: ServerConfig) {
+    let server = TestServer::start_with(standard_source(), config);
+    std::thread::scope(|s| {
+        // Disjoint ranges: the second client's region starts past the first one's.
+        for base in [0, 32 << 20] {
+            let socket = &server.socket;
+            s.spawn(move || pipelined_requests(socket, base));
+        }
+    });
+}
+
+fn pipelined_requests(socket: &std::path::Path, base: u64) {
+    let mut c = RawClient::connect_unix(socket);
     c.go("disk", true);
     const N: u64 = 300;
     // Everything is sent before any reply is read.
     for i in 0..N {
-        c.write(i, i * 70_000, &pattern(i, 5000 + i as usize));
+        c.write(i, base + i * 70_000, &pattern(i, 5000 + i as usize));
     }
     let mut seen = vec![false; N as usize];
     for _ in 0..N {
@@ -458,14 +480,20 @@ fn many_pipelined_requests_all_get_exactly_one_reply() {
         );
     }
     for i in 0..N {
-        c.send(Command::Read, 0, 1000 + i, i * 70_000, 5000 + i as u32);
+        c.send(
+            Command::Read,
+            0,
+            1000 + i,
+            base + i * 70_000,
+            5000 + i as u32,
+        );
     }
     let mut got = 0;
     for _ in 0..N {
         let r = c.any_reply(0);
         let i = r.cookie() - 1000;
         assert_eq!(
-            r.read_data(i * 70_000, 5000 + i as usize),
+            r.read_data(base + i * 70_000, 5000 + i as usize),
             pattern(i, 5000 + i as usize)
         );
         got += 1;

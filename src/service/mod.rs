@@ -106,6 +106,7 @@ pub async fn run(config: Config) -> Result<()> {
         max_inflight_per_connection: config.server.max_inflight_per_connection,
         max_request_bytes: u32::try_from(config.server.max_request_size).unwrap_or(32 << 20),
         busy_poll_max: config.server.busy_poll,
+        thread_per_connection: config.server.thread_per_connection,
         ..ServerConfig::default()
     };
     let default_export = Some(config.pool.default_volume.clone()).filter(|s| !s.is_empty());
