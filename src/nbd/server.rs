@@ -246,8 +246,11 @@ fn spawn_on_own_thread(
     let spawned = std::thread::Builder::new()
         .name("nbd-conn".to_owned())
         .spawn(move || {
+            // A connection never runs more blocking requests at once than it has in flight.
+            let blocking_threads = shared.config.max_inflight_per_connection;
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(blocking_threads)
                 .build()
             {
                 Ok(rt) => rt,
