@@ -538,6 +538,9 @@ where
             if tx.send(out).await.is_err() {
                 break Ok("reply writer stopped");
             }
+            if tx.max_capacity() - tx.capacity() >= REPLIES_BEFORE_YIELD {
+                tokio::task::yield_now().await;
+            }
             continue;
         }
         dispatch(
@@ -601,6 +604,14 @@ async fn poll_for_request<R: AsyncBufRead + Unpin>(rd: &mut R, window: Duration)
         std::thread::yield_now();
     }
 }
+
+/// Replies the reader may queue before it lets the writer run. On a connection's own thread
+/// the writer otherwise gets a turn only once the reader runs out of input, so a client at
+/// queue depth 32 got its replies in bursts and its queue ran dry between them. Measured side
+/// by side (4 KiB overwrites at queue depth 32, one client): no yield 145-146k IOPS, after 4
+/// replies 162-168k, 8: 169-170k, 16: 164-168k, 32: 156-164k; two clients lose a little to the
+/// extra sends as the batch shrinks (16: 285-314k, none: 317-321k).
+const REPLIES_BEFORE_YIELD: usize = 16;
 
 /// Writes longer than this always go to a blocking thread (see the engine's constant); the
 /// event loop is not held up by a long copy either.
