@@ -200,11 +200,14 @@ vm_value() {
 # Exit 0 if the guest printed PASS, else print why and the console log, and return 1.
 vm_check_pass() {
     local console=$1
-    if vm_strip_console "$console" | grep -aq '^VMTEST-RESULT: PASS'; then
+    # grep reads to the end (no -q, -m or head): under pipefail a writer cut short by SIGPIPE
+    # would turn a PASS into a failure (see vm_missing_packages).
+    if vm_strip_console "$console" | grep -a '^VMTEST-RESULT: PASS' >/dev/null; then
         return 0
     fi
     local why
-    why=$(vm_strip_console "$console" | grep -a '^VMTEST-RESULT: FAIL' | head -n 1)
+    why=$(vm_strip_console "$console" | grep -a '^VMTEST-RESULT: FAIL' || true)
+    why=${why%%$'\n'*}
     [ -n "$why" ] || why="guest printed no result (hang, crash or timeout)"
     vm_log "guest test failed: $why"
     vm_log "console log: $console (last 60 lines follow)"
