@@ -370,6 +370,11 @@ fi
     echo "Run of $(date -u '+%Y-%m-%d %H:%M UTC') on $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')), kernel $(uname -r), $(df -T "$workdir" | awk 'NR==2 {print $2}') filesystem."
     echo "fio $(fio --version), nbdkit $(nbdkit --version | awk '{print $2}'), qemu-nbd $(qemu-nbd --version | awk 'NR==1 {print $2}'), $(nbdcopy --version | head -1)."
     echo "Mode: $([ $quick = 1 ] && echo quick || echo full), runtime ${runtime}s (no ramp: server CPU covers exactly the counted requests), $reps repetitions (median), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+    # New page-cache pages cost a host fault each where the guest hands free memory back
+    # (tests/perf/new_pages.py measures it): the rows that write new data pay it, null does not.
+    if [ -d /sys/module/page_reporting ]; then
+        echo "Free page reporting to the host is on: new pages (provisioning, seqwrite, cow) may cost a host fault each (tests/perf/new_pages.py)."
+    fi
     echo
     python3 "$here/summarize.py" "$results"
 } >"$out"
