@@ -50,13 +50,15 @@ def touch_anonymous():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dir", default="target")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p.add_argument("--dir", default=os.path.join(repo, "target"))
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--pause", type=float, default=3.0)
     a = p.parse_args()
     if a.chunk <= 0 or BLOCK % a.chunk:
         p.error("--chunk must divide 65536")
+    os.makedirs(a.dir, exist_ok=True)
     data = b"\xab" * BLOCK
     path = os.path.join(a.dir, f"new_pages.{os.getpid()}.tmp")
     if os.path.exists("/sys/module/page_reporting"):
