@@ -11,7 +11,8 @@
 #   --socket   listen on a unix socket instead of TCP 127.0.0.1:PORT (default port 10809)
 #   --dry-run  print the commands instead of running them
 #
-# It builds the plugin when missing (cargo build --release --features nbdkit --lib; env
+# It builds the plugin when missing (cargo build --release -p thinnbd-nbdkit, which leaves
+# target/release/libnbdkit_thinnbd_plugin.so, under CARGO_TARGET_DIR when that is set; env
 # THINNBD_PLUGIN names another .so) and runs nbdkit in the foreground; Ctrl-C or SIGTERM
 # commits the pool and exits. For example:
 #
@@ -49,9 +50,12 @@ pool=$(realpath -m "$pool")
 plugin=${THINNBD_PLUGIN:-}
 if [ -z "$plugin" ]; then
     root=$(cd "$(dirname "$0")/.." && pwd)
-    plugin=$root/target/release/libthinnbd.so
+    target=${CARGO_TARGET_DIR:-$root/target}
+    # cargo takes a relative CARGO_TARGET_DIR from where it runs, the checkout.
+    [[ $target == /* ]] || target=$root/$target
+    plugin=$target/release/libnbdkit_thinnbd_plugin.so
     if [ -n "$dry" ] || ! nbdkit "$plugin" --dump-plugin >/dev/null 2>&1; then
-        (cd "$root" && $dry cargo build --release --features nbdkit --lib)
+        (cd "$root" && $dry cargo build --release -p thinnbd-nbdkit)
     fi
 fi
 

@@ -2,14 +2,13 @@
 //!
 //! Layers, lowest first; each depends only on those below it:
 //! `pdata` (persistent data) -> `thin` (pool metadata) -> `engine` (I/O) -> `nbd` (protocol
-//! and server) -> the CLI and the nbdkit plugin.
+//! and server) -> the CLI (src/main.rs) and the nbdkit plugin (the `thinnbd-nbdkit` package in
+//! nbdkit-plugin/, built on this library).
 
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod nbd;
-#[cfg(feature = "nbdkit")]
-pub mod nbdkit_plugin;
 pub mod pdata;
 pub mod service;
 pub mod sync;

@@ -1,8 +1,8 @@
-//! The nbdkit plugin (libthinnbd.so) under nbdkit 1.32 with real clients: nbdinfo, qemu-io,
-//! nbdcopy, the stats filter, thin_check, and `thinnbd serve` reading back what nbdkit wrote.
-//! Each test fails under CI=true when a tool is missing. Needs the plugin built:
-//! `cargo build --release --features nbdkit --lib` (tests/run-all.sh does it).
-#![cfg(feature = "nbdkit")]
+//! The nbdkit plugin (the `thinnbd-nbdkit` package, libnbdkit_thinnbd_plugin.so) under nbdkit
+//! 1.32 with real clients: nbdinfo, qemu-io, nbdcopy, the stats filter, thin_check, and
+//! `thinnbd serve` reading back what nbdkit wrote; the README's and the example script's
+//! command lines as written. Each test fails under CI=true when a tool is missing. The plugin
+//! is a dev-dependency, so `cargo test` builds the copy these tests load.
 
 mod nbdkit_support;
 
@@ -324,4 +324,176 @@ fn example_script_serves_a_pool() {
     // The script execs nbdkit, so SIGTERM reaches it and the pool is committed.
     let status = proc.stop();
     assert!(status.success(), "exit: {status}\n{}", proc.log());
+}
+
+/// A plain `cargo build` builds the workspace's default members: none of them makes a shared
+/// library (nbdkit refuses one without `plugin_init`). The one package that does is the plugin,
+/// built only on request, and its file is a plugin nbdkit loads.
+#[test]
+fn only_the_plugin_package_makes_a_shared_library() {
+    let out = stdout_of(Command::new(env!("CARGO")).args([
+        "metadata",
+        "--no-deps",
+        "--offline",
+        "--format-version",
+        "1",
+        "--manifest-path",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+    ]));
+    let meta: serde_json::Value = serde_json::from_str(&out).expect("cargo metadata JSON");
+    let default_members = meta["workspace_default_members"]
+        .as_array()
+        .expect("workspace_default_members");
+    let mut shared = Vec::new();
+    for package in meta["packages"].as_array().expect("packages") {
+        let built_by_default = default_members.contains(&package["id"]);
+        for target in package["targets"].as_array().expect("targets") {
+            let kinds = target["crate_types"].as_array().expect("crate_types");
+            if kinds.iter().any(|k| k == "cdylib" || k == "dylib") {
+                shared.push((
+                    package["name"].as_str().unwrap_or_default().to_string(),
+                    format!("lib{}.so", target["name"].as_str().unwrap_or_default()),
+                    built_by_default,
+                ));
+            }
+        }
+    }
+    assert_eq!(
+        shared,
+        [("thinnbd-nbdkit".to_string(), PLUGIN_FILE.to_string(), false)],
+        "(package, shared library, built by a plain `cargo build`)"
+    );
+
+    if !require_tools(&["nbdkit", "nm"]) {
+        return;
+    }
+    let so = plugin();
+    let symbols = stdout_of(Command::new("nm").args(["-D", "--defined-only"]).arg(&so));
+    assert!(
+        symbols.lines().any(|l| l.ends_with(" T plugin_init")),
+        "no plugin_init in {}",
+        so.display()
+    );
+}
+
+/// The README's nbdkit block as written, from a directory laid out like the checkout (the
+/// pool `thinnbd serve` makes in ./thinnbd-pool, config/thinnbd.toml): each nbdkit line
+/// serves, and the nbdinfo lines after it reach the export named. Only what a test must not
+/// share is swapped: the plugin for the copy this test run built, the port for a free one,
+/// the socket for one in the test's directory.
+#[test]
+fn readme_plugin_examples_work_as_written() {
+    if !require_tools(&["nbdkit", "nbdinfo", "sh"]) {
+        return;
+    }
+    let block = docs::sh_block(&docs::read_doc("README.md"), "## Serve it with nbdkit");
+    assert_eq!(
+        block.first().map(String::as_str),
+        Some("cargo build --release -p thinnbd-nbdkit"),
+        "{block:#?}"
+    );
+    let pool = TestPool::named("thinnbd-pool", &[("default", "16M"), ("vm2", "16M")]);
+    let work = pool.tmp.path();
+    std::fs::create_dir(work.join("config")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/thinnbd.toml"),
+        work.join("config/thinnbd.toml"),
+    )
+    .unwrap();
+
+    let built_at = format!("./target/release/{PLUGIN_FILE}");
+    let so = plugin().display().to_string();
+    let sock = work.join("thinnbd.sock");
+    let port = free_port();
+    let as_here = |line: &str| {
+        line.replace(&built_at, &so)
+            .replace("/tmp/thinnbd.sock", &sock.display().to_string())
+            .replace("10809", &port.to_string())
+    };
+    let shell = |line: String| {
+        let mut cmd = Command::new("sh");
+        cmd.current_dir(work).arg("-c").arg(line);
+        cmd
+    };
+    let stop = |mut server: Process| {
+        let status = server.stop();
+        assert!(status.success(), "nbdkit exit: {status}\n{}", server.log());
+    };
+
+    // (server line, client lines run against it)
+    let mut served: Vec<(&str, usize)> = Vec::new();
+    let mut server: Option<Process> = None;
+    for line in &block[1..] {
+        if line.starts_with("nbdkit ") {
+            if let Some(previous) = server.take() {
+                stop(previous);
+            }
+            assert!(line.contains(&built_at), "{line}\nloads no {built_at}");
+            let log = work.join(format!("nbdkit-{}.log", served.len()));
+            // exec: SIGTERM reaches nbdkit itself.
+            let mut proc = Process::spawn(shell(format!("exec {}", as_here(line))), line, log);
+            if line.contains(" -U ") {
+                proc.wait_until(|| std::os::unix::net::UnixStream::connect(&sock).is_ok());
+            } else {
+                assert!(line.contains(" -i 127.0.0.1 "), "{line}\nlistens beyond 127.0.0.1");
+                proc.wait_until(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+            }
+            served.push((line, 0));
+            server = Some(proc);
+        } else if line.starts_with("nbdinfo ") {
+            let out = stdout_of(&mut shell(as_here(line)));
+            assert!(out.contains("export=\"default\""), "{line}\n{out}");
+            served.last_mut().expect("an nbdkit line before").1 += 1;
+        } else {
+            panic!("a line the test does not know how to run: {line}");
+        }
+    }
+    if let Some(last) = server.take() {
+        stop(last);
+    }
+    assert!(
+        served.iter().any(|(l, _)| l.contains(" -U "))
+            && served.iter().any(|(l, _)| l.contains(" -i 127.0.0.1 ")),
+        "{served:#?}"
+    );
+    assert!(served.iter().all(|(_, clients)| *clients > 0), "{served:#?}");
+}
+
+/// Without THINNBD_PLUGIN the example script builds the plugin package and serves the file
+/// that build leaves, in CARGO_TARGET_DIR when that is set.
+#[test]
+fn example_script_builds_and_serves_the_plugin_package() {
+    let pool = TestPool::new(&[("vm1", "16M")]);
+    let root = env!("CARGO_MANIFEST_DIR");
+    let elsewhere = pool.path("target");
+    for (target_dir, plugin_at) in [
+        (None, format!("{root}/target/release/{PLUGIN_FILE}")),
+        (
+            Some(&elsewhere),
+            format!("{}/release/{PLUGIN_FILE}", elsewhere.display()),
+        ),
+    ] {
+        let mut cmd = Command::new("bash");
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nbdkit-serve.sh"))
+            .arg(&pool.dir)
+            .arg("--dry-run")
+            .env_remove("THINNBD_PLUGIN")
+            .env_remove("CARGO_TARGET_DIR");
+        if let Some(dir) = target_dir {
+            cmd.env("CARGO_TARGET_DIR", dir);
+        }
+        let out = stdout_of(&mut cmd);
+        assert!(
+            out.lines()
+                .any(|l| l == "cargo build --release -p thinnbd-nbdkit"),
+            "{out}"
+        );
+        let pool_key = format!("pool={}", pool.dir.display());
+        assert!(
+            out.lines().any(|l| l.starts_with("nbdkit -f ")
+                && l.contains(&plugin_at)
+                && l.ends_with(&pool_key)),
+            "want nbdkit with {plugin_at} in:\n{out}"
+        );
+    }
 }

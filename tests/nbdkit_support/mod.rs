@@ -56,22 +56,19 @@ pub fn thinnbd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_thinnbd"))
 }
 
-/// The plugin built with this test: `cargo test --release --features nbdkit` builds it in
-/// target/release/deps (without copying it up); `cargo build --release --features nbdkit --lib`
-/// leaves it in target/release. The newer of the two is the one just built.
+/// The plugin's file name, as `cargo build --release -p thinnbd-nbdkit` leaves it in
+/// target/release.
+pub const PLUGIN_FILE: &str = "libnbdkit_thinnbd_plugin.so";
+
+/// The plugin built with this test: the `thinnbd-nbdkit` package is a dev-dependency, so
+/// `cargo test` builds it in the same run, into target/PROFILE/deps (a cdylib keeps its plain
+/// name there). That copy, never an older one in target/PROFILE, is the one tested.
 pub fn plugin() -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_thinnbd"))
+    let so = Path::new(env!("CARGO_BIN_EXE_thinnbd"))
         .parent()
         .expect("target dir")
-        .to_path_buf();
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let so = [dir.join("deps/libthinnbd.so"), dir.join("libthinnbd.so")]
-        .into_iter()
-        .filter_map(|p| Some((modified(&p)?, p)))
-        .max()
-        .map(|(_, p)| p);
-    let hint = "build it with `cargo build --release --features nbdkit --lib`";
-    let so = so.unwrap_or_else(|| panic!("no libthinnbd.so in {}: {hint}", dir.display()));
+        .join("deps")
+        .join(PLUGIN_FILE);
     let out = Command::new("nbdkit")
         .arg(&so)
         .arg("--dump-plugin")
@@ -79,12 +76,15 @@ pub fn plugin() -> PathBuf {
         .expect("running nbdkit");
     assert!(
         out.status.success(),
-        "{} is not an nbdkit plugin (built without --features nbdkit?): {hint}\n{}",
+        "{} is not an nbdkit plugin: {}",
         so.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     so
 }
+
+#[path = "../common/docs.rs"]
+pub mod docs;
 
 /// A pool in a temp dir: 1 GiB data, the given (name, size) volumes.
 pub struct TestPool {
@@ -93,9 +93,15 @@ pub struct TestPool {
 }
 
 impl TestPool {
+    /// The pool in `TMP/pool`.
     pub fn new(volumes: &[(&str, &str)]) -> TestPool {
+        TestPool::named("pool", volumes)
+    }
+
+    /// The pool in `TMP/NAME`, for command lines that name it as the docs do.
+    pub fn named(name: &str, volumes: &[(&str, &str)]) -> TestPool {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().join("pool");
+        let dir = tmp.path().join(name);
         run(thinnbd()
             .args(["pool", "create"])
             .arg(&dir)

@@ -2,9 +2,13 @@
 //! engine as `thinnbd serve`.
 //!
 //! ```text
-//! cargo build --release --features nbdkit --lib
-//! nbdkit ./target/release/libthinnbd.so pool=DIR [config=FILE] [export=NAME]
+//! cargo build --release -p thinnbd-nbdkit
+//! nbdkit ./target/release/libnbdkit_thinnbd_plugin.so pool=DIR [config=FILE] [export=NAME]
 //! ```
+//!
+//! A package of its own (not a crate type of the `thinnbd` library), so that only this
+//! library carries `plugin_init` and a plain `cargo build` leaves no `.so` that nbdkit refuses.
+//! It uses the library's public API only.
 //!
 //! Life of the plugin, in nbdkit's order: `config` collects the keys, `config_complete` checks
 //! them (and that DIR holds a pool), `get_ready` checks what can still be reported on the
@@ -28,11 +32,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, ThreadModel};
 
-use crate::engine::NOWAIT_WRITE_MAX;
-use crate::error::{fail, Error, ErrorKind, Result};
-use crate::nbd::{ExportInfo, ExportSource};
-use crate::service::exports::VolumeExports;
-use crate::volume::{ActiveVolume, Volumes};
+use thinnbd::engine::NOWAIT_WRITE_MAX;
+use thinnbd::error::{fail, Error, ErrorKind, Result};
+use thinnbd::nbd::{ExportInfo, ExportSource};
+use thinnbd::service::exports::VolumeExports;
+use thinnbd::volume::{ActiveVolume, Volumes};
 use settings::{Keys, Settings};
 
 /// Keys as they arrive (`config`).

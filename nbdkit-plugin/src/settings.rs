@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
-use crate::engine::PoolConfig;
-use crate::error::{fail, Error, ErrorKind, Result};
-use crate::service;
-use crate::volume::registry::{self, Registry};
-use crate::volume::PoolPaths;
+use thinnbd::config::Config;
+use thinnbd::engine::PoolConfig;
+use thinnbd::error::{fail, Error, ErrorKind, Result};
+use thinnbd::service;
+use thinnbd::volume::registry::{self, Registry};
+use thinnbd::volume::PoolPaths;
 
 /// What `nbdkit --help` shows for this plugin.
 pub const CONFIG_HELP: &str = "\
@@ -154,7 +154,7 @@ impl Settings {
 
 /// The Linux errno nbdkit sends for an error kind (one mapping, shared with the NBD server).
 pub fn errno_of(kind: ErrorKind) -> i32 {
-    i32::try_from(crate::nbd::errno_of_kind(kind)).unwrap_or(libc::EIO)
+    i32::try_from(thinnbd::nbd::errno_of_kind(kind)).unwrap_or(libc::EIO)
 }
 
 /// Text for C: nbdkit takes NUL-terminated strings, so an inner NUL would cut (or, in the
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(s.default_volume.as_deref(), Some("vm1"));
         assert!(matches!(
             s.pool_config.no_space_policy,
-            crate::engine::NoSpacePolicy::Error
+            thinnbd::engine::NoSpacePolicy::Error
         ));
         assert_eq!(s.export, None);
 

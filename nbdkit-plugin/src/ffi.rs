@@ -12,9 +12,9 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::catch_unwind;
 use std::sync::OnceLock;
 
-use super::settings::{self, c_text};
-use super::{guard, served, shutdown_pool, ThinExport};
-use crate::error::{Error, ErrorKind, Result};
+use crate::settings::{self, c_text};
+use crate::{guard, served, shutdown_pool, ThinExport};
+use thinnbd::error::{Error, ErrorKind, Result};
 
 /// nbdkit's opaque export list.
 #[repr(C)]
