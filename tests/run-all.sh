@@ -29,8 +29,9 @@ if ! command -v qemu-io >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y qemu-utils
 fi
 
-cargo build --release --features nbdkit --lib --bins
-cargo test --release --features nbdkit -- --test-threads=2
+# --workspace: the thinnbd package and the nbdkit plugin package (nbdkit-plugin/).
+cargo build --release --workspace
+cargo test --release --workspace -- --test-threads=2
 
 # The loom model of the active-set / teardown protocol (the `loom` feature swaps the engine's
 # sync primitives for loom's).

@@ -88,10 +88,10 @@ done
 
 # THINNBD / THINNBD_PLUGIN point at other builds (e.g. to compare two versions; implies --no-build).
 thinnbd="${THINNBD:-$repo/target/release/thinnbd}"
-plugin_so="${THINNBD_PLUGIN:-$repo/target/release/libthinnbd.so}"
+plugin_so="${THINNBD_PLUGIN:-$repo/target/release/libnbdkit_thinnbd_plugin.so}"
 [ -z "${THINNBD:-}${THINNBD_PLUGIN:-}" ] || build=0
 if [ $build = 1 ]; then
-    (cd "$repo" && cargo build --release --features nbdkit --bin thinnbd --lib)
+    (cd "$repo" && cargo build --release --workspace)  # the binary and the plugin package
 fi
 case " $servers " in
 *" thinnbd "*|*" plugin "*)
