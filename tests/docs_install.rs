@@ -57,10 +57,9 @@ fn readme_install_puts_thinnbd_on_the_path() {
             .env("CARGO_TARGET_DIR", target_dir),
     );
 
-    let path = std::env::join_paths(
-        std::iter::once(home.join("bin"))
-            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )
+    let path = std::env::join_paths(std::iter::once(home.join("bin")).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
     .unwrap();
     let shell = |line: &str| {
         let mut cmd = Command::new("sh");

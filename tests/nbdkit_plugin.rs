@@ -435,7 +435,10 @@ fn readme_plugin_examples_work_as_written() {
             if line.contains(" -U ") {
                 proc.wait_until(|| std::os::unix::net::UnixStream::connect(&sock).is_ok());
             } else {
-                assert!(line.contains(" -i 127.0.0.1 "), "{line}\nlistens beyond 127.0.0.1");
+                assert!(
+                    line.contains(" -i 127.0.0.1 "),
+                    "{line}\nlistens beyond 127.0.0.1"
+                );
                 proc.wait_until(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
             }
             served.push((line, 0));
@@ -456,7 +459,10 @@ fn readme_plugin_examples_work_as_written() {
             && served.iter().any(|(l, _)| l.contains(" -i 127.0.0.1 ")),
         "{served:#?}"
     );
-    assert!(served.iter().all(|(_, clients)| *clients > 0), "{served:#?}");
+    assert!(
+        served.iter().all(|(_, clients)| *clients > 0),
+        "{served:#?}"
+    );
 }
 
 /// Without THINNBD_PLUGIN the example script builds the plugin package and serves the file
@@ -474,11 +480,14 @@ fn example_script_builds_and_serves_the_plugin_package() {
         ),
     ] {
         let mut cmd = Command::new("bash");
-        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nbdkit-serve.sh"))
-            .arg(&pool.dir)
-            .arg("--dry-run")
-            .env_remove("THINNBD_PLUGIN")
-            .env_remove("CARGO_TARGET_DIR");
+        cmd.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/nbdkit-serve.sh"
+        ))
+        .arg(&pool.dir)
+        .arg("--dry-run")
+        .env_remove("THINNBD_PLUGIN")
+        .env_remove("CARGO_TARGET_DIR");
         if let Some(dir) = target_dir {
             cmd.env("CARGO_TARGET_DIR", dir);
         }

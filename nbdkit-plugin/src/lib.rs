@@ -32,12 +32,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, ThreadModel};
 
+use settings::{Keys, Settings};
 use thinnbd::engine::NOWAIT_WRITE_MAX;
 use thinnbd::error::{fail, Error, ErrorKind, Result};
 use thinnbd::nbd::{ExportInfo, ExportSource};
 use thinnbd::service::exports::VolumeExports;
 use thinnbd::volume::{ActiveVolume, Volumes};
-use settings::{Keys, Settings};
 
 /// Keys as they arrive (`config`).
 static KEYS: Mutex<Keys> = Mutex::new(Keys::new());
