@@ -326,20 +326,55 @@ fn example_script_serves_a_pool() {
     assert!(status.success(), "exit: {status}\n{}", proc.log());
 }
 
+/// Runs a cargo command on this checkout's workspace (offline: it only reads manifests and
+/// the lock file).
+fn cargo(args: &[&str]) -> String {
+    stdout_of(
+        Command::new(env!("CARGO"))
+            .args(args)
+            .args(["--offline", "--manifest-path"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")),
+    )
+}
+
+/// The features each package is built with when `cargo build -p PACKAGE` builds it and its
+/// normal dependencies.
+fn built_features(package: &str) -> std::collections::BTreeMap<String, String> {
+    cargo(&[
+        "tree", "-p", package, "-e", "no-dev", "--prefix", "none", "-f", "{p}|{f}",
+    ])
+    .lines()
+    .filter_map(|l| l.trim_end_matches(" (*)").split_once('|'))
+    .map(|(p, f)| (p.to_string(), f.to_string()))
+    .collect()
+}
+
+/// Switching between `cargo build --release` and `cargo build --release -p thinnbd-nbdkit`
+/// recompiles only the plugin: the library and every one of its dependencies are built with
+/// the same features both ways, so both builds share them.
+#[test]
+fn the_plugin_build_reuses_the_library_as_built() {
+    let plain = built_features("thinnbd");
+    let plugin = built_features("thinnbd-nbdkit");
+    assert!(
+        plain.keys().any(|p| p.starts_with("thinnbd v")),
+        "{plain:#?}"
+    );
+    for (package, features) in &plain {
+        assert_eq!(
+            plugin.get(package),
+            Some(features),
+            "{package}: features with the plugin build against the plain build"
+        );
+    }
+}
+
 /// A plain `cargo build` builds the workspace's default members: none of them makes a shared
 /// library (nbdkit refuses one without `plugin_init`). The one package that does is the plugin,
 /// built only on request, and its file is a plugin nbdkit loads.
 #[test]
 fn only_the_plugin_package_makes_a_shared_library() {
-    let out = stdout_of(Command::new(env!("CARGO")).args([
-        "metadata",
-        "--no-deps",
-        "--offline",
-        "--format-version",
-        "1",
-        "--manifest-path",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
-    ]));
+    let out = cargo(&["metadata", "--no-deps", "--format-version", "1"]);
     let meta: serde_json::Value = serde_json::from_str(&out).expect("cargo metadata JSON");
     let default_members = meta["workspace_default_members"]
         .as_array()
