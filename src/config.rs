@@ -130,8 +130,12 @@ impl Ctx<'_> {
 
     fn size(&self, key: &str, v: Option<String>, default: &str) -> Result<u64> {
         let text = v.unwrap_or_else(|| default.to_string());
-        parse_size(&text)
-            .ok_or_else(|| self.bad(key, format!("{text:?} is not a size (e.g. 4096, 64K, 10G)")))
+        parse_size(&text).ok_or_else(|| {
+            self.bad(
+                key,
+                format!("{text:?} is not a size (e.g. 4096, 64K, 10G, 1GiB)"),
+            )
+        })
     }
 }
 
@@ -232,9 +236,8 @@ impl Config {
         let s = raw.server;
         let mut listen = Vec::new();
         for a in s.listen.unwrap_or_else(|| vec!["127.0.0.1:10809".into()]) {
-            listen.push(
-                a.parse()
-                    .map_err(|_| c.bad("server.listen", format!("{a:?} is not ADDR:PORT")))?,
+            listen.extend(
+                crate::util::resolve_listen_addr(&a).map_err(|why| c.bad("server.listen", why))?,
             );
         }
         let max_request_size = c.size("server.max_request_size", s.max_request_size, "32M")?;

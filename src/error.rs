@@ -125,9 +125,19 @@ impl Error {
     }
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
+impl Error {
+    /// The message without the kind's prefix: context, then the cause. This is what crosses the
+    /// control socket, where the kind travels separately (sending `to_string()` would make the
+    /// receiver print the kind twice).
+    pub fn message(&self) -> String {
+        match &self.source {
+            Some(src) => format!("{}: {src}", self.context),
+            None => self.context.clone(),
+        }
+    }
+
+    fn kind_text(&self) -> &'static str {
+        match self.kind {
             ErrorKind::Io => "I/O error",
             ErrorKind::NoSpace => "no space",
             ErrorKind::Corrupt => "corrupt metadata",
@@ -137,22 +147,20 @@ impl fmt::Display for Error {
             ErrorKind::Busy => "busy",
             ErrorKind::NotFound => "not found",
             ErrorKind::InvalidInput => "invalid input",
-        };
-        write!(f, "{kind}: {}", self.context)?;
-        if let Some(src) = &self.source {
-            write!(f, ": {src}")?;
         }
-        Ok(())
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind_text(), self.message())
     }
 }
+
+/// `source()` stays `None` on purpose: `Display` already prints the cause, and chain printers
+/// (`anyhow`'s `{:#}`, `tracing`'s error chains) would print it a second time. The OS error
+/// stays reachable through `raw_os_error`.
+impl std::error::Error for Error {}
 
 /// Shorthand for `Err(Error::new(kind, context))`.
 pub fn fail<T>(kind: ErrorKind, context: impl Into<String>) -> Result<T> {

@@ -2,29 +2,54 @@
 //! tools named after thin-provisioning-tools (dump, restore, check).
 
 use std::fs::OpenOptions;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
 use thinnbd::config::Config;
 use thinnbd::pdata::block_io::{BlockIo, FileBlockIo};
 use thinnbd::service::control::{self, Request};
 use thinnbd::thin::ThinMetadata;
-use thinnbd::util::parse_size;
-use thinnbd::volume::{CheckReport, CreateOptions, PoolPaths, PoolReport, VolumeInfo, Volumes};
+use thinnbd::util::{format_size, parse_size, resolve_listen_addr};
+use thinnbd::volume::{
+    CheckReport, CreateOptions, NewSize, PoolPaths, PoolReport, VolumeInfo, Volumes,
+};
+
+/// Exit status of a command that failed (an error was printed).
+const EXIT_FAILED: u8 = 2;
+/// Exit status of `check` when it found problems.
+const EXIT_PROBLEMS: u8 = 1;
+/// Exit status of a command line that could not be parsed (sysexits' EX_USAGE), kept apart
+/// from failures so that scripts can tell a typo from a refusal.
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Parser)]
 #[command(
     name = "thinnbd",
     version,
-    about = "Thin-provisioned volumes in a dm-thin format pool, served over NBD"
+    about = "Thin-provisioned volumes in a dm-thin format pool, served over NBD",
+    after_help = "Sizes: a whole number with an optional binary unit K, M, G, T or P (powers of \
+                  1024), optionally followed by i and/or B, in any case: 1g = 1G = 1GiB = 1GB.\n\
+                  Exit status: 0 success, 1 check found problems, 2 the command failed, \
+                  64 the command line is wrong (usage error)."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+// `--json`, on every command that prints a result (a plain comment: a doc comment on a
+// flattened struct could become the command's description).
+#[derive(Args)]
+struct JsonOutput {
+    /// Print the result as JSON (for scripts) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -34,37 +59,52 @@ enum Command {
     /// Create a pool or show its status.
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// Create, list, resize or delete volumes.
+    /// Create, list, resize, rename or delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// Snapshot a volume (instant; shares blocks with its origin until either is written).
     Snapshot {
+        /// The pool directory.
         #[arg(long)]
         pool: PathBuf,
+        /// The volume to snapshot.
         origin: String,
+        /// The new snapshot's name (it becomes an export).
         name: String,
+        /// Make the snapshot read-only (clients cannot write to it).
         #[arg(long)]
         read_only: bool,
+        /// A description shown by `volume list` (default: "snapshot of ORIGIN").
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        output: JsonOutput,
     },
     /// Check a metadata file (like thin_check) or a pool directory (metadata and registry).
     Check {
         /// A metadata file, or a pool directory.
         path: PathBuf,
+        #[command(flatten)]
+        output: JsonOutput,
     },
     /// Print a metadata file as thin_dump XML.
     Dump {
+        /// The metadata file (e.g. POOL/metadata).
         metadata: PathBuf,
         /// Dump the metadata snapshot instead of the live metadata.
         #[arg(short = 'm', long)]
         metadata_snap: bool,
+        /// Write the XML to this file instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
     /// Write a metadata file from thin_dump XML (like thin_restore; the output must already
     /// exist with its final size, e.g. made by `truncate -s 64M`).
     Restore {
+        /// The thin_dump XML to read.
         #[arg(short, long)]
         input: PathBuf,
+        /// The metadata file to write (it must already exist with its final size).
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -72,13 +112,16 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// A TOML configuration file (see config/thinnbd.toml); defaults apply without one.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The pool directory to serve (overrides pool.dir of the configuration).
     #[arg(long)]
     pool: Option<PathBuf>,
-    /// ADDR:PORT to listen on (repeatable); replaces the configured list.
-    #[arg(long)]
-    listen: Vec<String>,
+    /// HOST:PORT to listen on (repeatable); replaces the configured list. A host name listens
+    /// on every address it resolves to (localhost: 127.0.0.1 and ::1).
+    #[arg(long, value_parser = listen_value)]
+    listen: Vec<ListenAddrs>,
     /// A unix socket to listen on.
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -88,64 +131,134 @@ struct ServeArgs {
 enum PoolCommand {
     /// Create an empty pool in DIR.
     Create {
+        /// The pool directory (created if missing; must not hold a pool yet).
         dir: PathBuf,
-        #[arg(long)]
-        data_size: String,
-        #[arg(long, default_value = "64K")]
-        block_size: String,
+        /// Size of the data file, e.g. 64G (or of the part of --data to use).
+        #[arg(long, value_parser = size_value)]
+        data_size: u64,
+        /// Size of a data block, the unit of allocation and sharing (64K to 1G, a power of two).
+        #[arg(long, default_value = "64K", value_parser = size_value)]
+        block_size: u64,
         /// A data file or block device to use instead of DIR/data.
         #[arg(long)]
         data: Option<PathBuf>,
+        #[command(flatten)]
+        output: JsonOutput,
     },
     /// Data and metadata used/total, mode, and each volume's mapped size.
     Status {
+        /// The pool directory.
         dir: PathBuf,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: JsonOutput,
     },
 }
 
 #[derive(Subcommand)]
 enum VolumeCommand {
+    /// Create a thin volume (it takes no space until written).
     Create {
+        /// The pool directory.
         #[arg(long)]
         pool: PathBuf,
+        /// The volume's name, also its NBD export name.
         name: String,
-        #[arg(long)]
-        size: String,
+        /// The volume's size as clients see it, e.g. 10G.
+        #[arg(long, value_parser = size_value)]
+        size: u64,
+        /// A description shown by `volume list` and sent to NBD clients.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        output: JsonOutput,
     },
+    /// List volumes like lvs: size, data used, exclusive and shared bytes, mode, origin.
     List {
+        /// The pool directory.
         #[arg(long)]
         pool: PathBuf,
+        /// Print sizes in bytes instead of K/M/G/T units.
         #[arg(long)]
-        json: bool,
+        bytes: bool,
+        #[command(flatten)]
+        output: JsonOutput,
     },
+    /// Change a volume's size: SIZE sets it, +SIZE grows by SIZE, -SIZE shrinks by SIZE.
     Resize {
+        /// The pool directory.
         #[arg(long)]
         pool: PathBuf,
+        /// The volume to resize.
         name: String,
+        /// The new size (10G), or a change of size (+512M, -1G) as lvresize reads it.
+        #[arg(long, allow_hyphen_values = true, value_parser = new_size_value)]
+        size: NewSize,
+        /// Allow a shrink, which discards the data past the new end (refused without it, and
+        /// refused even with it while a client has the volume open).
         #[arg(long)]
-        size: String,
+        force: bool,
+        #[command(flatten)]
+        output: JsonOutput,
     },
-    Delete {
+    /// Rename a volume (its export name changes; refused while a client has it open).
+    Rename {
+        /// The pool directory.
         #[arg(long)]
         pool: PathBuf,
+        /// The volume's current name.
         name: String,
+        /// The new name.
+        new_name: String,
+        #[command(flatten)]
+        output: JsonOutput,
+    },
+    /// Delete a volume and free the blocks only it uses (refused while a client has it open).
+    Delete {
+        /// The pool directory.
+        #[arg(long)]
+        pool: PathBuf,
+        /// The volume to delete.
+        name: String,
+        #[command(flatten)]
+        output: JsonOutput,
     },
 }
 
-fn size_arg(what: &str, text: &str) -> anyhow::Result<u64> {
-    match parse_size(text) {
-        Some(n) => Ok(n),
-        None => bail!("{what} {text:?} is not a size (e.g. 4096, 64K, 10G, 1T)"),
+/// The addresses one `--listen` argument stands for.
+#[derive(Clone)]
+struct ListenAddrs(Vec<SocketAddr>);
+
+fn listen_value(text: &str) -> Result<ListenAddrs, String> {
+    resolve_listen_addr(text).map(ListenAddrs)
+}
+
+fn size_value(text: &str) -> Result<u64, String> {
+    parse_size(text).ok_or_else(|| {
+        format!("{text:?} is not a size (a whole number with an optional K, M, G, T or P, e.g. 4096, 64K, 10G, 1GiB)")
+    })
+}
+
+fn new_size_value(text: &str) -> Result<NewSize, String> {
+    let t = text.trim();
+    if let Some(rest) = t.strip_prefix('+') {
+        size_value(rest).map(NewSize::GrowBy)
+    } else if let Some(rest) = t.strip_prefix('-') {
+        size_value(rest).map(NewSize::ShrinkBy)
+    } else {
+        size_value(t).map(NewSize::Exactly)
     }
 }
 
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("THINNBD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("thinnbd={level},warn")));
+    // Colour only for a person at a terminal: log files and journals get plain text, and
+    // NO_COLOR (https://no-color.org: set and not empty) turns it off everywhere.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -174,20 +287,50 @@ fn online_or_local(pool: &Path, req: Request) -> anyhow::Result<serde_json::Valu
     Ok(result?)
 }
 
-fn print_volumes(list: &[VolumeInfo]) {
+/// Prints `value` as JSON when asked, else the text `human` makes of it.
+fn print_result<T: Serialize>(
+    output: &JsonOutput,
+    value: &T,
+    human: impl FnOnce(&T),
+) -> anyhow::Result<()> {
+    if output.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
+}
+
+fn origin_text(v: &VolumeInfo) -> &str {
+    match (&v.origin, v.origin_deleted) {
+        (Some(o), _) => o,
+        (None, true) => "(deleted)",
+        (None, false) => "-",
+    }
+}
+
+fn print_volumes(list: &[VolumeInfo], bytes: bool) {
+    let size = |n: u64| if bytes { n.to_string() } else { format_size(n) };
+    let optional = |n: Option<u64>| n.map_or_else(|| "?".to_string(), size);
     println!(
-        "{:<24} {:>6} {:>14} {:>14} {:<4} ORIGIN",
-        "NAME", "THIN", "SIZE", "MAPPED", "MODE"
+        "{:<24} {:>6} {:>10} {:>6} {:>10} {:>10} {:>10} {:<4} {:<24} DESCRIPTION",
+        "NAME", "THIN", "SIZE", "USED%", "MAPPED", "EXCLUSIVE", "SHARED", "MODE", "ORIGIN"
     );
     for v in list {
+        #[allow(clippy::cast_precision_loss)] // a percentage for display
+        let used = 100.0 * v.mapped_bytes as f64 / v.size.max(1) as f64;
         println!(
-            "{:<24} {:>6} {:>14} {:>14} {:<4} {}",
+            "{:<24} {:>6} {:>10} {:>6.2} {:>10} {:>10} {:>10} {:<4} {:<24} {}",
             v.name,
             v.thin_id,
-            v.size,
-            v.mapped_bytes,
+            size(v.size),
+            used,
+            size(v.mapped_bytes),
+            optional(v.exclusive_bytes),
+            optional(v.shared_bytes),
             if v.read_only { "ro" } else { "rw" },
-            v.origin.as_deref().unwrap_or("-")
+            origin_text(v),
+            v.description
         );
     }
 }
@@ -219,19 +362,29 @@ fn print_status(r: &PoolReport) {
             v.thin_id,
             v.size,
             if v.read_only { "ro" } else { "rw" },
-            v.origin.as_deref().unwrap_or("-"),
+            origin_text(v),
             v.mapped_bytes
         );
     }
 }
 
-fn check(path: &Path) -> anyhow::Result<ExitCode> {
+/// What `check --json` prints.
+#[derive(Serialize)]
+struct CheckOutput {
+    path: PathBuf,
+    clean: bool,
+    problems: Vec<String>,
+    notes: Vec<String>,
+}
+
+fn check(path: &Path, output: &JsonOutput) -> anyhow::Result<ExitCode> {
     let (meta, dir) = if path.is_dir() {
         (path.join("metadata"), Some(path))
     } else {
         (path.to_path_buf(), None)
     };
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
     if let Some(dir) = dir {
         let v = online_or_local(dir, Request::Check)?;
         let report: CheckReport = serde_json::from_value(v)?;
@@ -242,8 +395,11 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         }
         problems.extend(report.problems);
         if control::call(&PoolPaths::new(dir).control_socket, &Request::List)?.is_some() {
-            println!("note: the pool is being served; its metadata was not checked (stop the server first)");
-            return finish_check(problems);
+            notes.push(
+                "the pool is being served; its metadata was not checked (stop the server first)"
+                    .to_string(),
+            );
+            return finish_check(path, problems, notes, output);
         }
     }
     let report = thinnbd::thin::check::check(open_meta(&meta, false)?);
@@ -254,7 +410,7 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
             report.nr_problems - report.problems.len()
         ));
     }
-    println!(
+    notes.push(format!(
         "{}: transaction {}, {} devices, {} mappings, {} metadata blocks, {} data blocks in use",
         meta.display(),
         report.transaction_id,
@@ -262,19 +418,47 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         report.nr_mappings,
         report.metadata_blocks_used,
         report.data_blocks_used
-    );
-    finish_check(problems)
+    ));
+    finish_check(path, problems, notes, output)
 }
 
-fn finish_check(problems: Vec<String>) -> anyhow::Result<ExitCode> {
-    if problems.is_empty() {
-        println!("clean");
-        return Ok(ExitCode::SUCCESS);
-    }
-    for p in &problems {
-        println!("problem: {p}");
-    }
-    Ok(ExitCode::from(1))
+fn finish_check(
+    path: &Path,
+    problems: Vec<String>,
+    notes: Vec<String>,
+    output: &JsonOutput,
+) -> anyhow::Result<ExitCode> {
+    let result = CheckOutput {
+        path: path.to_path_buf(),
+        clean: problems.is_empty(),
+        problems,
+        notes,
+    };
+    print_result(output, &result, |r| {
+        for n in &r.notes {
+            if n.starts_with("the pool") {
+                println!("note: {n}");
+            } else {
+                println!("{n}");
+            }
+        }
+        if r.clean {
+            println!("clean");
+        }
+        for p in &r.problems {
+            println!("problem: {p}");
+        }
+    })?;
+    Ok(if result.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PROBLEMS)
+    })
+}
+
+/// Runs a volume command and decodes the volume it reports.
+fn volume_request(pool: &Path, req: Request) -> anyhow::Result<VolumeInfo> {
+    Ok(serde_json::from_value(online_or_local(pool, req)?)?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -288,14 +472,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.pool.dir = p;
             }
             if !args.listen.is_empty() {
-                config.server.listen = args
-                    .listen
-                    .iter()
-                    .map(|a| {
-                        a.parse()
-                            .with_context(|| format!("--listen {a:?} is not ADDR:PORT"))
-                    })
-                    .collect::<anyhow::Result<_>>()?;
+                config.server.listen = args.listen.iter().flat_map(|a| a.0.clone()).collect();
             }
             if args.socket.is_some() {
                 // Like qemu-nbd: a socket given alone replaces the TCP listeners.
@@ -315,81 +492,126 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_size,
             block_size,
             data,
+            output,
         }) => {
             init_logging("warn");
             let opts = CreateOptions {
                 data,
-                data_size: size_arg("--data-size", &data_size)?,
-                block_size: size_arg("--block-size", &block_size)?,
+                data_size,
+                block_size,
             };
             let config = thinnbd::service::pool_config(&Config::default_config());
             Volumes::create_pool(&dir, &opts, config)?;
-            println!(
-                "created pool {} ({} bytes of data, {} byte blocks)",
-                dir.display(),
-                opts.data_size,
-                opts.block_size
-            );
+            let created = serde_json::json!({
+                "dir": dir,
+                "data_size": opts.data_size,
+                "block_size": opts.block_size,
+            });
+            print_result(&output, &created, |_| {
+                println!(
+                    "created pool {} ({} bytes of data, {} byte blocks)",
+                    dir.display(),
+                    opts.data_size,
+                    opts.block_size
+                );
+            })?;
         }
-        Command::Pool(PoolCommand::Status { dir, json }) => {
+        Command::Pool(PoolCommand::Status { dir, output }) => {
             let report: PoolReport =
                 serde_json::from_value(online_or_local(&dir, Request::Status)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print_status(&report);
-            }
+            print_result(&output, &report, print_status)?;
         }
-        Command::Volume(VolumeCommand::Create { pool, name, size }) => {
-            let size = size_arg("--size", &size)?;
-            let v: VolumeInfo =
-                serde_json::from_value(online_or_local(&pool, Request::Create { name, size })?)?;
-            println!(
-                "created volume {} ({} bytes, thin {})",
-                v.name, v.size, v.thin_id
-            );
+        Command::Volume(VolumeCommand::Create {
+            pool,
+            name,
+            size,
+            description,
+            output,
+        }) => {
+            let v = volume_request(
+                &pool,
+                Request::Create {
+                    name,
+                    size,
+                    description,
+                },
+            )?;
+            print_result(&output, &v, |v| {
+                println!(
+                    "created volume {} ({} bytes, thin {})",
+                    v.name, v.size, v.thin_id
+                );
+            })?;
         }
-        Command::Volume(VolumeCommand::List { pool, json }) => {
+        Command::Volume(VolumeCommand::List {
+            pool,
+            bytes,
+            output,
+        }) => {
             let list: Vec<VolumeInfo> =
                 serde_json::from_value(online_or_local(&pool, Request::List)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print_volumes(&list);
-            }
+            print_result(&output, &list, |l| print_volumes(l, bytes))?;
         }
-        Command::Volume(VolumeCommand::Resize { pool, name, size }) => {
-            let size = size_arg("--size", &size)?;
-            let v: VolumeInfo =
-                serde_json::from_value(online_or_local(&pool, Request::Resize { name, size })?)?;
-            println!("resized volume {} to {} bytes", v.name, v.size);
+        Command::Volume(VolumeCommand::Resize {
+            pool,
+            name,
+            size,
+            force,
+            output,
+        }) => {
+            let v = volume_request(&pool, Request::Resize { name, size, force })?;
+            print_result(&output, &v, |v| {
+                println!("resized volume {} to {} bytes", v.name, v.size);
+            })?;
         }
-        Command::Volume(VolumeCommand::Delete { pool, name }) => {
+        Command::Volume(VolumeCommand::Rename {
+            pool,
+            name,
+            new_name,
+            output,
+        }) => {
+            let v = volume_request(
+                &pool,
+                Request::Rename {
+                    name: name.clone(),
+                    new_name,
+                },
+            )?;
+            print_result(&output, &v, |v| {
+                println!("renamed volume {name} to {}", v.name);
+            })?;
+        }
+        Command::Volume(VolumeCommand::Delete { pool, name, output }) => {
             online_or_local(&pool, Request::Delete { name: name.clone() })?;
-            println!("deleted volume {name}");
+            print_result(&output, &serde_json::json!({ "deleted": name }), |_| {
+                println!("deleted volume {name}");
+            })?;
         }
         Command::Snapshot {
             pool,
             origin,
             name,
             read_only,
+            description,
+            output,
         } => {
-            let v: VolumeInfo = serde_json::from_value(online_or_local(
+            let v = volume_request(
                 &pool,
                 Request::Snapshot {
-                    origin,
+                    origin: origin.clone(),
                     name,
                     read_only,
+                    description,
                 },
-            )?)?;
-            println!(
-                "created snapshot {} of {} (thin {})",
-                v.name,
-                v.origin.unwrap_or_default(),
-                v.thin_id
-            );
+            )?;
+            print_result(&output, &v, |v| {
+                println!(
+                    "created snapshot {} of {origin} (thin {})",
+                    v.name, v.thin_id
+                );
+            })?;
         }
-        Command::Check { path } => return check(&path),
+        Command::Check { path, output } => return check(&path, &output),
         Command::Dump {
             metadata,
             metadata_snap,
@@ -428,11 +650,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors; they print to stdout and exit 0.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("thinnbd: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }

@@ -75,27 +75,79 @@ pub fn hole_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
     holes
 }
 
-/// Parses a size such as `4096`, `64K`, `10G`, `1T` (binary units, optional trailing `B`/`iB`).
+/// The one rule for sizes everywhere (CLI, config, plugin settings): a whole number, then
+/// optionally a binary unit K, M, G, T or P (powers of 1024), then optionally `i` and/or `B`;
+/// case does not matter. `1g` = `1G` = `1GiB` = `1GB` = 2^30; `512`, `512b` and `512B` are bytes.
+/// Decimal (SI) units are deliberately not offered: storage users read `G` as GiB, as LVM does.
 pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (digits, shift) = match t.chars().last()? {
-        'k' | 'K' => (&t[..t.len() - 1], 10),
-        'm' | 'M' => (&t[..t.len() - 1], 20),
-        'g' | 'G' => (&t[..t.len() - 1], 30),
-        't' | 'T' => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
+    let lower = text.trim().to_ascii_lowercase();
+    let t = lower.strip_suffix('b').unwrap_or(&lower);
+    let (digits, shift) = match t.char_indices().last()? {
+        (_, c) if c.is_ascii_digit() => (t, 0),
+        (at, c) => {
+            let digits = &t[..at];
+            // `i` only between a unit and `B` (`1Gi` is unusual but unambiguous; `1i` is not).
+            let (digits, unit) = match c {
+                'i' => {
+                    let (at, unit) = digits.char_indices().last()?;
+                    (&digits[..at], unit)
+                }
+                _ => (digits, c),
+            };
+            let shift = match unit {
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                'p' => 50,
+                _ => return None,
+            };
+            (digits, shift)
+        }
     };
-    let n: u64 = digits.trim().parse().ok()?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
     n.checked_mul(1u64 << shift)
+}
+
+/// A size for people, in the units `parse_size` reads: `1.50G`, `512M`, `0B`. Whole values are
+/// printed without decimals so they can be pasted back as arguments.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    // The largest unit the value reaches: one per 10 bits.
+    let exp = (bytes.checked_ilog2().unwrap_or(0) / 10).min(5) as usize;
+    if exp == 0 {
+        return format!("{bytes}B");
+    }
+    let i = exp - 1;
+    let scale = 1u64 << (10 * exp);
+    if bytes.is_multiple_of(scale) {
+        return format!("{}{}", bytes / scale, UNITS[i]);
+    }
+    #[allow(clippy::cast_precision_loss)] // two decimals for display only
+    let value = bytes as f64 / scale as f64;
+    format!("{value:.2}{}", UNITS[i])
+}
+
+/// Every address a listen argument (`HOST:PORT`, `[V6]:PORT`, `NAME:PORT`) stands for: host
+/// names are resolved, and a name with several addresses (`localhost`) gives all of them.
+pub fn resolve_listen_addr(text: &str) -> std::result::Result<Vec<std::net::SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("{text:?} is not HOST:PORT ({e})"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{text:?} resolves to no address"));
+    }
+    Ok(addrs)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{hole_ranges, parse_size};
+    use super::{format_size, hole_ranges, parse_size, resolve_listen_addr};
 
     #[test]
     fn holes_of_a_sparse_file() {
@@ -124,5 +176,44 @@ mod tests {
         assert_eq!(parse_size("2MB"), Some(2 << 20));
         assert_eq!(parse_size("x"), None);
         assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn sizes_ignore_case_and_read_units_as_binary() {
+        for text in ["1g", "1G", "1GiB", "1GB", "1gb", "1gib", "1Gi", " 1G "] {
+            assert_eq!(parse_size(text), Some(1 << 30), "{text}");
+        }
+        assert_eq!(parse_size("10GB"), Some(10 << 30));
+        assert_eq!(parse_size("2p"), Some(2 << 50));
+        assert_eq!(parse_size("512b"), Some(512));
+        for bad in ["", "G", "1x", "1iB", "-1G", "1.5G", "1 G", "1bb", "+1G"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn formatted_sizes_parse_back() {
+        assert_eq!(format_size(0), "0B");
+        assert_eq!(format_size(1023), "1023B");
+        assert_eq!(format_size(512 << 20), "512M");
+        assert_eq!(format_size(3 << 29), "1.50G");
+        assert_eq!(format_size(1 << 40), "1T");
+        for n in [4096u64, 64 << 10, 10 << 30] {
+            assert_eq!(parse_size(&format_size(n)), Some(n));
+        }
+    }
+
+    #[test]
+    fn listen_addresses_resolve_host_names() {
+        let addrs = resolve_listen_addr("localhost:10809").unwrap();
+        assert!(addrs
+            .iter()
+            .all(|a| a.ip().is_loopback() && a.port() == 10809));
+        assert!(!addrs.is_empty());
+        assert_eq!(
+            resolve_listen_addr("127.0.0.1:1").unwrap(),
+            vec!["127.0.0.1:1".parse().unwrap()]
+        );
+        assert!(resolve_listen_addr("nowhere").is_err());
     }
 }

@@ -1039,6 +1039,12 @@ impl Pool {
         self.sh.flush()
     }
 
+    /// Mapped blocks of each thin that no other thin maps (see `ThinMetadata::exclusive_blocks`).
+    /// Walks every mapping under the metadata read lock: for listings, not for hot paths.
+    pub fn exclusive_blocks(&self) -> Result<std::collections::BTreeMap<ThinId, u64>> {
+        self.sh.read_core().md.exclusive_blocks()
+    }
+
     pub fn status(&self) -> PoolStatus {
         let sh = &self.sh;
         let active: Vec<ThinId> = sh.active.members().iter().map(|t| t.id()).collect();

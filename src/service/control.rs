@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::volume::Volumes;
+use crate::volume::{NewSize, Volumes};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -22,19 +22,62 @@ pub enum Request {
     Create {
         name: String,
         size: u64,
+        #[serde(default)]
+        description: String,
     },
     Snapshot {
         origin: String,
         name: String,
         read_only: bool,
+        /// Replaces the default "snapshot of ORIGIN".
+        #[serde(default)]
+        description: Option<String>,
     },
     Resize {
         name: String,
-        size: u64,
+        size: NewSize,
+        /// Allows a shrink (which discards the data past the new end).
+        #[serde(default)]
+        force: bool,
     },
     Delete {
         name: String,
     },
+    Rename {
+        name: String,
+        new_name: String,
+    },
+}
+
+impl Request {
+    /// What the request changes, in words for the log; `None` for requests that only read.
+    /// The match lists every request on purpose: a new one must be classified here, so that
+    /// every change made through the control socket is logged.
+    fn change(&self) -> Option<String> {
+        match self {
+            Request::List | Request::Status | Request::Check => None,
+            Request::Create { name, size, .. } => {
+                Some(format!("create volume {name:?} of {size} bytes"))
+            }
+            Request::Snapshot {
+                origin,
+                name,
+                read_only,
+                ..
+            } => Some(format!(
+                "snapshot volume {origin:?} as {name:?}{}",
+                if *read_only { " (read-only)" } else { "" }
+            )),
+            Request::Resize { name, size, force } => Some(format!(
+                "resize volume {name:?} to {size}{}",
+                if *force { " (--force)" } else { "" }
+            )),
+            Request::Delete { name } => Some(format!("delete volume {name:?}")),
+            Request::Rename { name, new_name } => {
+                Some(format!("rename volume {name:?} to {new_name:?}"))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,19 +92,42 @@ fn to_value<T: Serialize>(v: T) -> Result<serde_json::Value> {
         .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("encoding a reply: {e}")))
 }
 
-/// Executes one request against the open pool (blocking).
+/// Executes one request against the open pool (blocking); logs one line for each change.
 pub fn execute(volumes: &Volumes, req: Request) -> Result<serde_json::Value> {
+    let change = req.change();
+    let result = execute_unlogged(volumes, req);
+    if let Some(change) = change {
+        match &result {
+            Ok(_) => tracing::info!("control: {change}: done"),
+            Err(e) => tracing::warn!("control: {change}: refused: {e}"),
+        }
+    }
+    result
+}
+
+fn execute_unlogged(volumes: &Volumes, req: Request) -> Result<serde_json::Value> {
     match req {
         Request::List => to_value(volumes.list()),
         Request::Status => to_value(volumes.status()),
         Request::Check => to_value(volumes.check_registry()),
-        Request::Create { name, size } => to_value(volumes.create_volume(&name, size)?),
+        Request::Create {
+            name,
+            size,
+            description,
+        } => to_value(volumes.create_volume_described(&name, size, &description)?),
         Request::Snapshot {
             origin,
             name,
             read_only,
-        } => to_value(volumes.snapshot(&origin, &name, read_only)?),
-        Request::Resize { name, size } => to_value(volumes.resize(&name, size)?),
+            description,
+        } => to_value(volumes.snapshot_described(
+            &origin,
+            &name,
+            read_only,
+            description.as_deref(),
+        )?),
+        Request::Resize { name, size, force } => to_value(volumes.resize_to(&name, size, force)?),
+        Request::Rename { name, new_name } => to_value(volumes.rename(&name, &new_name)?),
         Request::Delete { name } => {
             volumes.delete(&name)?;
             to_value(())
@@ -100,7 +166,7 @@ pub async fn serve(path: &Path, volumes: Arc<Volumes>) -> Result<()> {
                             Ok(Ok(value)) => Response::Ok(value),
                             Ok(Err(e)) => Response::Err {
                                 kind: e.kind().name().into(),
-                                message: e.to_string(),
+                                message: e.message(),
                             },
                             Err(e) => Response::Err {
                                 kind: "io".into(),

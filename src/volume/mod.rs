@@ -83,9 +83,57 @@ pub struct VolumeInfo {
     pub thin_id: ThinId,
     pub size: u64,
     pub read_only: bool,
+    /// The volume this one was snapshotted from, while it still exists.
     pub origin: Option<String>,
+    /// True for a snapshot whose origin has since been deleted (then `origin` is `None`).
+    #[serde(default)]
+    pub origin_deleted: bool,
     pub mapped_bytes: u64,
+    /// Mapped bytes no other volume maps (what deleting this one would free); `None` when the
+    /// mappings could not be walked.
+    #[serde(default)]
+    pub exclusive_bytes: Option<u64>,
+    /// Mapped bytes shared with other volumes (snapshots and origins).
+    #[serde(default)]
+    pub shared_bytes: Option<u64>,
     pub description: String,
+}
+
+/// The new size asked of `volume resize`: absolute, or relative as `lvresize` reads `+SIZE` and
+/// `-SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NewSize {
+    Exactly(u64),
+    GrowBy(u64),
+    ShrinkBy(u64),
+}
+
+impl NewSize {
+    /// The size in bytes this asks of a volume now `current` bytes long.
+    pub fn resolve(self, current: u64) -> Result<u64> {
+        let (new, what) = match self {
+            NewSize::Exactly(n) => (Some(n), "size"),
+            NewSize::GrowBy(n) => (current.checked_add(n), "growth"),
+            NewSize::ShrinkBy(n) => (current.checked_sub(n), "shrink"),
+        };
+        new.filter(|n| *n > 0).ok_or_else(|| {
+            Error::new(
+                ErrorKind::OutOfBounds,
+                format!("a {what} of {self} from {current} bytes leaves no valid size"),
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for NewSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NewSize::Exactly(n) => write!(f, "{n} bytes"),
+            NewSize::GrowBy(n) => write!(f, "+{n} bytes"),
+            NewSize::ShrinkBy(n) => write!(f, "-{n} bytes"),
+        }
+    }
 }
 
 /// Everything `pool status` shows.
@@ -263,27 +311,51 @@ impl Volumes {
     pub fn list(&self) -> Vec<VolumeInfo> {
         let status = self.pool.status();
         let block = self.pool.block_size();
+        let exclusive = self
+            .pool
+            .exclusive_blocks()
+            .map_err(|e| tracing::warn!("counting exclusive blocks: {e}"))
+            .ok();
         locked(&self.registry)
             .volumes()
             .iter()
-            .map(|v| VolumeInfo {
-                name: v.name.clone(),
-                thin_id: v.thin_id,
-                size: v.size,
-                read_only: v.read_only,
-                origin: v.origin.clone(),
-                mapped_bytes: status
+            .map(|v| {
+                let mapped_bytes = status
                     .thins
                     .iter()
                     .find(|t| t.id == v.thin_id)
                     .map_or(0, |t| t.mapped_blocks)
-                    * block,
-                description: v.description.clone(),
+                    * block;
+                let exclusive_bytes = exclusive
+                    .as_ref()
+                    .map(|m| m.get(&v.thin_id).copied().unwrap_or(0) * block);
+                VolumeInfo {
+                    name: v.name.clone(),
+                    thin_id: v.thin_id,
+                    size: v.size,
+                    read_only: v.read_only,
+                    origin: v.origin.clone(),
+                    origin_deleted: v.origin_deleted,
+                    mapped_bytes,
+                    exclusive_bytes,
+                    shared_bytes: exclusive_bytes.map(|x| mapped_bytes.saturating_sub(x)),
+                    description: v.description.clone(),
+                }
             })
             .collect()
     }
 
     pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        self.create_volume_described(name, size, "")
+    }
+
+    /// `create_volume` with a description (shown by `volume list`, sent to NBD clients).
+    pub fn create_volume_described(
+        &self,
+        name: &str,
+        size: u64,
+        description: &str,
+    ) -> Result<VolumeInfo> {
         check_volume_size(size)?;
         let mut reg = locked(&self.registry);
         if reg.get(name).is_ok() {
@@ -299,7 +371,8 @@ impl Volumes {
             size,
             read_only: false,
             origin: None,
-            description: String::new(),
+            origin_deleted: false,
+            description: description.into(),
         };
         reg.add(v)?;
         drop(reg);
@@ -307,6 +380,17 @@ impl Volumes {
     }
 
     pub fn snapshot(&self, origin: &str, name: &str, read_only: bool) -> Result<VolumeInfo> {
+        self.snapshot_described(origin, name, read_only, None)
+    }
+
+    /// `snapshot` with a description instead of the default "snapshot of ORIGIN".
+    pub fn snapshot_described(
+        &self,
+        origin: &str,
+        name: &str,
+        read_only: bool,
+        description: Option<&str>,
+    ) -> Result<VolumeInfo> {
         let mut reg = locked(&self.registry);
         let o = reg.get(origin)?.clone();
         if reg.get(name).is_ok() {
@@ -322,7 +406,8 @@ impl Volumes {
             size: o.size,
             read_only,
             origin: Some(origin.into()),
-            description: format!("snapshot of {origin}"),
+            origin_deleted: false,
+            description: description.map_or_else(|| format!("snapshot of {origin}"), Into::into),
         })?;
         drop(reg);
         self.info(name)
@@ -337,15 +422,55 @@ impl Volumes {
 
     /// Grows or shrinks a volume; shrinking discards what lies past the new end.
     pub fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo> {
-        check_volume_size(size)?;
+        self.resize_to(name, NewSize::Exactly(size), true)
+    }
+
+    /// Resizes a volume to an absolute or relative size. A shrink discards what lies past the
+    /// new end, so it needs `force`, and is refused while a client has the volume open (the
+    /// client would see its data vanish under it) even with `force`.
+    pub fn resize_to(&self, name: &str, new_size: NewSize, force: bool) -> Result<VolumeInfo> {
+        let current = self.volume(name)?.size;
+        if force && new_size.resolve(current).is_ok_and(|s| s < current) {
+            self.wait_until_idle(name);
+        }
         let mut reg = locked(&self.registry);
         let mut v = reg.get(name)?.clone();
-        let active = self.active_volume(&v)?;
+        let size = new_size.resolve(v.size)?;
+        check_volume_size(size)?;
+        // Held from the busy check to the end, so that no client can open the volume between.
+        let mut active_map = locked(&self.active);
+        if size < v.size {
+            if !force {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "shrinking volume {name:?} from {} to {size} bytes would discard the data \
+                         past {size} bytes; to shrink anyway, add --force",
+                        v.size
+                    ),
+                );
+            }
+            if active_map
+                .get(name)
+                .is_some_and(|a| Arc::strong_count(a) > 1)
+            {
+                return fail(
+                    ErrorKind::Busy,
+                    format!(
+                        "volume {name:?} is in use by a client, which would lose the data past \
+                         {size} bytes under it: disconnect the client first"
+                    ),
+                );
+            }
+        }
+        let active = self.activate_locked(&mut active_map, &v)?;
         if size < v.size {
             active.thin.set_size(v.size);
             active.thin.discard(size, v.size - size, false)?;
         }
         active.thin.set_size(size);
+        drop(active);
+        drop(active_map);
         self.pool.flush()?;
         v.size = size;
         reg.update(v)?;
@@ -354,14 +479,43 @@ impl Volumes {
         self.info(name)
     }
 
+    /// Renames a volume (its export name changes with it). Refused while a client has it open.
+    pub fn rename(&self, name: &str, new_name: &str) -> Result<VolumeInfo> {
+        registry::validate_name(new_name)?;
+        self.wait_until_idle(name);
+        let mut reg = locked(&self.registry);
+        reg.get(name)?;
+        if reg.get(new_name).is_ok() {
+            return fail(
+                ErrorKind::Busy,
+                format!("volume {new_name:?} already exists"),
+            );
+        }
+        {
+            let mut active = locked(&self.active);
+            if let Some(a) = active.get(name) {
+                if Arc::strong_count(a) > 1 {
+                    return fail(
+                        ErrorKind::Busy,
+                        format!(
+                            "volume {name:?} is in use by a client under its current export \
+                             name: disconnect the client first"
+                        ),
+                    );
+                }
+                if let Some(Ok(a)) = active.remove(name).map(Arc::try_unwrap) {
+                    self.pool.teardown(a.thin)?;
+                }
+            }
+        }
+        reg.rename(name, new_name)?;
+        drop(reg);
+        self.info(new_name)
+    }
+
     /// Deletes a volume. Busy while a client has it open.
     pub fn delete(&self, name: &str) -> Result<()> {
-        // A client that just disconnected may still be dropping its last requests: give it a
-        // moment (without holding any lock) before calling the volume busy.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while self.in_use(name) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        self.wait_until_idle(name);
         let mut reg = locked(&self.registry);
         let v = reg.get(name)?.clone();
         {
@@ -384,6 +538,15 @@ impl Volumes {
         self.pool.flush()
     }
 
+    /// A client that just disconnected may still be dropping its last requests: gives it a
+    /// moment (without holding any lock) before a change that needs the volume idle.
+    fn wait_until_idle(&self, name: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while self.in_use(name) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// True while a client (an export) holds the volume.
     pub fn in_use(&self, name: &str) -> bool {
         locked(&self.active)
@@ -392,7 +555,14 @@ impl Volumes {
     }
 
     fn active_volume(&self, v: &Volume) -> Result<Arc<ActiveVolume>> {
-        let mut active = locked(&self.active);
+        self.activate_locked(&mut locked(&self.active), v)
+    }
+
+    fn activate_locked(
+        &self,
+        active: &mut HashMap<String, Arc<ActiveVolume>>,
+        v: &Volume,
+    ) -> Result<Arc<ActiveVolume>> {
         if let Some(a) = active.get(&v.name) {
             return Ok(a.clone());
         }

@@ -29,6 +29,10 @@ pub struct Volume {
     /// The volume this one was snapshotted from, when it is a snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// Set (and `origin` cleared) when the origin is deleted, so that a volume created later
+    /// under the origin's name, which may even reuse its thin id, is not taken for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub origin_deleted: bool,
     #[serde(default)]
     pub description: String,
 }
@@ -124,6 +128,33 @@ impl Registry {
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume named {name:?}")))
     }
 
+    /// Renames a volume, and the origin name its snapshots record, in one durable write.
+    pub fn rename(&mut self, name: &str, new_name: &str) -> Result<()> {
+        validate_name(new_name)?;
+        self.get(name)?;
+        if self.get(new_name).is_ok() {
+            return fail(
+                ErrorKind::Busy,
+                format!("volume {new_name:?} already exists"),
+            );
+        }
+        let next = self
+            .volumes
+            .iter()
+            .map(|v| {
+                let mut v = v.clone();
+                if v.name == name {
+                    v.name = new_name.into();
+                }
+                if v.origin.as_deref() == Some(name) {
+                    v.origin = Some(new_name.into());
+                }
+                v
+            })
+            .collect();
+        self.replace(next)
+    }
+
     pub fn by_thin(&self, id: ThinId) -> Option<&Volume> {
         self.volumes.iter().find(|v| v.thin_id == id)
     }
@@ -148,13 +179,21 @@ impl Registry {
         self.replace(next)
     }
 
+    /// Removes a volume; its snapshots, in the same write, record that their origin is gone.
     pub fn remove(&mut self, name: &str) -> Result<Volume> {
         let v = self.get(name)?.clone();
         let next = self
             .volumes
             .iter()
             .filter(|o| o.name != name)
-            .cloned()
+            .map(|o| {
+                let mut o = o.clone();
+                if o.origin.as_deref() == Some(name) {
+                    o.origin = None;
+                    o.origin_deleted = true;
+                }
+                o
+            })
             .collect();
         self.replace(next)?;
         Ok(v)
@@ -220,6 +259,7 @@ mod tests {
             size: 1 << 20,
             read_only: false,
             origin: None,
+            origin_deleted: false,
             description: String::new(),
         }
     }
@@ -235,6 +275,28 @@ mod tests {
         r.remove("a").unwrap();
         let again = Registry::load(dir.path()).unwrap();
         assert_eq!(again.volumes(), &[vol("b", 1)]);
+    }
+
+    #[test]
+    fn deleting_an_origin_marks_its_snapshots_and_rename_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::load(dir.path()).unwrap();
+        r.add(vol("a", 0)).unwrap();
+        r.add(Volume {
+            origin: Some("a".into()),
+            ..vol("s", 1)
+        })
+        .unwrap();
+        r.rename("a", "b").unwrap();
+        assert_eq!(r.get("s").unwrap().origin.as_deref(), Some("b"));
+        assert!(r.rename("s", "b").is_err(), "a taken name");
+        r.remove("b").unwrap();
+        // A new volume under the old name (even with the old thin id) is not the origin.
+        r.add(vol("b", 0)).unwrap();
+        let again = Registry::load(dir.path()).unwrap();
+        let s = again.get("s").unwrap();
+        assert_eq!(s.origin, None);
+        assert!(s.origin_deleted);
     }
 
     #[test]

@@ -87,6 +87,29 @@ pub fn thinnbd(args: &[&str]) -> String {
     stdout_of(Command::new(BIN).args(args))
 }
 
+/// `thinnbd ARGS...` for a change that needs an idle volume, retried (bounded, 60 s) while the
+/// server still counts a client that has just disconnected; any error other than "in use"
+/// fails at once. Returns stdout.
+pub fn thinnbd_when_idle(args: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(BIN).args(args).output().expect("run thinnbd");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("in use"),
+            "thinnbd {args:?}: unexpected failure: {err}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "thinnbd {args:?}: still busy 60 s after the clients left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
