@@ -189,20 +189,36 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
         .find(|v| v["name"] == "extra")
         .expect("extra listed");
     assert_eq!(extra["size"], 96 * MIB);
-    // Shrinking under a connected client: past the new end is EINVAL for it at once, and the
-    // cut-off data is gone (growing again shows zeros there).
+    // Shrinking: refused without --force, and refused even with it while a client has the
+    // volume open (the client would lose data under it); the client reads on undisturbed.
     let (mut held, _, _) = RawClient::open(server.port, "extra");
     assert_eq!(held.read(1, 95 * MIB, 512).expect("read"), vec![0x43; 512]);
-    thinnbd(&["volume", "resize", "--pool", dir, "extra", "--size", "16M"]);
-    assert_eq!(nbdinfo_size(&server.unix_uri("extra")), 16 * MIB);
-    assert_eq!(held.read(2, 95 * MIB, 512), Err(NBD_EINVAL));
-    assert_eq!(held.write(3, 95 * MIB, &[1u8; 512]), NBD_EINVAL);
-    assert_eq!(held.read(4, 0, 512).expect("read"), vec![0x42; 512]);
+    let err = run_failing(
+        Command::new(BIN).args(["volume", "resize", "--pool", dir, "extra", "--size", "16M"]),
+    );
+    assert!(err.contains("--force"), "{err}");
+    let err = run_failing(Command::new(BIN).args([
+        "volume", "resize", "--pool", dir, "extra", "--size", "16M", "--force",
+    ]));
+    assert!(
+        err.contains("in use") && err.contains("disconnect"),
+        "{err}"
+    );
+    assert_eq!(nbdinfo_size(&server.unix_uri("extra")), 96 * MIB);
+    assert_eq!(held.read(2, 95 * MIB, 512).expect("read"), vec![0x43; 512]);
     held.disconnect();
+    // With the client gone, --force shrinks, and the cut-off data is gone (growing again shows
+    // zeros there).
+    thinnbd_when_idle(&[
+        "volume", "resize", "--pool", dir, "extra", "--size", "16M", "--force",
+    ]);
+    assert_eq!(nbdinfo_size(&server.unix_uri("extra")), 16 * MIB);
     qemu_io(&server.uri("extra"), true, &["read -P 0x42 0 1M"]);
     thinnbd(&["volume", "resize", "--pool", dir, "extra", "--size", "96M"]);
     qemu_io(&server.uri("extra"), true, &["read -P 0 16M 80M"]);
-    thinnbd(&["volume", "resize", "--pool", dir, "extra", "--size", "16M"]);
+    thinnbd_when_idle(&[
+        "volume", "resize", "--pool", dir, "extra", "--size", "-80M", "--force",
+    ]);
 
     // Delete with a client connected: refused as busy, nothing changes.
     let (mut client, size, _) = RawClient::open(server.port, "extra");
