@@ -458,7 +458,26 @@ fn finish_check(
 
 /// Runs a volume command and decodes the volume it reports.
 fn volume_request(pool: &Path, req: Request) -> anyhow::Result<VolumeInfo> {
-    Ok(serde_json::from_value(online_or_local(pool, req)?)?)
+    Ok(serde_json::from_value(volume_change(pool, req)?)?)
+}
+
+/// Runs a command that names volumes; a name that is not there gets the command that lists
+/// the ones that are.
+fn volume_change(pool: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
+    online_or_local(pool, req).map_err(|e| {
+        let missing_volume = e
+            .downcast_ref::<thinnbd::Error>()
+            .is_some_and(|e| e.kind() == thinnbd::ErrorKind::NotFound)
+            && PoolPaths::new(pool).exists();
+        if missing_volume {
+            anyhow::anyhow!(
+                "{e} (`thinnbd volume list --pool {}` lists the volumes)",
+                pool.display()
+            )
+        } else {
+            e
+        }
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -582,7 +601,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
         }
         Command::Volume(VolumeCommand::Delete { pool, name, output }) => {
-            online_or_local(&pool, Request::Delete { name: name.clone() })?;
+            volume_change(&pool, Request::Delete { name: name.clone() })?;
             print_result(&output, &serde_json::json!({ "deleted": name }), |_| {
                 println!("deleted volume {name}");
             })?;

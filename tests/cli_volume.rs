@@ -413,10 +413,15 @@ fn errors_are_said_once_with_exit_codes_apart() {
     let err = failing_with(EXIT_FAILED, &["volume", "delete", "--pool", p, "vm2"]);
     once(&err, "not found");
     once(&err, "no volume named \"vm2\"");
+    assert!(
+        err.contains("volume list --pool"),
+        "says how to see the names: {err}"
+    );
     let server = pool.serve();
     let err = failing_with(EXIT_FAILED, &["volume", "delete", "--pool", p, "vm2"]);
     once(&err, "not found");
     once(&err, "no volume named \"vm2\"");
+    assert!(err.contains("volume list --pool"), "{err}");
     let err = failing_with(
         EXIT_FAILED,
         &["volume", "create", "--pool", p, "vm1", "--size", "1G"],
