@@ -188,6 +188,7 @@ fn bad_config_files_are_refused_naming_key_and_file() {
     let list = thinnbd(&[
         "volume",
         "list",
+        "--bytes",
         "--pool",
         tmp.path().join("custom-pool").to_str().unwrap(),
     ]);
