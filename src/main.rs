@@ -167,8 +167,8 @@ enum VolumeCommand {
         #[arg(long, value_parser = size_value)]
         size: u64,
         /// A description shown by `volume list` and sent to NBD clients.
-        #[arg(long, default_value = "")]
-        description: String,
+        #[arg(long)]
+        description: Option<String>,
         #[command(flatten)]
         output: JsonOutput,
     },
@@ -552,7 +552,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Request::Create {
                     name,
                     size,
-                    description,
+                    description: description.unwrap_or_default(),
                 },
             )?;
             print_result(&output, &v, |v| {

@@ -420,11 +420,6 @@ impl Volumes {
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume named {name:?}")))
     }
 
-    /// Grows or shrinks a volume; shrinking discards what lies past the new end.
-    pub fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo> {
-        self.resize_to(name, NewSize::Exactly(size), true)
-    }
-
     /// Resizes a volume to an absolute or relative size. A shrink discards what lies past the
     /// new end, so it needs `force`, and is refused while a client has the volume open (the
     /// client would see its data vanish under it) even with `force`.
