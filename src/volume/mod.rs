@@ -90,7 +90,7 @@ pub struct VolumeInfo {
     pub origin_deleted: bool,
     pub mapped_bytes: u64,
     /// Mapped bytes no other volume maps (what deleting this one would free); `None` when the
-    /// mappings could not be walked.
+    /// mappings were not walked (the reply to a single change) or could not be.
     #[serde(default)]
     pub exclusive_bytes: Option<u64>,
     /// Mapped bytes shared with other volumes (snapshots and origins).
@@ -309,13 +309,23 @@ impl Volumes {
     }
 
     pub fn list(&self) -> Vec<VolumeInfo> {
+        self.list_counting(true)
+    }
+
+    /// `list`; `count_sharing` walks every mapping to split exclusive from shared bytes (a
+    /// listing asks for it; the reply to a single change does not, so a change on a big pool
+    /// does not hold the metadata lock for a full walk).
+    fn list_counting(&self, count_sharing: bool) -> Vec<VolumeInfo> {
         let status = self.pool.status();
         let block = self.pool.block_size();
-        let exclusive = self
-            .pool
-            .exclusive_blocks()
-            .map_err(|e| tracing::warn!("counting exclusive blocks: {e}"))
-            .ok();
+        let exclusive = if count_sharing {
+            self.pool
+                .exclusive_blocks()
+                .map_err(|e| tracing::warn!("counting exclusive blocks: {e}"))
+                .ok()
+        } else {
+            None
+        };
         locked(&self.registry)
             .volumes()
             .iter()
@@ -414,7 +424,7 @@ impl Volumes {
     }
 
     fn info(&self, name: &str) -> Result<VolumeInfo> {
-        self.list()
+        self.list_counting(false)
             .into_iter()
             .find(|v| v.name == name)
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume named {name:?}")))
