@@ -240,7 +240,9 @@ impl Config {
                 crate::util::resolve_listen_addr(&a).map_err(|why| c.bad("server.listen", why))?,
             );
         }
-        let max_request_size = c.size("server.max_request_size", s.max_request_size, "32M")?;
+        let default_max_request = crate::nbd::DEFAULT_MAX_REQUEST_BYTES.to_string();
+        let max_request_size =
+            c.size("server.max_request_size", s.max_request_size, &default_max_request)?;
         if !(4096..=1 << 30).contains(&max_request_size) {
             return Err(c.bad("server.max_request_size", "must be 4K to 1G"));
         }
@@ -326,6 +328,12 @@ mod tests {
             shipped.server.listen,
             vec!["127.0.0.1:10809".parse().unwrap()]
         );
+    }
+
+    #[test]
+    fn default_max_request_size_is_what_nbd_server_and_nbdkit_accept() {
+        let empty = Config::from_toml("", "empty").unwrap();
+        assert_eq!(empty.server.max_request_size, 64 << 20);
     }
 
     #[test]

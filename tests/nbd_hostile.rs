@@ -14,6 +14,7 @@ use thinnbd::nbd::codec::*;
 use thinnbd::nbd::ServerConfig;
 
 const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
 
 /// A normal client still gets correct data.
 fn assert_healthy(server: &TestServer) {
@@ -167,7 +168,7 @@ fn truncated_handshakes_and_bad_magic() {
 #[test]
 fn huge_lengths() {
     let server = TestServer::start(standard_source());
-    // A write beyond the maximum request size closes the connection without reading it.
+    // A write too large even to drain closes the connection without reading it.
     let mut c = RawClient::connect_tcp(server.port);
     c.go("disk", false);
     c.send(Command::Write, 0, 1, 0, u32::MAX);
@@ -191,7 +192,7 @@ fn huge_lengths() {
 }
 
 #[test]
-fn requests_past_the_end_get_einval_and_the_connection_stays() {
+fn requests_past_the_end_are_refused_and_the_connection_stays() {
     let server = TestServer::start(standard_source());
     let mut c = RawClient::connect_unix(&server.socket);
     let (size, _) = c.go("small", true);
@@ -203,7 +204,7 @@ fn requests_past_the_end_get_einval_and_the_connection_stays() {
         c.send(Command::Read, 0, cookie, off, 512);
         assert_eq!(c.any_reply(0).error(), EINVAL);
         c.write(cookie + 1, off, &[9u8; 512]);
-        assert_eq!(c.any_reply(0).error(), EINVAL);
+        assert_eq!(c.any_reply(0).error(), ENOSPC);
         c.send(Command::Cache, 0, cookie + 2, off, 512);
         assert_eq!(c.any_reply(0).error(), EINVAL);
         c.send(Command::BlockStatus, 0, cookie + 3, off, 512);

@@ -16,6 +16,7 @@ use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, Extent, ServerConfig
 
 const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
 const ENOTSUP: u32 = 95;
 
 #[test]
@@ -87,7 +88,7 @@ fn list_info_and_option_errors() {
     assert!(kinds.contains(&OptionReplyKind::Info(InfoReply::BlockSize {
         minimum: 1,
         preferred: 4096,
-        maximum: 32 << 20
+        maximum: 64 << 20
     })));
     assert_eq!(kinds.last(), Some(&OptionReplyKind::Ack));
 
@@ -207,12 +208,8 @@ fn export_name_option() {
     assert_eq!(c.s.read(&mut b).unwrap_or(0), 0);
 
     let mut c = RawClient::connect_unix(&server.socket);
-    c.s.write_all(&OptionRequest::ExportName("small".into()).encode())
-        .unwrap();
-    let mut reply = [0u8; 10];
-    c.s.read_exact(&mut reply).unwrap();
-    assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 1 << 20);
-    let flags = u16::from_be_bytes([reply[8], reply[9]]);
+    let (size, flags) = c.export_name("small");
+    assert_eq!(size, 1 << 20);
     assert_ne!(flags & TFLAG_HAS_FLAGS, 0);
     assert_eq!(flags & TFLAG_READ_ONLY, 0);
     c.write(1, 0, &[7u8; 512]);
@@ -247,13 +244,13 @@ fn simple_replies_and_error_replies_keep_the_connection() {
         } => assert_eq!(back, data),
         other => panic!("{other:?}"),
     }
-    // Past the end, straddling the end, offset overflow, zero length: EINVAL.
+    // Past the end, straddling the end, offset overflow, zero length: EINVAL (writes and
+    // write-zeroes past the end get ENOSPC: see below).
     let bad = [
         (Command::Read, size, 1),
         (Command::Read, size - 100, 200),
         (Command::Write, u64::MAX - 10, 0),
         (Command::Trim, size - 1, 2),
-        (Command::WriteZeroes, size, 4096),
         (Command::Cache, size + 4096, 1),
         (Command::Read, 0, 0),
         (Command::Trim, 0, 0),
@@ -261,7 +258,7 @@ fn simple_replies_and_error_replies_keep_the_connection() {
         // BLOCK_STATUS without a negotiated metadata context.
         (Command::BlockStatus, 0, 4096),
         // Reads above the advertised maximum.
-        (Command::Read, 0, (32 << 20) + 1),
+        (Command::Read, 0, (64 << 20) + 1),
     ];
     for (i, (cmd, off, len)) in bad.into_iter().enumerate() {
         let cookie = 100 + i as u64;
@@ -274,7 +271,7 @@ fn simple_replies_and_error_replies_keep_the_connection() {
     }
     // A write whose range is invalid still has its payload consumed.
     c.write(200, size - 10, &[1u8; 20]);
-    assert_eq!(c.simple_reply(), (EINVAL, 200));
+    assert_eq!(c.simple_reply(), (ENOSPC, 200));
     c.send(Command::Flush, 0, 201, 0, 0);
     assert_eq!(c.simple_reply(), (0, 201));
     c.send(Command::Read, 0, 202, 777, 16);
@@ -298,6 +295,118 @@ fn simple_replies_and_error_replies_keep_the_connection() {
     assert_eq!(c.simple_reply(), (EPERM, 3));
     c.send(Command::Read, 0, 4, 0, 4096);
     assert_eq!(c.any_reply(4096).error(), 0);
+}
+
+#[test]
+fn writes_past_the_end_get_enospc_reads_and_trims_einval() {
+    let server = TestServer::start(standard_source());
+    for structured in [false, true] {
+        let mut c = RawClient::connect_unix(&server.socket);
+        let (size, _) = c.go("small", structured);
+        // Straddling the end, at the end, and an offset whose end overflows.
+        let cases = [
+            (Command::Write, size - 512, 1024, ENOSPC),
+            (Command::Write, size, 512, ENOSPC),
+            (Command::Write, u64::MAX - 511, 512, ENOSPC),
+            (Command::WriteZeroes, size - 512, 1024, ENOSPC),
+            (Command::WriteZeroes, size, 4096, ENOSPC),
+            (Command::WriteZeroes, u64::MAX - 511, 512, ENOSPC),
+            (Command::Read, size - 512, 1024, EINVAL),
+            (Command::Read, size, 512, EINVAL),
+            (Command::Trim, size - 512, 1024, EINVAL),
+            (Command::Trim, u64::MAX - 511, 512, EINVAL),
+        ];
+        for (i, (cmd, off, len, want)) in cases.into_iter().enumerate() {
+            let cookie = i as u64;
+            if cmd == Command::Write {
+                c.write(cookie, off, &vec![9u8; len as usize]);
+            } else {
+                c.send(cmd, 0, cookie, off, len);
+            }
+            let r = c.any_reply(0);
+            assert_eq!(
+                (r.cookie(), r.error()),
+                (cookie, want),
+                "structured={structured} {cmd:?} at {off} of {len}"
+            );
+        }
+        // Nothing was written, and the connection goes on.
+        c.send(Command::Read, 0, 99, size - 4096, 4096);
+        let r = c.any_reply(4096);
+        assert_eq!(r.error(), 0);
+        assert_eq!(r.read_data(size - 4096, 4096), vec![0u8; 4096]);
+    }
+}
+
+#[test]
+fn requests_of_48_mib_are_served_on_the_default_config() {
+    // As nbd-tester-client's `integrityhuge`: a client that opens with EXPORT_NAME never
+    // hears the maximum and sends what nbd-server and nbdkit take.
+    let server = TestServer::start(standard_source());
+    let mut c = RawClient::connect_tcp(server.port);
+    let (size, _) = c.export_name("disk");
+    let len = 48 << 20;
+    assert!(size >= 4096 + len as u64);
+    let data = pattern(48, len);
+    c.write(1, 4096, &data);
+    assert_eq!(c.simple_reply(), (0, 1));
+    c.send(Command::Read, 0, 2, 4096, len as u32);
+    match c.any_reply(len) {
+        Reply::Simple {
+            error: 0,
+            cookie: 2,
+            data: back,
+        } => assert!(back == data, "48 MiB read back differs"),
+        Reply::Simple { error, cookie, .. } => panic!("read {cookie}: error {error}"),
+        Reply::Structured { cookie, .. } => panic!("structured reply {cookie}"),
+    }
+}
+
+#[test]
+fn a_write_over_the_maximum_is_drained_and_refused_and_the_connection_goes_on() {
+    let max = 1 << 20;
+    let config = ServerConfig {
+        max_request_bytes: max,
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(standard_source(), config);
+    // The payload is made of request headers (disconnects): a server that read any of it as
+    // requests would hang up.
+    let disc = Request {
+        flags: 0,
+        command: Command::Disc,
+        cookie: 0,
+        offset: 0,
+        length: 0,
+    }
+    .encode();
+    let oversized: Vec<u8> = disc.iter().copied().cycle().take(max as usize + 4096).collect();
+    for structured in [false, true] {
+        // Each round on a fresh region of the export.
+        let base = if structured { 8 << 20 } else { 0 };
+        let mut c = RawClient::connect_tcp(server.port);
+        c.go("disk", structured);
+        let next = pattern(2, 4096);
+        // Sent back to back: the next request follows the oversized payload at once.
+        c.send(Command::Write, 0, 1, base, oversized.len() as u32);
+        c.s.write_all(&oversized).unwrap();
+        c.write(2, base + 4096, &next);
+        let mut got = [c.any_reply(0), c.any_reply(0)].map(|r| (r.cookie(), r.error()));
+        got.sort_unstable();
+        assert_eq!(got, [(1, EINVAL), (2, 0)], "structured={structured}");
+        // The refused write wrote nothing; the one after it landed.
+        c.send(Command::Read, 0, 3, base, 8192);
+        let r = c.any_reply(8192);
+        assert_eq!(r.error(), 0);
+        let back = r.read_data(base, 8192);
+        assert_eq!(back[..4096], [0u8; 4096]);
+        assert_eq!(back[4096..], next[..]);
+        // A write of exactly the maximum is taken.
+        c.write(4, base, &vec![7u8; max as usize]);
+        assert_eq!(c.any_reply(0).error(), 0);
+        c.send(Command::Disc, 0, 5, 0, 0);
+    }
+    assert!(server.is_running());
 }
 
 #[test]

@@ -406,3 +406,77 @@ fn qemu_drive_example_line_reaches_the_volume_and_passes_discards() {
     assert_eq!(pool.mapped_bytes("vm"), MIB - (64 << 10));
     server.stop();
 }
+
+#[test]
+fn nbdsh_gets_enospc_past_the_end_and_48_mib_requests_on_the_default_config() {
+    let Some(_) = nbdsh() else {
+        return;
+    };
+    let pool = TestPool::create("1G");
+    pool.create_volume("vol", "64M");
+    let server = pool.serve();
+    // libnbd checks ranges and sizes itself unless told not to; the server's answer is tested.
+    let script = r#"
+import os
+M = 1048576
+h.set_strict_mode(0)
+h.connect_uri(os.environ["URI"])
+size = h.get_size()
+
+def errno_of(f):
+    try:
+        f()
+    except nbd.Error as e:
+        return e.errno
+    return None
+
+got = {
+    "pwrite": errno_of(lambda: h.pwrite(b"\x01" * 1024, size - 512)),
+    "zero": errno_of(lambda: h.zero(1024, size - 512)),
+    "pread": errno_of(lambda: h.pread(1024, size - 512)),
+    "trim": errno_of(lambda: h.trim(1024, size - 512)),
+}
+want = {"pwrite": "ENOSPC", "zero": "ENOSPC", "pread": "EINVAL", "trim": "EINVAL"}
+assert got == want, got
+assert h.pread(512, size - 512) == bytes(512), "a refused write wrote"
+
+# nbd-server and nbdkit take 64 MiB requests; so does the default configuration.
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == 64 * M, h.get_block_size(nbd.SIZE_MAXIMUM)
+data = bytes(range(251)) * (48 * M // 251)
+h.pwrite(data, 4096)
+assert h.pread(len(data), 4096) == data, "48 MiB read back differs"
+h.shutdown()
+print("nbdsh ok")
+"#;
+    for uri in [server.uri("vol"), server.unix_uri("vol")] {
+        let mut cmd = nbdsh().expect("nbdsh");
+        let out = stdout_of(cmd.env("URI", &uri).args(["-c", script]));
+        assert!(out.contains("nbdsh ok"), "{out}");
+    }
+    server.stop();
+}
+
+#[test]
+fn connect_and_disconnect_log_lines_name_the_export() {
+    let pool = TestPool::create("1G");
+    pool.create_volume("alpha", "64M");
+    pool.create_volume("beta", "64M");
+    let server = pool.serve();
+    let log = server.log.clone();
+    for export in ["alpha", "beta"] {
+        let (c, _, _) = RawClient::open(server.port, export);
+        c.disconnect();
+    }
+    // The stop waits for every connection to end, so both lines of both clients are written.
+    server.stop();
+    let text = std::fs::read_to_string(&log).expect("server log");
+    for export in ["alpha", "beta"] {
+        for what in ["client connected", "client disconnected"] {
+            assert!(
+                text.lines()
+                    .any(|l| l.contains(what) && l.contains(&format!("export={export}"))),
+                "no {what:?} line naming export={export} in:\n{text}"
+            );
+        }
+    }
+}

@@ -183,14 +183,15 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
         c.disconnect();
     }
 
-    // Requests past the end: EINVAL, the data untouched, the connection usable.
+    // Requests past the end: EINVAL (ENOSPC for writes), the data untouched, the connection
+    // usable.
     {
         let (mut c, size, _) = RawClient::open(port, "vol");
         assert_eq!(c.read(1, size - 512, 1024), Err(NBD_EINVAL));
         assert_eq!(c.read(2, size, 512), Err(NBD_EINVAL));
         assert_eq!(c.read(3, u64::MAX - 100, 512), Err(NBD_EINVAL));
-        assert_eq!(c.write(4, size - 512, &[1u8; 1024]), NBD_EINVAL);
-        assert_eq!(c.write(5, u64::MAX - 511, &[1u8; 512]), NBD_EINVAL);
+        assert_eq!(c.write(4, size - 512, &[1u8; 1024]), NBD_ENOSPC);
+        assert_eq!(c.write(5, u64::MAX - 511, &[1u8; 512]), NBD_ENOSPC);
         c.request(CMD_TRIM, 6, size - 65536, 1 << 20);
         assert_eq!(c.simple_reply(), (NBD_EINVAL, 6));
         assert_eq!(c.read(7, size - 1024, 1024).expect("read"), vec![0u8; 1024]);

@@ -26,7 +26,7 @@ use super::backend::{ExportBackend, Extent};
 use super::busy_poll::PollWindow;
 use super::codec::*;
 use super::server::{stopped, Shared};
-use super::{errno_of, errno_of_kind, NBD_EINVAL, NBD_EIO, NBD_EPERM};
+use super::{errno_of, errno_of_kind, NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_EPERM};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Option data larger than this is not a real client; the connection is closed.
@@ -34,7 +34,9 @@ const MAX_OPTION_DATA: u32 = 64 << 10;
 /// The id of `base:allocation`, the only metadata context.
 const BASE_ALLOCATION_ID: u32 = 1;
 
-/// Runs a connection to its end; never fails (errors are logged).
+/// Runs a connection to its end; never fails (errors are logged). The connect line waits for
+/// the handshake so that it can name the export; connect and disconnect lines both name it,
+/// so an operator can tell which volume a client was using.
 pub(super) async fn run<S>(
     stream: S,
     peer: String,
@@ -43,18 +45,24 @@ pub(super) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    info!(%peer, "client connected");
-    match serve(stream, &peer, shared, stop).await {
-        Ok(how) => info!(%peer, "client disconnected ({how})"),
-        Err(e) => info!(%peer, error = %e, "client disconnected"),
+    let mut export = None;
+    let outcome = serve(stream, &peer, shared, stop, &mut export).await;
+    let export = export.as_deref().unwrap_or(NO_EXPORT);
+    match outcome {
+        Ok(how) => info!(%peer, %export, "client disconnected ({how})"),
+        Err(e) => info!(%peer, %export, error = %e, "client disconnected"),
     }
 }
+
+/// The export named on the disconnect line of a client that never chose one.
+const NO_EXPORT: &str = "(none)";
 
 async fn serve<S>(
     mut stream: S,
     peer: &str,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    export: &mut Option<String>,
 ) -> Result<&'static str>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -70,7 +78,9 @@ where
     let Some(n) = negotiated else {
         return Ok("no export chosen");
     };
+    info!(%peer, export = %n.name, "client connected");
     debug!(%peer, export = %n.name, structured = n.structured, "transmission started");
+    *export = Some(n.name.clone());
     transmission(stream, n, shared, stop).await
 }
 
@@ -489,9 +499,13 @@ where
         if req.command == Command::Disc {
             break Ok("NBD_CMD_DISC");
         }
-        if req.command == Command::Write && req.length > ctx.max_request_bytes {
-            // The payload cannot be held; skipping it would mean trusting the length.
-            break protocol_error(format!("write of {} bytes exceeds the maximum", req.length));
+        // A write above the maximum is drained and answered (see [`MAX_DRAINED_WRITE`]).
+        let drained_write = req.command == Command::Write && req.length > ctx.max_request_bytes;
+        if drained_write && req.length > MAX_DRAINED_WRITE {
+            break protocol_error(format!(
+                "write of {} bytes exceeds the maximum of {} by too much to drain",
+                req.length, ctx.max_request_bytes
+            ));
         }
         let cost = match req.command {
             Command::Read | Command::Write if req.length <= ctx.max_request_bytes => req.length,
@@ -512,7 +526,24 @@ where
                 Err(_) => break Ok("semaphore closed"),
             },
         };
-        let payload = if req.command == Command::Write {
+        let payload = if drained_write {
+            // Through the reader's own buffer: draining costs no memory. `execute` answers
+            // EINVAL (`validate` checks the size first), so the empty payload is never used.
+            let mut rest = (&mut rd).take(u64::from(req.length));
+            let mut sink = tokio::io::sink();
+            tokio::select! {
+                _ = stopped(&mut stop) => break Ok("server shutting down"),
+                r = tokio::io::copy_buf(&mut rest, &mut sink) => match r {
+                    Ok(n) if n == u64::from(req.length) => {}
+                    Ok(_) => {
+                        let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
+                        break Err(Error::io("draining an oversized write payload", eof));
+                    }
+                    Err(e) => break Err(Error::io("draining an oversized write payload", e)),
+                },
+            }
+            Vec::new()
+        } else if req.command == Command::Write {
             // Overwritten whole by read_exact (or the connection ends).
             let mut payload = ctx.buffers.take(req.length as usize);
             tokio::select! {
@@ -627,6 +658,17 @@ const NOWAIT_WRITE_MAX: u32 = crate::engine::NOWAIT_WRITE_MAX as u32;
 /// (1 GiB of 1 MiB writes at queue depth 32 into a fresh volume, three rounds): no limit
 /// 1488-1673 MiB/s at 0.76 CPU seconds, 2: 1718-1879 at 0.67-0.74, 1: 1819-2188 at 0.57-0.64.
 const LARGE_WRITES_AT_ONCE: usize = 1;
+
+/// Longest write payload that is read and thrown away when it is over the maximum request
+/// size, so that the write gets an `NBD_EINVAL` reply and the connection goes on: clients
+/// that open with `NBD_OPT_EXPORT_NAME` never see the advertised maximum, and nbd-server and
+/// nbdkit take writes up to 64 MiB. Draining holds no memory (it goes through the reader's
+/// buffer), only time; a length beyond this is no real client's write but a stream gone out
+/// of step or a hostile one, and reading up to 4 GiB for it would tie the connection up, so
+/// it ends the connection instead. EINVAL rather than `NBD_EOVERFLOW`: proto.md keeps
+/// EOVERFLOW for reads with `NBD_CMD_FLAG_DF` and for commands without a payload, and a
+/// write over the maximum is a request the client MUST NOT send.
+const MAX_DRAINED_WRITE: u32 = 1 << 30;
 
 /// A request read in full, with its permits, waiting to be dispatched.
 struct Pending {
@@ -752,15 +794,29 @@ fn validate(ctx: &Ctx, req: &Request) -> std::result::Result<(), (u32, &'static 
         if req.length == 0 {
             return Err((NBD_EINVAL, "zero-length request"));
         }
+        // First, because an oversized write's payload was drained, not kept: it must never
+        // reach the backend, whatever its range.
+        if matches!(req.command, Command::Read | Command::Write)
+            && req.length > ctx.max_request_bytes
+        {
+            return Err((NBD_EINVAL, "payload larger than the maximum block size"));
+        }
         match req.offset.checked_add(u64::from(req.length)) {
             Some(end) if end <= ctx.size => {}
-            _ => return Err((NBD_EINVAL, "request beyond the end of the export")),
-        }
-        if req.command == Command::Read && req.length > ctx.max_request_bytes {
-            return Err((NBD_EINVAL, "read larger than the maximum block size"));
+            _ => return Err((past_the_end_errno(req.command), "request beyond the end of the export")),
         }
     }
     Ok(())
+}
+
+/// The errno for a request that reaches past the end of the export. proto.md ("Error
+/// values"): a write or write-zeroes there SHOULD get `NBD_ENOSPC` (the device has no room
+/// for it), a read or trim `NBD_EINVAL`. nbdkit answers the same, so both frontends agree.
+fn past_the_end_errno(command: Command) -> u32 {
+    match command {
+        Command::Write | Command::WriteZeroes => NBD_ENOSPC,
+        _ => NBD_EINVAL,
+    }
 }
 
 fn backend_error_reply(ctx: &Ctx, req: &Request, e: &Error) -> Vec<u8> {
@@ -1311,7 +1367,7 @@ mod tests {
             assert_eq!(got.len(), N as usize);
             for (i, (cookie, error)) in got.into_iter().enumerate() {
                 assert_eq!(cookie, i as u64);
-                let want = if cookie == 30 { NBD_EINVAL } else { 0 };
+                let want = if cookie == 30 { NBD_ENOSPC } else { 0 };
                 assert_eq!(error, want, "reply to {cookie}");
             }
             let mut all = vec![0u8; (N * 4096) as usize];

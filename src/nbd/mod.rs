@@ -11,7 +11,7 @@ pub mod memory;
 pub mod server;
 
 pub use backend::{ExportBackend, ExportInfo, ExportSource, Extent};
-pub use server::{serve, Listener, ServerConfig};
+pub use server::{serve, Listener, ServerConfig, DEFAULT_MAX_REQUEST_BYTES};
 
 use crate::error::{Error, ErrorKind};
 

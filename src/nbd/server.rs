@@ -68,6 +68,12 @@ impl Listener {
 /// microseconds), so that a one-request-at-a-time client is caught by the poll.
 pub const DEFAULT_BUSY_POLL_MAX: Duration = Duration::from_micros(100);
 
+/// The default largest read or write one request may carry: what nbd-server and nbdkit take,
+/// so that clients which never see the advertised maximum (`NBD_OPT_EXPORT_NAME`) and send
+/// up to that much are served. Memory stays bounded by
+/// `max_inflight_bytes_per_connection`, not by this.
+pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 64 << 20;
+
 /// Limits of the server. `Default` gives values fit for production.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -75,7 +81,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests being executed per connection; the connection stops reading past it.
     pub max_inflight_per_connection: usize,
-    /// Read and write payload bytes held per connection (at least `max_request_bytes`).
+    /// Read and write payload bytes held per connection (at least `max_request_bytes`). This,
+    /// not `max_request_bytes`, bounds a connection's memory: a request waits for its bytes
+    /// before its buffer is allocated, and buffers above 1 MiB are freed after use, not kept.
     pub max_inflight_bytes_per_connection: usize,
     /// Largest read or write one request may carry; advertised as the maximum block size.
     pub max_request_bytes: u32,
@@ -101,7 +109,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             max_inflight_per_connection: 64,
             max_inflight_bytes_per_connection: 128 << 20,
-            max_request_bytes: 32 << 20,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             busy_poll_max: DEFAULT_BUSY_POLL_MAX,

@@ -104,7 +104,8 @@ pub async fn run(config: Config) -> Result<()> {
     let server_config = ServerConfig {
         max_connections: config.server.max_connections,
         max_inflight_per_connection: config.server.max_inflight_per_connection,
-        max_request_bytes: u32::try_from(config.server.max_request_size).unwrap_or(32 << 20),
+        max_request_bytes: u32::try_from(config.server.max_request_size)
+            .unwrap_or(nbd::DEFAULT_MAX_REQUEST_BYTES),
         busy_poll_max: config.server.busy_poll,
         thread_per_connection: config.server.thread_per_connection,
         ..ServerConfig::default()

@@ -282,6 +282,18 @@ impl RawClient {
         panic!("GO without NBD_INFO_EXPORT: {replies:?}");
     }
 
+    /// Opens `name` the old way, with NBD_OPT_EXPORT_NAME (no block size limits are told);
+    /// returns the export size and transmission flags.
+    pub fn export_name(&mut self, name: &str) -> (u64, u16) {
+        self.s
+            .write_all(&OptionRequest::ExportName(name.to_owned()).encode())
+            .expect("send EXPORT_NAME");
+        let mut reply = [0u8; 10];
+        self.s.read_exact(&mut reply).expect("EXPORT_NAME reply");
+        let size = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
+        (size, u16::from_be_bytes([reply[8], reply[9]]))
+    }
+
     pub fn send(&mut self, command: Command, flags: u16, cookie: u64, offset: u64, length: u32) {
         let req = Request {
             flags,

@@ -405,6 +405,7 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_TRIM: u16 = 4;
 pub const NBD_EINVAL: u32 = 22;
+pub const NBD_ENOSPC: u32 = 28;
 
 /// A blocking client that speaks the fixed-newstyle handshake and simple replies byte by byte.
 pub struct RawClient {
