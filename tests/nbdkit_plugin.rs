@@ -177,7 +177,8 @@ fn export_key_serves_one_volume_as_the_default() {
         "\"can_cache\":true",
         "\"block_size_minimum\":1",
         "\"block_size_preferred\":65536",
-        "\"block_size_maximum\":33554432",
+        // 64 MiB, as `thinnbd serve` advertises by default.
+        "\"block_size_maximum\":67108864",
     ] {
         assert!(compact.contains(field), "missing {field} in:\n{json}");
     }
@@ -540,4 +541,30 @@ fn example_script_builds_and_serves_the_plugin_package() {
             "want nbdkit with {plugin_at} in:\n{out}"
         );
     }
+}
+
+/// nbdkit answers requests past the end itself, and the plugin advertises the same maximum
+/// as `thinnbd serve`: a client sees the same errors and limits from both frontends.
+#[test]
+fn past_the_end_and_large_requests_answer_as_under_thinnbd_serve() {
+    if !require_tools(&["nbdkit"]) {
+        return;
+    }
+    let Some(_) = nbdsh() else {
+        return;
+    };
+    let pool = TestPool::new(&[("vol", "64M")]);
+    let mut nbdkit = Nbdkit::start_unix(&pool, &[], &[]);
+    let mut cmd = nbdsh().expect("nbdsh");
+    let out = stdout_of(
+        cmd.env("URI", nbdkit.uri("vol"))
+            .args(["-c", EDGES_OF_THE_EXPORT]),
+    );
+    assert!(out.contains("nbdsh ok"), "{out}");
+    let status = nbdkit.proc.stop();
+    assert!(
+        status.success(),
+        "nbdkit exit: {status}\n{}",
+        nbdkit.proc.log()
+    );
 }

@@ -16,8 +16,9 @@ pool=DIR      (required) the pool directory made by `thinnbd pool create`
 config=FILE   thinnbd TOML config; its [pool] and [engine] settings apply
 export=NAME   serve this one volume only (it also becomes the default export)";
 
-/// The largest request advertised (and the largest nbdkit itself allows).
-pub const MAX_REQUEST: u32 = 32 << 20;
+/// The largest request advertised: `thinnbd serve`'s default, which is also the largest
+/// nbdkit itself allows (64 MiB), so both frontends tell clients the same.
+pub const MAX_REQUEST: u32 = thinnbd::nbd::DEFAULT_MAX_REQUEST_BYTES;
 
 /// The keys as nbdkit hands them over, one `config` call each.
 #[derive(Debug, Default)]
@@ -302,10 +303,10 @@ mod tests {
 
     #[test]
     fn block_sizes_are_powers_of_two_within_limits() {
-        assert_eq!(block_sizes(64 << 10), (1, 64 << 10, 32 << 20));
-        assert_eq!(block_sizes(192 << 10), (1, 128 << 10, 32 << 20));
-        assert_eq!(block_sizes(1 << 30), (1, 2 << 20, 32 << 20));
-        assert_eq!(block_sizes(0), (1, 4096, 32 << 20));
+        assert_eq!(block_sizes(64 << 10), (1, 64 << 10, 64 << 20));
+        assert_eq!(block_sizes(192 << 10), (1, 128 << 10, 64 << 20));
+        assert_eq!(block_sizes(1 << 30), (1, 2 << 20, 64 << 20));
+        assert_eq!(block_sizes(0), (1, 4096, 64 << 20));
     }
 
     #[test]

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../common/nbdsh.rs"]
+mod nbdsh_finder;
+pub use nbdsh_finder::{nbdsh, EDGES_OF_THE_EXPORT};
+
 /// How long a server may take to start or stop before the test gives up.
 const PATIENCE: Duration = Duration::from_secs(60);
 

@@ -39,7 +39,7 @@ pub fn require_tools(names: &[&str]) -> bool {
 #[path = "../common/nbdsh.rs"]
 mod nbdsh_finder;
 #[allow(unused_imports)] // not every test crate that includes this module runs nbdsh
-pub use nbdsh_finder::nbdsh;
+pub use nbdsh_finder::{nbdsh, EDGES_OF_THE_EXPORT};
 
 fn describe(cmd: &Command, out: &Output) -> String {
     format!(
