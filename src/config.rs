@@ -241,8 +241,11 @@ impl Config {
             );
         }
         let default_max_request = crate::nbd::DEFAULT_MAX_REQUEST_BYTES.to_string();
-        let max_request_size =
-            c.size("server.max_request_size", s.max_request_size, &default_max_request)?;
+        let max_request_size = c.size(
+            "server.max_request_size",
+            s.max_request_size,
+            &default_max_request,
+        )?;
         if !(4096..=1 << 30).contains(&max_request_size) {
             return Err(c.bad("server.max_request_size", "must be 4K to 1G"));
         }

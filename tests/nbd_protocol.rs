@@ -380,7 +380,12 @@ fn a_write_over_the_maximum_is_drained_and_refused_and_the_connection_goes_on() 
         length: 0,
     }
     .encode();
-    let oversized: Vec<u8> = disc.iter().copied().cycle().take(max as usize + 4096).collect();
+    let oversized: Vec<u8> = disc
+        .iter()
+        .copied()
+        .cycle()
+        .take(max as usize + 4096)
+        .collect();
     for structured in [false, true] {
         // Each round on a fresh region of the export.
         let base = if structured { 8 << 20 } else { 0 };

@@ -392,7 +392,8 @@ struct Ctx {
 
 /// Frames smaller than this are left to the allocator, which serves them quickly.
 const POOLED_MIN: usize = 64 << 10;
-/// Frames larger than this are not kept (a pool of 32 MiB buffers would pin a lot of memory).
+/// Frames larger than this are not kept but freed after use: a pool of maximum-size buffers
+/// would pin `POOLED_COUNT` maximum requests' worth of memory per connection.
 const POOLED_MAX: usize = (1 << 20) + 64;
 /// Buffers kept per connection.
 const POOLED_COUNT: usize = 16;
@@ -803,7 +804,12 @@ fn validate(ctx: &Ctx, req: &Request) -> std::result::Result<(), (u32, &'static 
         }
         match req.offset.checked_add(u64::from(req.length)) {
             Some(end) if end <= ctx.size => {}
-            _ => return Err((past_the_end_errno(req.command), "request beyond the end of the export")),
+            _ => {
+                return Err((
+                    past_the_end_errno(req.command),
+                    "request beyond the end of the export",
+                ))
+            }
         }
     }
     Ok(())
