@@ -238,6 +238,16 @@ fn trim_leaves_a_hole_in_the_map_and_frees_pool_space() {
     server.stop();
 }
 
+/// Runs an nbdsh script (which connects to `$URI` and prints "nbdsh ok") against `export`
+/// over TCP and over the unix socket.
+fn nbdsh_script_over_tcp_and_unix(server: &Server, export: &str, script: &str) {
+    for uri in [server.uri(export), server.unix_uri(export)] {
+        let mut cmd = nbdsh().expect("nbdsh");
+        let out = stdout_of(cmd.env("URI", &uri).args(["-c", script]));
+        assert!(out.contains("nbdsh ok"), "{out}");
+    }
+}
+
 #[test]
 fn nbdsh_structured_reads_and_block_status() {
     let Some(_) = nbdsh() else {
@@ -315,11 +325,7 @@ assert h.pread(B, 40 * M) == bytes(B)
 h.shutdown()
 print("nbdsh ok")
 "#;
-    for uri in [server.uri("vol"), server.unix_uri("vol")] {
-        let mut cmd = nbdsh().expect("nbdsh");
-        let out = stdout_of(cmd.env("URI", &uri).args(["-c", script]));
-        assert!(out.contains("nbdsh ok"), "{out}");
-    }
+    nbdsh_script_over_tcp_and_unix(&server, "vol", script);
     server.stop();
 }
 
@@ -415,11 +421,7 @@ fn nbdsh_gets_enospc_past_the_end_and_48_mib_requests_on_the_default_config() {
     let pool = TestPool::create("1G");
     pool.create_volume("vol", "64M");
     let server = pool.serve();
-    for uri in [server.uri("vol"), server.unix_uri("vol")] {
-        let mut cmd = nbdsh().expect("nbdsh");
-        let out = stdout_of(cmd.env("URI", &uri).args(["-c", EDGES_OF_THE_EXPORT]));
-        assert!(out.contains("nbdsh ok"), "{out}");
-    }
+    nbdsh_script_over_tcp_and_unix(&server, "vol", EDGES_OF_THE_EXPORT);
     server.stop();
 }
 
