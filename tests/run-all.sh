@@ -29,6 +29,10 @@ if ! command -v qemu-io >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y qemu-utils
 fi
 
+# Style first: a formatting slip or a lint fails the run before the long tests.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
 # --workspace: the thinnbd package and the nbdkit plugin package (nbdkit-plugin/).
 cargo build --release --workspace
 cargo test --release --workspace -- --test-threads=2
