@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::pdata::block_io::{BlockIo, FileBlockIo, BLOCK_SIZE};
+use crate::pdata::space_map::MAX_METADATA_BLOCKS;
 use crate::thin::metadata::{
-    recommended_metadata_blocks, Mapping, ThinId, ThinMetadata, MIN_DATA_BLOCK_SECTORS,
+    recommended_metadata_blocks, Mapping, ThinId, ThinMetadata, DEFAULT_MAX_THINS,
+    MIN_DATA_BLOCK_SECTORS, MIN_METADATA_BLOCKS,
 };
 
 use super::active::{ActiveSet, Member};
@@ -46,6 +48,9 @@ pub struct PoolConfig {
     /// Free data blocks at or below which the pool reports (and logs once) the low-water mark;
     /// 0 turns the mark off.
     pub low_water_blocks: u64,
+    /// Free metadata blocks, as a percentage of the metadata device, at or below which the
+    /// pool reports (and logs once) the metadata low-water mark; 0 turns the mark off.
+    pub metadata_low_water_percent: u64,
     /// Cells in the bio prison's pool (blocks being provisioned or copied at once).
     pub cell_pool_size: usize,
     /// Zero the rest of a newly provisioned block on a partial write (unless it is known to read
@@ -74,6 +79,7 @@ impl Default for PoolConfig {
             no_space_policy: NoSpacePolicy::Queue,
             queue_timeout: Duration::from_secs(60),
             low_water_blocks: 0,
+            metadata_low_water_percent: 0,
             cell_pool_size: 1024,
             zero_new_blocks: true,
             record_events: false,
@@ -110,6 +116,13 @@ pub struct PoolStatus {
     pub data_free: u64,
     pub metadata_used: u64,
     pub metadata_total: u64,
+    /// Metadata blocks allocatable before the next commit.
+    pub metadata_free: u64,
+    /// Metadata blocks kept for commits and for requests that free space: a new volume,
+    /// snapshot or data block is refused (no space) rather than take them.
+    pub metadata_reserve: u64,
+    pub metadata_low_water_blocks: u64,
+    pub metadata_low_water_crossed: bool,
     pub mode: PoolMode,
     pub read_only_reason: Option<String>,
     pub low_water_blocks: u64,
@@ -219,6 +232,9 @@ pub(crate) struct Shared {
     space_cv: Condvar,
     pub(crate) stats: Stats,
     low_water_crossed: AtomicBool,
+    metadata_low_water_crossed: AtomicBool,
+    /// A request was refused for want of metadata room (logged once until space comes).
+    out_of_metadata: AtomicBool,
     out_of_space: AtomicBool,
     /// A commit holds (or is about to take) the metadata write lock for its I/O: the
     /// non-blocking write path declines rather than wait behind it.
@@ -321,6 +337,7 @@ impl Shared {
     /// Space was freed or added: wakes writes queued on a full pool.
     pub(crate) fn space_changed(&self) {
         self.out_of_space.store(false, Ordering::Relaxed);
+        self.out_of_metadata.store(false, Ordering::Relaxed);
         *lock(&self.space_gen) += 1;
         self.space_cv.notify_all();
     }
@@ -351,7 +368,41 @@ impl Shared {
     /// True when a retry of an allocation could succeed now.
     pub(crate) fn space_available(&self) -> bool {
         let core = self.read_core();
-        core.md.free_data_blocks() > 0 || core.md.data_blocks_awaiting_commit() > 0
+        let data = core.md.free_data_blocks() > 0 || core.md.data_blocks_awaiting_commit() > 0;
+        data && (core.md.has_metadata_room_for_mapping()
+            || core.md.metadata_blocks_awaiting_commit() > 0)
+    }
+
+    /// A request refused for want of metadata room: logged once until space comes.
+    fn note_metadata_full(&self, e: &Error) {
+        if !self.out_of_metadata.swap(true, Ordering::Relaxed) {
+            tracing::warn!("thin pool refused a request: {e}");
+        }
+    }
+
+    /// Runs `op`; when it is refused for want of space and a commit would free some (blocks
+    /// freed in this transaction), commits once and runs it again.
+    pub(crate) fn retry_after_commit<T>(&self, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+        match op() {
+            Err(e) if e.kind() == ErrorKind::NoSpace => {
+                let freeable = {
+                    let core = self.read_core();
+                    core.md.metadata_blocks_awaiting_commit() > 0
+                        || core.md.data_blocks_awaiting_commit() > 0
+                };
+                if !freeable {
+                    self.note_metadata_full(&e);
+                    return Err(e);
+                }
+                self.flush()?;
+                op().inspect_err(|e| {
+                    if e.kind() == ErrorKind::NoSpace {
+                        self.note_metadata_full(e);
+                    }
+                })
+            }
+            other => other,
+        }
     }
 
     /// Allocates a data block; returns it and whether it is known to read zeros. A failed
@@ -369,11 +420,20 @@ impl Shared {
                     return Ok((b, zeroed));
                 }
                 Err(e) if e.kind() == ErrorKind::NoSpace => {
-                    let awaiting = core.md.data_blocks_awaiting_commit();
+                    let metadata_full = !core.md.has_metadata_room_for_mapping();
+                    let awaiting = if metadata_full {
+                        core.md.metadata_blocks_awaiting_commit()
+                    } else {
+                        core.md.data_blocks_awaiting_commit()
+                    };
                     drop(core);
                     if awaiting > 0 && attempt == 0 {
                         self.flush()?;
                         continue;
+                    }
+                    if metadata_full {
+                        self.note_metadata_full(&e);
+                        return Err(e);
                     }
                     if !self.out_of_space.swap(true, Ordering::Relaxed) {
                         tracing::warn!("thin pool is out of data space");
@@ -431,6 +491,34 @@ impl Shared {
             }
         } else {
             self.low_water_crossed.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// The metadata low-water mark in blocks for a metadata device of `total` blocks.
+    fn metadata_low_water_blocks(&self, total: u64) -> u64 {
+        total.saturating_mul(self.config.metadata_low_water_percent) / 100
+    }
+
+    fn check_metadata_low_water(&self, free: u64, total: u64) {
+        let mark = self.metadata_low_water_blocks(total);
+        if mark == 0 {
+            return;
+        }
+        if free <= mark {
+            if !self
+                .metadata_low_water_crossed
+                .swap(true, Ordering::Relaxed)
+            {
+                let block = BLOCK_SIZE as u64;
+                tracing::warn!(
+                    "thin pool reached its metadata low-water mark: {free} free metadata blocks ({} bytes) of {total}, mark {mark} blocks ({} bytes); grow it with `thinnbd pool grow DIR --metadata-size SIZE`",
+                    free * block,
+                    mark * block
+                );
+            }
+        } else {
+            self.metadata_low_water_crossed
+                .store(false, Ordering::Relaxed);
         }
     }
 
@@ -512,6 +600,10 @@ impl Shared {
     /// Unmaps `[begin, end)` of `thin`; blocks nobody references any more are punched out of
     /// the data device after the next commit (see `commit_now`).
     pub(crate) fn unmap_range(&self, thin: ThinId, begin: u64, end: u64) -> Result<()> {
+        self.retry_after_commit(|| self.unmap_range_once(thin, begin, end))
+    }
+
+    fn unmap_range_once(&self, thin: ThinId, begin: u64, end: u64) -> Result<()> {
         let mut core = self.write_core();
         self.check_writable(&core)?;
         let gone = core.md.remove_range(thin, begin, end).map_err(|e| {
@@ -598,7 +690,10 @@ impl Shared {
         core.md.hold_freed_data_blocks(&freed);
         core.md.hold_freed_data_blocks(&to_punch);
         core.md.commit().map_err(|e| self.note(e))?;
+        let metadata_free = core.md.free_metadata_blocks();
+        let metadata_total = core.md.status().metadata_total;
         drop(core);
+        self.check_metadata_low_water(metadata_free, metadata_total);
         if !freed.is_empty() || !to_punch.is_empty() {
             self.read_epochs.wait_for_earlier_readers();
             let punched = self.punch_discarded(&mut to_punch);
@@ -776,6 +871,19 @@ fn data_block_sectors(block_size_bytes: u64) -> Result<u32> {
     })
 }
 
+/// A metadata size the format can use: whole 4 KiB blocks, within its limits.
+fn check_metadata_bytes(bytes: u64) -> Result<()> {
+    let block = BLOCK_SIZE as u64;
+    let (min, max) = (MIN_METADATA_BLOCKS * block, MAX_METADATA_BLOCKS * block);
+    if !bytes.is_multiple_of(block) || !(min..=max).contains(&bytes) {
+        return fail(
+            ErrorKind::InvalidInput,
+            format!("metadata size {bytes}: must be a multiple of 4 KiB from {min} to {max} bytes"),
+        );
+    }
+    Ok(())
+}
+
 fn open_rw(path: &Path, create: bool) -> Result<File> {
     OpenOptions::new()
         .read(true)
@@ -796,6 +904,33 @@ impl Pool {
         block_size_bytes: u64,
         config: PoolConfig,
     ) -> Result<std::sync::Arc<Pool>> {
+        Pool::create_sized(
+            metadata,
+            data,
+            data_size_bytes,
+            block_size_bytes,
+            None,
+            config,
+        )
+    }
+
+    /// Bytes of metadata a pool gets by default: sized for its data blocks and
+    /// [`DEFAULT_MAX_THINS`] volumes and snapshots.
+    pub fn default_metadata_bytes(data_size_bytes: u64, block_size_bytes: u64) -> u64 {
+        let nr_blocks = data_size_bytes / block_size_bytes.max(1);
+        recommended_metadata_blocks(nr_blocks, DEFAULT_MAX_THINS) * BLOCK_SIZE as u64
+    }
+
+    /// As [`create`](Self::create), with `metadata_bytes` of metadata (default: sized for
+    /// the data, see [`default_metadata_bytes`](Self::default_metadata_bytes)).
+    pub fn create_sized(
+        metadata: &Path,
+        data: &Path,
+        data_size_bytes: u64,
+        block_size_bytes: u64,
+        metadata_bytes: Option<u64>,
+        config: PoolConfig,
+    ) -> Result<std::sync::Arc<Pool>> {
         data_block_sectors(block_size_bytes)?;
         let nr_blocks = data_size_bytes / block_size_bytes;
         if nr_blocks == 0 {
@@ -809,7 +944,9 @@ impl Pool {
         let dev = DataDevice::new(data_file, fresh);
         dev.grow_to(data_size_bytes)?;
         let meta_file = open_rw(metadata, true)?;
-        let meta_bytes = recommended_metadata_blocks(nr_blocks) * BLOCK_SIZE as u64;
+        let meta_bytes = metadata_bytes
+            .unwrap_or_else(|| Pool::default_metadata_bytes(data_size_bytes, block_size_bytes));
+        check_metadata_bytes(meta_bytes)?;
         meta_file
             .set_len(meta_bytes)
             .map_err(|e| Error::io(format!("sizing {}", metadata.display()), e))?;
@@ -894,6 +1031,8 @@ impl Pool {
             space_cv: Condvar::new(),
             stats: Stats::default(),
             low_water_crossed: AtomicBool::new(false),
+            metadata_low_water_crossed: AtomicBool::new(false),
+            out_of_metadata: AtomicBool::new(false),
             out_of_space: AtomicBool::new(false),
             committing: AtomicBool::new(false),
             read_epochs: ReadEpochs::default(),
@@ -934,7 +1073,8 @@ impl Pool {
 
     pub fn create_thin(&self, id: ThinId) -> Result<()> {
         let _a = lock(&self.sh.admin);
-        self.admin_op(|c| c.md.create_thin(id))?;
+        self.sh
+            .retry_after_commit(|| self.admin_op(|c| c.md.create_thin(id)))?;
         self.sh.flush()
     }
 
@@ -950,10 +1090,12 @@ impl Pool {
             .find(|t| t.id() == origin);
         let _quiet = active.as_ref().map(|t| t.quiesce());
         let cache = &self.sh.cache;
-        self.admin_op(|c| {
-            // Every mapping of the origin is shared from now on.
-            cache.clear();
-            c.md.create_snapshot(id, origin)
+        self.sh.retry_after_commit(|| {
+            self.admin_op(|c| {
+                // Every mapping of the origin is shared from now on.
+                cache.clear();
+                c.md.create_snapshot(id, origin)
+            })
         })?;
         drop(_quiet);
         self.sh.flush()
@@ -966,14 +1108,16 @@ impl Pool {
             return fail(ErrorKind::Busy, format!("thin {id} is active"));
         }
         let cache = &self.sh.cache;
-        self.admin_op(|c| {
-            cache.clear();
-            c.md.delete_thin(id)?;
-            // The freed blocks go back to the file system after the commit below, as a
-            // discard's do.
-            let freed = c.md.data_blocks_freed_since_commit();
-            c.to_punch.extend(freed);
-            Ok(())
+        self.sh.retry_after_commit(|| {
+            self.admin_op(|c| {
+                cache.clear();
+                c.md.delete_thin(id)?;
+                // The freed blocks go back to the file system after the commit below, as a
+                // discard's do.
+                let freed = c.md.data_blocks_freed_since_commit();
+                c.to_punch.extend(freed);
+                Ok(())
+            })
         })?;
         self.sh.space_changed();
         self.sh.flush()
@@ -1011,6 +1155,56 @@ impl Pool {
         self.sh.flush()
     }
 
+    /// Grows the pool online: the data device to `data_bytes` (`None`: to the device's size
+    /// now, taking up an enlarged block device or file) and the metadata device to
+    /// `metadata_bytes` (`None`: unchanged). Shrinking either is refused. Writes queued on a
+    /// full pool retry once it returns.
+    pub fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<()> {
+        let block = self.sh.block_bytes;
+        let status = self.sh.read_core().md.status();
+        let data_now = status.data_total * block;
+        let meta_now = status.metadata_total * BLOCK_SIZE as u64;
+        if let Some(want) = data_bytes {
+            if want / block < status.data_total {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    format!("the pool's data is {data_now} bytes: shrinking it to {want} is not supported"),
+                );
+            }
+        }
+        if let Some(want) = metadata_bytes {
+            if want < meta_now {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    format!("the pool's metadata is {meta_now} bytes: shrinking it to {want} is not supported"),
+                );
+            }
+            check_metadata_bytes(want)?;
+        }
+        if let Some(want) = metadata_bytes.filter(|&b| b > meta_now) {
+            self.resize_metadata(want)?;
+        }
+        let data_want = match data_bytes {
+            Some(b) => b,
+            None => self.sh.data.size()?,
+        };
+        if data_want / block > status.data_total {
+            self.resize_data(data_want)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the metadata device (the file, when it is a regular file) and its space map.
+    pub fn resize_metadata(&self, bytes: u64) -> Result<()> {
+        let _a = lock(&self.sh.admin);
+        check_metadata_bytes(bytes)?;
+        let nr = bytes / BLOCK_SIZE as u64;
+        self.admin_op(|c| c.md.resize_metadata(nr))?;
+        self.sh.flush()?;
+        self.sh.space_changed();
+        Ok(())
+    }
+
     /// Grows the data device (and the file, when it is a regular file).
     pub fn resize_data(&self, bytes: u64) -> Result<()> {
         let _a = lock(&self.sh.admin);
@@ -1035,8 +1229,11 @@ impl Pool {
             }
             Ok(())
         })?;
+        // Committed before the queued writers wake, so what they write lands in the new space
+        // of a pool whose size is durable.
+        self.sh.flush()?;
         self.sh.space_changed();
-        self.sh.flush()
+        Ok(())
     }
 
     /// Mapped blocks of each thin that no other thin maps (see `ThinMetadata::exclusive_blocks`).
@@ -1062,7 +1259,10 @@ impl Pool {
             })
             .collect();
         let data_free = core.md.free_data_blocks();
+        let metadata_free = core.md.free_metadata_blocks();
+        let metadata_reserve = core.md.metadata_reserve();
         drop(core);
+        let metadata_low_water_blocks = sh.metadata_low_water_blocks(ms.metadata_total);
         let mode = if ro.is_some() {
             PoolMode::ReadOnly
         } else if sh.out_of_space.load(Ordering::Relaxed) {
@@ -1077,6 +1277,11 @@ impl Pool {
             data_free,
             metadata_used: ms.metadata_used,
             metadata_total: ms.metadata_total,
+            metadata_free,
+            metadata_reserve,
+            metadata_low_water_blocks,
+            metadata_low_water_crossed: metadata_low_water_blocks > 0
+                && metadata_free <= metadata_low_water_blocks,
             mode,
             read_only_reason: ro,
             low_water_blocks: sh.config.low_water_blocks,

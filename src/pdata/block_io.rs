@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -25,6 +26,17 @@ pub trait BlockIo: Send + Sync {
     fn write_block(&self, location: u64, data: &Block) -> Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> Result<()>;
+    /// Makes at least `nr_blocks` blocks addressable: a file is extended, a device must have
+    /// been enlarged already. Devices that cannot grow refuse.
+    fn grow(&self, nr_blocks: u64) -> Result<()> {
+        if nr_blocks <= self.nr_blocks() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this metadata device cannot grow",
+        ))
+    }
 }
 
 fn check_range(location: u64, nr_blocks: u64) -> Result<()> {
@@ -40,7 +52,8 @@ fn check_range(location: u64, nr_blocks: u64) -> Result<()> {
 /// A metadata file or block device read and written with `pread`/`pwrite`.
 pub struct FileBlockIo {
     file: File,
-    nr_blocks: u64,
+    /// Grows (never shrinks) when the pool's metadata device is enlarged online.
+    nr_blocks: AtomicU64,
 }
 
 impl FileBlockIo {
@@ -48,18 +61,18 @@ impl FileBlockIo {
         let len = crate::util::device_size(&file).map_err(|e| Error::io("sizing metadata", e))?;
         Ok(FileBlockIo {
             file,
-            nr_blocks: len / BLOCK_SIZE as u64,
+            nr_blocks: AtomicU64::new(len / BLOCK_SIZE as u64),
         })
     }
 }
 
 impl BlockIo for FileBlockIo {
     fn nr_blocks(&self) -> u64 {
-        self.nr_blocks
+        self.nr_blocks.load(Ordering::Acquire)
     }
 
     fn read_block(&self, location: u64) -> Result<Box<Block>> {
-        check_range(location, self.nr_blocks)?;
+        check_range(location, self.nr_blocks())?;
         let mut buf = zeroed_block();
         self.file
             .read_exact_at(&mut buf[..], location * BLOCK_SIZE as u64)
@@ -68,7 +81,7 @@ impl BlockIo for FileBlockIo {
     }
 
     fn write_block(&self, location: u64, data: &Block) -> Result<()> {
-        check_range(location, self.nr_blocks)?;
+        check_range(location, self.nr_blocks())?;
         self.file
             .write_all_at(&data[..], location * BLOCK_SIZE as u64)
             .map_err(|e| Error::io(format!("writing metadata block {location}"), e))
@@ -78,6 +91,32 @@ impl BlockIo for FileBlockIo {
         self.file
             .sync_data()
             .map_err(|e| Error::io("syncing metadata", e))
+    }
+
+    fn grow(&self, nr_blocks: u64) -> Result<()> {
+        let want = nr_blocks
+            .checked_mul(BLOCK_SIZE as u64)
+            .ok_or_else(|| Error::new(ErrorKind::OutOfBounds, "metadata size overflows"))?;
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("inspecting the metadata device", e))?;
+        if meta.file_type().is_file() && meta.len() < want {
+            self.file
+                .set_len(want)
+                .map_err(|e| Error::io("growing the metadata file", e))?;
+        }
+        let len =
+            crate::util::device_size(&self.file).map_err(|e| Error::io("sizing metadata", e))?;
+        if len < want {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("the metadata device has {len} bytes, {want} are needed: enlarge it first"),
+            ));
+        }
+        self.nr_blocks
+            .fetch_max(len / BLOCK_SIZE as u64, Ordering::AcqRel);
+        Ok(())
     }
 }
 

@@ -695,6 +695,17 @@ pub fn entries(tm: &TransactionManager, root: u64, kind: ValueKind) -> Result<Ve
 }
 
 /// Builds a tree from sorted keys in one pass: leaves of near-equal size, then internal levels.
+/// Metadata blocks `bulk_build` takes for `entries` values of `value_size` bytes.
+pub fn bulk_build_blocks(entries: u64, value_size: usize) -> u64 {
+    let mut nodes = entries.div_ceil(max_entries(value_size) as u64).max(1);
+    let mut total = nodes;
+    while nodes > 1 {
+        nodes = nodes.div_ceil(max_entries(8) as u64);
+        total += nodes;
+    }
+    total
+}
+
 pub fn bulk_build(
     tm: &mut TransactionManager,
     kind: ValueKind,

@@ -27,6 +27,10 @@ pub struct SpaceMap {
     overflow_dirty: bool,
     cursor: u64,
     nr_allocated: u64,
+    /// Blocks whose busy bit is set: allocated, or freed since the last commit.
+    nr_busy: u64,
+    /// Blocks with a count of 3 or more (the overflow tree's entries).
+    nr_overflow: u64,
     /// Where each bitmap lives on the metadata device (0: not written yet).
     pub bitmap_locations: Vec<u64>,
     /// Per bitmap: (nr_free, none_free_before) as last written, for the index entries.
@@ -52,6 +56,8 @@ impl SpaceMap {
             overflow_dirty: true,
             cursor: 0,
             nr_allocated: 0,
+            nr_busy: 0,
+            nr_overflow: 0,
             bitmap_locations: vec![0; nr_bitmaps(nr_blocks) as usize],
             bitmap_stats: vec![(0, 0); nr_bitmaps(nr_blocks) as usize],
             index_root: 0,
@@ -71,6 +77,16 @@ impl SpaceMap {
         self.nr_blocks() - self.nr_allocated
     }
 
+    /// Blocks `alloc` can hand out before the next commit (free now and at the last commit).
+    pub fn nr_allocatable(&self) -> u64 {
+        self.nr_blocks() - self.nr_busy
+    }
+
+    /// Entries the overflow tree holds (counts of 3 or more).
+    pub fn nr_overflow(&self) -> u64 {
+        self.nr_overflow
+    }
+
     fn out_of_range(&self, b: u64) -> Error {
         Error::corrupt(format!(
             "block {b} is outside the space map ({} blocks)",
@@ -87,10 +103,17 @@ impl SpaceMap {
 
     fn set_busy(&mut self, b: u64, on: bool) {
         let word = &mut self.busy[(b / 64) as usize];
+        let bit = 1u64 << (b % 64);
+        let was = *word & bit != 0;
         if on {
-            *word |= 1 << (b % 64);
+            *word |= bit;
         } else {
-            *word &= !(1 << (b % 64));
+            *word &= !bit;
+        }
+        match (was, on) {
+            (false, true) => self.nr_busy += 1,
+            (true, false) => self.nr_busy -= 1,
+            _ => {}
         }
     }
 
@@ -109,6 +132,11 @@ impl SpaceMap {
         self.dirty_bitmaps.insert(b / ENTRIES_PER_BITMAP);
         if old >= 3 || new >= 3 {
             self.overflow_dirty = true;
+        }
+        match (old >= 3, new >= 3) {
+            (false, true) => self.nr_overflow += 1,
+            (true, false) => self.nr_overflow -= 1,
+            _ => {}
         }
         match (old, new) {
             (0, _) => {

@@ -121,10 +121,93 @@ fn check_thin_id(dev: ThinId) -> Result<()> {
     Ok(())
 }
 
-/// Metadata blocks to give a pool of `nr_data_blocks`: room for every block mapped about four
-/// times over (snapshots), never below the minimum, never above the format's limit.
-pub fn recommended_metadata_blocks(nr_data_blocks: u64) -> u64 {
-    (nr_data_blocks * 4 / 120 + 1024).clamp(MIN_METADATA_BLOCKS, MAX_METADATA_BLOCKS)
+/// Volumes and snapshots a pool's default metadata is sized for.
+pub const DEFAULT_MAX_THINS: u64 = 1000;
+
+/// Mapping-tree leaves are assumed half full when sizing metadata (as `thin_metadata_size`).
+const SIZING_ENTRIES_PER_LEAF: u64 = 126;
+
+/// Depth bounds of the trees, for nodes at least a third full: the mapping trees (2^40 keys,
+/// 84 or more per node) and the device trees (2^24 keys, 42 or more per node).
+const MAPPING_TREE_DEPTH: u64 = 8;
+const DEVICE_TREE_DEPTH: u64 = 5;
+
+/// Worst case of one insert into or removal from a tree of `depth`: the path shadowed, a
+/// sibling or a split at every level, and a new root.
+const fn tree_change_blocks(depth: u64) -> u64 {
+    2 * depth + 1
+}
+
+/// Overflow (ref-count) trees grow when a shared node is shadowed and its children gain a
+/// reference: a few more leaves at most per change.
+const OVERFLOW_GROWTH_BLOCKS: u64 = 8;
+
+/// Metadata blocks one mapping change may take, before and at commit: the mapping tree, the
+/// device's path in the top-level tree, its details entry, and overflow growth.
+const MAPPING_CHANGE_BLOCKS: u64 = tree_change_blocks(MAPPING_TREE_DEPTH)
+    + DEVICE_TREE_DEPTH
+    + tree_change_blocks(DEVICE_TREE_DEPTH)
+    + OVERFLOW_GROWTH_BLOCKS;
+
+/// Metadata blocks a new thin or snapshot may take: its root, the top-level tree entry, its
+/// details entry (and the origin's), and overflow growth.
+const DEVICE_CHANGE_BLOCKS: u64 = 1
+    + tree_change_blocks(DEVICE_TREE_DEPTH)
+    + 2 * tree_change_blocks(DEVICE_TREE_DEPTH)
+    + OVERFLOW_GROWTH_BLOCKS;
+
+/// Blocks kept free beyond what a commit needs, for what frees space (discards, deletes):
+/// requests that take new metadata (new blocks, volumes, snapshots) stop short of them.
+const FREEING_RESERVE_BLOCKS: u64 = 4 * MAPPING_CHANGE_BLOCKS;
+
+/// Blocks a commit may need besides what the transaction's changes account for.
+const COMMIT_SLACK_BLOCKS: u64 = 8;
+
+/// Metadata blocks to give a pool of `nr_data_blocks` holding up to `max_thins` volumes and
+/// snapshots: `thin_metadata_size`'s estimate (half-full mapping leaves for every data block,
+/// a root per thin) plus what commits and the reserve need, within the format's limits.
+pub fn recommended_metadata_blocks(nr_data_blocks: u64, max_thins: u64) -> u64 {
+    let mappings = nr_data_blocks.div_ceil(SIZING_ENTRIES_PER_LEAF);
+    // Each thin has a root leaf, and its entries fill the top-level and details trees'
+    // nodes (a third full at worst: 84 and 42 entries).
+    let thins = max_thins + max_thins.div_ceil(84) + max_thins.div_ceil(42);
+    let base = mappings
+        + thins
+        + DEVICE_CHANGE_BLOCKS
+        + commit_blocks_bound(nr_data_blocks, 0, 0, 0)
+        + FREEING_RESERVE_BLOCKS
+        + MAPPING_CHANGE_BLOCKS;
+    // The metadata bitmaps cover the result, the base included.
+    let total = base + nr_bitmaps(base) + 1;
+    total.clamp(MIN_METADATA_BLOCKS, MAX_METADATA_BLOCKS)
+}
+
+/// Blocks a commit writes for the space maps of a pool of this geometry: every data bitmap and
+/// its index tree, both overflow trees, every metadata bitmap and the metadata index block.
+fn commit_blocks_bound(
+    nr_data_blocks: u64,
+    nr_metadata_blocks: u64,
+    data_overflow: u64,
+    metadata_overflow: u64,
+) -> u64 {
+    let data_bitmaps = nr_bitmaps(nr_data_blocks);
+    data_bitmaps
+        + btree::bulk_build_blocks(data_bitmaps, ValueKind::Index.size())
+        + btree::bulk_build_blocks(data_overflow, ValueKind::RefCount.size())
+        + btree::bulk_build_blocks(metadata_overflow, ValueKind::RefCount.size())
+        + nr_bitmaps(nr_metadata_blocks)
+        + 1
+        + COMMIT_SLACK_BLOCKS
+}
+
+/// What a request that needs metadata blocks may use of the free ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Takes new metadata for good (a new block mapped, a volume, a snapshot): leaves the
+    /// freeing reserve alone.
+    Growth,
+    /// Frees space (discard, delete): may use the freeing reserve, never what a commit needs.
+    Freeing,
 }
 
 impl ThinMetadata {
@@ -278,6 +361,57 @@ impl ThinMetadata {
         Ok(md)
     }
 
+    /// Metadata blocks the next commit may need for what this transaction changed so far.
+    pub fn metadata_commit_reserve(&self) -> u64 {
+        commit_blocks_bound(
+            self.tm.data_sm.nr_blocks(),
+            self.tm.meta_sm.nr_blocks(),
+            self.tm.data_sm.nr_overflow(),
+            self.tm.meta_sm.nr_overflow(),
+        ) + self.changed_details.len() as u64 * tree_change_blocks(DEVICE_TREE_DEPTH)
+    }
+
+    /// Metadata blocks that can be allocated before the next commit.
+    pub fn free_metadata_blocks(&self) -> u64 {
+        self.tm.meta_sm.nr_allocatable()
+    }
+
+    /// Metadata blocks freed in this transaction, allocatable once it commits.
+    pub fn metadata_blocks_awaiting_commit(&self) -> u64 {
+        self.tm.meta_sm.nr_freed_since_commit()
+    }
+
+    /// Metadata blocks requests that take new metadata leave alone: what a commit needs plus
+    /// the reserve for requests that free space.
+    pub fn metadata_reserve(&self) -> u64 {
+        self.metadata_commit_reserve() + FREEING_RESERVE_BLOCKS
+    }
+
+    /// True when a write needing a new data block would find the metadata room for it.
+    pub fn has_metadata_room_for_mapping(&self) -> bool {
+        self.room(Room::Growth, MAPPING_CHANGE_BLOCKS).is_ok()
+    }
+
+    /// Refuses (`NoSpace`, nothing changed) a request of `need` blocks that would leave less
+    /// than its kind of request must keep, so the commit after it can always finish.
+    fn room(&self, kind: Room, need: u64) -> Result<()> {
+        let keep = match kind {
+            Room::Growth => self.metadata_reserve(),
+            Room::Freeing => self.metadata_commit_reserve(),
+        };
+        let free = self.free_metadata_blocks();
+        if free >= keep.saturating_add(need) {
+            return Ok(());
+        }
+        fail(
+            ErrorKind::NoSpace,
+            format!(
+                "the pool's metadata is full: {free} of {} blocks free, {keep} kept so commits can finish; grow it with `thinnbd pool grow DIR --metadata-size SIZE`",
+                self.tm.meta_sm.nr_blocks()
+            ),
+        )
+    }
+
     fn writable(&self) -> Result<()> {
         match &self.failure {
             Some(why) => fail(
@@ -371,6 +505,7 @@ impl ThinMetadata {
         if self.exists(dev) {
             return fail(ErrorKind::Busy, format!("thin device {dev} already exists"));
         }
+        self.room(Room::Growth, DEVICE_CHANGE_BLOCKS)?;
         self.mutate(|md| {
             let root = btree::empty_tree(&mut md.tm, ValueKind::Mapping)?;
             md.add_device(dev, root, 0)
@@ -417,6 +552,7 @@ impl ThinMetadata {
         }
         let origin_root = self.root(origin)?;
         let mapped = self.mapped_blocks(origin)?;
+        self.room(Room::Growth, DEVICE_CHANGE_BLOCKS)?;
         self.mutate(|md| {
             md.tm.meta_sm.inc(origin_root)?;
             md.sb.time = md.sb.time.wrapping_add(1) & 0xff_ffff;
@@ -433,6 +569,7 @@ impl ThinMetadata {
     /// Deletes a device; data and metadata blocks nobody else shares are freed.
     pub fn delete_thin(&mut self, dev: ThinId) -> Result<()> {
         let root = self.root(dev)?;
+        self.room(Room::Freeing, DEVICE_CHANGE_BLOCKS)?;
         self.mutate(|md| {
             let (top, _stale) = btree::remove(
                 &mut md.tm,
@@ -541,6 +678,9 @@ impl ThinMetadata {
                 format!("data block {data_block} is past the data device"),
             );
         }
+        // Replacing a mapping (breaking sharing) takes metadata as a new one does; the
+        // allocation of `data_block` checked the growth room, this keeps the commit's.
+        self.room(Room::Freeing, MAPPING_CHANGE_BLOCKS)?;
         self.mutate(|md| {
             let root = md.prepare_device(dev)?;
             let value = pack_block_time(data_block, md.sb.time);
@@ -569,6 +709,7 @@ impl ThinMetadata {
     /// Removes the mapping of `vblock`, if any.
     pub fn remove(&mut self, dev: ThinId, vblock: u64) -> Result<Option<Unmapped>> {
         self.root(dev)?;
+        self.room(Room::Freeing, MAPPING_CHANGE_BLOCKS)?;
         self.mutate(|md| md.remove_one(dev, vblock))
     }
 
@@ -601,6 +742,11 @@ impl ThinMetadata {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
+        if !keys.is_empty() {
+            // Neighbouring keys share leaves: one path, then a leaf and a sibling per leafful.
+            let leaves = (keys.len() as u64).div_ceil(btree::max_entries(8) as u64 / 3);
+            self.room(Room::Freeing, MAPPING_CHANGE_BLOCKS + 2 * leaves)?;
+        }
         self.mutate(|md| {
             let mut out = Vec::with_capacity(keys.len());
             for k in keys {
@@ -615,6 +761,7 @@ impl ThinMetadata {
     /// Allocates a data block (reference count 1) for a new mapping.
     pub fn alloc_data_block(&mut self) -> Result<u64> {
         self.writable()?;
+        self.room(Room::Growth, MAPPING_CHANGE_BLOCKS)?;
         let b = self.tm.data_sm.alloc().ok_or_else(|| {
             Error::new(
                 ErrorKind::NoSpace,
@@ -674,6 +821,33 @@ impl ThinMetadata {
         }
         self.mutate(|md| {
             md.tm.data_sm.grow(nr_blocks);
+            md.superblock_changed = true;
+            Ok(())
+        })
+    }
+
+    /// Grows the metadata space map to `nr_blocks` (the device must hold them already); the
+    /// new bitmaps and the superblock's size are written at the next commit.
+    pub fn resize_metadata(&mut self, nr_blocks: u64) -> Result<()> {
+        let now = self.tm.meta_sm.nr_blocks();
+        if nr_blocks < now {
+            return fail(
+                ErrorKind::Unsupported,
+                format!("shrinking the metadata device from {now} to {nr_blocks} blocks"),
+            );
+        }
+        if nr_blocks > MAX_METADATA_BLOCKS {
+            return fail(
+                ErrorKind::OutOfBounds,
+                format!(
+                    "{nr_blocks} metadata blocks: the format holds at most {MAX_METADATA_BLOCKS}"
+                ),
+            );
+        }
+        self.writable()?;
+        self.tm.io().grow(nr_blocks)?;
+        self.mutate(|md| {
+            md.tm.meta_sm.grow(nr_blocks);
             md.superblock_changed = true;
             Ok(())
         })

@@ -1,0 +1,352 @@
+//! Metadata exhaustion and pool growth at the engine level: a pool whose metadata fills refuses
+//! only what needs new metadata (no space), keeps serving the rest, never turns read-only, and
+//! a grow brings everything back.
+
+mod engine_support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine_support::*;
+use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, PoolMode};
+use thinnbd::error::ErrorKind;
+
+const BLOCK: u64 = 64 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+fn error_policy() -> PoolConfig {
+    PoolConfig {
+        no_space_policy: NoSpacePolicy::Error,
+        ..PoolConfig::default()
+    }
+}
+
+/// Creates thins from `first` on until one is refused; returns the refused id. The refusal
+/// must be "no space", never a read-only pool.
+fn create_until_refused(pool: &Pool, first: u32) -> u32 {
+    for id in first..first + 20_000 {
+        if let Err(e) = pool.create_thin(id) {
+            assert_eq!(e.kind(), ErrorKind::NoSpace, "thin {id}: {e}");
+            return id;
+        }
+    }
+    panic!("20,000 thins fitted in the metadata: the test pool is too large");
+}
+
+fn assert_writable_for_what_needs_no_metadata(pool: &Arc<Pool>, thin: u32, provisioned: u64) {
+    let h = pool.activate(thin, 64 * GIB, false).unwrap();
+    // Writes that need new blocks until the metadata refuses one (when a mapping leaf splits;
+    // the data device has room for all of them): no space, to that request alone.
+    let mut refused = None;
+    for vb in 100..1000u64 {
+        match h.write(vb * BLOCK, &[1u8; 4096], false) {
+            Ok(()) => h.flush().unwrap(),
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+                assert!(e.to_string().contains("metadata"), "{e}");
+                refused = Some(vb);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the metadata never refused a new block");
+    let mut buf = vec![0u8; 4096];
+    h.read(refused * BLOCK, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 0), "a refused write left data");
+    // Overwrites of provisioned blocks, reads, discards and flushes go on.
+    for b in 0..provisioned {
+        h.write(b * BLOCK, &pattern(100 + b, 0, BLOCK as usize), false)
+            .unwrap();
+    }
+    h.flush().unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    for b in 0..provisioned {
+        h.read(b * BLOCK, &mut buf).unwrap();
+        assert_eq!(buf, pattern(100 + b, 0, BLOCK as usize), "block {b}");
+    }
+    h.discard((provisioned - 1) * BLOCK, BLOCK, false).unwrap();
+    h.flush().unwrap();
+    pool.teardown(h).unwrap();
+    let st = pool.status();
+    assert_ne!(st.mode, PoolMode::ReadOnly, "{:?}", st.read_only_reason);
+}
+
+#[test]
+fn filling_metadata_with_volumes_refuses_new_volumes_and_keeps_the_pool_writable() {
+    let _w = watchdog(600, "filling metadata with volumes");
+    let tp = temp_pool_fast(64 * MIB, BLOCK, error_policy());
+    let pool = tp.pool.clone();
+    pool.create_thin(0).unwrap();
+    let h = pool.activate(0, 64 * MIB, false).unwrap();
+    for b in 0..8 {
+        h.write(b * BLOCK, &pattern(b, 0, BLOCK as usize), false)
+            .unwrap();
+    }
+    h.flush().unwrap();
+    pool.teardown(h).unwrap();
+
+    let refused = create_until_refused(&pool, 1);
+    assert!(
+        refused > 1000,
+        "the default metadata holds 1000 volumes, got {refused}"
+    );
+    // The refusal leaves no trace: the next try is refused the same way.
+    assert_eq!(
+        pool.create_thin(refused).unwrap_err().kind(),
+        ErrorKind::NoSpace
+    );
+    assert_writable_for_what_needs_no_metadata(&pool, 0, 8);
+
+    // Growing the metadata online lifts the refusal.
+    let meta_now = pool.status().metadata_total * 4096;
+    pool.grow(None, Some(meta_now * 2)).unwrap();
+    pool.create_thin(refused).unwrap();
+    let h = pool.activate(0, 64 * MIB, false).unwrap();
+    h.write(20 * BLOCK, &pattern(20, 0, BLOCK as usize), false)
+        .unwrap();
+    h.flush().unwrap();
+    pool.teardown(h).unwrap();
+    pool.shutdown().unwrap();
+    drop(pool);
+    let TempPool { dir, pool: last } = tp;
+    drop(last);
+    let (meta, data) = (dir.path().join("meta"), dir.path().join("data"));
+    thin_check(&meta);
+    verify_meta(&meta);
+
+    let pool = Pool::open(&meta, &data, error_policy()).unwrap();
+    assert_eq!(pool.status().metadata_total * 4096, meta_now * 2);
+    assert!(pool.thin_ids().contains(&refused));
+    let h = pool.activate(0, 64 * MIB, false).unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    for b in 0..7 {
+        h.read(b * BLOCK, &mut buf).unwrap();
+        assert_eq!(buf, pattern(100 + b, 0, BLOCK as usize), "block {b}");
+    }
+    h.read(20 * BLOCK, &mut buf).unwrap();
+    assert_eq!(buf, pattern(20, 0, BLOCK as usize));
+}
+
+/// Snapshots fill the metadata while a writer overwrites and provisions: the writer sees only
+/// successes and no-space refusals, and everything it saw flushed survives a restart.
+#[test]
+fn filling_metadata_with_snapshots_under_write_load_loses_nothing_flushed() {
+    let _w = watchdog(600, "filling metadata with snapshots");
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let (meta, data) = (dir.path().join("meta"), dir.path().join("data"));
+    // 256 metadata blocks: a few dozen snapshots fill them.
+    let pool = Pool::create_sized(
+        &meta,
+        &data,
+        128 * MIB,
+        BLOCK,
+        Some(256 * 4096),
+        error_policy(),
+    )
+    .unwrap();
+    pool.create_thin(0).unwrap();
+    let blocks = 64u64;
+    let h = pool.activate(0, 64 * GIB, false).unwrap();
+    for b in 0..blocks / 2 {
+        h.write(b * BLOCK, &pattern(b, 0, 4096), false).unwrap();
+    }
+    h.flush().unwrap();
+    // vblock -> tag of the last write acknowledged and flushed (absent: reads zeros).
+    let mut expected: std::collections::BTreeMap<u64, u64> =
+        (0..blocks / 2).map(|b| (b, b)).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let mut expected = expected.clone();
+        std::thread::spawn(move || {
+            let mut refused = 0u64;
+            let mut tag = 1000u64;
+            let mut round = 0u64;
+            let mut attempted = std::collections::BTreeSet::new();
+            while !(stop.load(Ordering::Acquire) && refused > 0) && round < 2000 {
+                round += 1;
+                let mut pending = Vec::new();
+                // The origin's blocks (shared after each snapshot), then a new block in a
+                // leaf of its own.
+                let targets = (0..blocks).chain(std::iter::once(blocks + round * 1000));
+                for vb in targets {
+                    tag += 1;
+                    attempted.insert(vb);
+                    match h.write(vb * BLOCK, &pattern(tag, 0, 4096), false) {
+                        Ok(()) => pending.push((vb, tag)),
+                        Err(e) => {
+                            assert_eq!(e.kind(), ErrorKind::NoSpace, "block {vb}: {e}");
+                            refused += 1;
+                        }
+                    }
+                }
+                h.flush().unwrap();
+                for (vb, t) in pending {
+                    expected.insert(vb, t);
+                }
+            }
+            (h, expected, attempted, refused)
+        })
+    };
+    let mut snaps = 0u32;
+    loop {
+        match pool.create_snapshot(1 + snaps, 0) {
+            Ok(()) => snaps += 1,
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::NoSpace, "snapshot {}: {e}", 1 + snaps);
+                break;
+            }
+        }
+        assert!(snaps < 10_000, "the metadata never filled");
+    }
+    stop.store(true, Ordering::Release);
+    let (h, got, attempted, refused) = writer.join().unwrap();
+    expected = got;
+    assert!(snaps > 0, "no snapshot fitted at all");
+    assert!(refused > 0, "the writer never met the full metadata");
+    let st = pool.status();
+    assert_ne!(st.mode, PoolMode::ReadOnly, "{:?}", st.read_only_reason);
+    pool.teardown(h).unwrap();
+
+    // Deleting snapshots frees metadata: new blocks are writable again.
+    for id in 1..=snaps {
+        pool.delete_thin(id).unwrap();
+    }
+    let h = pool.activate(0, 64 * GIB, false).unwrap();
+    h.write(blocks * BLOCK, &pattern(7, 0, 4096), false)
+        .unwrap();
+    h.flush().unwrap();
+    expected.insert(blocks, 7);
+    pool.teardown(h).unwrap();
+    pool.shutdown().unwrap();
+    drop(pool);
+    thin_check(&meta);
+    verify_meta(&meta);
+
+    let pool = Pool::open(&meta, &data, error_policy()).unwrap();
+    let h = pool.activate(0, 64 * GIB, false).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for vb in attempted {
+        h.read(vb * BLOCK, &mut buf).unwrap();
+        match expected.get(&vb) {
+            Some(t) => assert_eq!(buf, pattern(*t, 0, 4096), "block {vb}"),
+            None => assert!(buf.iter().all(|&x| x == 0), "block {vb}"),
+        }
+    }
+}
+
+/// A full data device with the queue policy: writers wait, an online grow lets them finish.
+#[test]
+fn growing_the_data_online_lets_queued_writes_finish() {
+    let _w = watchdog(300, "queued writes after a grow");
+    let tp = temp_pool_fast(
+        BLOCK * 16,
+        BLOCK,
+        PoolConfig {
+            no_space_policy: NoSpacePolicy::Queue,
+            queue_timeout: Duration::from_secs(120),
+            ..PoolConfig::default()
+        },
+    );
+    let pool = tp.pool.clone();
+    pool.create_thin(0).unwrap();
+    let h = pool.activate(0, 64 * MIB, false).unwrap();
+    for b in 0..16 {
+        h.write(b * BLOCK, &pattern(b, 0, 4096), false).unwrap();
+    }
+    h.flush().unwrap();
+    let writers: Vec<_> = (16..24u64)
+        .map(|b| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                h.write(b * BLOCK, &pattern(b, 0, 4096), false)?;
+                h.flush()
+            })
+        })
+        .collect();
+    // Bounded wait until the pool reports itself full (the writers are queued).
+    for _ in 0..6000 {
+        if pool.status().mode == PoolMode::OutOfSpace {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(pool.status().mode, PoolMode::OutOfSpace);
+    assert!(writers.iter().all(|w| !w.is_finished()));
+    // Shrinking is refused and changes nothing.
+    let err = pool.grow(Some(BLOCK * 8), None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    pool.grow(Some(BLOCK * 32), None).unwrap();
+    for w in writers {
+        w.join().unwrap().unwrap();
+    }
+    assert_eq!(pool.status().data_total, 32);
+    pool.teardown(h).unwrap();
+    pool.shutdown().unwrap();
+    drop(pool);
+    let TempPool { dir, pool: last } = tp;
+    drop(last);
+    let (meta, data) = (dir.path().join("meta"), dir.path().join("data"));
+    thin_check(&meta);
+    verify_meta(&meta);
+    let pool = Pool::open(&meta, &data, PoolConfig::default()).unwrap();
+    let h = pool.activate(0, 64 * MIB, false).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for b in 0..24 {
+        h.read(b * BLOCK, &mut buf).unwrap();
+        assert_eq!(buf, pattern(b, 0, 4096), "block {b}");
+    }
+}
+
+/// A data file enlarged behind the pool's back (as a block device grown by LVM) is taken up by
+/// a grow without a size.
+#[test]
+fn a_grow_without_a_size_takes_up_an_enlarged_data_device() {
+    let tp = temp_pool(BLOCK * 16, BLOCK, PoolConfig::default());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(tp.data_path())
+        .unwrap()
+        .set_len(BLOCK * 40)
+        .unwrap();
+    assert_eq!(tp.pool.status().data_total, 16);
+    tp.pool.grow(None, None).unwrap();
+    assert_eq!(tp.pool.status().data_total, 40);
+}
+
+#[test]
+fn the_default_metadata_counts_volumes_not_only_data_blocks() {
+    // thin_metadata_size -b 64k -s 64m -m 1000: about 1009 blocks; ours adds the commit and
+    // freeing reserves.
+    let bytes = Pool::default_metadata_bytes(64 * MIB, BLOCK);
+    assert!(bytes >= (1000 + 9) * 4096, "{bytes}");
+    // The estimate grows with the data: a leaf per 126 blocks.
+    let big = Pool::default_metadata_bytes(64 * 1024 * MIB, BLOCK);
+    assert!(big >= bytes + (1_048_576 / 126 - 9) * 4096, "{big}");
+}
+
+#[test]
+fn the_metadata_low_water_mark_is_reported() {
+    let tp = temp_pool_fast(
+        64 * MIB,
+        BLOCK,
+        PoolConfig {
+            metadata_low_water_percent: 50,
+            ..error_policy()
+        },
+    );
+    let st = tp.pool.status();
+    assert!(!st.metadata_low_water_crossed, "{st:?}");
+    assert_eq!(st.metadata_low_water_blocks, st.metadata_total / 2);
+    let mut id = 0;
+    while tp.pool.status().metadata_free > st.metadata_total / 2 {
+        tp.pool.create_thin(id).unwrap();
+        id += 1;
+        assert!(id < 20_000);
+    }
+    assert!(tp.pool.status().metadata_low_water_crossed);
+}
