@@ -39,6 +39,7 @@ struct RawPool {
     no_space_policy: Option<String>,
     no_space_timeout_secs: Option<u64>,
     low_water_mark: Option<String>,
+    metadata_low_water: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +87,9 @@ pub struct PoolSettings {
     pub no_space_policy: NoSpacePolicy,
     pub no_space_timeout: Duration,
     pub low_water_mark: u64,
+    /// Free metadata, in percent of the metadata device, at or below which a warning is
+    /// logged and `pool status` flags the pool (0: off).
+    pub metadata_low_water_percent: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +130,16 @@ impl Ctx<'_> {
             ErrorKind::InvalidInput,
             format!("config {}: key {key}: {why}", self.file),
         )
+    }
+
+    /// A percentage written `"20%"`, 0 to 100.
+    fn percent(&self, key: &str, v: Option<String>, default: &str) -> Result<u64> {
+        let text = v.unwrap_or_else(|| default.to_string());
+        text.trim()
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .filter(|n| *n <= 100)
+            .ok_or_else(|| self.bad(key, format!("{text:?} is not a percentage (0% to 100%)")))
     }
 
     fn size(&self, key: &str, v: Option<String>, default: &str) -> Result<u64> {
@@ -232,6 +246,11 @@ impl Config {
             no_space_policy,
             no_space_timeout: Duration::from_secs(p.no_space_timeout_secs.unwrap_or(60)),
             low_water_mark: c.size("pool.low_water_mark", p.low_water_mark, "1G")?,
+            metadata_low_water_percent: c.percent(
+                "pool.metadata_low_water",
+                p.metadata_low_water,
+                "20%",
+            )?,
         };
         let s = raw.server;
         let mut listen = Vec::new();

@@ -144,6 +144,25 @@ enum PoolCommand {
         data: Option<PathBuf>,
         #[command(flatten)]
         output: JsonOutput,
+        /// Size of the metadata file (default: sized for the data and 1000 volumes and
+        /// snapshots, as thin_metadata_size estimates).
+        #[arg(long, value_name = "SIZE", value_parser = size_value)]
+        metadata_size: Option<u64>,
+    },
+    /// Grow a pool's data and/or metadata, online through a running server or offline.
+    /// Without --data-size the data file or device is taken up at its size now (a block
+    /// device that was enlarged, a file grown with truncate). Shrinking is refused.
+    Grow {
+        dir: PathBuf,
+        /// New size of the data device (a file is extended; a block device must be that
+        /// large already).
+        #[arg(long, value_name = "SIZE", value_parser = size_value)]
+        data_size: Option<u64>,
+        /// New size of the metadata file; lifts a refusal for want of metadata space.
+        #[arg(long, value_name = "SIZE", value_parser = size_value)]
+        metadata_size: Option<u64>,
+        #[command(flatten)]
+        output: JsonOutput,
     },
     /// Data and metadata used/total, mode, and each volume's mapped size.
     Status {
@@ -352,9 +371,20 @@ fn print_status(r: &PoolReport) {
         r.data_used_bytes, r.data_total_bytes
     );
     println!(
-        "metadata:  {} / {} blocks used",
-        r.metadata_used_blocks, r.metadata_total_blocks
+        "metadata:  {} / {} blocks used, {} free, {} kept in reserve",
+        r.metadata_used_blocks,
+        r.metadata_total_blocks,
+        r.metadata_free_blocks,
+        r.metadata_reserve_blocks
     );
+    if r.metadata_low_water_crossed {
+        println!(
+            "warning:   free metadata is at or below its low-water mark ({} blocks, {} bytes): grow it with `thinnbd pool grow {} --metadata-size SIZE`",
+            r.metadata_low_water_blocks,
+            r.metadata_low_water_blocks * 4096,
+            r.dir.display()
+        );
+    }
     for v in &r.volumes {
         println!(
             "volume {} thin={} size={} mode={} origin={} mapped={}",
@@ -512,12 +542,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             block_size,
             data,
             output,
+            metadata_size,
         }) => {
             init_logging("warn");
             let opts = CreateOptions {
                 data,
                 data_size,
                 block_size,
+                metadata_size,
             };
             let config = thinnbd::service::pool_config(&Config::default_config());
             Volumes::create_pool(&dir, &opts, config)?;
@@ -532,6 +564,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dir.display(),
                     opts.data_size,
                     opts.block_size
+                );
+            })?;
+        }
+        Command::Pool(PoolCommand::Grow {
+            dir,
+            data_size,
+            metadata_size,
+            output,
+        }) => {
+            init_logging("warn");
+            let req = Request::Grow {
+                data_size,
+                metadata_size,
+            };
+            let report: PoolReport = serde_json::from_value(online_or_local(&dir, req)?)?;
+            print_result(&output, &report, |r| {
+                println!(
+                    "pool {}: {} bytes of data, {} bytes of metadata",
+                    dir.display(),
+                    r.data_total_bytes,
+                    r.metadata_total_blocks * 4096
                 );
             })?;
         }

@@ -206,6 +206,7 @@ impl InProcess {
             data: None,
             data_size: 64 << 20,
             block_size: BS,
+            metadata_size: None,
         };
         Volumes::create_pool(dir, &opts, config.clone()).unwrap();
         let volumes = Volumes::open(dir, config).unwrap();

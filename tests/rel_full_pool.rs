@@ -2,7 +2,9 @@
 //! With `no_space_policy = "error"` a write needing a new block gets ENOSPC ("No space left on
 //! device", never EIO) and writes to provisioned blocks still succeed. With "queue" the write
 //! waits, and a volume deleted online (`thinnbd volume delete`) or a discard that frees space
-//! lets it complete.
+//! lets it complete, and so does an online `thinnbd pool grow`. A pool whose metadata fills
+//! refuses new volumes and new blocks with ENOSPC, keeps serving the rest, and a metadata grow
+//! brings everything back (issue 17, points 6 and 8).
 
 mod common;
 mod rel_support;
@@ -11,7 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rel_support::server::{cli_ok, make_pool, pool_status, Server};
+use rel_support::server::{cli, cli_ok, make_pool, pool_status, Server};
 
 fn config(dir: &Path, policy: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{policy}.toml"));
@@ -184,4 +186,138 @@ fn queue_policy_completes_after_an_online_delete_or_a_discard() {
     assert_eq!(pool_status(&pool)["mode"], "write");
     assert!(server.stop().success(), "{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
+}
+
+#[test]
+fn queue_policy_completes_after_an_online_pool_grow() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let p = pool.to_str().unwrap();
+    make_pool(&pool, "4M", &[("a", "32M")]);
+    let cfg = config(dir.path(), "queue");
+    let mut server = Server::start(&pool, Some(&cfg), &dir.path().join("log"));
+    let port = server.port;
+    qemu_io_ok(port, "a", &["write -P 0x0a 0 4M"]);
+    assert_eq!(pool_status(&pool)["data_used_bytes"], 4 << 20);
+
+    // Four writers queue on the full pool.
+    let writers: Vec<(Child, String)> = (0..4u64)
+        .map(|i| {
+            let at = format!("{}M", 4 + 2 * i);
+            let cmd = format!("write -P 0x{:x} {at} 1M", 0x40 + i);
+            (spawn_queued_write(port, "a", &cmd), at)
+        })
+        .collect();
+    wait_for_mode(&pool, "out-of-space");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut writers = writers;
+    for (w, _) in writers.iter_mut() {
+        assert!(w.try_wait().unwrap().is_none(), "a write did not wait");
+    }
+    // Shrinking is refused, online as offline, and changes nothing.
+    let out = cli(&["pool", "grow", p, "--data-size", "2M"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shrinking"), "{err}");
+    cli_ok(&["pool", "grow", p, "--data-size", "16M"]);
+    for (i, (w, at)) in writers.into_iter().enumerate() {
+        let out = finish(w);
+        assert!(!out.contains("error") && !out.contains("No space"), "{out}");
+        qemu_io_ok(port, "a", &[&format!("read -P 0x{:x} {at} 1M", 0x40 + i)]);
+    }
+    qemu_io_ok(port, "a", &["read -P 0x0a 0 4M"]);
+    let st = pool_status(&pool);
+    assert_eq!(st["data_total_bytes"], 16 << 20);
+    assert_eq!(st["mode"], "write");
+    assert!(server.stop().success(), "{}", server.log_text());
+    common::assert_metadata_clean(&pool.join("metadata"));
+    // The new size is durable.
+    assert_eq!(pool_status(&pool)["data_total_bytes"], 16 << 20);
+}
+
+#[test]
+fn full_metadata_refuses_with_enospc_and_a_metadata_grow_brings_it_back() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let p = pool.to_str().unwrap();
+    // 256 metadata blocks (1 MiB) for a 64 MiB pool.
+    cli_ok(&[
+        "pool",
+        "create",
+        p,
+        "--data-size",
+        "64M",
+        "--metadata-size",
+        "1M",
+    ]);
+    cli_ok(&["volume", "create", "--pool", p, "a", "--size", "64M"]);
+    let cfg = config(dir.path(), "error");
+    let mut server = Server::start(&pool, Some(&cfg), &dir.path().join("log"));
+    let port = server.port;
+    qemu_io_ok(port, "a", &["write -P 0x11 0 1M"]);
+
+    // Volumes fill the metadata: the one refused gets "no space", the pool stays writable.
+    let mut refused = None;
+    for i in 0..1000 {
+        let name = format!("v{i}");
+        let out = cli(&["volume", "create", "--pool", p, &name, "--size", "1M"]);
+        if !out.status.success() {
+            refused = Some((name, String::from_utf8_lossy(&out.stderr).into_owned()));
+            break;
+        }
+    }
+    let (name, err) = refused.expect("the metadata never filled");
+    assert!(
+        err.contains("no space") && err.contains("metadata"),
+        "{err}"
+    );
+    let st = pool_status(&pool);
+    assert_eq!(st["mode"], "write", "{st}");
+    assert!(st["metadata_free_blocks"].as_u64().unwrap() > 0, "{st}");
+
+    // New blocks until the metadata refuses one: ENOSPC, never EIO or EPERM.
+    let out = qemu_io(port, "a", &["write -P 0x22 1M 60M"]);
+    assert!(out.contains("No space left on device"), "{out}");
+    assert!(!out.contains("Input/output error"), "{out}");
+    // Overwrites, reads, discards and flushes go on, on this connection and new ones.
+    qemu_io_ok(
+        port,
+        "a",
+        &[
+            "write -P 0x33 0 1M",
+            "flush",
+            "read -P 0x33 0 1M",
+            "discard 512k 512k",
+            "flush",
+        ],
+    );
+    assert_eq!(pool_status(&pool)["mode"], "write");
+
+    // A metadata grow online lifts the refusal.
+    cli_ok(&["pool", "grow", p, "--metadata-size", "8M"]);
+    assert_eq!(pool_status(&pool)["metadata_total_blocks"], 2048);
+    cli_ok(&["volume", "create", "--pool", p, &name, "--size", "1M"]);
+    qemu_io_ok(
+        port,
+        "a",
+        &["write -P 0x44 32M 16M", "read -P 0x44 32M 16M"],
+    );
+    assert!(server.stop().success(), "{}", server.log_text());
+    common::assert_metadata_clean(&pool.join("metadata"));
+    let server = Server::start(&pool, Some(&cfg), &dir.path().join("log2"));
+    qemu_io_ok(
+        server.port,
+        "a",
+        &[
+            "read -P 0x33 0 512k",
+            "read -P 0 512k 512k",
+            "read -P 0x44 32M 16M",
+        ],
+    );
 }

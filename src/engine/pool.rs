@@ -694,6 +694,11 @@ impl Shared {
         let metadata_total = core.md.status().metadata_total;
         drop(core);
         self.check_metadata_low_water(metadata_free, metadata_total);
+        if self.out_of_metadata.load(Ordering::Relaxed) {
+            // The commit made the metadata blocks this transaction freed allocatable: writes
+            // queued for want of metadata may fit now.
+            self.space_changed();
+        }
         if !freed.is_empty() || !to_punch.is_empty() {
             self.read_epochs.wait_for_earlier_readers();
             let punched = self.punch_discarded(&mut to_punch);

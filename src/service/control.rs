@@ -47,6 +47,12 @@ pub enum Request {
         name: String,
         new_name: String,
     },
+    /// Grow the pool: data to `data_size` bytes (absent: the data device's size now) and
+    /// metadata to `metadata_size` bytes (absent: unchanged).
+    Grow {
+        data_size: Option<u64>,
+        metadata_size: Option<u64>,
+    },
 }
 
 impl Request {
@@ -76,6 +82,14 @@ impl Request {
             Request::Rename { name, new_name } => {
                 Some(format!("rename volume {name:?} to {new_name:?}"))
             }
+            Request::Grow {
+                data_size,
+                metadata_size,
+            } => Some(format!(
+                "grow pool: data to {}, metadata to {}",
+                data_size.map_or("the device's size".into(), |b| format!("{b} bytes")),
+                metadata_size.map_or("(unchanged)".into(), |b| format!("{b} bytes"))
+            )),
         }
     }
 }
@@ -132,6 +146,10 @@ fn execute_unlogged(volumes: &Volumes, req: Request) -> Result<serde_json::Value
             volumes.delete(&name)?;
             to_value(())
         }
+        Request::Grow {
+            data_size,
+            metadata_size,
+        } => to_value(volumes.grow(data_size, metadata_size)?),
     }
 }
 

@@ -21,6 +21,7 @@ pub fn pool_config(config: &Config) -> PoolConfig {
         },
         queue_timeout: config.pool.no_space_timeout,
         low_water_blocks: config.pool.low_water_mark / config.pool.block_size.max(1),
+        metadata_low_water_percent: config.pool.metadata_low_water_percent,
         cell_pool_size: config.engine.cell_pool_size,
         metadata_cache_blocks: config.engine.metadata_cache_blocks,
         mapping_cache_slots: config.engine.mapping_cache_slots,
@@ -47,6 +48,7 @@ pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
             data: config.pool.data.clone(),
             data_size: config.pool.data_size,
             block_size: config.pool.block_size,
+            metadata_size: None,
         };
         Volumes::create_pool(&paths.dir, &opts, pool_config(config))?;
         created = true;

@@ -127,10 +127,18 @@ pub const DEFAULT_MAX_THINS: u64 = 1000;
 /// Mapping-tree leaves are assumed half full when sizing metadata (as `thin_metadata_size`).
 const SIZING_ENTRIES_PER_LEAF: u64 = 126;
 
-/// Depth bounds of the trees, for nodes at least a third full: the mapping trees (2^40 keys,
-/// 84 or more per node) and the device trees (2^24 keys, 42 or more per node).
-const MAPPING_TREE_DEPTH: u64 = 8;
-const DEVICE_TREE_DEPTH: u64 = 5;
+/// Depth a B-tree of `entries` keys can reach: nodes hold up to `max_fanout` entries and,
+/// rebalanced, never fewer than `min_fanout` (a sixth here, well under what rebalancing keeps),
+/// with one level to spare.
+fn tree_depth_bound(entries: u64, max_fanout: u64, min_fanout: u64) -> u64 {
+    let mut depth = 1;
+    let mut capacity = max_fanout;
+    while capacity < entries {
+        capacity = capacity.saturating_mul(min_fanout);
+        depth += 1;
+    }
+    depth + 1
+}
 
 /// Worst case of one insert into or removal from a tree of `depth`: the path shadowed, a
 /// sibling or a split at every level, and a new root.
@@ -139,26 +147,40 @@ const fn tree_change_blocks(depth: u64) -> u64 {
 }
 
 /// Overflow (ref-count) trees grow when a shared node is shadowed and its children gain a
-/// reference: a few more leaves at most per change.
-const OVERFLOW_GROWTH_BLOCKS: u64 = 8;
+/// reference: a leaf or two at most per change.
+const OVERFLOW_GROWTH_BLOCKS: u64 = 4;
 
-/// Metadata blocks one mapping change may take, before and at commit: the mapping tree, the
-/// device's path in the top-level tree, its details entry, and overflow growth.
-const MAPPING_CHANGE_BLOCKS: u64 = tree_change_blocks(MAPPING_TREE_DEPTH)
-    + DEVICE_TREE_DEPTH
-    + tree_change_blocks(DEVICE_TREE_DEPTH)
-    + OVERFLOW_GROWTH_BLOCKS;
+/// Worst-case metadata blocks of each kind of change, for a pool's geometry.
+#[derive(Debug, Clone, Copy)]
+struct ChangeCosts {
+    /// A mapping inserted, replaced or removed: the mapping tree, the device's path in the
+    /// top-level tree, its details entry (written at commit), overflow growth.
+    mapping: u64,
+    /// A new thin or snapshot: its root, its top-level entry, its and its origin's details.
+    device: u64,
+    /// A details entry written at commit.
+    details: u64,
+    /// Kept beyond what a commit needs for requests that free space (discards, deletes):
+    /// requests that take new metadata (blocks, volumes, snapshots) stop short of it.
+    freeing_reserve: u64,
+}
 
-/// Metadata blocks a new thin or snapshot may take: its root, the top-level tree entry, its
-/// details entry (and the origin's), and overflow growth.
-const DEVICE_CHANGE_BLOCKS: u64 = 1
-    + tree_change_blocks(DEVICE_TREE_DEPTH)
-    + 2 * tree_change_blocks(DEVICE_TREE_DEPTH)
-    + OVERFLOW_GROWTH_BLOCKS;
-
-/// Blocks kept free beyond what a commit needs, for what frees space (discards, deletes):
-/// requests that take new metadata (new blocks, volumes, snapshots) stop short of them.
-const FREEING_RESERVE_BLOCKS: u64 = 4 * MAPPING_CHANGE_BLOCKS;
+impl ChangeCosts {
+    /// A device's mappings are at most the data blocks; device ids come from the thin count.
+    fn new(nr_data_blocks: u64, nr_thins: u64) -> Self {
+        let mapping_depth = tree_depth_bound(nr_data_blocks, 252, 42);
+        let top_depth = tree_depth_bound(nr_thins + 1, 252, 42);
+        let details = tree_change_blocks(tree_depth_bound(nr_thins + 1, 126, 21));
+        let mapping =
+            tree_change_blocks(mapping_depth) + top_depth + details + OVERFLOW_GROWTH_BLOCKS;
+        ChangeCosts {
+            mapping,
+            device: 1 + tree_change_blocks(top_depth) + 2 * details + OVERFLOW_GROWTH_BLOCKS,
+            details,
+            freeing_reserve: 2 * mapping,
+        }
+    }
+}
 
 /// Blocks a commit may need besides what the transaction's changes account for.
 const COMMIT_SLACK_BLOCKS: u64 = 8;
@@ -171,12 +193,13 @@ pub fn recommended_metadata_blocks(nr_data_blocks: u64, max_thins: u64) -> u64 {
     // Each thin has a root leaf, and its entries fill the top-level and details trees'
     // nodes (a third full at worst: 84 and 42 entries).
     let thins = max_thins + max_thins.div_ceil(84) + max_thins.div_ceil(42);
+    let costs = ChangeCosts::new(nr_data_blocks, max_thins);
     let base = mappings
         + thins
-        + DEVICE_CHANGE_BLOCKS
+        + costs.device
         + commit_blocks_bound(nr_data_blocks, 0, 0, 0)
-        + FREEING_RESERVE_BLOCKS
-        + MAPPING_CHANGE_BLOCKS;
+        + costs.freeing_reserve
+        + costs.mapping;
     // The metadata bitmaps cover the result, the base included.
     let total = base + nr_bitmaps(base) + 1;
     total.clamp(MIN_METADATA_BLOCKS, MAX_METADATA_BLOCKS)
@@ -368,7 +391,7 @@ impl ThinMetadata {
             self.tm.meta_sm.nr_blocks(),
             self.tm.data_sm.nr_overflow(),
             self.tm.meta_sm.nr_overflow(),
-        ) + self.changed_details.len() as u64 * tree_change_blocks(DEVICE_TREE_DEPTH)
+        ) + self.changed_details.len() as u64 * self.costs().details
     }
 
     /// Metadata blocks that can be allocated before the next commit.
@@ -384,12 +407,16 @@ impl ThinMetadata {
     /// Metadata blocks requests that take new metadata leave alone: what a commit needs plus
     /// the reserve for requests that free space.
     pub fn metadata_reserve(&self) -> u64 {
-        self.metadata_commit_reserve() + FREEING_RESERVE_BLOCKS
+        self.metadata_commit_reserve() + self.costs().freeing_reserve
     }
 
     /// True when a write needing a new data block would find the metadata room for it.
     pub fn has_metadata_room_for_mapping(&self) -> bool {
-        self.room(Room::Growth, MAPPING_CHANGE_BLOCKS).is_ok()
+        self.room(Room::Growth, self.costs().mapping).is_ok()
+    }
+
+    fn costs(&self) -> ChangeCosts {
+        ChangeCosts::new(self.tm.data_sm.nr_blocks(), self.details.len() as u64)
     }
 
     /// Refuses (`NoSpace`, nothing changed) a request of `need` blocks that would leave less
@@ -505,7 +532,7 @@ impl ThinMetadata {
         if self.exists(dev) {
             return fail(ErrorKind::Busy, format!("thin device {dev} already exists"));
         }
-        self.room(Room::Growth, DEVICE_CHANGE_BLOCKS)?;
+        self.room(Room::Growth, self.costs().device)?;
         self.mutate(|md| {
             let root = btree::empty_tree(&mut md.tm, ValueKind::Mapping)?;
             md.add_device(dev, root, 0)
@@ -552,7 +579,7 @@ impl ThinMetadata {
         }
         let origin_root = self.root(origin)?;
         let mapped = self.mapped_blocks(origin)?;
-        self.room(Room::Growth, DEVICE_CHANGE_BLOCKS)?;
+        self.room(Room::Growth, self.costs().device)?;
         self.mutate(|md| {
             md.tm.meta_sm.inc(origin_root)?;
             md.sb.time = md.sb.time.wrapping_add(1) & 0xff_ffff;
@@ -569,7 +596,7 @@ impl ThinMetadata {
     /// Deletes a device; data and metadata blocks nobody else shares are freed.
     pub fn delete_thin(&mut self, dev: ThinId) -> Result<()> {
         let root = self.root(dev)?;
-        self.room(Room::Freeing, DEVICE_CHANGE_BLOCKS)?;
+        self.room(Room::Freeing, self.costs().device)?;
         self.mutate(|md| {
             let (top, _stale) = btree::remove(
                 &mut md.tm,
@@ -680,7 +707,7 @@ impl ThinMetadata {
         }
         // Replacing a mapping (breaking sharing) takes metadata as a new one does; the
         // allocation of `data_block` checked the growth room, this keeps the commit's.
-        self.room(Room::Freeing, MAPPING_CHANGE_BLOCKS)?;
+        self.room(Room::Freeing, self.costs().mapping)?;
         self.mutate(|md| {
             let root = md.prepare_device(dev)?;
             let value = pack_block_time(data_block, md.sb.time);
@@ -709,7 +736,7 @@ impl ThinMetadata {
     /// Removes the mapping of `vblock`, if any.
     pub fn remove(&mut self, dev: ThinId, vblock: u64) -> Result<Option<Unmapped>> {
         self.root(dev)?;
-        self.room(Room::Freeing, MAPPING_CHANGE_BLOCKS)?;
+        self.room(Room::Freeing, self.costs().mapping)?;
         self.mutate(|md| md.remove_one(dev, vblock))
     }
 
@@ -745,7 +772,7 @@ impl ThinMetadata {
         if !keys.is_empty() {
             // Neighbouring keys share leaves: one path, then a leaf and a sibling per leafful.
             let leaves = (keys.len() as u64).div_ceil(btree::max_entries(8) as u64 / 3);
-            self.room(Room::Freeing, MAPPING_CHANGE_BLOCKS + 2 * leaves)?;
+            self.room(Room::Freeing, self.costs().mapping + 2 * leaves)?;
         }
         self.mutate(|md| {
             let mut out = Vec::with_capacity(keys.len());
@@ -761,7 +788,7 @@ impl ThinMetadata {
     /// Allocates a data block (reference count 1) for a new mapping.
     pub fn alloc_data_block(&mut self) -> Result<u64> {
         self.writable()?;
-        self.room(Room::Growth, MAPPING_CHANGE_BLOCKS)?;
+        self.room(Room::Growth, self.costs().mapping)?;
         let b = self.tm.data_sm.alloc().ok_or_else(|| {
             Error::new(
                 ErrorKind::NoSpace,

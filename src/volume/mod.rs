@@ -145,6 +145,16 @@ pub struct PoolReport {
     pub data_total_bytes: u64,
     pub metadata_used_blocks: u64,
     pub metadata_total_blocks: u64,
+    /// Metadata blocks free now, and those kept so commits finish and space can be freed
+    /// (a new volume, snapshot or data block is refused with no space rather than take them).
+    #[serde(default)]
+    pub metadata_free_blocks: u64,
+    #[serde(default)]
+    pub metadata_reserve_blocks: u64,
+    #[serde(default)]
+    pub metadata_low_water_blocks: u64,
+    #[serde(default)]
+    pub metadata_low_water_crossed: bool,
     pub mode: String,
     pub low_water_crossed: bool,
     pub volumes: Vec<VolumeInfo>,
@@ -186,6 +196,8 @@ pub struct CreateOptions {
     pub data: Option<PathBuf>,
     pub data_size: u64,
     pub block_size: u64,
+    /// Bytes of metadata; `None` sizes it for the data and a thousand volumes and snapshots.
+    pub metadata_size: Option<u64>,
 }
 
 fn take_lock(paths: &PoolPaths) -> Result<File> {
@@ -252,11 +264,12 @@ impl Volumes {
             data: opts.data.clone(),
         };
         let data_path = file.data_path(&paths);
-        let pool = Pool::create(
+        let pool = Pool::create_sized(
             &paths.metadata,
             &data_path,
             opts.data_size,
             opts.block_size,
+            opts.metadata_size,
             config,
         )?;
         pool.shutdown()?;
@@ -618,6 +631,10 @@ impl Volumes {
             data_total_bytes: s.data_total * block,
             metadata_used_blocks: s.metadata_used,
             metadata_total_blocks: s.metadata_total,
+            metadata_free_blocks: s.metadata_free,
+            metadata_reserve_blocks: s.metadata_reserve,
+            metadata_low_water_blocks: s.metadata_low_water_blocks,
+            metadata_low_water_crossed: s.metadata_low_water_crossed,
             mode: match s.mode {
                 PoolMode::Write => "write".into(),
                 PoolMode::OutOfSpace => "out-of-space".into(),
@@ -629,6 +646,13 @@ impl Volumes {
             low_water_crossed: s.low_water_crossed,
             volumes: self.list(),
         }
+    }
+
+    /// Grows the pool's data (`None`: to the data device's size now) and metadata (`None`:
+    /// unchanged); shrinking is refused. Returns the pool's status after.
+    pub fn grow(&self, data_size: Option<u64>, metadata_size: Option<u64>) -> Result<PoolReport> {
+        self.pool.grow(data_size, metadata_size)?;
+        Ok(self.status())
     }
 
     /// Registry against metadata: orphan thins and names without thins.
