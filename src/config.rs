@@ -87,8 +87,8 @@ pub struct PoolSettings {
     pub no_space_policy: NoSpacePolicy,
     pub no_space_timeout: Duration,
     pub low_water_mark: u64,
-    /// Free metadata, in percent of the metadata device, at or below which a warning is
-    /// logged and `pool status` flags the pool (0: off).
+    /// Free metadata, in percent of the metadata device on top of the reserve, at or below
+    /// which a warning is logged and `pool status` flags the pool (0: off).
     pub metadata_low_water_percent: u64,
 }
 

@@ -344,9 +344,13 @@ fn the_metadata_low_water_mark_is_reported() {
     );
     let st = tp.pool.status();
     assert!(!st.metadata_low_water_crossed, "{st:?}");
-    assert_eq!(st.metadata_low_water_blocks, st.metadata_total / 2);
+    // Half the metadata on top of the reserve, so the warning comes before a refusal.
+    assert_eq!(
+        st.metadata_low_water_blocks,
+        st.metadata_reserve + st.metadata_total / 2
+    );
     let mut id = 0;
-    while tp.pool.status().metadata_free > st.metadata_total / 2 {
+    while tp.pool.status().metadata_free > st.metadata_low_water_blocks {
         tp.pool.create_thin(id).unwrap();
         id += 1;
         assert!(id < 20_000);

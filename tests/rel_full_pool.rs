@@ -280,6 +280,18 @@ fn full_metadata_refuses_with_enospc_and_a_metadata_grow_brings_it_back() {
     let st = pool_status(&pool);
     assert_eq!(st["mode"], "write", "{st}");
     assert!(st["metadata_free_blocks"].as_u64().unwrap() > 0, "{st}");
+    // Below the metadata low-water mark (20% by default): `pool status` and the log say so.
+    assert_eq!(st["metadata_low_water_crossed"], true, "{st}");
+    let text = cli_ok(&["pool", "status", p]);
+    assert!(
+        text.contains("metadata") && text.contains("low-water mark"),
+        "{text}"
+    );
+    assert!(
+        server.log_text().contains("metadata low-water mark"),
+        "{}",
+        server.log_text()
+    );
 
     // New blocks until the metadata refuses one: ENOSPC, never EIO or EPERM.
     let out = qemu_io(port, "a", &["write -P 0x22 1M 60M"]);

@@ -48,8 +48,9 @@ pub struct PoolConfig {
     /// Free data blocks at or below which the pool reports (and logs once) the low-water mark;
     /// 0 turns the mark off.
     pub low_water_blocks: u64,
-    /// Free metadata blocks, as a percentage of the metadata device, at or below which the
-    /// pool reports (and logs once) the metadata low-water mark; 0 turns the mark off.
+    /// Free metadata blocks, as a percentage of the metadata device above the reserve, at or
+    /// below which the pool reports (and logs once) the metadata low-water mark; 0 turns the
+    /// mark off.
     pub metadata_low_water_percent: u64,
     /// Cells in the bio prison's pool (blocks being provisioned or copied at once).
     pub cell_pool_size: usize,
@@ -494,13 +495,17 @@ impl Shared {
         }
     }
 
-    /// The metadata low-water mark in blocks for a metadata device of `total` blocks.
-    fn metadata_low_water_blocks(&self, total: u64) -> u64 {
-        total.saturating_mul(self.config.metadata_low_water_percent) / 100
+    /// The metadata low-water mark in blocks: the configured share of a metadata device of
+    /// `total` blocks above the `reserve`, so the warning comes before any refusal.
+    fn metadata_low_water_blocks(&self, total: u64, reserve: u64) -> u64 {
+        match self.config.metadata_low_water_percent {
+            0 => 0,
+            pct => reserve + total.saturating_mul(pct) / 100,
+        }
     }
 
-    fn check_metadata_low_water(&self, free: u64, total: u64) {
-        let mark = self.metadata_low_water_blocks(total);
+    fn check_metadata_low_water(&self, free: u64, total: u64, reserve: u64) {
+        let mark = self.metadata_low_water_blocks(total, reserve);
         if mark == 0 {
             return;
         }
@@ -692,8 +697,9 @@ impl Shared {
         core.md.commit().map_err(|e| self.note(e))?;
         let metadata_free = core.md.free_metadata_blocks();
         let metadata_total = core.md.status().metadata_total;
+        let metadata_reserve = core.md.metadata_reserve();
         drop(core);
-        self.check_metadata_low_water(metadata_free, metadata_total);
+        self.check_metadata_low_water(metadata_free, metadata_total, metadata_reserve);
         if self.out_of_metadata.load(Ordering::Relaxed) {
             // The commit made the metadata blocks this transaction freed allocatable: writes
             // queued for want of metadata may fit now.
@@ -1267,7 +1273,8 @@ impl Pool {
         let metadata_free = core.md.free_metadata_blocks();
         let metadata_reserve = core.md.metadata_reserve();
         drop(core);
-        let metadata_low_water_blocks = sh.metadata_low_water_blocks(ms.metadata_total);
+        let metadata_low_water_blocks =
+            sh.metadata_low_water_blocks(ms.metadata_total, metadata_reserve);
         let mode = if ro.is_some() {
             PoolMode::ReadOnly
         } else if sh.out_of_space.load(Ordering::Relaxed) {
