@@ -107,13 +107,8 @@ fn filling_metadata_with_volumes_refuses_new_volumes_and_keeps_the_pool_writable
         .unwrap();
     h.flush().unwrap();
     pool.teardown(h).unwrap();
-    pool.shutdown().unwrap();
     drop(pool);
-    let TempPool { dir, pool: last } = tp;
-    drop(last);
-    let (meta, data) = (dir.path().join("meta"), dir.path().join("data"));
-    thin_check(&meta);
-    verify_meta(&meta);
+    let (_dir, meta, data) = tp.close_checked();
 
     let pool = Pool::open(&meta, &data, error_policy()).unwrap();
     assert_eq!(pool.status().metadata_total * 4096, meta_now * 2);
@@ -289,13 +284,8 @@ fn growing_the_data_online_lets_queued_writes_finish() {
     }
     assert_eq!(pool.status().data_total, 32);
     pool.teardown(h).unwrap();
-    pool.shutdown().unwrap();
     drop(pool);
-    let TempPool { dir, pool: last } = tp;
-    drop(last);
-    let (meta, data) = (dir.path().join("meta"), dir.path().join("data"));
-    thin_check(&meta);
-    verify_meta(&meta);
+    let (_dir, meta, data) = tp.close_checked();
     let pool = Pool::open(&meta, &data, PoolConfig::default()).unwrap();
     let h = pool.activate(0, 64 * MIB, false).unwrap();
     let mut buf = vec![0u8; 4096];

@@ -24,6 +24,18 @@ impl TempPool {
     pub fn data_path(&self) -> PathBuf {
         self.dir.path().join("data")
     }
+
+    /// Shuts the pool down (callers drop their own clones first), runs both metadata
+    /// checkers, and hands back the directory with the metadata and data paths for a reopen.
+    pub fn close_checked(self) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let (meta, data) = (self.meta_path(), self.data_path());
+        self.pool.shutdown().expect("shutdown");
+        let TempPool { dir, pool } = self;
+        drop(pool);
+        thin_check(&meta);
+        verify_meta(&meta);
+        (dir, meta, data)
+    }
 }
 
 /// A pool on files in a fresh temporary directory.
