@@ -333,3 +333,50 @@ fn full_metadata_refuses_with_enospc_and_a_metadata_grow_brings_it_back() {
         ],
     );
 }
+
+/// The operator's guide case: the data file grown with `truncate` is taken up by `pool grow`
+/// (a restart alone leaves the pool at its old size), metadata grows, shrinking is refused.
+#[test]
+fn pool_grow_offline_takes_up_a_grown_data_file_and_refuses_shrinking() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let p = pool.to_str().unwrap();
+    make_pool(&pool, "64M", &[("a", "16M")]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(pool.join("data"))
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    assert_eq!(pool_status(&pool)["data_total_bytes"], 64 << 20);
+    cli_ok(&["pool", "grow", p]);
+    assert_eq!(pool_status(&pool)["data_total_bytes"], 128 << 20);
+
+    let meta_blocks = pool_status(&pool)["metadata_total_blocks"]
+        .as_u64()
+        .unwrap();
+    for (flag, size) in [("--data-size", "64M"), ("--metadata-size", "1M")] {
+        let out = cli(&["pool", "grow", p, flag, size]);
+        assert!(!out.status.success(), "{flag} {size} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("shrinking"), "{err}");
+    }
+    cli_ok(&[
+        "pool",
+        "grow",
+        p,
+        "--metadata-size",
+        "16M",
+        "--data-size",
+        "256M",
+    ]);
+    let st = pool_status(&pool);
+    assert_eq!(st["metadata_total_blocks"], 4096, "{st}");
+    assert!(meta_blocks < 4096);
+    assert_eq!(st["data_total_bytes"], 256 << 20);
+    assert_eq!(
+        std::fs::metadata(pool.join("metadata")).unwrap().len(),
+        16 << 20
+    );
+    common::assert_metadata_clean(&pool.join("metadata"));
+}

@@ -371,6 +371,29 @@ mod tests {
     }
 
     #[test]
+    fn allocatable_and_overflow_counts_follow_every_change() {
+        let mut sm = SpaceMap::new(10);
+        let a = sm.alloc().unwrap();
+        let b = sm.alloc().unwrap();
+        assert_eq!(sm.nr_allocatable(), 8);
+        sm.commit_done();
+        sm.dec(a).unwrap();
+        // Freed in this transaction: not allocatable until the commit.
+        assert_eq!(sm.nr_allocatable(), 8);
+        sm.commit_done();
+        assert_eq!(sm.nr_allocatable(), 9);
+        for _ in 0..3 {
+            sm.inc(b).unwrap();
+        }
+        assert_eq!(sm.nr_overflow(), 1);
+        sm.dec(b).unwrap();
+        sm.dec(b).unwrap();
+        assert_eq!(sm.nr_overflow(), 0);
+        sm.grow(20);
+        assert_eq!(sm.nr_allocatable(), 19);
+    }
+
+    #[test]
     fn bitmap_round_trip_with_the_kernel_bit_order() {
         let mut sm = SpaceMap::new(20_000);
         for (b, c) in [(0, 1), (1, 2), (2, 3), (3, 7), (16_319, 1), (16_320, 2)] {
