@@ -223,6 +223,11 @@ fn queue_policy_completes_after_an_online_pool_grow() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("shrinking"), "{err}");
     cli_ok(&["pool", "grow", p, "--data-size", "16M"]);
+    assert!(
+        server.log_text().contains("control: grow pool"),
+        "the grow is not logged:\n{}",
+        server.log_text()
+    );
     for (i, (w, at)) in writers.into_iter().enumerate() {
         let out = finish(w);
         assert!(!out.contains("error") && !out.contains("No space"), "{out}");
