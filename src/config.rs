@@ -10,6 +10,10 @@ use serde::Deserialize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::util::parse_size;
 
+/// The pool directory when neither the config nor the command line names one; the only one
+/// `serve` creates on first start without `--create` (a mistyped path must not get a new pool).
+pub const DEFAULT_POOL_DIR: &str = "./thinnbd-pool";
+
 /// The configuration compiled in, identical to `config/thinnbd.toml`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/thinnbd.toml");
 
@@ -176,6 +180,18 @@ fn key_at(text: &str, at: usize) -> Option<String> {
     })
 }
 
+impl PoolSettings {
+    /// True when `dir` is the default pool directory (`./thinnbd-pool`, however spelled).
+    pub fn is_default_dir(&self) -> bool {
+        let plain = |p: &Path| -> PathBuf {
+            p.components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect()
+        };
+        plain(&self.dir) == plain(Path::new(DEFAULT_POOL_DIR))
+    }
+}
+
 impl Config {
     /// The built-in defaults.
     pub fn default_config() -> Config {
@@ -232,7 +248,7 @@ impl Config {
             }
         };
         let pool = PoolSettings {
-            dir: p.dir.unwrap_or_else(|| PathBuf::from("./thinnbd-pool")),
+            dir: p.dir.unwrap_or_else(|| PathBuf::from(DEFAULT_POOL_DIR)),
             data: p.data,
             create_if_missing: p.create_if_missing.unwrap_or(true),
             data_size,

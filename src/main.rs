@@ -54,7 +54,8 @@ struct JsonOutput {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve every volume of a pool as an NBD export (creates the default pool on first start).
+    /// Serve every volume of a pool as an NBD export (creates ./thinnbd-pool on first start;
+    /// any other missing pool only with --create).
     Serve(ServeArgs),
     /// Create a pool or show its status.
     #[command(subcommand)]
@@ -122,9 +123,13 @@ struct ServeArgs {
     /// on every address it resolves to (localhost: 127.0.0.1 and ::1).
     #[arg(long, value_parser = listen_value)]
     listen: Vec<ListenAddrs>,
-    /// A unix socket to listen on.
+    /// A unix socket to listen on (a stale socket there is replaced; anything else is an error).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Create the pool if the directory holds none (without it, only the default
+    /// ./thinnbd-pool is created on first start).
+    #[arg(long)]
+    create: bool,
 }
 
 #[derive(Subcommand)]
@@ -520,6 +525,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(p) = args.pool {
                 config.pool.dir = p;
             }
+            // A mistyped --pool (or config dir) must not silently get a new, empty pool.
+            config.pool.create_if_missing =
+                args.create || (config.pool.create_if_missing && config.pool.is_default_dir());
             if !args.listen.is_empty() {
                 config.server.listen = args.listen.iter().flat_map(|a| a.0.clone()).collect();
             }

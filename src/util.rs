@@ -1,8 +1,13 @@
-//! Small OS helpers shared by the layers: device sizing, hole punching, size parsing.
+//! Small OS helpers shared by the layers: device sizing, hole punching, size parsing, and
+//! clearing the way for a unix socket without taking one that is in use.
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use crate::error::{Error, ErrorKind, Result};
 
 /// Size in bytes of a regular file or a block device.
 pub fn device_size(file: &File) -> io::Result<u64> {
@@ -143,6 +148,45 @@ pub fn resolve_listen_addr(text: &str) -> std::result::Result<Vec<std::net::Sock
         return Err(format!("{text:?} resolves to no address"));
     }
     Ok(addrs)
+}
+
+/// Makes `path` free for a unix socket to be bound: removes a stale socket (one nobody answers
+/// on, left by a process that died) and nothing else. A live socket belongs to another server,
+/// and a file that is not a socket is someone's data: both are errors naming the path.
+pub fn remove_stale_socket(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("examining {}", path.display()), e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{} exists and is not a socket: not replacing it (remove it or choose another path)",
+                path.display()
+            ),
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{} is the socket of a running server (it answers): stop that server or choose another path",
+                path.display()
+            ),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e)),
+        Err(e) => Err(Error::io(
+            format!("{} is a socket that cannot be probed; not replacing it", path.display()),
+            e,
+        )),
+    }
 }
 
 #[cfg(test)]

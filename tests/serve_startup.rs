@@ -1,13 +1,13 @@
 //! Starting `thinnbd serve`: the default first start (a new `./thinnbd-pool` with a 10 GiB
-//! `default` volume on a 64 GiB sparse data file), restarting on the same pool, and config files
-//! that are refused with a message naming the key and the file.
+//! `default` volume on a 64 GiB sparse data file), restarting on the same pool, config files
+//! that are refused with a message naming the key and the file, a missing pool elsewhere that
+//! is created only with `--create`, and a `--socket` path that is replaced only when stale.
 
 mod serve_support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serve_support::*;
 
@@ -80,37 +80,12 @@ fn default_start_creates_the_pool_and_default_volume() {
     assert_pool_clean(&dir);
 }
 
-/// Runs `thinnbd serve --config FILE` (with a test port, in case the file were accepted) and
-/// returns its exit status and stderr. Bounded: killed after 60 s.
+/// Runs `thinnbd serve --config FILE`, which must refuse the file; returns its exit status and
+/// stderr.
 fn serve_with_config(cwd: &Path, config: &Path) -> (std::process::ExitStatus, String) {
-    let log = cwd.join("config-test.log");
-    let mut child = Command::new(BIN)
-        .current_dir(cwd)
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start thinnbd serve");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "thinnbd serve --config {} did not exit: it accepted the file",
-                config.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (status, std::fs::read_to_string(&log).unwrap_or_default())
+    serve_refused(cwd, |cmd| {
+        cmd.arg("--config").arg(config);
+    })
 }
 
 #[test]
@@ -169,7 +144,8 @@ fn bad_config_files_are_refused_naming_key_and_file() {
     // None of them got as far as creating a pool.
     assert!(!tmp.path().join("thinnbd-pool").exists());
 
-    // A good file is taken: its pool settings are used (the server is stopped at once).
+    // A good file is taken: its pool settings are used when `--create` makes the pool (the
+    // server is stopped at once).
     let good = tmp.path().join("good.toml");
     std::fs::write(
         &good,
@@ -179,7 +155,7 @@ fn bad_config_files_are_refused_naming_key_and_file() {
     .expect("write config");
     let server = Server::start(
         |cmd| {
-            cmd.arg("--config").arg(&good);
+            cmd.arg("--config").arg(&good).arg("--create");
         },
         tmp.path(),
         None,
@@ -221,4 +197,105 @@ fn a_second_server_on_the_same_pool_is_refused_and_sigint_stops_cleanly() {
     first.stop_with(libc::SIGINT);
     assert!(!tmp.path().join("thinnbd-pool/control.sock").exists());
     assert_pool_clean(&tmp.path().join("thinnbd-pool"));
+}
+
+#[test]
+fn a_missing_pool_other_than_the_default_is_not_created() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let typo = tmp.path().join("pooll");
+    let (status, err) = serve_refused(tmp.path(), |cmd| {
+        cmd.arg("--pool").arg(&typo);
+    });
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("thinnbd pool create {}", typo.display())),
+        "no `pool create` command for the missing pool:\n{err}"
+    );
+    assert!(err.contains("--create"), "{err}");
+    assert!(!typo.exists(), "a pool was created at the mistyped path");
+
+    // A config that names another directory is no different.
+    let config = tmp.path().join("other.toml");
+    std::fs::write(&config, "[pool]\ndir = \"elsewhere\"\n").expect("write config");
+    let (status, err) = serve_refused(tmp.path(), |cmd| {
+        cmd.arg("--config").arg(&config);
+    });
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("thinnbd pool create elsewhere"), "{err}");
+    assert!(!tmp.path().join("elsewhere").exists());
+
+    // With --create the pool is made there, with the default volume.
+    let server = Server::start(
+        |cmd| {
+            cmd.arg("--pool").arg(&typo).arg("--create");
+        },
+        tmp.path(),
+        None,
+        Some(typo.join("control.sock")),
+    );
+    let list = thinnbd(&["volume", "list", "--pool", typo.to_str().unwrap()]);
+    assert!(list.contains("default"), "{list}");
+    server.stop();
+    assert_pool_clean(&typo);
+}
+
+/// Reads the NBD server greeting from a unix socket: proof that a server answers there.
+fn greeting_at(socket: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("{} does not answer: {e}", socket.display()));
+    let mut magic = vec![0u8; 8];
+    s.read_exact(&mut magic).expect("read the greeting");
+    magic
+}
+
+#[test]
+fn the_socket_of_a_live_server_is_not_taken() {
+    let first_pool = TestPool::create("1G");
+    let first = first_pool.serve();
+    let socket = first.socket.clone().expect("a unix socket");
+    let second_pool = TestPool::create("1G");
+    let (status, err) = serve_refused(second_pool.tmp.path(), |cmd| {
+        cmd.arg("--pool")
+            .arg(&second_pool.dir)
+            .arg("--socket")
+            .arg(&socket);
+    });
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&socket.display().to_string()),
+        "the error does not name the socket:\n{err}"
+    );
+    // The first server still answers on its socket.
+    assert_eq!(greeting_at(&socket), b"NBDMAGIC");
+    first.stop();
+}
+
+#[test]
+fn a_file_at_the_socket_path_is_left_untouched() {
+    let pool = TestPool::create("1G");
+    let file = pool.tmp.path().join("notes.txt");
+    std::fs::write(&file, b"not a socket").expect("write file");
+    let (status, err) = serve_refused(pool.tmp.path(), |cmd| {
+        cmd.arg("--pool").arg(&pool.dir).arg("--socket").arg(&file);
+    });
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read(&file).expect("the file is still there"),
+        b"not a socket"
+    );
+}
+
+#[test]
+fn a_stale_socket_is_replaced() {
+    let pool = TestPool::create("1G");
+    let socket = pool.tmp.path().join("nbd.sock");
+    // A socket whose listener is gone, as a killed server leaves it.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(socket.exists());
+    let server = pool.serve();
+    assert_eq!(greeting_at(&socket), b"NBDMAGIC");
+    server.stop();
 }

@@ -8,7 +8,7 @@ use thinnbd::engine::PoolConfig;
 use thinnbd::error::{fail, Error, ErrorKind, Result};
 use thinnbd::service;
 use thinnbd::volume::registry::{self, Registry};
-use thinnbd::volume::PoolPaths;
+use thinnbd::volume::{no_pool_in, PoolPaths};
 
 /// What `nbdkit --help` shows for this plugin.
 pub const CONFIG_HELP: &str = "\
@@ -93,14 +93,7 @@ impl Keys {
         let pool_dir = std::path::absolute(pool)
             .map_err(|e| Error::io(format!("pool={pool}: resolving the path"), e))?;
         if !PoolPaths::new(&pool_dir).exists() {
-            return fail(
-                ErrorKind::NotFound,
-                format!(
-                    "pool={pool}: {} holds no pool (no metadata file); create one with \
-                     `thinnbd pool create {pool} --data-size SIZE`",
-                    pool_dir.display()
-                ),
-            );
+            return Err(no_pool_in(Path::new(pool)).within(format!("pool={pool}")));
         }
         if let Some(name) = &self.export {
             registry::validate_name(name).map_err(|e| e.within(format!("export={name}")))?;

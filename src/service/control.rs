@@ -155,7 +155,7 @@ fn execute_unlogged(volumes: &Volumes, req: Request) -> Result<serde_json::Value
 
 /// Serves the control socket until the task is dropped.
 pub async fn serve(path: &Path, volumes: Arc<Volumes>) -> Result<()> {
-    let _ = std::fs::remove_file(path);
+    crate::util::remove_stale_socket(path)?;
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

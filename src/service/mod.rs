@@ -10,7 +10,7 @@ use crate::config::{Config, NoSpacePolicy};
 use crate::engine::{self, PoolConfig};
 use crate::error::{Error, Result};
 use crate::nbd::{self, Listener, ServerConfig};
-use crate::volume::{CreateOptions, PoolPaths, Volumes};
+use crate::volume::{no_pool_in, CreateOptions, PoolPaths, Volumes};
 
 /// The engine settings a config asks for.
 pub fn pool_config(config: &Config) -> PoolConfig {
@@ -30,17 +30,22 @@ pub fn pool_config(config: &Config) -> PoolConfig {
     }
 }
 
-/// Opens the configured pool, creating it (with its default volume) when allowed and missing.
+/// Opens the configured pool, creating it (with its default volume) when missing and
+/// `create_if_missing` (which `thinnbd serve` keeps only for the default directory or `--create`).
 pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
     let paths = PoolPaths::new(&config.pool.dir);
     let mut created = false;
     if !paths.exists() {
         if !config.pool.create_if_missing {
+            let missing = no_pool_in(&paths.dir);
             return Err(Error::new(
-                crate::ErrorKind::NotFound,
+                missing.kind(),
                 format!(
-                    "{} holds no pool (create it with `thinnbd pool create`)",
-                    paths.dir.display()
+                    "{}, or start `thinnbd serve --pool {} --create` to create it with the \
+                     configured pool.data_size ({} bytes)",
+                    missing.context(),
+                    paths.dir.display(),
+                    config.pool.data_size
                 ),
             ));
         }
@@ -79,6 +84,10 @@ async fn shutdown_signal() {
 
 /// Runs the server until a signal, then finishes in-flight requests, commits and returns.
 pub async fn run(config: Config) -> Result<()> {
+    // Before the pool is opened (or created): a path that is not ours to take stops the start.
+    if let Some(path) = &config.server.socket {
+        crate::util::remove_stale_socket(path)?;
+    }
     let cfg = config.clone();
     let volumes = tokio::task::spawn_blocking(move || open_or_create(&cfg))
         .await
@@ -92,7 +101,6 @@ pub async fn run(config: Config) -> Result<()> {
         );
     }
     if let Some(path) = &config.server.socket {
-        let _ = std::fs::remove_file(path);
         listeners.push(
             Listener::bind_unix(path)
                 .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?,

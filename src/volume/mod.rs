@@ -45,6 +45,18 @@ impl PoolPaths {
     }
 }
 
+/// The error for a directory that holds no pool, with the command that makes one.
+pub fn no_pool_in(dir: &Path) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "{} holds no pool (no metadata file); create one with `thinnbd pool create {} --data-size SIZE`",
+            dir.display(),
+            dir.display()
+        ),
+    )
+}
+
 /// `pool.toml`: what the pool was created with that the metadata does not say.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,10 +295,7 @@ impl Volumes {
     pub fn open(dir: &Path, config: PoolConfig) -> Result<Arc<Volumes>> {
         let paths = PoolPaths::new(dir);
         if !paths.exists() {
-            return fail(
-                ErrorKind::NotFound,
-                format!("{} holds no pool (no metadata file)", dir.display()),
-            );
+            return Err(no_pool_in(dir));
         }
         let lock = take_lock(&paths)?;
         let data = PoolFile::load(&paths)?.data_path(&paths);

@@ -116,6 +116,44 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Runs `thinnbd serve --listen 127.0.0.1:PORT` plus what `args` adds, in `cwd`, for a start
+/// that must fail; returns its exit status and stderr. Bounded: a server that starts instead is
+/// killed after 60 s and the test fails.
+pub fn serve_refused(
+    cwd: &Path,
+    args: impl FnOnce(&mut Command),
+) -> (std::process::ExitStatus, String) {
+    let log = cwd.join("refused-start.log");
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())]);
+    args(&mut cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).expect("log"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not exit: the server started\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
 /// A temp dir holding a pool at `dir/pool`.
 pub struct TestPool {
     pub tmp: tempfile::TempDir,
