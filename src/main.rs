@@ -17,7 +17,7 @@ use thinnbd::service::control::{self, Request};
 use thinnbd::thin::ThinMetadata;
 use thinnbd::util::{format_size, parse_size, resolve_listen_addr};
 use thinnbd::volume::{
-    CheckReport, CreateOptions, NewSize, PoolPaths, PoolReport, VolumeInfo, Volumes,
+    take_lock, CheckReport, CreateOptions, NewSize, PoolPaths, PoolReport, VolumeInfo, Volumes,
 };
 
 /// Exit status of a command that failed (an error was printed).
@@ -100,7 +100,8 @@ enum Command {
         output: Option<PathBuf>,
     },
     /// Write a metadata file from thin_dump XML (like thin_restore; the output must already
-    /// exist with its final size, e.g. made by `truncate -s 64M`).
+    /// exist with its final size, e.g. made by `truncate -s 64M`). Refused while the output's
+    /// pool is open, and over valid metadata unless --force.
     Restore {
         /// The thin_dump XML to read.
         #[arg(short, long)]
@@ -108,6 +109,9 @@ enum Command {
         /// The metadata file to write (it must already exist with its final size).
         #[arg(short, long)]
         output: PathBuf,
+        /// Overwrite metadata that is still valid (its current content is lost).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -294,6 +298,26 @@ fn open_meta(path: &Path, write: bool) -> anyhow::Result<Arc<dyn BlockIo>> {
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     Ok(Arc::new(FileBlockIo::new(f)?))
+}
+
+/// The lock of the pool a metadata file belongs to (its directory, when that holds a pool
+/// lock file): a metadata file must not change under a process that has its pool open.
+fn lock_pool_of(metadata: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    let dir = match metadata.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let paths = PoolPaths::new(dir);
+    if !paths.lock.exists() {
+        return Ok(None);
+    }
+    let lock = take_lock(&paths).with_context(|| {
+        format!(
+            "refusing to write {}: stop the process that has its pool open first",
+            metadata.display()
+        )
+    })?;
+    Ok(Some(lock))
 }
 
 /// Runs `req` on the server that has the pool open, or locally when none does.
@@ -712,7 +736,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             out.flush()?;
         }
-        Command::Restore { input, output } => {
+        Command::Restore {
+            input,
+            output,
+            force,
+        } => {
             let xml = std::fs::File::open(&input)
                 .with_context(|| format!("opening {}", input.display()))?;
             if !output.exists() {
@@ -721,8 +749,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     output.display()
                 );
             }
-            let md =
-                thinnbd::thin::xml::restore(&mut BufReader::new(xml), open_meta(&output, true)?)?;
+            // Held until the restore is done, so no server opens the pool half-way either.
+            let _pool_lock = lock_pool_of(&output)?;
+            let io = open_meta(&output, true)?;
+            if let (Some(sb), false) = (thinnbd::thin::superblock::read_valid(&*io), force) {
+                bail!(
+                    "{} holds valid metadata (transaction {}): restoring would replace it; \
+                     add --force to overwrite it (save it first with `thinnbd dump {} -o SAVED.xml`)",
+                    output.display(),
+                    sb.transaction_id,
+                    output.display()
+                );
+            }
+            let md = thinnbd::thin::xml::restore(&mut BufReader::new(xml), io)?;
             drop(md);
         }
     }

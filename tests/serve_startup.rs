@@ -189,6 +189,13 @@ fn a_second_server_on_the_same_pool_is_refused_and_sigint_stops_cleanly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "second server started:\n{err}");
     assert!(err.contains("in use"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "in use by process {} (thinnbd serve)",
+            first.pid()
+        )),
+        "the error does not name the server holding the pool:\n{err}"
+    );
     // The first one is unharmed, and SIGINT (Ctrl-C) is as graceful as SIGTERM.
     let (mut c, size, _) = RawClient::open(first.port, "default");
     assert_eq!(size, 10 * GIB);

@@ -1,8 +1,8 @@
 //! The thin-pool superblock (metadata block 0) and the metadata-snapshot copy of it.
 
-use super::super::pdata::block_io::{zeroed_block, Block};
+use super::super::pdata::block_io::{zeroed_block, Block, BlockIo};
 use crate::error::{Error, ErrorKind, Result};
-use crate::pdata::checksum::{read_u32, read_u64, write_u32, write_u64};
+use crate::pdata::checksum::{read_u32, read_u64, verify, write_u32, write_u64, BlockKind};
 use crate::pdata::tm::SmRoot;
 
 pub const THIN_MAGIC: u64 = 27_022_010;
@@ -115,4 +115,12 @@ mod tests {
         assert_eq!(b[0x150], 0x80);
         assert_eq!(Superblock::decode(&b).unwrap(), sb);
     }
+}
+
+/// The superblock of a metadata device when block 0 holds a valid one (checksum, location,
+/// magic, version): what a restore must not overwrite unasked.
+pub fn read_valid(io: &dyn BlockIo) -> Option<Superblock> {
+    let block = io.read_block(SUPERBLOCK_LOCATION).ok()?;
+    verify(&block, BlockKind::Superblock, SUPERBLOCK_LOCATION).ok()?;
+    Superblock::decode(&block).ok()
 }

@@ -212,7 +212,39 @@ pub struct CreateOptions {
     pub metadata_size: Option<u64>,
 }
 
-fn take_lock(paths: &PoolPaths) -> Result<File> {
+/// What this process writes into a lock it holds: "PID NAME", NAME being the program and its
+/// subcommand (e.g. `4242 thinnbd serve`), so that a process refused the lock can say who has it.
+fn lock_holder_line() -> String {
+    let mut args = std::env::args();
+    let program = args
+        .next()
+        .map(|a| {
+            Path::new(&a)
+                .file_name()
+                .map_or(a.clone(), |n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    let name = match args.next() {
+        Some(sub) if !sub.starts_with('-') && !sub.contains('/') => format!("{program} {sub}"),
+        _ => program,
+    };
+    format!("{} {name}\n", std::process::id())
+}
+
+/// "process PID (NAME)" from a lock file written by `lock_holder_line`, when it names a live
+/// process.
+fn lock_holder(lock: &Path) -> Option<String> {
+    let text = fs::read_to_string(lock).ok()?;
+    let (pid, name) = text.trim().split_once(' ')?;
+    let pid: u32 = pid.parse().ok()?;
+    Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then(|| format!("process {pid} ({name})"))
+}
+
+/// Takes the exclusive lock of a pool directory (creating `DIR/lock`), held until the file is
+/// closed. Busy, naming the holder, while another process has it.
+pub fn take_lock(paths: &PoolPaths) -> Result<File> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -224,18 +256,29 @@ fn take_lock(paths: &PoolPaths) -> Result<File> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     loop {
         match f.try_lock() {
-            Ok(()) => return Ok(f),
+            Ok(()) => {
+                // Only a courtesy for the error message of the next process: failing to write
+                // it does not make the lock less held.
+                use std::os::unix::fs::FileExt;
+                let line = lock_holder_line();
+                if f.set_len(0)
+                    .and_then(|()| f.write_all_at(line.as_bytes(), 0))
+                    .is_err()
+                {
+                    tracing::debug!("could not note our pid in {}", paths.lock.display());
+                }
+                return Ok(f);
+            }
             Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(fs::TryLockError::WouldBlock) => {
+                let holder = lock_holder(&paths.lock)
+                    .unwrap_or_else(|| "another process (a running server?)".into());
                 return fail(
                     ErrorKind::Busy,
-                    format!(
-                        "pool {} is in use by another process (a running server?)",
-                        paths.dir.display()
-                    ),
-                )
+                    format!("pool {} is in use by {holder}", paths.dir.display()),
+                );
             }
             Err(fs::TryLockError::Error(e)) => {
                 return Err(Error::io(format!("locking {}", paths.lock.display()), e))
@@ -300,7 +343,22 @@ impl Volumes {
         let lock = take_lock(&paths)?;
         let data = PoolFile::load(&paths)?.data_path(&paths);
         let registry = Registry::load(dir)?;
-        let pool = Pool::open(&paths.metadata, &data, config)?;
+        let pool = Pool::open(&paths.metadata, &data, config).map_err(|e| {
+            if e.kind() != ErrorKind::Corrupt {
+                return e;
+            }
+            // Say which file, and the way out: the checker, then a restore from a dump.
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{meta}: {}; run `thinnbd check {dir}`, or restore from a dump with \
+                     `thinnbd restore -i DUMP.xml -o {meta} --force`",
+                    e.context(),
+                    meta = paths.metadata.display(),
+                    dir = paths.dir.display(),
+                ),
+            )
+        })?;
         Ok(Arc::new(Volumes {
             paths,
             pool,

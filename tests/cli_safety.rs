@@ -1,0 +1,200 @@
+//! Commands that must not lose data or hide its state: `restore` refuses the metadata of a pool
+//! that is open and valid metadata without `--force`; a corrupt pool's error names the file and
+//! the way out; a missing pool's error gives the `pool create` command.
+
+mod serve_support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serve_support::*;
+
+/// `thinnbd ARGS...` to completion, whatever its exit status.
+fn thinnbd_output(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run thinnbd")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A pool with volume `vm1` holding 64 KiB of 0x5a at 1 MiB, written through a server that
+/// was stopped again.
+fn pool_with_data() -> TestPool {
+    let pool = TestPool::create("1G");
+    pool.create_volume("vm1", "64M");
+    let server = pool.serve();
+    let (mut c, _, _) = RawClient::open(server.port, "vm1");
+    assert_eq!(c.write(1, 1 << 20, &[0x5a; 64 << 10]), 0);
+    c.disconnect();
+    server.stop();
+    pool
+}
+
+/// The 64 KiB at 1 MiB of `vm1` read back through a fresh server.
+fn assert_data_intact(pool: &TestPool) {
+    let server = pool.serve();
+    let (mut c, _, _) = RawClient::open(server.port, "vm1");
+    let data = c.read(2, 1 << 20, 64 << 10).expect("read vm1");
+    assert!(data.iter().all(|&b| b == 0x5a), "vm1 lost its data");
+    c.disconnect();
+    server.stop();
+}
+
+fn dump_to(meta: &Path, xml: &Path) {
+    thinnbd(&["dump", meta.to_str().unwrap(), "-o", xml.to_str().unwrap()]);
+}
+
+#[test]
+fn restore_refuses_the_metadata_of_a_served_pool() {
+    let pool = pool_with_data();
+    let meta = pool.dir.join("metadata");
+    let saved = pool.tmp.path().join("saved.xml");
+    dump_to(&meta, &saved);
+    let server = pool.serve();
+    for force in [false, true] {
+        let mut args = vec![
+            "restore",
+            "-i",
+            saved.to_str().unwrap(),
+            "-o",
+            meta.to_str().unwrap(),
+        ];
+        if force {
+            args.push("--force");
+        }
+        let out = thinnbd_output(&args);
+        let err = stderr_of(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "restore over a served pool: {err}"
+        );
+        assert!(err.contains(meta.to_str().unwrap()), "{err}");
+        assert!(
+            err.contains(&format!(
+                "in use by process {} (thinnbd serve)",
+                server.pid()
+            )),
+            "the error does not name the server: {err}"
+        );
+    }
+    server.stop();
+    assert_pool_clean(&pool.dir);
+    assert_data_intact(&pool);
+}
+
+#[test]
+fn restore_over_valid_metadata_needs_force() {
+    let pool = pool_with_data();
+    let meta = pool.dir.join("metadata");
+    let saved = pool.tmp.path().join("saved.xml");
+    dump_to(&meta, &saved);
+    let before = std::fs::read(&meta).expect("read metadata");
+    let restore = |force: bool| {
+        let mut args = vec![
+            "restore",
+            "-i",
+            saved.to_str().unwrap(),
+            "-o",
+            meta.to_str().unwrap(),
+        ];
+        if force {
+            args.push("--force");
+        }
+        thinnbd_output(&args)
+    };
+    let out = restore(false);
+    let err = stderr_of(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "restore over valid metadata: {err}"
+    );
+    assert!(err.contains(meta.to_str().unwrap()), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(&meta).expect("read metadata"),
+        before,
+        "the refused restore changed the metadata"
+    );
+    let out = restore(true);
+    assert!(out.status.success(), "restore --force: {}", stderr_of(&out));
+    assert_pool_clean(&pool.dir);
+    assert_data_intact(&pool);
+}
+
+#[test]
+fn corrupt_metadata_names_the_file_and_the_way_out() {
+    let pool = pool_with_data();
+    let meta = pool.dir.join("metadata");
+    let saved = pool.tmp.path().join("saved.xml");
+    dump_to(&meta, &saved);
+    // Damage the device details leaf (a btree leaf, flags 2, of 24-byte values), which every
+    // open reads.
+    let mut bytes = std::fs::read(&meta).expect("read metadata");
+    let leaf = (1..bytes.len() / 4096)
+        .find(|b| {
+            let blk = &bytes[b * 4096..(b + 1) * 4096];
+            blk[4] == 2 && blk[24] == 24 && blk[16] >= 1
+        })
+        .expect("a device details leaf");
+    bytes[leaf * 4096 + 3000] ^= 0x40;
+    std::fs::write(&meta, &bytes).expect("write metadata");
+
+    let dir = pool.dir_str();
+    let out = thinnbd_output(&["pool", "status", dir]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("corrupt metadata"), "{err}");
+    assert!(err.contains(meta.to_str().unwrap()), "no file named: {err}");
+    assert!(
+        err.contains(&format!("thinnbd check {dir}")),
+        "no check hint: {err}"
+    );
+    let restore_hint = format!("thinnbd restore -i DUMP.xml -o {} --force", meta.display());
+    assert!(err.contains(&restore_hint), "no restore hint: {err}");
+    let (status, err) = serve_refused(pool.tmp.path(), |cmd| {
+        cmd.arg("--pool").arg(&pool.dir);
+    });
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains(&restore_hint), "serve: no restore hint: {err}");
+
+    // The way out works as written.
+    let out = thinnbd_output(&[
+        "restore",
+        "-i",
+        saved.to_str().unwrap(),
+        "-o",
+        meta.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_pool_clean(&pool.dir);
+    assert_data_intact(&pool);
+}
+
+#[test]
+fn a_missing_pool_gives_the_pool_create_command() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let typo = tmp.path().join("pooll");
+    let typo = typo.to_str().unwrap();
+    for args in [
+        vec!["volume", "list", "--pool", typo],
+        vec!["pool", "status", typo],
+        vec!["volume", "create", "--pool", typo, "vm1", "--size", "1G"],
+    ] {
+        let out = thinnbd_output(&args);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("thinnbd pool create {typo} --data-size")),
+            "{args:?}: no `pool create` command: {err}"
+        );
+    }
+    assert!(!Path::new(typo).exists());
+}
