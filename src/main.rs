@@ -14,7 +14,7 @@ use serde::Serialize;
 use thinnbd::config::Config;
 use thinnbd::pdata::block_io::{BlockIo, FileBlockIo};
 use thinnbd::service::control::{self, Request};
-use thinnbd::thin::ThinMetadata;
+use thinnbd::thin::{check, ThinMetadata};
 use thinnbd::util::{format_size, parse_size, resolve_listen_addr};
 use thinnbd::volume::{
     take_lock, CheckReport, CreateOptions, NewSize, PoolPaths, PoolReport, VolumeInfo, Volumes,
@@ -437,31 +437,38 @@ struct CheckOutput {
 }
 
 fn check(path: &Path, output: &JsonOutput) -> anyhow::Result<ExitCode> {
-    let (meta, dir) = if path.is_dir() {
-        (path.join("metadata"), Some(path))
-    } else {
-        (path.to_path_buf(), None)
-    };
+    const NOT_CHECKED: &str = "not checked";
     let mut problems = Vec::new();
     let mut notes = Vec::new();
-    if let Some(dir) = dir {
-        let v = online_or_local(dir, Request::Check)?;
-        let report: CheckReport = serde_json::from_value(v)?;
-        for id in &report.orphans {
-            problems.push(format!(
-                "orphan thin device {id}: in the metadata but named by no volume"
-            ));
-        }
-        problems.extend(report.problems);
-        if control::call(&PoolPaths::new(dir).control_socket, &Request::List)?.is_some() {
+    let (meta, report, how) = if path.is_dir() {
+        let paths = PoolPaths::new(path);
+        let served =
+            control::call(&paths.control_socket, &Request::CheckMetadata).context(NOT_CHECKED)?;
+        let (report, how) = match served {
+            Some(v) => (
+                serde_json::from_value::<check::Report>(v)?,
+                " (the last commit, checked through the running server)",
+            ),
+            None => (check_unserved(&paths.metadata)?, ""),
+        };
+        if report.is_clean() {
+            let v = online_or_local(path, Request::Check).context(NOT_CHECKED)?;
+            let registry: CheckReport = serde_json::from_value(v)?;
+            for id in &registry.orphans {
+                problems.push(format!(
+                    "orphan thin device {id}: in the metadata but named by no volume"
+                ));
+            }
+            problems.extend(registry.problems);
+        } else {
             notes.push(
-                "the pool is being served; its metadata was not checked (stop the server first)"
-                    .to_string(),
+                "the pool's volume registry was not checked: the metadata has problems".into(),
             );
-            return finish_check(path, problems, notes, output);
         }
-    }
-    let report = thinnbd::thin::check::check(open_meta(&meta, false)?);
+        (paths.metadata, report, how)
+    } else {
+        (path.to_path_buf(), check_unserved(path)?, "")
+    };
     problems.extend(report.problems.iter().cloned());
     if report.nr_problems > report.problems.len() {
         problems.push(format!(
@@ -470,7 +477,7 @@ fn check(path: &Path, output: &JsonOutput) -> anyhow::Result<ExitCode> {
         ));
     }
     notes.push(format!(
-        "{}: transaction {}, {} devices, {} mappings, {} metadata blocks, {} data blocks in use",
+        "{}: transaction {}, {} devices, {} mappings, {} metadata blocks, {} data blocks in use{how}",
         meta.display(),
         report.transaction_id,
         report.nr_devices,
@@ -537,6 +544,18 @@ fn volume_change(pool: &Path, req: Request) -> anyhow::Result<serde_json::Value>
             e
         }
     })
+}
+
+/// Checks a metadata file read directly, holding its pool's lock (when it has one) so that no
+/// server changes it meanwhile; a pool that is open elsewhere is "not checked".
+fn check_unserved(meta: &Path) -> anyhow::Result<check::Report> {
+    let _lock = lock_pool_of(meta).with_context(|| {
+        format!(
+            "{} not checked (`thinnbd check POOL_DIR` checks a pool through its running server)",
+            meta.display()
+        )
+    })?;
+    Ok(check::check(open_meta(meta, false)?))
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -198,3 +198,72 @@ fn a_missing_pool_gives_the_pool_create_command() {
     }
     assert!(!Path::new(typo).exists());
 }
+
+#[test]
+fn check_of_a_served_pool_checks_the_last_commit() {
+    const CMD_FLUSH: u16 = 3;
+    let pool = pool_with_data();
+    let server = pool.serve();
+    let (mut c, _, _) = RawClient::open(server.port, "vm1");
+    for i in 0..4u64 {
+        assert_eq!(c.write(10 + i, (8 + i * 2) << 20, &[0x33; 4096]), 0);
+    }
+    c.request(CMD_FLUSH, 20, 0, 0);
+    assert_eq!(c.simple_reply(), (0, 20), "flush");
+    c.disconnect();
+
+    let dir = pool.dir_str();
+    let out = thinnbd_output(&["check", dir]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr_of(&out));
+    assert!(
+        text.contains("1 devices, 5 mappings"),
+        "the report does not show the committed mappings:\n{text}"
+    );
+    assert!(
+        text.contains("checked through the running server"),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l == "clean"), "{text}");
+
+    // The metadata file on its own cannot be read consistently under the server.
+    let meta = pool.dir.join("metadata");
+    let out = thinnbd_output(&["check", meta.to_str().unwrap()]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr_of(&out)
+    );
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(all.contains("not checked"), "{all}");
+    assert!(!all.contains("clean"), "{all}");
+
+    // Bit rot in a block of the last commit (vm1's mapping leaf: flags 2, 8-byte values, five
+    // entries) is found through the server too.
+    let mut bytes = std::fs::read(&meta).expect("read metadata");
+    let leaf = (1..bytes.len() / 4096)
+        .find(|b| {
+            let blk = &bytes[b * 4096..(b + 1) * 4096];
+            blk[4] == 2 && blk[24] == 8 && blk[16] == 5
+        })
+        .expect("vm1's mapping leaf");
+    bytes[leaf * 4096 + 3000] ^= 0x40;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&meta)
+            .expect("open metadata");
+        f.write_all_at(&bytes[leaf * 4096..(leaf + 1) * 4096], (leaf * 4096) as u64)
+            .expect("damage the leaf");
+    }
+    let out = thinnbd_output(&["check", dir]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr_of(&out));
+    assert!(
+        text.contains("problem:") && text.contains(&format!("block {leaf}")),
+        "the damaged block {leaf} is not reported:\n{text}"
+    );
+    assert!(!text.lines().any(|l| l == "clean"), "{text}");
+    server.stop();
+}

@@ -620,3 +620,65 @@ fn a_read_in_flight_keeps_the_block_it_looked_up_from_reuse() {
     pool.teardown(other).unwrap();
     pool.teardown(origin).unwrap();
 }
+
+#[test]
+fn checking_the_last_commit_while_writers_commit_finds_it_clean() {
+    let tp = temp_pool(64 * MIB, BS, PoolConfig::default());
+    let pool = tp.pool.clone();
+    pool.create_thin(1).unwrap();
+    let h = pool.activate(1, 32 * MIB, false).unwrap();
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for i in 0..400u64 {
+                    // Scattered blocks, rewrites and discards, so commits shadow and free
+                    // metadata blocks all the time.
+                    let block = (i * 37 + w * 11) % 256;
+                    if i % 7 == 3 {
+                        h.discard(block * BS, BS, false).unwrap();
+                    } else {
+                        h.write(block * BS, &pattern(i, 0, 4096), false).unwrap();
+                    }
+                    if i % 5 == 0 {
+                        h.flush().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut last_transaction = 0;
+    for round in 0..40 {
+        let report = pool.check_committed();
+        assert!(
+            report.is_clean(),
+            "round {round}: the last commit checked dirty: {:?}",
+            report.problems
+        );
+        assert!(report.transaction_id >= last_transaction);
+        last_transaction = report.transaction_id;
+        if round == 20 {
+            pool.create_snapshot(2, 1).unwrap();
+        }
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    h.flush().unwrap();
+    let report = pool.check_committed();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.nr_devices, 2);
+    let mapped = pool
+        .status()
+        .thins
+        .iter()
+        .find(|t| t.id == 1)
+        .unwrap()
+        .mapped_blocks;
+    assert!(mapped > 0);
+    assert!(
+        report.nr_mappings >= mapped,
+        "{} < {mapped}",
+        report.nr_mappings
+    );
+}

@@ -1311,6 +1311,21 @@ impl Pool {
         }
     }
 
+    /// Checks the metadata of the last commit, as it is on the device, while the pool serves.
+    ///
+    /// Holding the metadata lock shared keeps every commit out (a commit writes under the
+    /// exclusive lock), and between commits the device does not change: the transaction
+    /// manager keeps a transaction's blocks in memory and writes them only in its commit
+    /// (`TransactionManager::flush_with_superblock`), and a block freed in a transaction is
+    /// not handed out again before that transaction commits, so no shadow lands on a block
+    /// the last commit refers to. What the checker reads is therefore exactly the last commit.
+    /// Writes that need a metadata change wait for the check; reads go on.
+    pub fn check_committed(&self) -> crate::thin::check::Report {
+        let core = self.sh.read_core();
+        let io = core.md.io().clone();
+        crate::thin::check::check(io)
+    }
+
     /// Takes the recorded events (empty unless `record_events`).
     pub fn take_events(&self) -> Vec<EngineEvent> {
         std::mem::take(&mut *lock(&self.sh.events))

@@ -19,6 +19,8 @@ pub enum Request {
     List,
     Status,
     Check,
+    /// The metadata checker on the last commit (see `Pool::check_committed`).
+    CheckMetadata,
     Create {
         name: String,
         size: u64,
@@ -61,7 +63,7 @@ impl Request {
     /// every change made through the control socket is logged.
     fn change(&self) -> Option<String> {
         match self {
-            Request::List | Request::Status | Request::Check => None,
+            Request::List | Request::Status | Request::Check | Request::CheckMetadata => None,
             Request::Create { name, size, .. } => {
                 Some(format!("create volume {name:?} of {size} bytes"))
             }
@@ -124,6 +126,7 @@ fn execute_unlogged(volumes: &Volumes, req: Request) -> Result<serde_json::Value
         Request::List => to_value(volumes.list()),
         Request::Status => to_value(volumes.status()),
         Request::Check => to_value(volumes.check_registry()),
+        Request::CheckMetadata => to_value(volumes.pool().check_committed()),
         Request::Create {
             name,
             size,

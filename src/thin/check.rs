@@ -31,7 +31,7 @@ pub const MAX_PROBLEMS: usize = 500;
 const MAX_DEPTH: usize = 12;
 
 /// What a check found.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// One line per problem, each naming the block (and key range) involved; at most
     /// `MAX_PROBLEMS`, see `nr_problems` for the full count.

@@ -470,6 +470,11 @@ impl ThinMetadata {
         self.failure.as_deref()
     }
 
+    /// The metadata device, for readers of what is on disk (the checker).
+    pub fn io(&self) -> &Arc<dyn BlockIo> {
+        self.tm.io()
+    }
+
     pub fn superblock(&self) -> &Superblock {
         &self.sb
     }
