@@ -375,6 +375,32 @@ mod tests {
     }
 
     #[test]
+    fn only_the_default_pool_dir_counts_as_default() {
+        let with_dir = |dir: &str| {
+            let mut c = Config::default_config();
+            c.pool.dir = dir.into();
+            c.pool.is_default_dir()
+        };
+        assert!(Config::default_config().pool.is_default_dir());
+        for same in [
+            "thinnbd-pool",
+            "./thinnbd-pool",
+            "./thinnbd-pool/",
+            "././thinnbd-pool",
+        ] {
+            assert!(with_dir(same), "{same}");
+        }
+        for other in [
+            "thinnbd-pool2",
+            "/srv/thinnbd-pool",
+            "pool",
+            "../thinnbd-pool",
+        ] {
+            assert!(!with_dir(other), "{other}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_key_and_file() {
         let e = Config::from_toml("[pool]\nbogus_key = 1\n", "my.toml").unwrap_err();
         let msg = e.to_string();

@@ -88,6 +88,14 @@ impl Superblock {
     }
 }
 
+/// The superblock of a metadata device when block 0 holds a valid one (checksum, location,
+/// magic, version): what a restore must not overwrite unasked.
+pub fn read_valid(io: &dyn BlockIo) -> Option<Superblock> {
+    let block = io.read_block(SUPERBLOCK_LOCATION).ok()?;
+    verify(&block, BlockKind::Superblock, SUPERBLOCK_LOCATION).ok()?;
+    Superblock::decode(&block).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,12 +123,4 @@ mod tests {
         assert_eq!(b[0x150], 0x80);
         assert_eq!(Superblock::decode(&b).unwrap(), sb);
     }
-}
-
-/// The superblock of a metadata device when block 0 holds a valid one (checksum, location,
-/// magic, version): what a restore must not overwrite unasked.
-pub fn read_valid(io: &dyn BlockIo) -> Option<Superblock> {
-    let block = io.read_block(SUPERBLOCK_LOCATION).ok()?;
-    verify(&block, BlockKind::Superblock, SUPERBLOCK_LOCATION).ok()?;
-    Superblock::decode(&block).ok()
 }
