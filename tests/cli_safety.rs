@@ -4,7 +4,7 @@
 
 mod serve_support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serve_support::*;
@@ -20,6 +20,13 @@ fn thinnbd_output(args: &[&str]) -> Output {
 
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The stderr of a command that must have failed with exit status 2 (a refused command).
+fn refused(out: &Output, what: &str) -> String {
+    let err = stderr_of(out);
+    assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+    err
 }
 
 /// A pool with volume `vm1` holding 64 KiB of 0x5a at 1 MiB, written through a server that
@@ -45,35 +52,59 @@ fn assert_data_intact(pool: &TestPool) {
     server.stop();
 }
 
-fn dump_to(meta: &Path, xml: &Path) {
-    thinnbd(&["dump", meta.to_str().unwrap(), "-o", xml.to_str().unwrap()]);
+/// `thinnbd restore -i XML -o META [--force]`.
+fn restore(xml: &Path, meta: &Path, force: bool) -> Output {
+    let mut args = vec![
+        "restore",
+        "-i",
+        xml.to_str().unwrap(),
+        "-o",
+        meta.to_str().unwrap(),
+    ];
+    if force {
+        args.push("--force");
+    }
+    thinnbd_output(&args)
+}
+
+/// `restore --force` of the pool's own dump succeeds, and the pool is clean with its data.
+fn restore_forced_keeps_the_data(pool: &TestPool, saved: &Path, meta: &Path) {
+    let out = restore(saved, meta, true);
+    assert!(out.status.success(), "restore --force: {}", stderr_of(&out));
+    assert_pool_clean(&pool.dir);
+    assert_data_intact(pool);
+}
+
+/// The first btree leaf (flags 2) in a metadata image with `value_size`-byte values and
+/// `entries` entries or more.
+fn btree_leaf(image: &[u8], value_size: u8, entries: u8) -> Option<usize> {
+    (1..image.len() / 4096).find(|b| {
+        let blk = &image[b * 4096..(b + 1) * 4096];
+        blk[4] == 2 && blk[24] == value_size && blk[16] >= entries
+    })
+}
+
+/// `pool_with_data`, its metadata file, and a dump of it in `saved.xml`.
+fn pool_with_a_dump() -> (TestPool, PathBuf, PathBuf) {
+    let pool = pool_with_data();
+    let meta = pool.dir.join("metadata");
+    let saved = pool.tmp.path().join("saved.xml");
+    thinnbd(&[
+        "dump",
+        meta.to_str().unwrap(),
+        "-o",
+        saved.to_str().unwrap(),
+    ]);
+    (pool, meta, saved)
 }
 
 #[test]
 fn restore_refuses_the_metadata_of_a_served_pool() {
-    let pool = pool_with_data();
-    let meta = pool.dir.join("metadata");
-    let saved = pool.tmp.path().join("saved.xml");
-    dump_to(&meta, &saved);
+    let (pool, meta, saved) = pool_with_a_dump();
     let server = pool.serve();
     for force in [false, true] {
-        let mut args = vec![
-            "restore",
-            "-i",
-            saved.to_str().unwrap(),
-            "-o",
-            meta.to_str().unwrap(),
-        ];
-        if force {
-            args.push("--force");
-        }
-        let out = thinnbd_output(&args);
-        let err = stderr_of(&out);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "restore over a served pool: {err}"
-        );
+        let out = restore(&saved, &meta, force);
+        let err = refused(&out, "restore over a served pool");
         assert!(err.contains(meta.to_str().unwrap()), "{err}");
         assert!(
             err.contains(&format!(
@@ -90,31 +121,10 @@ fn restore_refuses_the_metadata_of_a_served_pool() {
 
 #[test]
 fn restore_over_valid_metadata_needs_force() {
-    let pool = pool_with_data();
-    let meta = pool.dir.join("metadata");
-    let saved = pool.tmp.path().join("saved.xml");
-    dump_to(&meta, &saved);
+    let (pool, meta, saved) = pool_with_a_dump();
     let before = std::fs::read(&meta).expect("read metadata");
-    let restore = |force: bool| {
-        let mut args = vec![
-            "restore",
-            "-i",
-            saved.to_str().unwrap(),
-            "-o",
-            meta.to_str().unwrap(),
-        ];
-        if force {
-            args.push("--force");
-        }
-        thinnbd_output(&args)
-    };
-    let out = restore(false);
-    let err = stderr_of(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "restore over valid metadata: {err}"
-    );
+    let out = restore(&saved, &meta, false);
+    let err = refused(&out, "restore over valid metadata");
     assert!(err.contains(meta.to_str().unwrap()), "{err}");
     assert!(err.contains("--force"), "{err}");
     assert_eq!(
@@ -122,34 +132,22 @@ fn restore_over_valid_metadata_needs_force() {
         before,
         "the refused restore changed the metadata"
     );
-    let out = restore(true);
-    assert!(out.status.success(), "restore --force: {}", stderr_of(&out));
-    assert_pool_clean(&pool.dir);
-    assert_data_intact(&pool);
+    restore_forced_keeps_the_data(&pool, &saved, &meta);
 }
 
 #[test]
 fn corrupt_metadata_names_the_file_and_the_way_out() {
-    let pool = pool_with_data();
-    let meta = pool.dir.join("metadata");
-    let saved = pool.tmp.path().join("saved.xml");
-    dump_to(&meta, &saved);
+    let (pool, meta, saved) = pool_with_a_dump();
     // Damage the device details leaf (a btree leaf, flags 2, of 24-byte values), which every
     // open reads.
     let mut bytes = std::fs::read(&meta).expect("read metadata");
-    let leaf = (1..bytes.len() / 4096)
-        .find(|b| {
-            let blk = &bytes[b * 4096..(b + 1) * 4096];
-            blk[4] == 2 && blk[24] == 24 && blk[16] >= 1
-        })
-        .expect("a device details leaf");
+    let leaf = btree_leaf(&bytes, 24, 1).expect("a device details leaf");
     bytes[leaf * 4096 + 3000] ^= 0x40;
     std::fs::write(&meta, &bytes).expect("write metadata");
 
     let dir = pool.dir_str();
     let out = thinnbd_output(&["pool", "status", dir]);
-    let err = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused(&out, "pool status");
     assert!(err.contains("corrupt metadata"), "{err}");
     assert!(err.contains(meta.to_str().unwrap()), "no file named: {err}");
     assert!(
@@ -165,17 +163,7 @@ fn corrupt_metadata_names_the_file_and_the_way_out() {
     assert!(err.contains(&restore_hint), "serve: no restore hint: {err}");
 
     // The way out works as written.
-    let out = thinnbd_output(&[
-        "restore",
-        "-i",
-        saved.to_str().unwrap(),
-        "-o",
-        meta.to_str().unwrap(),
-        "--force",
-    ]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    assert_pool_clean(&pool.dir);
-    assert_data_intact(&pool);
+    restore_forced_keeps_the_data(&pool, &saved, &meta);
 }
 
 #[test]
@@ -189,8 +177,7 @@ fn a_missing_pool_gives_the_pool_create_command() {
         vec!["volume", "create", "--pool", typo, "vm1", "--size", "1G"],
     ] {
         let out = thinnbd_output(&args);
-        let err = stderr_of(&out);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let err = refused(&out, &format!("{args:?}"));
         assert!(
             err.contains(&format!("thinnbd pool create {typo} --data-size")),
             "{args:?}: no `pool create` command: {err}"
@@ -239,14 +226,9 @@ fn check_of_a_served_pool_checks_the_last_commit() {
     assert!(!all.contains("clean"), "{all}");
 
     // Bit rot in a block of the last commit (vm1's mapping leaf: flags 2, 8-byte values, five
-    // entries) is found through the server too.
+    // entries or more) is found through the server too.
     let mut bytes = std::fs::read(&meta).expect("read metadata");
-    let leaf = (1..bytes.len() / 4096)
-        .find(|b| {
-            let blk = &bytes[b * 4096..(b + 1) * 4096];
-            blk[4] == 2 && blk[24] == 8 && blk[16] == 5
-        })
-        .expect("vm1's mapping leaf");
+    let leaf = btree_leaf(&bytes, 8, 5).expect("vm1's mapping leaf");
     bytes[leaf * 4096 + 3000] ^= 0x40;
     {
         use std::os::unix::fs::FileExt;

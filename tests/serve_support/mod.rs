@@ -136,22 +136,29 @@ pub fn serve_refused(
         .stderr(File::create(&log).expect("log"))
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not exit: the server started\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = exit_within(&mut child, Duration::from_secs(60)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{cmd:?} did not exit: the server started\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     };
     (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// The exit status of `child` once it exits, or None if it still runs after `limit`.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A temp dir holding a pool at `dir/pool`.
@@ -357,20 +364,13 @@ impl Server {
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
         let r = unsafe { libc::kill(pid, signal) };
         assert_eq!(r, 0, "kill({signal}) failed");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("try_wait") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "thinnbd serve did not stop within 60 s of signal {signal}:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(status) = exit_within(&mut child, Duration::from_secs(60)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "thinnbd serve did not stop within 60 s of signal {signal}:\n{}",
+                self.log_text()
+            );
         };
         assert!(
             status.success(),
