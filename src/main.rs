@@ -311,13 +311,7 @@ fn lock_pool_of(metadata: &Path) -> anyhow::Result<Option<std::fs::File>> {
     if !paths.lock.exists() {
         return Ok(None);
     }
-    let lock = take_lock(&paths).with_context(|| {
-        format!(
-            "refusing to write {}: stop the process that has its pool open first",
-            metadata.display()
-        )
-    })?;
-    Ok(Some(lock))
+    Ok(Some(take_lock(&paths)?))
 }
 
 /// Runs `req` on the server that has the pool open, or locally when none does.
@@ -769,7 +763,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             // Held until the restore is done, so no server opens the pool half-way either.
-            let _pool_lock = lock_pool_of(&output)?;
+            let _pool_lock = lock_pool_of(&output).with_context(|| {
+                format!(
+                    "refusing to write {}: stop the process that has its pool open first",
+                    output.display()
+                )
+            })?;
             let io = open_meta(&output, true)?;
             if let (Some(sb), false) = (thinnbd::thin::superblock::read_valid(&*io), force) {
                 bail!(

@@ -42,10 +42,10 @@ pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
                 missing.kind(),
                 format!(
                     "{}, or start `thinnbd serve --pool {} --create` to create it with the \
-                     configured pool.data_size ({} bytes)",
+                     configured pool.data_size ({})",
                     missing.context(),
                     paths.dir.display(),
-                    config.pool.data_size
+                    crate::util::format_size(config.pool.data_size)
                 ),
             ));
         }
