@@ -162,6 +162,7 @@ enum PoolCommand {
     /// Without --data-size the data file or device is taken up at its size now (a block
     /// device that was enlarged, a file grown with truncate). Shrinking is refused.
     Grow {
+        /// The pool directory.
         dir: PathBuf,
         /// New size of the data device (a file is extended; a block device must be that
         /// large already).
