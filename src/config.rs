@@ -90,10 +90,31 @@ pub struct PoolSettings {
     pub default_volume_size: u64,
     pub no_space_policy: NoSpacePolicy,
     pub no_space_timeout: Duration,
-    pub low_water_mark: u64,
     /// Free metadata, in percent of the metadata device on top of the reserve, at or below
     /// which a warning is logged and `pool status` flags the pool (0: off).
     pub metadata_low_water_percent: u64,
+    pub low_water_mark: LowWaterMark,
+}
+
+/// `pool.low_water_mark`: free data space at which the pool warns, as bytes or as a
+/// percentage of the pool's data size (which suits any pool size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LowWaterMark {
+    Bytes(u64),
+    Percent(u8),
+}
+
+impl LowWaterMark {
+    /// Parses `"10%"` (0 to 100) or a size such as `"1G"`.
+    pub fn parse(text: &str) -> Option<LowWaterMark> {
+        match text.trim().strip_suffix('%') {
+            Some(pct) => match pct.trim().parse::<u8>() {
+                Ok(p) if p <= 100 => Some(LowWaterMark::Percent(p)),
+                _ => None,
+            },
+            None => parse_size(text).map(LowWaterMark::Bytes),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -261,12 +282,20 @@ impl Config {
             )?,
             no_space_policy,
             no_space_timeout: Duration::from_secs(p.no_space_timeout_secs.unwrap_or(60)),
-            low_water_mark: c.size("pool.low_water_mark", p.low_water_mark, "1G")?,
             metadata_low_water_percent: c.percent(
                 "pool.metadata_low_water",
                 p.metadata_low_water,
                 "20%",
             )?,
+            low_water_mark: {
+                let text = p.low_water_mark.unwrap_or_else(|| "10%".into());
+                LowWaterMark::parse(&text).ok_or_else(|| {
+                    c.bad(
+                        "pool.low_water_mark",
+                        format!("{text:?} is not a percentage (0% to 100%) or a size (e.g. 1G)"),
+                    )
+                })?
+            },
         };
         let s = raw.server;
         let mut listen = Vec::new();
@@ -433,6 +462,25 @@ mod tests {
         assert!(!pooled.server.thread_per_connection);
         let e = Config::from_toml("[server]\nthread_per_connection = 1\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("thread_per_connection"), "{e}");
+    }
+
+    #[test]
+    fn low_water_mark_is_a_percentage_by_default_and_takes_sizes() {
+        let d = Config::default_config();
+        assert_eq!(d.pool.low_water_mark, LowWaterMark::Percent(10));
+        let c = Config::from_toml("[pool]\nlow_water_mark = \"25%\"\n", "x").unwrap();
+        assert_eq!(c.pool.low_water_mark, LowWaterMark::Percent(25));
+        let c = Config::from_toml("[pool]\nlow_water_mark = \"2G\"\n", "x").unwrap();
+        assert_eq!(c.pool.low_water_mark, LowWaterMark::Bytes(2 << 30));
+        for bad in ["150%", "-1%", "ten%", "lots"] {
+            let e = Config::from_toml(&format!("[pool]\nlow_water_mark = \"{bad}\"\n"), "f.toml")
+                .unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("pool.low_water_mark") && msg.contains("f.toml"),
+                "{bad}: {msg}"
+            );
+        }
     }
 
     #[test]

@@ -87,6 +87,28 @@ impl Error {
         }
     }
 
+    /// An I/O error of the data device, or of allocating a pool's files: a full host file
+    /// system (`ENOSPC`) or an exhausted quota (`EDQUOT`) is `NoSpace`, so the client sees
+    /// ENOSPC rather than EIO. Metadata I/O keeps [`Error::io`]: there any failed write turns
+    /// the pool read-only, whatever its cause.
+    pub fn data_io(context: impl Into<String>, source: io::Error) -> Self {
+        let kind = match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => ErrorKind::NoSpace,
+            _ => ErrorKind::Io,
+        };
+        Error {
+            kind,
+            context: context.into(),
+            source: Some(source),
+        }
+    }
+
+    /// True for `NoSpace` reported by the host (a full file system or quota) rather than by
+    /// the pool's own allocator: freeing pool blocks does not help it, so it is not queued.
+    pub fn is_host_no_space(&self) -> bool {
+        self.kind == ErrorKind::NoSpace && self.raw_os_error().is_some()
+    }
+
     pub fn corrupt(context: impl Into<String>) -> Self {
         Error::new(ErrorKind::Corrupt, context)
     }
@@ -165,4 +187,28 @@ impl std::error::Error for Error {}
 /// Shorthand for `Err(Error::new(kind, context))`.
 pub fn fail<T>(kind: ErrorKind, context: impl Into<String>) -> Result<T> {
     Err(Error::new(kind, context))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_host_file_system_is_no_space_on_the_data_device() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = Error::data_io("writing", io::Error::from_raw_os_error(errno));
+            assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+            assert!(e.is_host_no_space());
+        }
+        let e = Error::data_io("writing", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert!(!e.is_host_no_space());
+        assert!(!Error::new(ErrorKind::NoSpace, "pool full").is_host_no_space());
+        // Metadata I/O stays `Io`, which makes the pool fail-stop.
+        let e = Error::io(
+            "writing metadata",
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert_eq!(e.kind(), ErrorKind::Io);
+    }
 }

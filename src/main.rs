@@ -157,6 +157,10 @@ enum PoolCommand {
         /// snapshots, as thin_metadata_size estimates).
         #[arg(long, value_name = "SIZE", value_parser = size_value)]
         metadata_size: Option<u64>,
+        /// Allocate the data file in full now (like `qemu-img create -o
+        /// preallocation=falloc`), so no write can fail for lack of host space.
+        #[arg(long)]
+        preallocate: bool,
     },
     /// Grow a pool's data and/or metadata, online through a running server or offline.
     /// Without --data-size the data file or device is taken up at its size now (a block
@@ -330,6 +334,14 @@ fn online_or_local(pool: &Path, req: Request) -> anyhow::Result<serde_json::Valu
     Ok(result?)
 }
 
+/// Prints the `warnings` list of a control reply to stderr, as LVM prints its warnings.
+fn print_warnings(reply: &serde_json::Value) {
+    let warnings = reply.get("warnings").and_then(|w| w.as_array());
+    for w in warnings.into_iter().flatten().filter_map(|w| w.as_str()) {
+        eprintln!("WARNING: {w}");
+    }
+}
+
 /// Prints `value` as JSON when asked, else the text `human` makes of it.
 fn print_result<T: Serialize>(
     output: &JsonOutput,
@@ -408,6 +420,13 @@ fn print_status(r: &PoolReport) {
             r.metadata_low_water_blocks * 4096,
             r.dir.display()
         );
+    }
+    println!("low-water: {} bytes of free data", r.low_water_mark_bytes);
+    if let Some(free) = r.host_free_bytes {
+        println!("host free: {free} bytes on the data file's file system");
+    }
+    for w in &r.warnings {
+        println!("warning:   {w}");
     }
     for v in &r.volumes {
         println!(
@@ -519,7 +538,9 @@ fn finish_check(
 
 /// Runs a volume command and decodes the volume it reports.
 fn volume_request(pool: &Path, req: Request) -> anyhow::Result<VolumeInfo> {
-    Ok(serde_json::from_value(volume_change(pool, req)?)?)
+    let reply = volume_change(pool, req)?;
+    print_warnings(&reply);
+    Ok(serde_json::from_value(reply)?)
 }
 
 /// Runs a command that names volumes; a name that is not there gets the command that lists
@@ -589,6 +610,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data,
             output,
             metadata_size,
+            preallocate,
         }) => {
             init_logging("warn");
             let opts = CreateOptions {
@@ -596,6 +618,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_size,
                 block_size,
                 metadata_size,
+                preallocate,
             };
             let config = thinnbd::service::pool_config(&Config::default_config());
             Volumes::create_pool(&dir, &opts, config)?;

@@ -46,6 +46,46 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     }
 }
 
+/// Allocates the first `len` bytes of a regular file on the host, growing it if needed, so
+/// writes there can never fail for lack of host space. `posix_fallocate` writes zeros itself
+/// on a file system without `fallocate`.
+pub fn allocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: posix_fallocate only reads its integer arguments; the fd is valid for the borrow
+    // of `file`.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    match rc {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Bytes the host has allocated to `file` (`st_blocks`; 512-byte units on Linux).
+pub fn allocated_bytes(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(file.metadata()?.blocks().saturating_mul(512))
+}
+
+/// Bytes an unprivileged writer can still add to the file system holding `file`.
+pub fn host_free_bytes(file: &File) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `st` is valid for writes of one `statvfs`; the fd is valid for the borrow of
+    // `file`. The struct is read only after the call reported success.
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between targets (u32 on some 32-bit ones).
+    #[allow(clippy::useless_conversion)]
+    let (avail, fragment): (u64, u64) = (st.f_bavail.into(), st.f_frsize.into());
+    Ok(avail.saturating_mul(fragment))
+}
+
 /// Byte ranges of `file` below `len` that are holes (read as zeros without being stored), found
 /// with `SEEK_DATA`/`SEEK_HOLE`. Empty when the file system or device cannot tell.
 pub fn hole_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {

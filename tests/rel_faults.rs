@@ -207,6 +207,7 @@ impl InProcess {
             data_size: 64 << 20,
             block_size: BS,
             metadata_size: None,
+            preallocate: false,
         };
         Volumes::create_pool(dir, &opts, config.clone()).unwrap();
         let volumes = Volumes::open(dir, config).unwrap();

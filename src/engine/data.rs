@@ -268,7 +268,7 @@ impl DataDevice {
             .check(true, block)
             .and_then(|()| self.faults.tap_change(&self.file, offset, buf.len() as u64))
             .and_then(|()| self.write_in_chunks(buf, offset))
-            .map_err(|e| Error::io(format!("writing data block {block} at byte {offset}"), e))
+            .map_err(|e| Error::data_io(format!("writing data block {block} at byte {offset}"), e))
     }
 
     fn write_in_chunks(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -46,12 +46,16 @@ pub struct PoolConfig {
     pub no_space_policy: NoSpacePolicy,
     pub queue_timeout: Duration,
     /// Free data blocks at or below which the pool reports (and logs once) the low-water mark;
-    /// 0 turns the mark off.
+    /// 0 turns the mark off. Used when `low_water_percent` is 0.
     pub low_water_blocks: u64,
     /// Free metadata blocks, as a percentage of the metadata device above the reserve, at or
     /// below which the pool reports (and logs once) the metadata low-water mark; 0 turns the
     /// mark off.
     pub metadata_low_water_percent: u64,
+    /// The low-water mark as a percentage of the pool's data blocks (1-100; 0: use
+    /// `low_water_blocks`), so one setting suits a small pool and a large one, and follows a
+    /// grown pool.
+    pub low_water_percent: u8,
     /// Cells in the bio prison's pool (blocks being provisioned or copied at once).
     pub cell_pool_size: usize,
     /// Zero the rest of a newly provisioned block on a partial write (unless it is known to read
@@ -74,6 +78,16 @@ pub struct PoolConfig {
     pub data_write_chunk: u64,
 }
 
+impl PoolConfig {
+    /// The low-water mark in blocks for a pool of `data_blocks`.
+    pub fn low_water_for(&self, data_blocks: u64) -> u64 {
+        match u64::from(self.low_water_percent.min(100)) {
+            0 => self.low_water_blocks,
+            pct => data_blocks / 100 * pct + data_blocks % 100 * pct / 100,
+        }
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
@@ -81,6 +95,7 @@ impl Default for PoolConfig {
             queue_timeout: Duration::from_secs(60),
             low_water_blocks: 0,
             metadata_low_water_percent: 0,
+            low_water_percent: 0,
             cell_pool_size: 1024,
             zero_new_blocks: true,
             record_events: false,
@@ -232,6 +247,8 @@ pub(crate) struct Shared {
     space_gen: Mutex<u64>,
     space_cv: Condvar,
     pub(crate) stats: Stats,
+    /// The low-water mark in blocks for the pool's current size (`PoolConfig::low_water_for`).
+    low_water_blocks: AtomicU64,
     low_water_crossed: AtomicBool,
     metadata_low_water_crossed: AtomicBool,
     /// A request was refused for want of metadata room (logged once until space comes).
@@ -480,14 +497,17 @@ impl Shared {
     }
 
     fn check_low_water(&self, free: u64) {
-        let mark = self.config.low_water_blocks;
+        let mark = self.low_water_blocks.load(Ordering::Relaxed);
         if mark == 0 {
             return;
         }
         if free <= mark {
             if !self.low_water_crossed.swap(true, Ordering::Relaxed) {
+                let bs = self.block_bytes;
                 tracing::warn!(
-                    "thin pool reached its low-water mark: {free} free data blocks (mark {mark})"
+                    "thin pool reached its low-water mark: {} bytes of data free (mark {} bytes)",
+                    free * bs,
+                    mark * bs
                 );
             }
         } else {
@@ -907,7 +927,7 @@ fn open_rw(path: &Path, create: bool) -> Result<File> {
 
 impl Pool {
     /// Creates a pool: a sparse data file of `data_size_bytes` (created when missing) and fresh
-    /// metadata, sized for the data, in `metadata`.
+    /// metadata, sized for the data and allocated in full, in `metadata`.
     pub fn create(
         metadata: &Path,
         data: &Path,
@@ -961,6 +981,14 @@ impl Pool {
         meta_file
             .set_len(meta_bytes)
             .map_err(|e| Error::io(format!("sizing {}", metadata.display()), e))?;
+        // Allocated in full now, so a commit can never fail for lack of host space (a failed
+        // commit makes the pool read-only).
+        crate::util::allocate(&meta_file, meta_bytes).map_err(|e| {
+            Error::data_io(
+                format!("allocating {meta_bytes} bytes for {}", metadata.display()),
+                e,
+            )
+        })?;
         let io: std::sync::Arc<dyn BlockIo> = std::sync::Arc::new(FileBlockIo::new(meta_file)?);
         Pool::create_from_parts(io, dev, block_size_bytes, nr_blocks, config)
     }
@@ -1020,6 +1048,7 @@ impl Pool {
         } else {
             zeroed_free_blocks(&md, &data, block_bytes, nr_blocks, words)
         };
+        let low_water_blocks = config.low_water_for(nr_blocks);
         let sh = std::sync::Arc::new(Shared {
             core: RwLock::new(Core {
                 md,
@@ -1041,6 +1070,7 @@ impl Pool {
             space_gen: Mutex::new(0),
             space_cv: Condvar::new(),
             stats: Stats::default(),
+            low_water_blocks: AtomicU64::new(low_water_blocks),
             low_water_crossed: AtomicBool::new(false),
             metadata_low_water_crossed: AtomicBool::new(false),
             out_of_metadata: AtomicBool::new(false),
@@ -1243,6 +1273,9 @@ impl Pool {
         // Committed before the queued writers wake, so what they write lands in the new space
         // of a pool whose size is durable.
         self.sh.flush()?;
+        self.sh
+            .low_water_blocks
+            .store(self.sh.config.low_water_for(nr), Ordering::Relaxed);
         self.sh.space_changed();
         Ok(())
     }
@@ -1296,9 +1329,11 @@ impl Pool {
                 && metadata_free <= metadata_low_water_blocks,
             mode,
             read_only_reason: ro,
-            low_water_blocks: sh.config.low_water_blocks,
-            low_water_crossed: sh.config.low_water_blocks > 0
-                && data_free <= sh.config.low_water_blocks,
+            low_water_blocks: sh.low_water_blocks.load(Ordering::Relaxed),
+            low_water_crossed: {
+                let mark = sh.low_water_blocks.load(Ordering::Relaxed);
+                mark > 0 && data_free <= mark
+            },
             thins,
             commits_done: sh.stats.commits.load(Ordering::Relaxed),
             flushes_requested: sh.stats.flushes.load(Ordering::Relaxed),

@@ -669,7 +669,8 @@ impl ThinHandle {
         let mut deadline: Option<Instant> = None;
         loop {
             let err = match self.write_once(vb, inb, data) {
-                Err(e) if e.kind() == ErrorKind::NoSpace => e,
+                // A full host file system is not helped by freeing pool blocks: no queueing.
+                Err(e) if e.kind() == ErrorKind::NoSpace && !e.is_host_no_space() => e,
                 other => return other,
             };
             if !may_queue || self.sh.config.no_space_policy != NoSpacePolicy::Queue {

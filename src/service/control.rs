@@ -108,6 +108,19 @@ fn to_value<T: Serialize>(v: T) -> Result<serde_json::Value> {
         .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("encoding a reply: {e}")))
 }
 
+/// Adds the pool's over-commit warning, if any, to the reply of a command that changed volume
+/// sizes as a `warnings` list (the CLI prints it, online or offline), and logs it.
+fn with_warnings(volumes: &Volumes, mut reply: serde_json::Value) -> Result<serde_json::Value> {
+    let warnings: Vec<String> = volumes.overcommit_warning().into_iter().collect();
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(fields) = reply.as_object_mut() {
+        fields.insert("warnings".into(), to_value(warnings)?);
+    }
+    Ok(reply)
+}
+
 /// Executes one request against the open pool (blocking); logs one line for each change.
 pub fn execute(volumes: &Volumes, req: Request) -> Result<serde_json::Value> {
     let change = req.change();
@@ -131,19 +144,27 @@ fn execute_unlogged(volumes: &Volumes, req: Request) -> Result<serde_json::Value
             name,
             size,
             description,
-        } => to_value(volumes.create_volume_described(&name, size, &description)?),
+        } => with_warnings(
+            volumes,
+            to_value(volumes.create_volume_described(&name, size, &description)?)?,
+        ),
         Request::Snapshot {
             origin,
             name,
             read_only,
             description,
-        } => to_value(volumes.snapshot_described(
-            &origin,
-            &name,
-            read_only,
-            description.as_deref(),
-        )?),
-        Request::Resize { name, size, force } => to_value(volumes.resize_to(&name, size, force)?),
+        } => with_warnings(
+            volumes,
+            to_value(volumes.snapshot_described(
+                &origin,
+                &name,
+                read_only,
+                description.as_deref(),
+            )?)?,
+        ),
+        Request::Resize { name, size, force } => {
+            with_warnings(volumes, to_value(volumes.resize_to(&name, size, force)?)?)
+        }
         Request::Rename { name, new_name } => to_value(volumes.rename(&name, &new_name)?),
         Request::Delete { name } => {
             volumes.delete(&name)?;

@@ -6,7 +6,7 @@ pub mod exports;
 
 use std::sync::Arc;
 
-use crate::config::{Config, NoSpacePolicy};
+use crate::config::{Config, LowWaterMark, NoSpacePolicy};
 use crate::engine::{self, PoolConfig};
 use crate::error::{Error, Result};
 use crate::nbd::{self, Listener, ServerConfig};
@@ -20,8 +20,15 @@ pub fn pool_config(config: &Config) -> PoolConfig {
             NoSpacePolicy::Queue => engine::NoSpacePolicy::Queue,
         },
         queue_timeout: config.pool.no_space_timeout,
-        low_water_blocks: config.pool.low_water_mark / config.pool.block_size.max(1),
         metadata_low_water_percent: config.pool.metadata_low_water_percent,
+        low_water_blocks: match config.pool.low_water_mark {
+            LowWaterMark::Bytes(n) => n / config.pool.block_size.max(1),
+            LowWaterMark::Percent(_) => 0,
+        },
+        low_water_percent: match config.pool.low_water_mark {
+            LowWaterMark::Bytes(_) => 0,
+            LowWaterMark::Percent(p) => p,
+        },
         cell_pool_size: config.engine.cell_pool_size,
         metadata_cache_blocks: config.engine.metadata_cache_blocks,
         mapping_cache_slots: config.engine.mapping_cache_slots,
@@ -54,6 +61,7 @@ pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
             data_size: config.pool.data_size,
             block_size: config.pool.block_size,
             metadata_size: None,
+            preallocate: false,
         };
         Volumes::create_pool(&paths.dir, &opts, pool_config(config))?;
         created = true;
@@ -63,7 +71,28 @@ pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
     if created && !config.pool.default_volume.is_empty() {
         volumes.create_volume(&config.pool.default_volume, config.pool.default_volume_size)?;
     }
+    log_space(&volumes);
     Ok(volumes)
+}
+
+/// Logs the low-water mark in bytes, and what the operator should know about space at start:
+/// a host file system short of the pool's free data, volumes over-committing the pool.
+fn log_space(volumes: &Volumes) {
+    let s = volumes.pool().status();
+    let block = volumes.pool().block_size();
+    tracing::info!(
+        "data: {} of {} bytes free; low-water mark {} bytes",
+        s.data_free * block,
+        s.data_total * block,
+        s.low_water_blocks * block
+    );
+    for w in volumes
+        .host_space_warning()
+        .into_iter()
+        .chain(volumes.overcommit_warning())
+    {
+        tracing::warn!("{w}");
+    }
 }
 
 async fn shutdown_signal() {

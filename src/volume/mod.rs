@@ -170,6 +170,21 @@ pub struct PoolReport {
     pub mode: String,
     pub low_water_crossed: bool,
     pub volumes: Vec<VolumeInfo>,
+    /// Free data at or below which the pool warns (`pool.low_water_mark`; 0: off).
+    #[serde(default)]
+    pub low_water_mark_bytes: u64,
+    /// Free space of the file system holding the data file (`None` for a block device).
+    #[serde(default)]
+    pub host_free_bytes: Option<u64>,
+    /// What the operator should know: host space short of the pool's free data, over-commit.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// Free space on the host file system against what the pool may still write there.
+struct HostSpace {
+    free: u64,
+    needed: u64,
 }
 
 /// What `check` found beyond the metadata checker.
@@ -210,6 +225,9 @@ pub struct CreateOptions {
     pub block_size: u64,
     /// Bytes of metadata; `None` sizes it for the data and a thousand volumes and snapshots.
     pub metadata_size: Option<u64>,
+    /// Allocate the data file in full on the host (a block device already is), so no write
+    /// can fail for lack of host space (as `qemu-img create -o preallocation=falloc`).
+    pub preallocate: bool,
 }
 
 /// What this process writes into a lock it holds: "PID NAME", NAME being the program and its
@@ -287,6 +305,22 @@ pub fn take_lock(paths: &PoolPaths) -> Result<File> {
     }
 }
 
+/// Allocates a data file in full on the host; block devices need nothing.
+fn preallocate_data(file: &File, path: &Path, bytes: u64) -> Result<()> {
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("inspecting {}", path.display()), e))?;
+    if !meta.file_type().is_file() {
+        return Ok(());
+    }
+    crate::util::allocate(file, bytes).map_err(|e| {
+        Error::data_io(
+            format!("preallocating {bytes} bytes for {}", path.display()),
+            e,
+        )
+    })
+}
+
 fn check_volume_size(size: u64) -> Result<()> {
     if size == 0 || !size.is_multiple_of(512) {
         return fail(
@@ -319,16 +353,43 @@ impl Volumes {
             data: opts.data.clone(),
         };
         let data_path = file.data_path(&paths);
+        let data_existed = data_path.exists();
+        let created = Self::create_pool_files(&paths, &file, &data_path, opts, config);
+        if created.is_err() {
+            // Leave the directory as it was, so the command can be run again (say, with a
+            // smaller size) instead of finding a half-made pool.
+            let _ = fs::remove_file(&paths.metadata);
+            let _ = fs::remove_file(&paths.pool_file);
+            if !data_existed {
+                let _ = fs::remove_file(&data_path);
+            }
+        }
+        created
+    }
+
+    fn create_pool_files(
+        paths: &PoolPaths,
+        file: &PoolFile,
+        data_path: &Path,
+        opts: &CreateOptions,
+        config: PoolConfig,
+    ) -> Result<()> {
         let pool = Pool::create_sized(
             &paths.metadata,
-            &data_path,
+            data_path,
             opts.data_size,
             opts.block_size,
             opts.metadata_size,
             config,
         )?;
+        let preallocated = if opts.preallocate {
+            preallocate_data(pool.data_device().file(), data_path, opts.data_size)
+        } else {
+            Ok(())
+        };
         pool.shutdown()?;
-        let text = toml::to_string(&file)
+        preallocated?;
+        let text = toml::to_string(file)
             .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("encoding pool.toml: {e}")))?;
         registry::write_atomically(&paths.pool_file, text.as_bytes())?;
         Ok(())
@@ -712,6 +773,13 @@ impl Volumes {
             },
             low_water_crossed: s.low_water_crossed,
             volumes: self.list(),
+            low_water_mark_bytes: s.low_water_blocks * block,
+            host_free_bytes: self.host_space().map(|h| h.free),
+            warnings: self
+                .host_space_warning()
+                .into_iter()
+                .chain(self.overcommit_warning())
+                .collect(),
         }
     }
 
@@ -720,6 +788,56 @@ impl Volumes {
     pub fn grow(&self, data_size: Option<u64>, metadata_size: Option<u64>) -> Result<PoolReport> {
         self.pool.grow(data_size, metadata_size)?;
         Ok(self.status())
+    }
+
+    /// The data file's host file system: its free space and what the pool may still need
+    /// there. `None` for a block device or when the host cannot tell.
+    fn host_space(&self) -> Option<HostSpace> {
+        let file = self.pool.data_device().file();
+        let meta = file.metadata().ok()?;
+        if !meta.file_type().is_file() {
+            return None;
+        }
+        let free = crate::util::host_free_bytes(file).ok()?;
+        let unallocated = meta
+            .len()
+            .saturating_sub(crate::util::allocated_bytes(file).ok()?);
+        let s = self.pool.status();
+        let pool_free = s.data_free.saturating_mul(self.pool.block_size());
+        Some(HostSpace {
+            free,
+            needed: pool_free.min(unallocated),
+        })
+    }
+
+    /// A warning when the host file system cannot hold the pool's free data space: writes
+    /// would then fail with ENOSPC while the pool still reports free space.
+    pub fn host_space_warning(&self) -> Option<String> {
+        let h = self.host_space()?;
+        (h.free < h.needed).then(|| {
+            format!(
+                "the file system holding the data file has {} bytes free, less than the {} \
+                 bytes of free pool data it may still need: writes can fail with ENOSPC before \
+                 the pool is full (free host space, or create pools with --preallocate)",
+                h.free, h.needed
+            )
+        })
+    }
+
+    /// LVM's warning when the volumes together may need more than the pool holds.
+    pub fn overcommit_warning(&self) -> Option<String> {
+        let total: u64 = locked(&self.registry)
+            .volumes()
+            .iter()
+            .fold(0u64, |sum, v| sum.saturating_add(v.size));
+        let data = self.pool.status().data_total * self.pool.block_size();
+        (total > data).then(|| {
+            format!(
+                "sum of all thin volume sizes ({total} bytes) exceeds the size of thin pool {} \
+                 ({data} bytes)",
+                self.paths.dir.display()
+            )
+        })
     }
 
     /// Registry against metadata: orphan thins and names without thins.
