@@ -6,6 +6,7 @@ pub mod model;
 pub mod nbd;
 pub mod power;
 pub mod server;
+pub mod small_fs;
 
 /// A count from the environment (long runs on demand), or `default`.
 pub fn env_count(name: &str, default: u64) -> u64 {

@@ -1,0 +1,211 @@
+//! The host's own space (issue 17, point 9): a full file system under the data file reaches the
+//! client as ENOSPC (never EIO) and leaves the pool consistent and writable; the metadata file
+//! is allocated in full at creation, so a commit never needs host space; `pool create
+//! --preallocate` allocates the data file; and `pool status` and the server's start warn when
+//! the file system has less free space than the pool's free data.
+
+mod common;
+mod rel_support;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use rel_support::server::{cli, cli_ok, make_pool, pool_status, Server};
+use rel_support::small_fs::SmallFs;
+
+const HOST_WARNING: &str = "file system holding the data file";
+
+/// Runs qemu-io on an export; returns stdout and stderr together.
+fn qemu_io(port: u16, export: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", &format!("nbd://127.0.0.1:{port}/{export}")]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.stdin(Stdio::null()).output().expect("run qemu-io");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn qemu_io_ok(port: u16, export: &str, cmds: &[&str]) -> String {
+    let out = qemu_io(port, export, cmds);
+    for bad in ["fail", "error", "Error", "mismatch", "No space"] {
+        assert!(
+            !out.contains(bad),
+            "qemu-io {cmds:?} reported {bad:?}:\n{out}"
+        );
+    }
+    out
+}
+
+/// (apparent size, bytes the host allocated) of a file.
+fn sizes(path: &Path) -> (u64, u64) {
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.len(), m.blocks() * 512)
+}
+
+fn warnings(status: &serde_json::Value) -> Vec<String> {
+    status["warnings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("pool status has no warnings list: {status}"))
+        .iter()
+        .map(|w| w.as_str().expect("a warning is text").to_owned())
+        .collect()
+}
+
+#[test]
+fn a_full_host_file_system_gives_the_client_enospc_and_the_pool_stays_consistent() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    let Some(fs) = SmallFs::mount("48m") else {
+        return;
+    };
+    let pool = fs.join("pool");
+    make_pool(&pool, "1G", &[("a", "1G")]);
+    // Host space the test gives back later, to show that writes that fit work again.
+    std::fs::write(fs.join("filler"), vec![0xa5u8; 8 << 20]).unwrap();
+    let log = fs.path().parent().unwrap().join(format!(
+        "thinnbd-host-space-{}.log",
+        std::process::id()
+    ));
+    let mut server = Server::start(&pool, None, &log);
+    let port = server.port;
+    assert!(
+        server.log_text().contains(HOST_WARNING),
+        "no host-space warning at start:\n{}",
+        server.log_text()
+    );
+    qemu_io_ok(port, "a", &["write -P 0x11 0 1M"]);
+
+    let out = qemu_io(port, "a", &["write -P 0x22 1M 64M"]);
+    assert!(
+        out.contains("No space left on device"),
+        "a write past the host's space did not get ENOSPC:\n{out}"
+    );
+    assert!(
+        !out.contains("Input/output error"),
+        "ENOSPC became EIO:\n{out}"
+    );
+    let status = pool_status(&pool);
+    assert_eq!(status["mode"], "write", "{status}");
+    assert!(
+        warnings(&status).iter().any(|w| w.contains(HOST_WARNING)),
+        "{status}"
+    );
+
+    // Blocks already provisioned are overwritten in place: no host space needed.
+    qemu_io_ok(port, "a", &["write -P 0x33 0 64k", "read -P 0x33 0 64k"]);
+    std::fs::remove_file(fs.join("filler")).unwrap();
+    qemu_io_ok(
+        port,
+        "a",
+        &[
+            "write -P 0x44 512M 4M",
+            "flush",
+            "read -P 0x44 512M 4M",
+            "read -P 0x11 64k 960k",
+        ],
+    );
+    assert!(server.stop().success(), "{}", server.log_text());
+    let _ = std::fs::remove_file(&log);
+    common::assert_metadata_clean(&pool.join("metadata"));
+}
+
+#[test]
+fn pool_create_allocates_the_metadata_file_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    make_pool(&pool, "2G", &[]);
+    let (len, allocated) = sizes(&pool.join("metadata"));
+    assert!(len > 0);
+    assert!(
+        allocated >= len,
+        "metadata file is sparse: {allocated} of {len} bytes allocated"
+    );
+    let (len, allocated) = sizes(&pool.join("data"));
+    assert!(
+        allocated < len,
+        "without --preallocate the data file stays sparse ({allocated} of {len})"
+    );
+}
+
+#[test]
+fn pool_create_preallocate_allocates_the_data_file_or_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let p = pool.to_str().unwrap();
+    cli_ok(&["pool", "create", p, "--data-size", "64M", "--preallocate"]);
+    let (len, allocated) = sizes(&pool.join("data"));
+    assert_eq!(len, 64 << 20);
+    assert!(
+        allocated >= len,
+        "--preallocate left the data file sparse: {allocated} of {len} bytes"
+    );
+    cli_ok(&["volume", "create", "--pool", p, "a", "--size", "32M"]);
+    let status = pool_status(&pool);
+    assert!(
+        !warnings(&status).iter().any(|w| w.contains(HOST_WARNING)),
+        "a preallocated pool needs no host space: {status}"
+    );
+
+    // Preallocation that does not fit: a clear error, and the directory as it was.
+    let Some(fs) = SmallFs::mount("48m") else {
+        return;
+    };
+    let small = fs.join("pool");
+    let s = small.to_str().unwrap();
+    let out = cli(&["pool", "create", s, "--data-size", "1G", "--preallocate"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "1G preallocated on 48M succeeded");
+    assert!(
+        err.contains("no space") && err.contains("No space left on device"),
+        "{err}"
+    );
+    assert!(!small.join("metadata").exists(), "half-made pool left behind");
+    assert!(!small.join("data").exists(), "data file left behind");
+    cli_ok(&["pool", "create", s, "--data-size", "1G"]);
+}
+
+#[test]
+fn pool_status_warns_when_the_host_cannot_hold_the_free_data() {
+    let Some(fs) = SmallFs::mount("48m") else {
+        return;
+    };
+    let sparse = fs.join("sparse");
+    make_pool(&sparse, "1G", &[("a", "512M")]);
+    let status = pool_status(&sparse);
+    let free = status["host_free_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no host_free_bytes: {status}"));
+    assert!(free < 48 << 20, "{status}");
+    let w = warnings(&status);
+    assert!(w.iter().any(|w| w.contains(HOST_WARNING)), "{status}");
+    let text = cli_ok(&["pool", "status", sparse.to_str().unwrap()]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("warning:") && l.contains(HOST_WARNING)),
+        "{text}"
+    );
+    assert!(text.contains("host free:"), "{text}");
+
+    let fits = fs.join("fits");
+    cli_ok(&[
+        "pool",
+        "create",
+        fits.to_str().unwrap(),
+        "--data-size",
+        "8M",
+    ]);
+    let status = pool_status(&fits);
+    assert!(
+        !warnings(&status).iter().any(|w| w.contains(HOST_WARNING)),
+        "8M of free data fits the host: {status}"
+    );
+    let text = cli_ok(&["pool", "status", fits.to_str().unwrap()]);
+    assert!(!text.contains("warning:"), "{text}");
+}
