@@ -87,10 +87,11 @@ impl Error {
         }
     }
 
-    /// An I/O error of the data device, or of allocating a pool's files: a full host file
-    /// system (`ENOSPC`) or an exhausted quota (`EDQUOT`) is `NoSpace`, so the client sees
-    /// ENOSPC rather than EIO. Metadata I/O keeps [`Error::io`]: there any failed write turns
-    /// the pool read-only, whatever its cause.
+    /// An I/O error where a full host file system refuses one request and leaves the pool as
+    /// it was: writes to the data device, allocating a pool's files, replacing the registry.
+    /// `ENOSPC` and `EDQUOT` (an exhausted quota) are `NoSpace`, so a client sees ENOSPC rather
+    /// than EIO. Metadata I/O keeps [`Error::io`]: there any failed write turns the pool
+    /// read-only, whatever its cause.
     pub fn data_io(context: impl Into<String>, source: io::Error) -> Self {
         let kind = match source.raw_os_error() {
             Some(libc::ENOSPC | libc::EDQUOT) => ErrorKind::NoSpace,

@@ -134,6 +134,87 @@ fn pool_create_allocates_the_metadata_file_in_full() {
     );
 }
 
+/// Writes `path` until the file system is full (to the last page).
+fn fill_file_system(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    for chunk in [1usize << 20, 4096] {
+        let buf = vec![0x5au8; chunk];
+        loop {
+            match f.write_all(&buf) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_preallocated_pool_on_a_full_host_provisions_and_commits() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    let Some(fs) = SmallFs::mount("48m") else {
+        return;
+    };
+    let pool = fs.join("pool");
+    let p = pool.to_str().unwrap();
+    cli_ok(&["pool", "create", p, "--data-size", "24M", "--preallocate"]);
+    cli_ok(&["volume", "create", "--pool", p, "a", "--size", "64M"]);
+    fill_file_system(&fs.join("filler"));
+    let log = fs.path().parent().unwrap().join(format!(
+        "thinnbd-full-host-{}.log",
+        std::process::id()
+    ));
+    let mut server = Server::start(&pool, None, &log);
+    // Every new block and each flush's commit must do without host space: the data file was
+    // allocated by --preallocate, the metadata file at creation.
+    for i in 0..6u32 {
+        let at = format!("{}M", i * 4);
+        qemu_io_ok(
+            server.port,
+            "a",
+            &[&format!("write -P {} {at} 4M", 0x10 + i), "flush"],
+        );
+    }
+    assert_eq!(pool_status(&pool)["mode"], "write");
+    qemu_io_ok(server.port, "a", &["read -P 0x15 20M 4M", "read -P 0x10 0 4M"]);
+    assert!(server.stop().success(), "{}", server.log_text());
+    let _ = std::fs::remove_file(&log);
+    common::assert_metadata_clean(&pool.join("metadata"));
+}
+
+#[test]
+fn a_create_the_full_host_refuses_says_no_space_and_leaves_no_orphan() {
+    let Some(fs) = SmallFs::mount("48m") else {
+        return;
+    };
+    let pool = fs.join("pool");
+    let p = pool.to_str().unwrap();
+    make_pool(&pool, "64M", &[("a", "16M")]);
+    fill_file_system(&fs.join("filler"));
+    for args in [
+        vec!["volume", "create", "--pool", p, "b", "--size", "16M"],
+        vec!["snapshot", "--pool", p, "a", "a-snap"],
+    ] {
+        let out = cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded on a full host");
+        assert!(
+            err.contains("no space") && err.contains("No space left on device"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::remove_file(fs.join("filler")).unwrap();
+    let out = cli_ok(&["check", p]);
+    assert!(out.contains("clean"), "{out}");
+    let status = pool_status(&pool);
+    assert_eq!(status["mode"], "write");
+    assert_eq!(status["volumes"].as_array().unwrap().len(), 1, "{status}");
+    cli_ok(&["volume", "create", "--pool", p, "b", "--size", "16M"]);
+}
+
 #[test]
 fn pool_create_preallocate_allocates_the_data_file_or_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -525,7 +525,10 @@ impl Volumes {
             origin_deleted: false,
             description: description.into(),
         };
-        reg.add(v)?;
+        if let Err(e) = reg.add(v) {
+            self.forget_unnamed_thin(id);
+            return Err(e);
+        }
         drop(reg);
         self.info(name)
     }
@@ -551,7 +554,7 @@ impl Volumes {
         let id = reg.free_thin_id(&self.pool.thin_ids())?;
         self.pool.create_snapshot(id, o.thin_id)?;
         self.pool.flush()?;
-        reg.add(Volume {
+        let added = reg.add(Volume {
             name: name.into(),
             thin_id: id,
             size: o.size,
@@ -559,9 +562,22 @@ impl Volumes {
             origin: Some(origin.into()),
             origin_deleted: false,
             description: description.map_or_else(|| format!("snapshot of {origin}"), Into::into),
-        })?;
+        });
+        if let Err(e) = added {
+            self.forget_unnamed_thin(id);
+            return Err(e);
+        }
         drop(reg);
         self.info(name)
+    }
+
+    /// Deletes a thin whose name could not be recorded (the registry write failed, say on a
+    /// full host file system), so a failed create leaves no orphan behind. If this fails too,
+    /// `check` reports the orphan.
+    fn forget_unnamed_thin(&self, id: ThinId) {
+        if let Err(e) = self.pool.delete_thin(id).and_then(|()| self.pool.flush()) {
+            tracing::warn!("removing thin {id} after a failed create: {e}");
+        }
     }
 
     fn info(&self, name: &str) -> Result<VolumeInfo> {

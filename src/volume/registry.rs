@@ -236,11 +236,18 @@ impl Registry {
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
-    let io_err = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
+    // A full host file system fails the write alone (NoSpace): the old file stays in place.
+    let io_err = |what: &str, e| Error::data_io(format!("{what} {}", tmp.display()), e);
     let mut f = File::create(&tmp).map_err(|e| io_err("creating", e))?;
-    f.write_all(bytes).map_err(|e| io_err("writing", e))?;
-    f.sync_all().map_err(|e| io_err("syncing", e))?;
+    let written = f
+        .write_all(bytes)
+        .map_err(|e| io_err("writing", e))
+        .and_then(|()| f.sync_all().map_err(|e| io_err("syncing", e)));
     drop(f);
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     fs::rename(&tmp, path)
         .map_err(|e| Error::io(format!("renaming over {}", path.display()), e))?;
     File::open(dir)
