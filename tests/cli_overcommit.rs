@@ -31,7 +31,10 @@ fn sizes_beyond_the_pool_warn_offline_and_online() {
     let p = pool.to_str().unwrap();
     make_pool(&pool, "2G", &[]);
     let err = stderr_ok(&["volume", "create", "--pool", p, "small", "--size", "1G"]);
-    assert!(!err.contains("WARNING"), "1G of 2G is no over-commit: {err}");
+    assert!(
+        !err.contains("WARNING"),
+        "1G of 2G is no over-commit: {err}"
+    );
 
     let err = stderr_ok(&["volume", "create", "--pool", p, "huge", "--size", "100T"]);
     assert!(err.contains(OVERCOMMIT), "offline create: {err}");

@@ -69,10 +69,11 @@ fn a_full_host_file_system_gives_the_client_enospc_and_the_pool_stays_consistent
     make_pool(&pool, "1G", &[("a", "1G")]);
     // Host space the test gives back later, to show that writes that fit work again.
     std::fs::write(fs.join("filler"), vec![0xa5u8; 8 << 20]).unwrap();
-    let log = fs.path().parent().unwrap().join(format!(
-        "thinnbd-host-space-{}.log",
-        std::process::id()
-    ));
+    let log = fs
+        .path()
+        .parent()
+        .unwrap()
+        .join(format!("thinnbd-host-space-{}.log", std::process::id()));
     let mut server = Server::start(&pool, None, &log);
     let port = server.port;
     assert!(
@@ -163,10 +164,11 @@ fn a_preallocated_pool_on_a_full_host_provisions_and_commits() {
     cli_ok(&["pool", "create", p, "--data-size", "24M", "--preallocate"]);
     cli_ok(&["volume", "create", "--pool", p, "a", "--size", "64M"]);
     fill_file_system(&fs.join("filler"));
-    let log = fs.path().parent().unwrap().join(format!(
-        "thinnbd-full-host-{}.log",
-        std::process::id()
-    ));
+    let log = fs
+        .path()
+        .parent()
+        .unwrap()
+        .join(format!("thinnbd-full-host-{}.log", std::process::id()));
     let mut server = Server::start(&pool, None, &log);
     // Every new block and each flush's commit must do without host space: the data file was
     // allocated by --preallocate, the metadata file at creation.
@@ -179,7 +181,11 @@ fn a_preallocated_pool_on_a_full_host_provisions_and_commits() {
         );
     }
     assert_eq!(pool_status(&pool)["mode"], "write");
-    qemu_io_ok(server.port, "a", &["read -P 0x15 20M 4M", "read -P 0x10 0 4M"]);
+    qemu_io_ok(
+        server.port,
+        "a",
+        &["read -P 0x15 20M 4M", "read -P 0x10 0 4M"],
+    );
     assert!(server.stop().success(), "{}", server.log_text());
     let _ = std::fs::remove_file(&log);
     common::assert_metadata_clean(&pool.join("metadata"));
@@ -247,7 +253,10 @@ fn pool_create_preallocate_allocates_the_data_file_or_leaves_nothing() {
         err.contains("no space") && err.contains("No space left on device"),
         "{err}"
     );
-    assert!(!small.join("metadata").exists(), "half-made pool left behind");
+    assert!(
+        !small.join("metadata").exists(),
+        "half-made pool left behind"
+    );
     assert!(!small.join("data").exists(), "data file left behind");
     cli_ok(&["pool", "create", s, "--data-size", "1G"]);
 }

@@ -254,6 +254,7 @@ impl Server for ThinExport {
             let s = settings()?;
             let served = Served::open(s)?;
             tracing::info!(pool = %s.pool_dir.display(), "pool open");
+            thinnbd::service::log_space(&served.volumes);
             *locked(&SERVED) = Some(Arc::new(served));
             Ok(())
         })

@@ -76,8 +76,9 @@ pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
 }
 
 /// Logs the low-water mark in bytes, and what the operator should know about space at start:
-/// a host file system short of the pool's free data, volumes over-committing the pool.
-fn log_space(volumes: &Volumes) {
+/// a host file system short of the pool's free data, volumes over-committing the pool. The
+/// server and the nbdkit plugin both call it once the pool is open.
+pub fn log_space(volumes: &Volumes) {
     let s = volumes.pool().status();
     let block = volumes.pool().block_size();
     tracing::info!(
