@@ -6,8 +6,7 @@
 mod common;
 mod rel_support;
 
-use std::process::{Command, Stdio};
-
+use rel_support::qemu::qemu_io_ok;
 use rel_support::server::{cli, cli_ok, make_pool, pool_status, Server};
 
 const OVERCOMMIT: &str = "WARNING: sum of all thin volume sizes";
@@ -105,13 +104,7 @@ fn a_percentage_mark_is_logged_in_bytes_when_set_and_when_crossed() {
         "{}",
         server.log_text()
     );
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", &format!("nbd://127.0.0.1:{}/a", server.port)])
-        .args(["-c", "write -P 0x5a 0 40M", "-c", "flush"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run qemu-io");
-    assert!(out.status.success(), "{out:?}");
+    qemu_io_ok(server.port, "a", &["write -P 0x5a 0 40M", "flush"]);
     assert_eq!(pool_status(&pool)["low_water_crossed"], true);
     assert!(server.stop().success(), "{}", server.log_text());
     let log = server.log_text();

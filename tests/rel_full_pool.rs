@@ -10,9 +10,10 @@ mod common;
 mod rel_support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use rel_support::qemu::{qemu_io, qemu_io_cmd, qemu_io_ok};
 use rel_support::server::{cli, cli_ok, make_pool, pool_status, Server};
 
 fn config(dir: &Path, policy: &str) -> std::path::PathBuf {
@@ -26,39 +27,6 @@ fn config(dir: &Path, policy: &str) -> std::path::PathBuf {
     )
     .unwrap();
     path
-}
-
-fn qemu_io_cmd(port: u16, export: &str, cmds: &[&str]) -> Command {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", &format!("nbd://127.0.0.1:{port}/{export}")]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.stdin(Stdio::null());
-    c
-}
-
-/// Runs qemu-io; returns stdout and stderr together.
-fn qemu_io(port: u16, export: &str, cmds: &[&str]) -> String {
-    let out = qemu_io_cmd(port, export, cmds)
-        .output()
-        .expect("run qemu-io");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn qemu_io_ok(port: u16, export: &str, cmds: &[&str]) -> String {
-    let out = qemu_io(port, export, cmds);
-    for bad in ["fail", "error", "Error", "mismatch", "No space"] {
-        assert!(
-            !out.contains(bad),
-            "qemu-io {cmds:?} reported {bad:?}:\n{out}"
-        );
-    }
-    out
 }
 
 fn wait_for_mode(pool: &Path, mode: &str) {

@@ -9,38 +9,12 @@ mod rel_support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
+use rel_support::qemu::{qemu_io, qemu_io_ok};
 use rel_support::server::{cli, cli_ok, make_pool, pool_status, Server};
 use rel_support::small_fs::SmallFs;
 
 const HOST_WARNING: &str = "file system holding the data file";
-
-/// Runs qemu-io on an export; returns stdout and stderr together.
-fn qemu_io(port: u16, export: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", &format!("nbd://127.0.0.1:{port}/{export}")]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = c.stdin(Stdio::null()).output().expect("run qemu-io");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn qemu_io_ok(port: u16, export: &str, cmds: &[&str]) -> String {
-    let out = qemu_io(port, export, cmds);
-    for bad in ["fail", "error", "Error", "mismatch", "No space"] {
-        assert!(
-            !out.contains(bad),
-            "qemu-io {cmds:?} reported {bad:?}:\n{out}"
-        );
-    }
-    out
-}
 
 /// (apparent size, bytes the host allocated) of a file.
 fn sizes(path: &Path) -> (u64, u64) {
@@ -69,11 +43,9 @@ fn a_full_host_file_system_gives_the_client_enospc_and_the_pool_stays_consistent
     make_pool(&pool, "1G", &[("a", "1G")]);
     // Host space the test gives back later, to show that writes that fit work again.
     std::fs::write(fs.join("filler"), vec![0xa5u8; 8 << 20]).unwrap();
-    let log = fs
-        .path()
-        .parent()
-        .unwrap()
-        .join(format!("thinnbd-host-space-{}.log", std::process::id()));
+    // The log lives off the small file system, which the test fills.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("log");
     let mut server = Server::start(&pool, None, &log);
     let port = server.port;
     assert!(
@@ -113,7 +85,6 @@ fn a_full_host_file_system_gives_the_client_enospc_and_the_pool_stays_consistent
         ],
     );
     assert!(server.stop().success(), "{}", server.log_text());
-    let _ = std::fs::remove_file(&log);
     common::assert_metadata_clean(&pool.join("metadata"));
 }
 
@@ -164,11 +135,9 @@ fn a_preallocated_pool_on_a_full_host_provisions_and_commits() {
     cli_ok(&["pool", "create", p, "--data-size", "24M", "--preallocate"]);
     cli_ok(&["volume", "create", "--pool", p, "a", "--size", "64M"]);
     fill_file_system(&fs.join("filler"));
-    let log = fs
-        .path()
-        .parent()
-        .unwrap()
-        .join(format!("thinnbd-full-host-{}.log", std::process::id()));
+    // The log lives off the small file system, which the test fills.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("log");
     let mut server = Server::start(&pool, None, &log);
     // Every new block and each flush's commit must do without host space: the data file was
     // allocated by --preallocate, the metadata file at creation.
@@ -187,7 +156,6 @@ fn a_preallocated_pool_on_a_full_host_provisions_and_commits() {
         &["read -P 0x15 20M 4M", "read -P 0x10 0 4M"],
     );
     assert!(server.stop().success(), "{}", server.log_text());
-    let _ = std::fs::remove_file(&log);
     common::assert_metadata_clean(&pool.join("metadata"));
 }
 

@@ -5,6 +5,7 @@
 pub mod model;
 pub mod nbd;
 pub mod power;
+pub mod qemu;
 pub mod server;
 pub mod small_fs;
 
