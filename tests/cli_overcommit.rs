@@ -62,7 +62,9 @@ fn sizes_beyond_the_pool_warn_offline_and_online() {
     for name in ["huge-snap", "huge", "more"] {
         cli_ok(&["volume", "delete", "--pool", p, name]);
     }
-    let err = stderr_ok(&["volume", "resize", "--pool", p, "small", "--size", "1500M"]);
+    let err = stderr_ok(&[
+        "volume", "resize", "--pool", p, "small", "--size", "1500M", "--force",
+    ]);
     assert!(!err.contains("WARNING"), "{err}");
     assert_eq!(pool_status(&pool)["warnings"], serde_json::json!([]));
 }
