@@ -336,8 +336,7 @@ fn online_or_local(pool: &Path, req: Request) -> anyhow::Result<serde_json::Valu
 
 /// Prints the `warnings` list of a control reply to stderr, as LVM prints its warnings.
 fn print_warnings(reply: &serde_json::Value) {
-    let warnings = reply.get("warnings").and_then(|w| w.as_array());
-    for w in warnings.into_iter().flatten().filter_map(|w| w.as_str()) {
+    for w in control::reply_warnings(reply) {
         eprintln!("WARNING: {w}");
     }
 }

@@ -109,16 +109,25 @@ fn to_value<T: Serialize>(v: T) -> Result<serde_json::Value> {
 }
 
 /// Adds the pool's over-commit warning, if any, to the reply of a command that changed volume
-/// sizes as a `warnings` list (the CLI prints it, online or offline), and logs it.
+/// sizes as a `warnings` list: the CLI prints it (online or offline) and the change's log line
+/// carries it.
 fn with_warnings(volumes: &Volumes, mut reply: serde_json::Value) -> Result<serde_json::Value> {
     let warnings: Vec<String> = volumes.overcommit_warning().into_iter().collect();
-    for w in &warnings {
-        tracing::warn!("{w}");
-    }
     if let Some(fields) = reply.as_object_mut() {
         fields.insert("warnings".into(), to_value(warnings)?);
     }
     Ok(reply)
+}
+
+/// The `warnings` list of a reply (see `with_warnings`); empty when it has none.
+pub fn reply_warnings(reply: &serde_json::Value) -> Vec<&str> {
+    reply
+        .get("warnings")
+        .and_then(|w| w.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w.as_str())
+        .collect()
 }
 
 /// Executes one request against the open pool (blocking); logs one line for each change.
@@ -127,7 +136,14 @@ pub fn execute(volumes: &Volumes, req: Request) -> Result<serde_json::Value> {
     let result = execute_unlogged(volumes, req);
     if let Some(change) = change {
         match &result {
-            Ok(_) => tracing::info!("control: {change}: done"),
+            Ok(reply) => {
+                let warnings = reply_warnings(reply);
+                if warnings.is_empty() {
+                    tracing::info!("control: {change}: done");
+                } else {
+                    tracing::warn!("control: {change}: done; WARNING: {}", warnings.join("; "));
+                }
+            }
             Err(e) => tracing::warn!("control: {change}: refused: {e}"),
         }
     }
