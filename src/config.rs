@@ -107,14 +107,20 @@ pub enum LowWaterMark {
 impl LowWaterMark {
     /// Parses `"10%"` (0 to 100) or a size such as `"1G"`.
     pub fn parse(text: &str) -> Option<LowWaterMark> {
-        match text.trim().strip_suffix('%') {
-            Some(pct) => match pct.trim().parse::<u8>() {
-                Ok(p) if p <= 100 => Some(LowWaterMark::Percent(p)),
-                _ => None,
-            },
-            None => parse_size(text).map(LowWaterMark::Bytes),
+        if text.trim().ends_with('%') {
+            parse_percent(text).map(LowWaterMark::Percent)
+        } else {
+            parse_size(text).map(LowWaterMark::Bytes)
         }
     }
+}
+
+/// The one rule for percentages in the config: a whole number from 0 to 100 followed by `%`.
+fn parse_percent(text: &str) -> Option<u8> {
+    text.trim()
+        .strip_suffix('%')
+        .and_then(|n| n.trim().parse::<u8>().ok())
+        .filter(|n| *n <= 100)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -160,10 +166,8 @@ impl Ctx<'_> {
     /// A percentage written `"20%"`, 0 to 100.
     fn percent(&self, key: &str, v: Option<String>, default: &str) -> Result<u64> {
         let text = v.unwrap_or_else(|| default.to_string());
-        text.trim()
-            .strip_suffix('%')
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .filter(|n| *n <= 100)
+        parse_percent(&text)
+            .map(u64::from)
             .ok_or_else(|| self.bad(key, format!("{text:?} is not a percentage (0% to 100%)")))
     }
 

@@ -104,6 +104,21 @@ fn pool_create_allocates_the_metadata_file_in_full() {
         allocated < len,
         "without --preallocate the data file stays sparse ({allocated} of {len})"
     );
+    // Metadata added by a grow is allocated in full too.
+    let (before, _) = sizes(&pool.join("metadata"));
+    cli_ok(&[
+        "pool",
+        "grow",
+        pool.to_str().unwrap(),
+        "--metadata-size",
+        &format!("{}", before + (8 << 20)),
+    ]);
+    let (len, allocated) = sizes(&pool.join("metadata"));
+    assert_eq!(len, before + (8 << 20));
+    assert!(
+        allocated >= len,
+        "grown metadata file is sparse: {allocated} of {len} bytes allocated"
+    );
 }
 
 /// Writes `path` until the file system is full (to the last page).

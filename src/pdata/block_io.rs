@@ -102,9 +102,10 @@ impl BlockIo for FileBlockIo {
             .metadata()
             .map_err(|e| Error::io("inspecting the metadata device", e))?;
         if meta.file_type().is_file() && meta.len() < want {
-            self.file
-                .set_len(want)
-                .map_err(|e| Error::io("growing the metadata file", e))?;
+            // Allocated, not only sized: a commit must never meet a full host file system.
+            // A host that cannot hold it refuses the grow (no space), which fails nothing else.
+            crate::util::allocate(&self.file, want)
+                .map_err(|e| Error::data_io("allocating the grown metadata file", e))?;
         }
         let len =
             crate::util::device_size(&self.file).map_err(|e| Error::io("sizing metadata", e))?;
