@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use crate::settings::{self, c_text};
 use crate::{guard, served, shutdown_pool, ThinExport};
 use thinnbd::error::{Error, ErrorKind, Result};
+use thinnbd::nbd::BlockSizes;
 
 /// nbdkit's opaque export list.
 #[repr(C)]
@@ -199,13 +200,16 @@ extern "C" fn block_size(
                 "null block size pointer",
             ));
         }
-        let (min, pref, max) = settings::block_sizes(served()?.volumes.pool().block_size());
+        let sizes = BlockSizes::new(
+            served()?.exports.preferred_block_size(),
+            settings::MAX_REQUEST,
+        );
         // SAFETY: nbdkit passes three valid, aligned, writable u32s (checked non-null above)
         // that outlive the call.
         unsafe {
-            *minimum = min;
-            *preferred = pref;
-            *maximum = max;
+            *minimum = sizes.minimum;
+            *preferred = sizes.preferred;
+            *maximum = sizes.maximum;
         }
         Ok(0)
     })

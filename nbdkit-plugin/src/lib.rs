@@ -1,5 +1,5 @@
-//! The nbdkit plugin: every volume of a pool directory as an nbdkit export, over the same
-//! engine as `thinnbd serve`.
+//! The nbdkit plugin: every volume of a pool directory as an nbdkit export, through the same
+//! export adapter as `thinnbd serve` (`thinnbd::service::exports`), so both answer alike.
 //!
 //! ```text
 //! cargo build --release -p thinnbd-nbdkit
@@ -8,7 +8,8 @@
 //!
 //! A package of its own (not a crate type of the `thinnbd` library), so that only this
 //! library carries `plugin_init` and a plain `cargo build` leaves no `.so` that nbdkit refuses.
-//! It uses the library's public API only.
+//! It uses the library's public API only, and never the engine's: each callback is a call on
+//! the export (`thinnbd::nbd::ExportBackend`) the adapter opened, plus nbdkit's own types.
 //!
 //! Life of the plugin, in nbdkit's order: `config` collects the keys, `config_complete` checks
 //! them (and that DIR holds a pool), `get_ready` checks what can still be reported on the
@@ -33,11 +34,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, ThreadModel};
 
 use settings::{Keys, Settings};
-use thinnbd::engine::NOWAIT_WRITE_MAX;
 use thinnbd::error::{fail, Error, ErrorKind, Result};
-use thinnbd::nbd::{ExportInfo, ExportSource};
+use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, WriteTurns};
+use thinnbd::service;
 use thinnbd::service::exports::VolumeExports;
-use thinnbd::volume::{ActiveVolume, Volumes};
+use thinnbd::volume::Volumes;
 
 /// Keys as they arrive (`config`).
 static KEYS: Mutex<Keys> = Mutex::new(Keys::new());
@@ -60,7 +61,7 @@ struct Served {
 
 impl Served {
     fn open(s: &Settings) -> Result<Served> {
-        let volumes = Volumes::open(&s.pool_dir, s.pool_config.clone())?;
+        let volumes = Volumes::open(&s.pool_dir, service::pool_config(&s.config))?;
         Ok(Served {
             exports: VolumeExports::new(volumes.clone(), s.default_volume.clone()),
             volumes,
@@ -170,17 +171,12 @@ fn call<T>(what: &str, f: impl FnOnce() -> Result<T>) -> nbdkit::Result<T> {
     guard(what, f).map_err(to_nbdkit)
 }
 
-/// One connection: the volume behind the export the client chose.
+/// One connection: the export the client chose, as the adapter opened it.
 pub struct ThinExport {
-    active: Arc<ActiveVolume>,
-    /// Taken by writes longer than [`NOWAIT_WRITE_MAX`]. A buffered write holds the data
-    /// file's inode lock for all of its copy, and a second one spins on it; waiting here
-    /// sleeps instead and leaves the CPU to nbdkit's threads reading the next payloads.
-    /// Held across nothing but the write itself, whose own waits (a bio-prison cell, space)
-    /// are the same with or without it. Measured side by side
-    /// (1 GiB of 1 MiB writes at queue depth 32, `--threads 4`, three rounds): without it
-    /// 1540-1687 MiB/s at 0.74-0.81 CPU seconds, with it 1727-2116 at 0.55-0.61.
-    large_writes: Mutex<()>,
+    export: Arc<dyn ExportBackend>,
+    /// The connection's write rule; waiting for a turn leaves the CPU to nbdkit's threads
+    /// reading the next payloads.
+    writes: WriteTurns,
 }
 
 fn u64_of(n: u32) -> u64 {
@@ -273,23 +269,23 @@ impl Server for ThinExport {
             let served = served()?;
             let requested = ffi::export_name()?;
             let name = served.resolve(&requested)?;
-            let active = served.volumes.open_volume(&name)?;
+            let export = served.exports.open(&name)?;
             Ok(Box::new(ThinExport {
-                active,
-                large_writes: Mutex::new(()),
+                writes: WriteTurns::new(export.as_ref()),
+                export,
             }) as Box<dyn Server>)
         })
     }
 
     fn get_size(&self) -> nbdkit::Result<i64> {
         call("get_size", || {
-            i64::try_from(self.active.thin.size())
+            i64::try_from(self.export.size())
                 .map_err(|_| Error::new(ErrorKind::OutOfBounds, "volume size"))
         })
     }
 
     fn can_write(&self) -> nbdkit::Result<bool> {
-        Ok(!self.active.read_only)
+        Ok(!self.export.read_only())
     }
 
     fn can_flush(&self) -> nbdkit::Result<bool> {
@@ -329,59 +325,40 @@ impl Server for ThinExport {
         Ok(CacheFlags::Native)
     }
 
-    /// The server's quick paths first (one read for a run of cached blocks, no metadata lock),
-    /// then the general one, which also reports any error.
+    /// The quick path first (one read for a run of cached blocks, no metadata lock), then
+    /// the general one, which also reports any error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> nbdkit::Result<()> {
-        call("pread", || {
-            let thin = &self.active.thin;
-            match thin.try_read_cached(offset, buf) {
-                Some(()) => Ok(()),
-                None => thin.read(offset, buf),
-            }
+        call("pread", || match self.export.try_read_nowait(offset, buf) {
+            Some(()) => Ok(()),
+            None => self.export.read(offset, buf),
         })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, flags: Flags) -> nbdkit::Result<()> {
         call("pwrite", || {
-            let thin = &self.active.thin;
             let fua = flags.contains(Flags::FUA);
-            if !fua && buf.len() <= NOWAIT_WRITE_MAX && thin.try_write_nowait(offset, buf).is_some()
-            {
-                return Ok(());
-            }
-            let _turn = (buf.len() > NOWAIT_WRITE_MAX)
-                // A poisoned lock guards no data; the turn is still a turn.
-                .then(|| self.large_writes.lock().unwrap_or_else(|p| p.into_inner()));
-            thin.write(offset, buf, fua)
+            self.writes.write(self.export.as_ref(), offset, buf, fua)
         })
     }
 
     fn flush(&self) -> nbdkit::Result<()> {
-        call("flush", || self.active.thin.flush())
+        call("flush", || self.export.flush())
     }
 
     fn trim(&self, count: u32, offset: u64, flags: Flags) -> nbdkit::Result<()> {
         call("trim", || {
-            self.active
-                .thin
-                .discard(offset, u64_of(count), flags.contains(Flags::FUA))
+            let fua = flags.contains(Flags::FUA);
+            self.export.trim(offset, u64_of(count), fua)
         })
     }
 
     fn zero(&self, count: u32, offset: u64, flags: Flags) -> nbdkit::Result<()> {
         call("zero", || {
-            let may_trim = flags.contains(Flags::MAY_TRIM);
-            // Unmapping is faster than writing zeros; writing them (no hole allowed) is not.
-            if flags.contains(Flags::FAST_ZERO) && !may_trim {
-                return fail(
-                    ErrorKind::Unsupported,
-                    "zeroing without unmapping is not fast",
-                );
-            }
-            self.active.thin.write_zeroes(
+            self.export.write_zeroes(
                 offset,
                 u64_of(count),
-                may_trim,
+                flags.contains(Flags::MAY_TRIM),
+                flags.contains(Flags::FAST_ZERO),
                 flags.contains(Flags::FUA),
             )
         })
@@ -394,28 +371,22 @@ impl Server for ThinExport {
         flags: Flags,
         extent_handle: &mut ExtentHandle,
     ) -> nbdkit::Result<()> {
-        let runs = call("extents", || {
-            self.active.thin.block_status(offset, u64_of(count))
+        let extents = call("extents", || {
+            self.export.block_status(offset, u64_of(count))
         })?;
-        for e in settings::extents(offset, &runs, flags.contains(Flags::REQ_ONE)) {
-            let kind = if e.hole {
-                ExtentType::HoleZero
-            } else {
-                ExtentType::Allocated
+        for (at, e) in settings::extents(offset, &extents, flags.contains(Flags::REQ_ONE)) {
+            let kind = match (e.hole, e.zero) {
+                (true, _) => ExtentType::HoleZero,
+                (false, true) => ExtentType::Zero,
+                (false, false) => ExtentType::Allocated,
             };
-            extent_handle.add(e.offset, e.length, kind)?;
+            extent_handle.add(at, e.length, kind)?;
         }
         Ok(())
     }
 
-    /// Looking the range up warms the metadata cache; data is left to the page cache.
     fn cache(&self, count: u32, offset: u64) -> nbdkit::Result<()> {
-        call("cache", || {
-            self.active
-                .thin
-                .block_status(offset, u64_of(count))
-                .map(drop)
-        })
+        call("cache", || self.export.cache(offset, u64_of(count)))
     }
 }
 

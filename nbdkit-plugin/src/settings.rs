@@ -1,12 +1,13 @@
 //! The plugin's `key=value` parameters and the plain computations the callbacks share (errno,
-//! block sizes, extents). Nothing here calls into nbdkit, so all of it is unit-tested.
+//! which extents nbdkit gets). Nothing here calls into nbdkit, so all of it is unit-tested.
+//! The rules themselves (block sizes, extents, writes) are the export seam's, shared with
+//! `thinnbd serve`.
 
 use std::path::{Path, PathBuf};
 
 use thinnbd::config::Config;
-use thinnbd::engine::PoolConfig;
 use thinnbd::error::{fail, Error, ErrorKind, Result};
-use thinnbd::service;
+use thinnbd::nbd::{extents_at, Extent};
 use thinnbd::volume::registry::{self, Registry};
 use thinnbd::volume::{no_pool_in, PoolPaths};
 
@@ -34,7 +35,8 @@ pub struct Keys {
 pub struct Settings {
     /// Absolute: nbdkit changes directory to `/` when it daemonizes.
     pub pool_dir: PathBuf,
-    pub pool_config: PoolConfig,
+    /// The config file's settings (or the defaults); its `[pool]` and `[engine]` apply.
+    pub config: Config,
     /// The config's `pool.default_volume` (empty when none), as `thinnbd serve` uses it.
     pub default_volume: Option<String>,
     /// `export=NAME`: the one volume served.
@@ -100,8 +102,8 @@ impl Keys {
         }
         Ok(Settings {
             pool_dir,
-            pool_config: service::pool_config(&config),
             default_volume: Some(config.pool.default_volume.clone()).filter(|s| !s.is_empty()),
+            config,
             export: self.export.clone(),
         })
     }
@@ -157,48 +159,21 @@ pub fn c_text(s: &str) -> std::ffi::CString {
     std::ffi::CString::new(s.replace('\0', "\\0")).unwrap_or_default()
 }
 
-/// (minimum, preferred, maximum) for `.block_size`: any alignment works, the preferred size is
-/// the pool block (no read-modify-write below it) rounded down to a power of two as the NBD
-/// protocol requires, kept within 4 KiB..2 MiB like `thinnbd serve` does.
-pub fn block_sizes(pool_block: u64) -> (u32, u32, u32) {
-    let p = u32::try_from(pool_block.clamp(4096, 2 << 20)).unwrap_or(4096);
-    let preferred = 1u32 << (31 - p.leading_zeros());
-    (1, preferred, MAX_REQUEST)
-}
-
-/// An extent for nbdkit: offset, length, and whether it is a hole that reads as zeros.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub offset: u64,
-    pub length: u64,
-    pub hole: bool,
-}
-
-/// The engine's (length, mapped) runs from `offset` on, as nbdkit extents; only the first with
-/// `req_one`.
-pub fn extents(offset: u64, runs: &[(u64, bool)], req_one: bool) -> Vec<Extent> {
-    let mut out = Vec::with_capacity(runs.len());
-    let mut pos = offset;
-    for &(length, mapped) in runs {
-        if length == 0 {
-            continue;
-        }
-        out.push(Extent {
-            offset: pos,
-            length,
-            hole: !mapped,
-        });
-        pos = pos.saturating_add(length);
-        if req_one {
-            break;
-        }
-    }
-    out
+/// The extents nbdkit gets for a `block_status` answer from `offset`, each with where it
+/// starts; only the first with `req_one`.
+pub fn extents(
+    offset: u64,
+    extents: &[Extent],
+    req_one: bool,
+) -> impl Iterator<Item = (u64, Extent)> + '_ {
+    extents_at(offset, extents).take(if req_one { 1 } else { usize::MAX })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use thinnbd::nbd::BlockSizes;
+    use thinnbd::service::exports::preferred_io_size;
 
     fn make_pool_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -254,8 +229,8 @@ mod tests {
         assert!(s.pool_dir.is_absolute());
         assert_eq!(s.default_volume.as_deref(), Some("vm1"));
         assert!(matches!(
-            s.pool_config.no_space_policy,
-            thinnbd::engine::NoSpacePolicy::Error
+            s.config.pool.no_space_policy,
+            thinnbd::config::NoSpacePolicy::Error
         ));
         assert_eq!(s.export, None);
 
@@ -296,6 +271,10 @@ mod tests {
 
     #[test]
     fn block_sizes_are_powers_of_two_within_limits() {
+        let block_sizes = |pool_block| {
+            let s = BlockSizes::new(preferred_io_size(pool_block), MAX_REQUEST);
+            (s.minimum, s.preferred, s.maximum)
+        };
         assert_eq!(block_sizes(64 << 10), (1, 64 << 10, 64 << 20));
         assert_eq!(block_sizes(192 << 10), (1, 128 << 10, 64 << 20));
         assert_eq!(block_sizes(1 << 30), (1, 2 << 20, 64 << 20));
@@ -304,30 +283,23 @@ mod tests {
 
     #[test]
     fn extents_follow_the_runs() {
-        let runs = [(4096, true), (0, false), (8192, false), (100, true)];
-        let all = extents(1000, &runs, false);
+        let e = |length, hole| Extent {
+            length,
+            hole,
+            zero: hole,
+        };
+        let runs = [e(4096, false), e(0, true), e(8192, true), e(100, false)];
+        let all: Vec<_> = extents(1000, &runs, false).collect();
         assert_eq!(
             all,
             vec![
-                Extent {
-                    offset: 1000,
-                    length: 4096,
-                    hole: false
-                },
-                Extent {
-                    offset: 5096,
-                    length: 8192,
-                    hole: true
-                },
-                Extent {
-                    offset: 13288,
-                    length: 100,
-                    hole: false
-                },
+                (1000, e(4096, false)),
+                (5096, e(8192, true)),
+                (13288, e(100, false)),
             ]
         );
-        assert_eq!(extents(1000, &runs, true), all[..1].to_vec());
-        assert!(extents(0, &[], false).is_empty());
+        assert_eq!(extents(1000, &runs, true).collect::<Vec<_>>(), all[..1]);
+        assert_eq!(extents(0, &[], false).count(), 0);
     }
 
     #[test]

@@ -1,9 +1,14 @@
-//! The seam between the NBD server and whatever stores the bytes: one export
-//! (`ExportBackend`) and the set of exports a server offers (`ExportSource`).
+//! The export seam: what both frontends (the NBD server and the nbdkit plugin) serve through.
+//! One export (`ExportBackend`), the set of exports offered (`ExportSource`), and the rules
+//! every frontend applies the same way: the block sizes it advertises (`BlockSizes`), where
+//! each extent starts (`extents_at`), and "large writes take turns" (`WriteTurns`).
 //!
-//! The I/O engine implements these for thin volumes; `memory` implements them for tests.
+//! `service::exports` implements the traits for thin volumes (the one adapter over the
+//! engine); `memory` implements them for tests. Nothing here knows the engine.
 
 use std::sync::Arc;
+
+use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 use crate::error::Result;
 
@@ -13,7 +18,8 @@ use crate::error::Result;
 pub trait ExportBackend: Send + Sync + 'static {
     fn size(&self) -> u64;
     fn read_only(&self) -> bool;
-    /// The I/O size that avoids read-modify-write, e.g. the pool block size, or 4096.
+    /// The I/O size that avoids read-modify-write, e.g. the pool block size, or 4096; the
+    /// frontends advertise it as [`BlockSizes::new`] rounds it.
     fn preferred_block_size(&self) -> u32;
     /// Fills `buf` from `offset`; holes read as zeros.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
@@ -36,6 +42,12 @@ pub trait ExportBackend: Send + Sync + 'static {
         let _ = (offset, data);
         None
     }
+    /// The longest write worth offering to [`try_write_nowait`](Self::try_write_nowait);
+    /// longer ones always go to a blocking thread and take turns ([`WriteTurns`]). No limit by
+    /// default: a backend without a quick path declines every offer anyway.
+    fn nowait_write_max(&self) -> usize {
+        usize::MAX
+    }
     /// Makes every completed write durable (from any connection).
     fn flush(&self) -> Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
@@ -51,6 +63,107 @@ pub trait ExportBackend: Send + Sync + 'static {
     /// Extents covering [offset, offset+len) (may stop early, must cover at least one byte).
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
     fn cache(&self, offset: u64, len: u64) -> Result<()>;
+}
+
+/// Where each extent of a `block_status` answer for `offset` starts, with the extent; empty
+/// extents are left out.
+pub fn extents_at(offset: u64, extents: &[Extent]) -> impl Iterator<Item = (u64, Extent)> + '_ {
+    extents
+        .iter()
+        .filter(|e| e.length > 0)
+        .scan(offset, |pos, &e| {
+            let at = *pos;
+            *pos = pos.saturating_add(e.length);
+            Some((at, e))
+        })
+}
+
+/// The block size constraints a frontend advertises for an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+impl BlockSizes {
+    /// Any alignment works (minimum 1); the backend's preferred size as the protocol wants
+    /// it, a power of two between 512 and `maximum`, the largest request the frontend takes.
+    pub fn new(preferred_by_backend: u32, maximum: u32) -> BlockSizes {
+        BlockSizes {
+            minimum: 1,
+            preferred: preferred_block_size(preferred_by_backend, maximum),
+            maximum,
+        }
+    }
+}
+
+/// A pool block size need not be a power of two (dm-thin allows any multiple of 64 KiB), so
+/// it is rounded down to one, within 512..=`max`.
+pub fn preferred_block_size(backend: u32, max: u32) -> u32 {
+    let p = backend.clamp(512, max.max(512));
+    1 << (31 - p.leading_zeros())
+}
+
+/// "Large writes take turns", the write rule of every frontend; one per connection.
+///
+/// A plain (not FUA) write up to the backend's
+/// [`nowait_write_max`](ExportBackend::nowait_write_max) is first offered to
+/// [`try_write_nowait`](ExportBackend::try_write_nowait); a longer one runs only while it holds
+/// the connection's turn. A buffered write to a file holds the file's inode lock for all of
+/// its copy, so a second one would only spin on that lock while the frontend, which could be
+/// taking the next payload off the socket, waits for a CPU; waiting for the turn sleeps
+/// instead. The turn is held across nothing but the write itself, whose own waits (a
+/// bio-prison cell, space) are the same with or without it.
+///
+/// One primitive for both kinds of caller: the NBD server waits for the turn on its event loop
+/// ([`turn`](Self::turn)), the nbdkit plugin on its own threads ([`write`](Self::write)).
+pub struct WriteTurns {
+    nowait_max: usize,
+    turn: Arc<Mutex<()>>,
+}
+
+impl WriteTurns {
+    pub fn new(backend: &dyn ExportBackend) -> WriteTurns {
+        WriteTurns {
+            nowait_max: backend.nowait_write_max(),
+            turn: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// Whether a write of `len` bytes is worth offering to `try_write_nowait`.
+    pub fn may_try_nowait(&self, len: usize, fua: bool) -> bool {
+        !fua && len <= self.nowait_max
+    }
+
+    fn takes_turns(&self, len: usize) -> bool {
+        len > self.nowait_max
+    }
+
+    /// Waits (asynchronously) for the turn a write of `len` bytes needs; `None` for a write
+    /// that needs none. The turn lasts until the guard is dropped.
+    pub async fn turn(&self, len: usize) -> Option<OwnedMutexGuard<()>> {
+        if self.takes_turns(len) {
+            Some(Arc::clone(&self.turn).lock_owned().await)
+        } else {
+            None
+        }
+    }
+
+    /// [`turn`](Self::turn) for a thread outside any async runtime (it would panic inside one).
+    fn blocking_turn(&self, len: usize) -> Option<MutexGuard<'_, ()>> {
+        self.takes_turns(len).then(|| self.turn.blocking_lock())
+    }
+
+    /// The whole rule for a frontend whose requests run on threads of their own (outside any
+    /// async runtime): the quick path if allowed and taken, else the write in its turn.
+    pub fn write(&self, b: &dyn ExportBackend, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        if self.may_try_nowait(data.len(), fua) && b.try_write_nowait(offset, data).is_some() {
+            return Ok(());
+        }
+        let _turn = self.blocking_turn(data.len());
+        b.write(offset, data, fua)
+    }
 }
 
 /// A run of bytes with the same allocation state.
@@ -77,4 +190,145 @@ pub trait ExportSource: Send + Sync + 'static {
     fn default_export(&self) -> Option<String>;
     /// `NotFound` for unknown names.
     fn open(&self, name: &str) -> Result<Arc<dyn ExportBackend>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use super::*;
+    use crate::nbd::memory::MemoryExport;
+
+    #[test]
+    fn preferred_block_size_is_a_power_of_two_within_limits() {
+        assert_eq!(preferred_block_size(4096, 32 << 20), 4096);
+        assert_eq!(preferred_block_size(192 << 10, 32 << 20), 128 << 10);
+        assert_eq!(preferred_block_size(1, 32 << 20), 512);
+        assert_eq!(preferred_block_size(u32::MAX, 32 << 20), 32 << 20);
+        assert_eq!(preferred_block_size(64 << 20, 48 << 20), 32 << 20);
+    }
+
+    #[test]
+    fn extents_are_placed_one_after_another() {
+        let e = |length, hole| Extent {
+            length,
+            hole,
+            zero: hole,
+        };
+        let extents = [e(4096, false), e(0, true), e(8192, true), e(100, false)];
+        assert_eq!(
+            extents_at(1000, &extents).collect::<Vec<_>>(),
+            vec![
+                (1000, e(4096, false)),
+                (5096, e(8192, true)),
+                (13288, e(100, false))
+            ]
+        );
+        assert_eq!(extents_at(0, &[]).count(), 0);
+    }
+
+    /// A memory export with a quick path for writes up to 4 KiB, counting which path each
+    /// write took and how many full writes ran at once.
+    #[derive(Default)]
+    struct Counting {
+        inner: Option<MemoryExport>,
+        quick: AtomicUsize,
+        running: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    impl ExportBackend for Counting {
+        fn size(&self) -> u64 {
+            self.inner.as_ref().unwrap().size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn preferred_block_size(&self) -> u32 {
+            4096
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.inner.as_ref().unwrap().read(offset, buf)
+        }
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+            let now = self.running.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(now, SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let r = self.inner.as_ref().unwrap().write(offset, data, fua);
+            self.running.fetch_sub(1, SeqCst);
+            r
+        }
+        fn try_write_nowait(&self, offset: u64, data: &[u8]) -> Option<()> {
+            self.quick.fetch_add(1, SeqCst);
+            self.inner.as_ref().unwrap().write(offset, data, false).ok()
+        }
+        fn nowait_write_max(&self) -> usize {
+            4096
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+            self.inner.as_ref().unwrap().trim(offset, len, fua)
+        }
+        fn write_zeroes(&self, o: u64, l: u64, u: bool, f: bool, fua: bool) -> Result<()> {
+            self.inner.as_ref().unwrap().write_zeroes(o, l, u, f, fua)
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            self.inner.as_ref().unwrap().block_status(offset, len)
+        }
+        fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The plugin's way (threads of its own): small plain writes take the quick path, FUA
+    /// and large writes the full one, and large writes of one connection never overlap.
+    #[test]
+    fn blocking_callers_take_turns_for_large_writes_only() {
+        const THREADS: u64 = 6;
+        let b = Counting {
+            inner: Some(MemoryExport::new(THREADS * 64 << 10)),
+            ..Default::default()
+        };
+        let turns = WriteTurns::new(&b);
+        std::thread::scope(|s| {
+            for i in 0..THREADS {
+                let (b, turns) = (&b, &turns);
+                s.spawn(move || {
+                    let data = vec![i as u8 + 1; 64 << 10];
+                    turns.write(b, i * (64 << 10), &data, false).unwrap();
+                });
+            }
+        });
+        assert_eq!(
+            b.quick.load(SeqCst),
+            0,
+            "large writes never go the quick way"
+        );
+        assert_eq!(b.most.load(SeqCst), 1, "large writes at once");
+        let mut all = vec![0u8; (THREADS * 64 << 10) as usize];
+        b.read(0, &mut all).unwrap();
+        for (i, chunk) in all.chunks(64 << 10).enumerate() {
+            assert!(chunk.iter().all(|&v| v == i as u8 + 1), "write {i}");
+        }
+
+        turns.write(&b, 0, &[9; 4096], false).unwrap();
+        assert_eq!(
+            b.quick.load(SeqCst),
+            1,
+            "a small plain write goes the quick way"
+        );
+        turns.write(&b, 0, &[9; 4096], true).unwrap();
+        assert_eq!(b.quick.load(SeqCst), 1, "a FUA write never does");
+        // Small full-path writes are not held to turns.
+        b.most.store(0, SeqCst);
+        std::thread::scope(|s| {
+            for i in 0..THREADS {
+                let (b, turns) = (&b, &turns);
+                s.spawn(move || turns.write(b, i * 4096, &[1; 4096], true).unwrap());
+            }
+        });
+        assert!(b.most.load(SeqCst) > 1, "small writes ran one at a time");
+    }
 }

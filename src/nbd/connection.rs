@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn};
 
-use super::backend::{ExportBackend, Extent};
+use super::backend::{BlockSizes, ExportBackend, Extent, WriteTurns};
 use super::busy_poll::PollWindow;
 use super::codec::*;
 use super::server::{stopped, Shared};
@@ -356,23 +356,16 @@ fn info_replies(
         }
     }
     // Sent even unasked: a minimum of 1 constrains nothing and tells the limits.
-    let preferred = preferred_block_size(
+    let sizes = BlockSizes::new(
         backend.preferred_block_size(),
         opts.shared.config.max_request_bytes,
     );
     out.push(InfoReply::BlockSize {
-        minimum: 1,
-        preferred,
-        maximum: opts.shared.config.max_request_bytes,
+        minimum: sizes.minimum,
+        preferred: sizes.preferred,
+        maximum: sizes.maximum,
     });
     out
-}
-
-/// The protocol wants a power of two between 512 and the maximum; a pool block size need not
-/// be one (dm-thin allows any multiple of 64 KiB), so it is rounded down.
-fn preferred_block_size(backend: u32, max: u32) -> u32 {
-    let p = backend.clamp(512, max.max(512));
-    1 << (31 - p.leading_zeros())
 }
 
 // === Transmission ============================================================================
@@ -386,8 +379,8 @@ struct Ctx {
     base_allocation: bool,
     max_request_bytes: u32,
     buffers: Buffers,
-    /// Turns for writes longer than [`NOWAIT_WRITE_MAX`] (see [`LARGE_WRITES_AT_ONCE`]).
-    large_writes: Arc<Semaphore>,
+    /// Which writes run inline, which take turns (waited for on the event loop).
+    writes: WriteTurns,
 }
 
 /// Frames smaller than this are left to the allocator, which serves them quickly.
@@ -451,12 +444,12 @@ where
     let ctx = Arc::new(Ctx {
         size: n.backend.size(),
         read_only: n.backend.read_only(),
+        writes: WriteTurns::new(n.backend.as_ref()),
         backend: n.backend,
         structured: n.structured,
         base_allocation: n.base_allocation,
         max_request_bytes: cfg.max_request_bytes,
         buffers: Buffers::default(),
-        large_writes: Arc::new(Semaphore::new(LARGE_WRITES_AT_ONCE)),
     });
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 << 10, rd);
@@ -648,18 +641,6 @@ async fn poll_for_request<R: AsyncBufRead + Unpin>(rd: &mut R, window: Duration)
 /// extra sends as the batch shrinks (16: 285-314k, none: 317-321k).
 const REPLIES_BEFORE_YIELD: usize = 16;
 
-/// Writes longer than this always go to a blocking thread (see the engine's constant); the
-/// event loop is not held up by a long copy either.
-const NOWAIT_WRITE_MAX: u32 = crate::engine::NOWAIT_WRITE_MAX as u32;
-
-/// Writes longer than [`NOWAIT_WRITE_MAX`] a connection has on blocking threads at a time; the
-/// rest wait their turn on the event loop. A buffered write to a file takes the file's inode
-/// lock for all of its copy, so a second one only spins on that lock while the reader, which
-/// could be taking the next payload off the socket, waits for a CPU. Measured side by side
-/// (1 GiB of 1 MiB writes at queue depth 32 into a fresh volume, three rounds): no limit
-/// 1488-1673 MiB/s at 0.76 CPU seconds, 2: 1718-1879 at 0.67-0.74, 1: 1819-2188 at 0.57-0.64.
-const LARGE_WRITES_AT_ONCE: usize = 1;
-
 /// Longest write payload that is read and thrown away when it is over the maximum request
 /// size, so that the write gets an `NBD_EINVAL` reply and the connection goes on: clients
 /// that open with `NBD_OPT_EXPORT_NAME` never see the advertised maximum, and nbd-server and
@@ -687,11 +668,10 @@ fn dispatch(tasks: &mut JoinSet<()>, p: Pending, ctx: &Arc<Ctx>, tx: &mpsc::Send
             payload,
             permits,
         } = p;
-        // Held until the write is done; the semaphore is never closed, so `ok()` drops nothing.
-        let turn = if req.command == Command::Write && req.length > NOWAIT_WRITE_MAX {
-            Arc::clone(&ctx.large_writes).acquire_owned().await.ok()
-        } else {
-            None
+        // Held until the write is done; the others wait here, on the event loop.
+        let turn = match req.command {
+            Command::Write => ctx.writes.turn(req.length as usize).await,
+            _ => None,
         };
         let ctx2 = Arc::clone(&ctx);
         let run = tokio::task::spawn_blocking(move || {
@@ -852,11 +832,15 @@ fn error_reply(ctx: &Ctx, req: &Request, errno: u32, message: &str) -> Vec<u8> {
     }
 }
 
-/// A plain write (no FUA, at most [`NOWAIT_WRITE_MAX`] bytes, valid) done at once if the
-/// backend can do it without waiting ([`ExportBackend::try_write_nowait`]); its reply.
-/// `None`: dispatch it as usual (which also validates and reports errors).
+/// A valid write [`WriteTurns::may_try_nowait`] allows, done at once if the backend can do it
+/// without waiting ([`ExportBackend::try_write_nowait`]); its reply. `None`: dispatch it as
+/// usual (which also validates and reports errors).
 fn write_nowait(ctx: &Ctx, req: &Request, payload: &[u8]) -> Option<Vec<u8>> {
-    if req.has(CMD_FLAG_FUA) || req.length > NOWAIT_WRITE_MAX || validate(ctx, req).is_err() {
+    if !ctx
+        .writes
+        .may_try_nowait(payload.len(), req.has(CMD_FLAG_FUA))
+        || validate(ctx, req).is_err()
+    {
         return None;
     }
     ctx.backend.try_write_nowait(req.offset, payload)?;
@@ -1109,6 +1093,7 @@ mod tests {
             asked: Default::default(),
         });
         let c = Ctx {
+            writes: WriteTurns::new(fast.as_ref()),
             backend: fast.clone(),
             size: 1 << 20,
             read_only: false,
@@ -1116,7 +1101,6 @@ mod tests {
             base_allocation: structured,
             max_request_bytes: 32 << 20,
             buffers: Buffers::default(),
-            large_writes: Arc::new(Semaphore::new(LARGE_WRITES_AT_ONCE)),
         };
         (c, fast)
     }
@@ -1279,7 +1263,13 @@ mod tests {
         fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
             Ok(())
         }
+        fn nowait_write_max(&self) -> usize {
+            NOWAIT_WRITE_MAX as usize
+        }
     }
+
+    /// The quick-path limit [`Overlapping`] reports, like the engine's.
+    const NOWAIT_WRITE_MAX: u32 = 128 << 10;
 
     #[test]
     fn large_writes_of_one_connection_run_one_at_a_time_small_ones_together() {
@@ -1318,7 +1308,7 @@ mod tests {
                 assert!(chunk.iter().all(|&b| b == i as u8 + 1), "write {i}");
             }
             let most = backend.most.load(std::sync::atomic::Ordering::SeqCst);
-            assert_eq!(most, LARGE_WRITES_AT_ONCE, "large writes at once");
+            assert_eq!(most, 1, "large writes at once");
 
             // Small writes that must wait (FUA) are not held to that: they overlap.
             let backend = Arc::new(Overlapping {
@@ -1448,14 +1438,5 @@ mod tests {
         assert!(read_nowait(&c, &read(2, 0, 1 << 20, 1)).is_none());
         assert!(read_nowait(&c, &read(3, 0, 0, 0)).is_none());
         assert_eq!(fast.asked.load(std::sync::atomic::Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn preferred_block_size_is_a_power_of_two_within_limits() {
-        assert_eq!(preferred_block_size(4096, 32 << 20), 4096);
-        assert_eq!(preferred_block_size(192 << 10, 32 << 20), 128 << 10);
-        assert_eq!(preferred_block_size(1, 32 << 20), 512);
-        assert_eq!(preferred_block_size(u32::MAX, 32 << 20), 32 << 20);
-        assert_eq!(preferred_block_size(64 << 20, 48 << 20), 32 << 20);
     }
 }

@@ -10,7 +10,10 @@ mod connection;
 pub mod memory;
 pub mod server;
 
-pub use backend::{ExportBackend, ExportInfo, ExportSource, Extent};
+pub use backend::{
+    extents_at, preferred_block_size, BlockSizes, ExportBackend, ExportInfo, ExportSource, Extent,
+    WriteTurns,
+};
 pub use server::{serve, Listener, ServerConfig, DEFAULT_MAX_REQUEST_BYTES};
 
 use crate::error::{Error, ErrorKind};

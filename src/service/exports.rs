@@ -1,8 +1,13 @@
-//! Thin volumes as NBD exports: `ExportSource` over the pool directory's volumes and
-//! `ExportBackend` over one active volume.
+//! The one adapter from thin volumes to exports: `ExportSource` over the pool directory's
+//! volumes and `ExportBackend` over one active volume. Both frontends, the NBD server
+//! (`thinnbd serve`) and the nbdkit plugin, serve through it, so every rule about what a
+//! volume does as an export lives here once: the fast-zero refusal, `cache` as a metadata
+//! walk, the preferred block size, extents, and which writes may take the engine's quick path.
+//! The frontends never reach the engine themselves.
 
 use std::sync::Arc;
 
+use crate::engine::NOWAIT_WRITE_MAX;
 use crate::error::{fail, ErrorKind, Result};
 use crate::nbd::{ExportBackend, ExportInfo, ExportSource, Extent};
 use crate::volume::{ActiveVolume, Volumes};
@@ -20,6 +25,17 @@ impl VolumeExports {
             default_export,
         }
     }
+
+    /// The pool's preferred I/O size (every volume of a pool has the same), for a frontend
+    /// that asks before it has a volume open.
+    pub fn preferred_block_size(&self) -> u32 {
+        preferred_io_size(self.volumes.pool().block_size())
+    }
+}
+
+/// The pool block (no read-modify-write below it), kept within 4 KiB..=2 MiB.
+pub fn preferred_io_size(pool_block: u64) -> u32 {
+    u32::try_from(pool_block.clamp(4096, 2 << 20)).unwrap_or(4096)
 }
 
 impl ExportSource for VolumeExports {
@@ -80,9 +96,7 @@ impl ExportBackend for VolumeExport {
     }
 
     fn preferred_block_size(&self) -> u32 {
-        u32::try_from(self.block_size)
-            .unwrap_or(4096)
-            .clamp(4096, 2 << 20)
+        preferred_io_size(self.block_size)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -99,6 +113,10 @@ impl ExportBackend for VolumeExport {
 
     fn try_write_nowait(&self, offset: u64, data: &[u8]) -> Option<()> {
         self.active.thin.try_write_nowait(offset, data)
+    }
+
+    fn nowait_write_max(&self) -> usize {
+        NOWAIT_WRITE_MAX
     }
 
     fn flush(&self) -> Result<()> {
@@ -144,5 +162,151 @@ impl ExportBackend for VolumeExport {
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         // Metadata lookups for the range warm the block cache; data is left to the page cache.
         self.active.thin.block_status(offset, len).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::PoolConfig;
+    use crate::nbd::{extents_at, BlockSizes};
+    use crate::volume::CreateOptions;
+
+    /// A pool of 64 KiB blocks with one 4 MiB volume "v", opened as the frontends open it.
+    fn export(dir: &std::path::Path) -> (Arc<Volumes>, VolumeExports, Arc<dyn ExportBackend>) {
+        let opts = CreateOptions {
+            data: None,
+            data_size: 16 << 20,
+            block_size: 64 << 10,
+        };
+        Volumes::create_pool(dir, &opts, PoolConfig::default()).unwrap();
+        let volumes = Volumes::open(dir, PoolConfig::default()).unwrap();
+        volumes.create_volume("v", 4 << 20).unwrap();
+        let exports = VolumeExports::new(volumes.clone(), None);
+        let export = exports.open("v").unwrap();
+        (volumes, exports, export)
+    }
+
+    #[test]
+    fn preferred_block_size_is_the_pool_block_within_limits() {
+        assert_eq!(preferred_io_size(64 << 10), 64 << 10);
+        assert_eq!(preferred_io_size(0), 4096);
+        assert_eq!(preferred_io_size(1 << 30), 2 << 20);
+        // As both frontends advertise it: rounded down to a power of two.
+        let advertised = |pool_block| BlockSizes::new(preferred_io_size(pool_block), 32 << 20);
+        assert_eq!(
+            advertised(64 << 10),
+            BlockSizes {
+                minimum: 1,
+                preferred: 64 << 10,
+                maximum: 32 << 20
+            }
+        );
+        assert_eq!(advertised(192 << 10).preferred, 128 << 10);
+        assert_eq!(advertised(1 << 30).preferred, 2 << 20);
+        assert_eq!(advertised(0).preferred, 4096);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (volumes, exports, export) = export(dir.path());
+        assert_eq!(exports.preferred_block_size(), 64 << 10);
+        assert_eq!(export.preferred_block_size(), 64 << 10);
+        drop(export);
+        volumes.shutdown().unwrap();
+    }
+
+    #[test]
+    fn fast_zero_is_refused_only_when_zeros_must_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (volumes, _exports, export) = export(dir.path());
+        export.write(0, &[7u8; 64 << 10], false).unwrap();
+        // NO_HOLE with FAST_ZERO: allocating zeros is not fast.
+        let e = export
+            .write_zeroes(0, 64 << 10, false, true, false)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(
+            e.to_string()
+                .contains("zeroing without unmapping is not fast"),
+            "{e}"
+        );
+        let mut back = vec![0u8; 64 << 10];
+        export.read(0, &mut back).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 7),
+            "a refused zero changes nothing"
+        );
+        // Unmapping is fast; without FAST_ZERO, NO_HOLE zeros are written.
+        export.write_zeroes(0, 64 << 10, true, true, false).unwrap();
+        export.write(64 << 10, &[7u8; 4096], false).unwrap();
+        export
+            .write_zeroes(64 << 10, 4096, false, false, false)
+            .unwrap();
+        export.read(64 << 10, &mut back[..4096]).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        drop(export);
+        volumes.shutdown().unwrap();
+    }
+
+    #[test]
+    fn extents_say_where_data_is_and_holes_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let (volumes, _exports, export) = export(dir.path());
+        export.write(128 << 10, &[1u8; 64 << 10], false).unwrap();
+        let extents = export.block_status(0, 4 << 20).unwrap();
+        let hole = |length| Extent {
+            length,
+            hole: true,
+            zero: true,
+        };
+        let data = |length| Extent {
+            length,
+            hole: false,
+            zero: false,
+        };
+        assert_eq!(
+            extents_at(0, &extents).collect::<Vec<_>>(),
+            vec![
+                (0, hole(128 << 10)),
+                (128 << 10, data(64 << 10)),
+                (192 << 10, hole((4 << 20) - (192 << 10))),
+            ]
+        );
+        // `cache` walks the same metadata and reports its errors the same way.
+        export.cache(0, 4 << 20).unwrap();
+        assert_eq!(
+            export.cache(4 << 20, 4096).unwrap_err().kind(),
+            export.block_status(4 << 20, 4096).unwrap_err().kind()
+        );
+        drop(export);
+        volumes.shutdown().unwrap();
+    }
+
+    #[test]
+    fn only_writes_up_to_the_engine_limit_are_offered_its_quick_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (volumes, _exports, export) = export(dir.path());
+        let turns = crate::nbd::WriteTurns::new(export.as_ref());
+        assert!(turns.may_try_nowait(NOWAIT_WRITE_MAX, false));
+        assert!(!turns.may_try_nowait(NOWAIT_WRITE_MAX + 1, false));
+        assert!(!turns.may_try_nowait(4096, true));
+        // The whole rule on a plain thread, as the plugin runs it: both sizes land.
+        turns
+            .write(export.as_ref(), 0, &[3u8; 4096], false)
+            .unwrap();
+        turns
+            .write(
+                export.as_ref(),
+                1 << 20,
+                &vec![4u8; 2 * NOWAIT_WRITE_MAX],
+                true,
+            )
+            .unwrap();
+        let mut back = vec![0u8; 2 * NOWAIT_WRITE_MAX];
+        export.read(1 << 20, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 4));
+        export.read(0, &mut back[..4096]).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 3));
+        drop(export);
+        volumes.shutdown().unwrap();
     }
 }
