@@ -283,20 +283,14 @@ mod tests {
 
     #[test]
     fn extents_follow_the_runs() {
-        let e = |length, hole| Extent {
-            length,
-            hole,
-            zero: hole,
-        };
-        let runs = [e(4096, false), e(0, true), e(8192, true), e(100, false)];
+        let runs = [(4096, true), (0, false), (8192, false), (100, true)]
+            .map(|(length, mapped)| Extent::new(length, mapped));
         let all: Vec<_> = extents(1000, &runs, false).collect();
         assert_eq!(
-            all,
-            vec![
-                (1000, e(4096, false)),
-                (5096, e(8192, true)),
-                (13288, e(100, false)),
-            ]
+            all.iter()
+                .map(|&(at, e)| (at, e.length, e.hole))
+                .collect::<Vec<_>>(),
+            vec![(1000, 4096, false), (5096, 8192, true), (13288, 100, false)]
         );
         assert_eq!(extents(1000, &runs, true).collect::<Vec<_>>(), all[..1]);
         assert_eq!(extents(0, &[], false).count(), 0);

@@ -176,6 +176,17 @@ pub struct Extent {
     pub zero: bool,
 }
 
+impl Extent {
+    /// Allocated bytes, `mapped`, or else a hole, which reads as zeros.
+    pub fn new(length: u64, mapped: bool) -> Extent {
+        Extent {
+            length,
+            hole: !mapped,
+            zero: !mapped,
+        }
+    }
+}
+
 /// What `NBD_OPT_LIST` tells about one export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportInfo {
@@ -193,7 +204,7 @@ pub trait ExportSource: Send + Sync + 'static {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
     use super::*;
@@ -210,34 +221,33 @@ mod tests {
 
     #[test]
     fn extents_are_placed_one_after_another() {
-        let e = |length, hole| Extent {
-            length,
-            hole,
-            zero: hole,
-        };
-        let extents = [e(4096, false), e(0, true), e(8192, true), e(100, false)];
+        let e = Extent::new;
+        let extents = [e(4096, true), e(0, false), e(8192, false), e(100, true)];
         assert_eq!(
             extents_at(1000, &extents).collect::<Vec<_>>(),
             vec![
-                (1000, e(4096, false)),
-                (5096, e(8192, true)),
-                (13288, e(100, false))
+                (1000, e(4096, true)),
+                (5096, e(8192, false)),
+                (13288, e(100, true))
             ]
         );
         assert_eq!(extents_at(0, &[]).count(), 0);
     }
 
-    /// A memory export with a quick path for writes up to 4 KiB, counting which path each
-    /// write took and how many full writes ran at once.
+    /// The quick-path limit [`Overlapping`] reports, like the engine's.
+    pub(crate) const NOWAIT_WRITE_MAX: u32 = 128 << 10;
+
+    /// A memory export whose full writes take a while, which records how many ran at once,
+    /// and whose quick path takes every write up to [`NOWAIT_WRITE_MAX`] it is offered.
     #[derive(Default)]
-    struct Counting {
-        inner: Option<MemoryExport>,
-        quick: AtomicUsize,
-        running: AtomicUsize,
-        most: AtomicUsize,
+    pub(crate) struct Overlapping {
+        pub(crate) inner: Option<MemoryExport>,
+        pub(crate) quick: AtomicUsize,
+        pub(crate) running: AtomicUsize,
+        pub(crate) most: AtomicUsize,
     }
 
-    impl ExportBackend for Counting {
+    impl ExportBackend for Overlapping {
         fn size(&self) -> u64 {
             self.inner.as_ref().unwrap().size()
         }
@@ -263,7 +273,7 @@ mod tests {
             self.inner.as_ref().unwrap().write(offset, data, false).ok()
         }
         fn nowait_write_max(&self) -> usize {
-            4096
+            NOWAIT_WRITE_MAX as usize
         }
         fn flush(&self) -> Result<()> {
             Ok(())
@@ -287,8 +297,9 @@ mod tests {
     #[test]
     fn blocking_callers_take_turns_for_large_writes_only() {
         const THREADS: u64 = 6;
-        let b = Counting {
-            inner: Some(MemoryExport::new(THREADS * 64 << 10)),
+        let large = 2 * u64::from(NOWAIT_WRITE_MAX);
+        let b = Overlapping {
+            inner: Some(MemoryExport::new(THREADS * large)),
             ..Default::default()
         };
         let turns = WriteTurns::new(&b);
@@ -296,8 +307,8 @@ mod tests {
             for i in 0..THREADS {
                 let (b, turns) = (&b, &turns);
                 s.spawn(move || {
-                    let data = vec![i as u8 + 1; 64 << 10];
-                    turns.write(b, i * (64 << 10), &data, false).unwrap();
+                    let data = vec![i as u8 + 1; large as usize];
+                    turns.write(b, i * large, &data, false).unwrap();
                 });
             }
         });
@@ -307,9 +318,9 @@ mod tests {
             "large writes never go the quick way"
         );
         assert_eq!(b.most.load(SeqCst), 1, "large writes at once");
-        let mut all = vec![0u8; (THREADS * 64 << 10) as usize];
+        let mut all = vec![0u8; (THREADS * large) as usize];
         b.read(0, &mut all).unwrap();
-        for (i, chunk) in all.chunks(64 << 10).enumerate() {
+        for (i, chunk) in all.chunks(large as usize).enumerate() {
             assert!(chunk.iter().all(|&v| v == i as u8 + 1), "write {i}");
         }
 

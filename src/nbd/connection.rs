@@ -1030,6 +1030,7 @@ fn block_status_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    use crate::nbd::backend::tests::{Overlapping, NOWAIT_WRITE_MAX};
     use crate::nbd::memory::MemoryExport;
 
     /// A memory export whose non-blocking read serves only ranges written before (all data),
@@ -1217,59 +1218,6 @@ mod tests {
         got.sort_unstable();
         got
     }
-
-    /// A memory export whose writes take a while, and which records how many ran at once.
-    #[derive(Default)]
-    struct Overlapping {
-        inner: Option<MemoryExport>,
-        running: std::sync::atomic::AtomicUsize,
-        most: std::sync::atomic::AtomicUsize,
-    }
-
-    impl ExportBackend for Overlapping {
-        fn size(&self) -> u64 {
-            self.inner.as_ref().unwrap().size()
-        }
-        fn read_only(&self) -> bool {
-            false
-        }
-        fn preferred_block_size(&self) -> u32 {
-            4096
-        }
-        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            self.inner.as_ref().unwrap().read(offset, buf)
-        }
-        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-            use std::sync::atomic::Ordering::SeqCst;
-            let now = self.running.fetch_add(1, SeqCst) + 1;
-            self.most.fetch_max(now, SeqCst);
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            let r = self.inner.as_ref().unwrap().write(offset, data, fua);
-            self.running.fetch_sub(1, SeqCst);
-            r
-        }
-        fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-            self.inner.as_ref().unwrap().trim(offset, len, fua)
-        }
-        fn write_zeroes(&self, o: u64, l: u64, u: bool, f: bool, fua: bool) -> Result<()> {
-            self.inner.as_ref().unwrap().write_zeroes(o, l, u, f, fua)
-        }
-        fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-            self.inner.as_ref().unwrap().block_status(offset, len)
-        }
-        fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
-            Ok(())
-        }
-        fn nowait_write_max(&self) -> usize {
-            NOWAIT_WRITE_MAX as usize
-        }
-    }
-
-    /// The quick-path limit [`Overlapping`] reports, like the engine's.
-    const NOWAIT_WRITE_MAX: u32 = 128 << 10;
 
     #[test]
     fn large_writes_of_one_connection_run_one_at_a_time_small_ones_together() {

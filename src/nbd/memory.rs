@@ -196,11 +196,7 @@ impl ExportBackend for MemoryExport {
             let hole = !pages.contains_key(&page);
             match extents.last_mut() {
                 Some(last) if last.hole == hole => last.length += n as u64,
-                _ => extents.push(Extent {
-                    length: n as u64,
-                    hole,
-                    zero: hole,
-                }),
+                _ => extents.push(Extent::new(n as u64, !hole)),
             }
         });
         Ok(extents)

@@ -151,11 +151,7 @@ impl ExportBackend for VolumeExport {
             .thin
             .block_status(offset, len)?
             .into_iter()
-            .map(|(length, mapped)| Extent {
-                length,
-                hole: !mapped,
-                zero: !mapped,
-            })
+            .map(|(length, mapped)| Extent::new(length, mapped))
             .collect())
     }
 
@@ -169,22 +165,26 @@ impl ExportBackend for VolumeExport {
 mod tests {
     use super::*;
     use crate::engine::PoolConfig;
-    use crate::nbd::{extents_at, BlockSizes};
+    use crate::nbd::{extents_at, BlockSizes, WriteTurns};
     use crate::volume::CreateOptions;
 
-    /// A pool of 64 KiB blocks with one 4 MiB volume "v", opened as the frontends open it.
-    fn export(dir: &std::path::Path) -> (Arc<Volumes>, VolumeExports, Arc<dyn ExportBackend>) {
+    /// Runs `test` on a pool of 64 KiB blocks with one 4 MiB volume "v", opened as the
+    /// frontends open it, then shuts the pool down.
+    fn with_export(test: impl FnOnce(&VolumeExports, &dyn ExportBackend)) {
+        let dir = tempfile::tempdir().unwrap();
         let opts = CreateOptions {
             data: None,
             data_size: 16 << 20,
             block_size: 64 << 10,
         };
-        Volumes::create_pool(dir, &opts, PoolConfig::default()).unwrap();
-        let volumes = Volumes::open(dir, PoolConfig::default()).unwrap();
+        Volumes::create_pool(dir.path(), &opts, PoolConfig::default()).unwrap();
+        let volumes = Volumes::open(dir.path(), PoolConfig::default()).unwrap();
         volumes.create_volume("v", 4 << 20).unwrap();
         let exports = VolumeExports::new(volumes.clone(), None);
         let export = exports.open("v").unwrap();
-        (volumes, exports, export)
+        test(&exports, export.as_ref());
+        drop(export);
+        volumes.shutdown().unwrap();
     }
 
     #[test]
@@ -205,108 +205,84 @@ mod tests {
         assert_eq!(advertised(192 << 10).preferred, 128 << 10);
         assert_eq!(advertised(1 << 30).preferred, 2 << 20);
         assert_eq!(advertised(0).preferred, 4096);
-
-        let dir = tempfile::tempdir().unwrap();
-        let (volumes, exports, export) = export(dir.path());
-        assert_eq!(exports.preferred_block_size(), 64 << 10);
-        assert_eq!(export.preferred_block_size(), 64 << 10);
-        drop(export);
-        volumes.shutdown().unwrap();
+        with_export(|exports, export| {
+            assert_eq!(exports.preferred_block_size(), 64 << 10);
+            assert_eq!(export.preferred_block_size(), 64 << 10);
+        });
     }
 
     #[test]
     fn fast_zero_is_refused_only_when_zeros_must_be_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let (volumes, _exports, export) = export(dir.path());
-        export.write(0, &[7u8; 64 << 10], false).unwrap();
-        // NO_HOLE with FAST_ZERO: allocating zeros is not fast.
-        let e = export
-            .write_zeroes(0, 64 << 10, false, true, false)
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Unsupported);
-        assert!(
-            e.to_string()
-                .contains("zeroing without unmapping is not fast"),
-            "{e}"
-        );
-        let mut back = vec![0u8; 64 << 10];
-        export.read(0, &mut back).unwrap();
-        assert!(
-            back.iter().all(|&b| b == 7),
-            "a refused zero changes nothing"
-        );
-        // Unmapping is fast; without FAST_ZERO, NO_HOLE zeros are written.
-        export.write_zeroes(0, 64 << 10, true, true, false).unwrap();
-        export.write(64 << 10, &[7u8; 4096], false).unwrap();
-        export
-            .write_zeroes(64 << 10, 4096, false, false, false)
-            .unwrap();
-        export.read(64 << 10, &mut back[..4096]).unwrap();
-        assert!(back[..4096].iter().all(|&b| b == 0));
-        drop(export);
-        volumes.shutdown().unwrap();
+        with_export(|_, export| {
+            export.write(0, &[7u8; 64 << 10], false).unwrap();
+            // NO_HOLE with FAST_ZERO: allocating zeros is not fast.
+            let e = export
+                .write_zeroes(0, 64 << 10, false, true, false)
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+            let text = e.to_string();
+            assert!(
+                text.contains("zeroing without unmapping is not fast"),
+                "{text}"
+            );
+            let mut back = vec![0u8; 64 << 10];
+            export.read(0, &mut back).unwrap();
+            assert!(back.iter().all(|&b| b == 7), "a refused zero changed data");
+            // Unmapping is fast; without FAST_ZERO, NO_HOLE zeros are written.
+            export.write_zeroes(0, 64 << 10, true, true, false).unwrap();
+            export.write(64 << 10, &[7u8; 4096], false).unwrap();
+            export
+                .write_zeroes(64 << 10, 4096, false, false, false)
+                .unwrap();
+            let mut back = vec![9u8; 128 << 10];
+            export.read(0, &mut back).unwrap();
+            assert!(back.iter().all(|&b| b == 0));
+        });
     }
 
     #[test]
     fn extents_say_where_data_is_and_holes_read_as_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let (volumes, _exports, export) = export(dir.path());
-        export.write(128 << 10, &[1u8; 64 << 10], false).unwrap();
-        let extents = export.block_status(0, 4 << 20).unwrap();
-        let hole = |length| Extent {
-            length,
-            hole: true,
-            zero: true,
-        };
-        let data = |length| Extent {
-            length,
-            hole: false,
-            zero: false,
-        };
-        assert_eq!(
-            extents_at(0, &extents).collect::<Vec<_>>(),
-            vec![
-                (0, hole(128 << 10)),
-                (128 << 10, data(64 << 10)),
-                (192 << 10, hole((4 << 20) - (192 << 10))),
-            ]
-        );
-        // `cache` walks the same metadata and reports its errors the same way.
-        export.cache(0, 4 << 20).unwrap();
-        assert_eq!(
-            export.cache(4 << 20, 4096).unwrap_err().kind(),
-            export.block_status(4 << 20, 4096).unwrap_err().kind()
-        );
-        drop(export);
-        volumes.shutdown().unwrap();
+        with_export(|_, export| {
+            export.write(128 << 10, &[1u8; 64 << 10], false).unwrap();
+            let extents = export.block_status(0, 4 << 20).unwrap();
+            let hole = Extent {
+                length: 128 << 10,
+                hole: true,
+                zero: true,
+            };
+            assert_eq!(
+                extents_at(0, &extents).collect::<Vec<_>>(),
+                vec![
+                    (0, hole),
+                    (128 << 10, Extent::new(64 << 10, true)),
+                    (192 << 10, Extent::new((4 << 20) - (192 << 10), false)),
+                ]
+            );
+            // `cache` walks the same metadata and reports its errors the same way.
+            export.cache(0, 4 << 20).unwrap();
+            assert_eq!(
+                export.cache(4 << 20, 4096).unwrap_err().kind(),
+                export.block_status(4 << 20, 4096).unwrap_err().kind()
+            );
+        });
     }
 
     #[test]
     fn only_writes_up_to_the_engine_limit_are_offered_its_quick_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let (volumes, _exports, export) = export(dir.path());
-        let turns = crate::nbd::WriteTurns::new(export.as_ref());
-        assert!(turns.may_try_nowait(NOWAIT_WRITE_MAX, false));
-        assert!(!turns.may_try_nowait(NOWAIT_WRITE_MAX + 1, false));
-        assert!(!turns.may_try_nowait(4096, true));
-        // The whole rule on a plain thread, as the plugin runs it: both sizes land.
-        turns
-            .write(export.as_ref(), 0, &[3u8; 4096], false)
-            .unwrap();
-        turns
-            .write(
-                export.as_ref(),
-                1 << 20,
-                &vec![4u8; 2 * NOWAIT_WRITE_MAX],
-                true,
-            )
-            .unwrap();
-        let mut back = vec![0u8; 2 * NOWAIT_WRITE_MAX];
-        export.read(1 << 20, &mut back).unwrap();
-        assert!(back.iter().all(|&b| b == 4));
-        export.read(0, &mut back[..4096]).unwrap();
-        assert!(back[..4096].iter().all(|&b| b == 3));
-        drop(export);
-        volumes.shutdown().unwrap();
+        with_export(|_, export| {
+            let turns = WriteTurns::new(export);
+            assert!(turns.may_try_nowait(NOWAIT_WRITE_MAX, false));
+            assert!(!turns.may_try_nowait(NOWAIT_WRITE_MAX + 1, false));
+            assert!(!turns.may_try_nowait(4096, true));
+            // The whole rule on a plain thread, as the plugin runs it: both sizes land.
+            turns.write(export, 0, &[3u8; 4096], false).unwrap();
+            let large = vec![4u8; 2 * NOWAIT_WRITE_MAX];
+            turns.write(export, 1 << 20, &large, true).unwrap();
+            let mut back = vec![0u8; 2 * NOWAIT_WRITE_MAX];
+            export.read(1 << 20, &mut back).unwrap();
+            assert_eq!(back, large);
+            export.read(0, &mut back[..4096]).unwrap();
+            assert!(back[..4096].iter().all(|&b| b == 3));
+        });
     }
 }
