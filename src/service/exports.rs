@@ -176,6 +176,7 @@ mod tests {
             data: None,
             data_size: 16 << 20,
             block_size: 64 << 10,
+            metadata_size: None,
         };
         Volumes::create_pool(dir.path(), &opts, PoolConfig::default()).unwrap();
         let volumes = Volumes::open(dir.path(), PoolConfig::default()).unwrap();
