@@ -177,6 +177,7 @@ mod tests {
             data_size: 16 << 20,
             block_size: 64 << 10,
             metadata_size: None,
+            preallocate: false,
         };
         Volumes::create_pool(dir.path(), &opts, PoolConfig::default()).unwrap();
         let volumes = Volumes::open(dir.path(), PoolConfig::default()).unwrap();
