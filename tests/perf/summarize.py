@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Turns compare.sh's results.tsv into markdown tables: medians per server, thinnbd/peer
-ratios, server CPU, peak RSS, and the targets of issue 7 checked against this run.
+ratios, server CPU, peak RSS, and the performance targets checked against this run.
 
 Usage: summarize.py results.tsv
 Columns of results.tsv: workload rep server value unit cpu% cpu-us-per-op vmhwm-kib
@@ -19,7 +19,7 @@ TITLES = {
     "qcow2": "qemu-nbd qcow2",
     "null": "nbdkit null",
 }
-# (workload, peer, minimum of thinnbd/peer) from issue 7. For nbdcopy the ratio is
+# (workload, peer, minimum of thinnbd/peer): the performance targets. For nbdcopy the ratio is
 # peer time / thinnbd time, so "within 1.5x of qemu-nbd's time" is a ratio of at least 1/1.5.
 TARGETS = [
     ("randread-qd32-j1", "file", 1.0),
@@ -131,7 +131,7 @@ def main():
             ceilings = [ratio(w, peer, "thinnbd") for peer in ("memory", "null")]
             checks.append((f"{w}: plugin / thinnbd serve >= 0.90", r, 0.9, ceilings))
     if checks:
-        out.append("\nTargets of issue 7 in this run (for the plugin rows, the last two columns "
+        out.append("\nThe performance targets in this run (for the plugin rows, the last two columns "
                    "are nbdkit memory / thinnbd serve and nbdkit null / thinnbd serve: what "
                    "nbdkit reaches with a plugin that only copies, and with one that does nothing):\n")
         out.append("| target | ratio | met | memory / serve | null / serve |")
