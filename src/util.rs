@@ -1,5 +1,6 @@
-//! Small OS helpers shared by the layers: device sizing, hole punching, size parsing, and
-//! clearing the way for a unix socket without taking one that is in use.
+//! Small OS helpers shared by the layers: device sizing, hole punching, size parsing,
+//! clearing the way for a unix socket without taking one that is in use, and the crate's one
+//! u64 -> usize conversion.
 
 use std::fs::File;
 use std::io;
@@ -8,6 +9,20 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
+
+// thinnbd builds only for 64-bit targets: block numbers, counts and byte lengths are u64 on disk
+// and on the wire, and in-memory indexes over them must hold every such value.
+const _: () = assert!(usize::BITS == 64, "thinnbd needs a 64-bit target");
+
+/// A u64 block number, count or byte length as an in-memory index or length. The one place
+/// that relies on the 64-bit assertion above: the conversion is lossless.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "usize is 64 bits wide (asserted at compile time above)"
+)]
+pub const fn usize_from_u64(n: u64) -> usize {
+    n as usize
+}
 
 /// Size in bytes of a regular file or a block device.
 pub fn device_size(file: &File) -> io::Result<u64> {

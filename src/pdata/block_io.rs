@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::util::usize_from_u64;
 
 /// Metadata block size in bytes (dm-thin's `THIN_METADATA_BLOCK_SIZE`).
 pub const BLOCK_SIZE: usize = 4096;
@@ -182,9 +183,9 @@ impl MemBlockIo {
     /// The durable bytes of the device, for writing out to a file.
     pub fn durable_image(&self) -> Vec<u8> {
         let st = self.lock();
-        let mut image = vec![0u8; self.nr_blocks as usize * BLOCK_SIZE];
+        let mut image = vec![0u8; usize_from_u64(self.nr_blocks) * BLOCK_SIZE];
         for (loc, block) in &st.durable {
-            let off = *loc as usize * BLOCK_SIZE;
+            let off = usize_from_u64(*loc) * BLOCK_SIZE;
             image[off..off + BLOCK_SIZE].copy_from_slice(&block[..]);
         }
         image

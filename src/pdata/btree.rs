@@ -195,11 +195,21 @@ impl NodeMut<'_> {
     fn init(&mut self, flags: u32, value_size: usize) {
         self.b.fill(0);
         write_u32(self.b, 4, flags);
-        write_u32(self.b, 20, max_entries(value_size) as u32);
-        write_u32(self.b, 24, value_size as u32);
+        self.write_size(20, max_entries(value_size));
+        self.write_size(24, value_size);
     }
     fn set_nr_entries(&mut self, n: usize) {
-        write_u32(self.b, 16, n as u32);
+        self.write_size(16, n);
+    }
+    /// Writes a header field that counts entries or bytes within this block, so it is below
+    /// BLOCK_SIZE and fits the field's 32 bits.
+    fn write_size(&mut self, offset: usize, size: usize) {
+        debug_assert!(size < BLOCK_SIZE, "node header field {offset} = {size}");
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "sizes within one block are below BLOCK_SIZE (4096)"
+        )]
+        write_u32(self.b, offset, size as u32);
     }
     fn set_key(&mut self, i: usize, k: u64) {
         write_u64(self.b, HEADER + 8 * i, k);

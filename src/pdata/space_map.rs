@@ -8,9 +8,12 @@
 use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
+use crate::util::usize_from_u64;
 
 /// Entries per bitmap block: 510 words of 64 bits, 2 bits an entry.
-pub const ENTRIES_PER_BITMAP: u64 = 16_320;
+pub const ENTRIES_PER_BITMAP: u64 = ENTRIES_PER_BITMAP_U32 as u64;
+/// The same count in the 32-bit type of a bitmap's index entry fields.
+const ENTRIES_PER_BITMAP_U32: u32 = 16_320;
 /// The metadata space map has one index block with this many entries.
 pub const MAX_METADATA_BITMAPS: u64 = 255;
 /// Largest usable metadata device, in blocks.
@@ -45,6 +48,14 @@ pub fn nr_bitmaps(nr_blocks: u64) -> u64 {
     nr_blocks.div_ceil(ENTRIES_PER_BITMAP)
 }
 
+/// The blocks bitmap `index` covers in a map of `nr_blocks`, each with its entry's position in
+/// the bitmap.
+fn bitmap_entries(index: u64, nr_blocks: u64) -> impl Iterator<Item = (u32, u64)> {
+    let begin = index * ENTRIES_PER_BITMAP;
+    let end = (begin + ENTRIES_PER_BITMAP).min(nr_blocks);
+    (0..ENTRIES_PER_BITMAP_U32).zip(begin..end)
+}
+
 impl SpaceMap {
     pub fn new(nr_blocks: u64) -> Self {
         let n = usize::try_from(nr_blocks).unwrap_or(usize::MAX);
@@ -58,8 +69,8 @@ impl SpaceMap {
             nr_allocated: 0,
             nr_busy: 0,
             nr_overflow: 0,
-            bitmap_locations: vec![0; nr_bitmaps(nr_blocks) as usize],
-            bitmap_stats: vec![(0, 0); nr_bitmaps(nr_blocks) as usize],
+            bitmap_locations: vec![0; usize_from_u64(nr_bitmaps(nr_blocks))],
+            bitmap_stats: vec![(0, 0); usize_from_u64(nr_bitmaps(nr_blocks))],
             index_root: 0,
             ref_count_root: 0,
         }
@@ -96,7 +107,7 @@ impl SpaceMap {
 
     pub fn get(&self, b: u64) -> Result<u32> {
         self.counts
-            .get(b as usize)
+            .get(usize_from_u64(b))
             .copied()
             .ok_or_else(|| self.out_of_range(b))
     }
@@ -120,7 +131,7 @@ impl SpaceMap {
     /// Sets a count directly (loading from disk, bulk building).
     pub fn set(&mut self, b: u64, count: u32) -> Result<()> {
         let old = self.get(b)?;
-        self.counts[b as usize] = count;
+        self.counts[usize_from_u64(b)] = count;
         self.changed(b, old, count);
         Ok(())
     }
@@ -154,7 +165,7 @@ impl SpaceMap {
     pub fn inc(&mut self, b: u64) -> Result<()> {
         let old = self.get(b)?;
         let new = old.checked_add(1).ok_or_else(|| self.out_of_range(b))?;
-        self.counts[b as usize] = new;
+        self.counts[usize_from_u64(b)] = new;
         self.changed(b, old, new);
         Ok(())
     }
@@ -167,7 +178,7 @@ impl SpaceMap {
                 "reference count of block {b} would drop below 0"
             )));
         }
-        self.counts[b as usize] = old - 1;
+        self.counts[usize_from_u64(b)] = old - 1;
         self.changed(b, old, old - 1);
         Ok(old - 1)
     }
@@ -182,7 +193,7 @@ impl SpaceMap {
         let found = self
             .find_clear(start, n)
             .or_else(|| self.find_clear(0, start))?;
-        self.counts[found as usize] = 1;
+        self.counts[usize_from_u64(found)] = 1;
         self.changed(found, 0, 1);
         self.cursor = found + 1;
         Some(found)
@@ -208,7 +219,7 @@ impl SpaceMap {
     pub fn nr_freed_since_commit(&self) -> u64 {
         self.freed_since_commit
             .iter()
-            .filter(|b| self.counts[**b as usize] == 0)
+            .filter(|b| self.counts[usize_from_u64(**b)] == 0)
             .count() as u64
     }
 
@@ -218,7 +229,7 @@ impl SpaceMap {
             .freed_since_commit
             .iter()
             .copied()
-            .filter(|b| self.counts[*b as usize] == 0)
+            .filter(|b| self.counts[usize_from_u64(*b)] == 0)
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -238,7 +249,7 @@ impl SpaceMap {
     /// Lets held blocks be allocated again (those still free).
     pub fn release_held(&mut self, blocks: &[u64]) {
         for &b in blocks {
-            if self.counts.get(b as usize) == Some(&0) {
+            if self.counts.get(usize_from_u64(b)) == Some(&0) {
                 self.set_busy(b, false);
                 self.cursor = self.cursor.min(b);
             }
@@ -248,7 +259,7 @@ impl SpaceMap {
     /// Called once a commit is durable: blocks freed before it become allocatable.
     pub fn commit_done(&mut self) {
         for b in std::mem::take(&mut self.freed_since_commit) {
-            if self.counts[b as usize] == 0 {
+            if self.counts[usize_from_u64(b)] == 0 {
                 self.set_busy(b, false);
                 self.cursor = self.cursor.min(b);
             }
@@ -261,12 +272,12 @@ impl SpaceMap {
         if nr_blocks <= old {
             return;
         }
-        let n = nr_blocks as usize;
+        let n = usize_from_u64(nr_blocks);
         self.counts.resize(n, 0);
         self.busy.resize(n.div_ceil(64), 0);
         let bitmaps = nr_bitmaps(nr_blocks);
-        self.bitmap_locations.resize(bitmaps as usize, 0);
-        self.bitmap_stats.resize(bitmaps as usize, (0, 0));
+        self.bitmap_locations.resize(usize_from_u64(bitmaps), 0);
+        self.bitmap_stats.resize(usize_from_u64(bitmaps), (0, 0));
         // The last old bitmap gains in-range entries; all new ones must be written.
         for i in old / ENTRIES_PER_BITMAP..bitmaps {
             self.dirty_bitmaps.insert(i);
@@ -298,35 +309,33 @@ impl SpaceMap {
     /// Fills a bitmap block body (bytes 16..4096) for bitmap `index`; returns the index entry
     /// fields (nr_free, none_free_before) in the kernel's convention.
     pub fn encode_bitmap(&self, index: u64, block: &mut [u8]) -> (u32, u32) {
-        let begin = index * ENTRIES_PER_BITMAP;
-        let end = (begin + ENTRIES_PER_BITMAP).min(self.nr_blocks());
         block[16..].fill(0);
+        let mut in_range = 0u32;
         let mut used = 0u32;
         let mut first_free: Option<u32> = None;
-        for b in begin..end {
-            let e = (b - begin) as usize;
-            let v = self.counts[b as usize].min(3) as u8;
+        for (e, b) in bitmap_entries(index, self.nr_blocks()) {
+            in_range = e + 1;
+            let v = self.counts[usize_from_u64(b)].min(3) as u8;
             if v == 0 {
-                first_free.get_or_insert(e as u32);
+                first_free.get_or_insert(e);
                 continue;
             }
             used += 1;
+            let e = e as usize;
             let p = 2 * (e % 4);
             let hi = v >> 1;
             let lo = v & 1;
             block[16 + e / 4] |= (hi << p) | (lo << (p + 1));
         }
-        let nr_free = ENTRIES_PER_BITMAP as u32 - used;
-        let none_free_before = first_free.unwrap_or((end - begin) as u32);
+        let nr_free = ENTRIES_PER_BITMAP_U32 - used;
+        let none_free_before = first_free.unwrap_or(in_range);
         (nr_free, none_free_before)
     }
 
     /// Loads counts from a bitmap block; entries of 3 are left at 3 for the overflow tree to fix.
     pub fn decode_bitmap(&mut self, index: u64, block: &[u8]) -> Result<()> {
-        let begin = index * ENTRIES_PER_BITMAP;
-        let end = (begin + ENTRIES_PER_BITMAP).min(self.nr_blocks());
-        for b in begin..end {
-            let e = (b - begin) as usize;
+        for (e, b) in bitmap_entries(index, self.nr_blocks()) {
+            let e = e as usize;
             let p = 2 * (e % 4);
             let byte = block[16 + e / 4];
             let hi = (byte >> p) & 1;

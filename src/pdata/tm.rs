@@ -17,6 +17,7 @@ use super::block_io::{zeroed_block, Block, BlockIo};
 use super::checksum::{self, read_u64, seal, verify, write_u32, write_u64, BlockKind};
 use super::space_map::{SpaceMap, ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS};
 use crate::error::{Error, ErrorKind, Result};
+use crate::util::usize_from_u64;
 
 /// A block as read: borrowed from this transaction's dirty set, or shared from the cache.
 pub enum BlockRef<'a> {
@@ -254,18 +255,18 @@ impl TransactionManager {
         let dirty = self.data_sm.take_dirty_bitmaps();
         if !dirty.is_empty() || self.data_sm.index_root == 0 {
             for &i in &dirty {
-                let old = self.data_sm.bitmap_locations[i as usize];
+                let old = self.data_sm.bitmap_locations[usize_from_u64(i)];
                 let nb = self.new_block(BlockKind::Bitmap)?;
                 if old != 0 {
                     self.meta_sm.dec(old)?;
                 }
-                self.data_sm.bitmap_locations[i as usize] = nb;
+                self.data_sm.bitmap_locations[usize_from_u64(i)] = nb;
             }
             for &i in &dirty {
-                let loc = self.data_sm.bitmap_locations[i as usize];
+                let loc = self.data_sm.bitmap_locations[usize_from_u64(i)];
                 let (_, buf) = self.dirty.get_mut(&loc).expect("allocated above");
                 let stats = self.data_sm.encode_bitmap(i, &mut buf[..]);
-                self.data_sm.bitmap_stats[i as usize] = stats;
+                self.data_sm.bitmap_stats[usize_from_u64(i)] = stats;
             }
             let nr = self.data_sm.bitmap_locations.len();
             let keys: Vec<u64> = (0..nr as u64).collect();
@@ -336,12 +337,12 @@ impl TransactionManager {
                 break;
             }
             for i in pending {
-                let old = self.meta_sm.bitmap_locations[i as usize];
+                let old = self.meta_sm.bitmap_locations[usize_from_u64(i)];
                 let nb = self.new_block(BlockKind::Bitmap)?;
                 if old != 0 {
                     self.meta_sm.dec(old)?;
                 }
-                self.meta_sm.bitmap_locations[i as usize] = nb;
+                self.meta_sm.bitmap_locations[usize_from_u64(i)] = nb;
                 relocated.insert(i);
             }
         }
@@ -353,10 +354,10 @@ impl TransactionManager {
         }
         let mut index = zeroed_block();
         for &i in &relocated {
-            let loc = self.meta_sm.bitmap_locations[i as usize];
+            let loc = self.meta_sm.bitmap_locations[usize_from_u64(i)];
             let (_, buf) = self.dirty.get_mut(&loc).expect("allocated above");
             let stats = self.meta_sm.encode_bitmap(i, &mut buf[..]);
-            self.meta_sm.bitmap_stats[i as usize] = stats;
+            self.meta_sm.bitmap_stats[usize_from_u64(i)] = stats;
         }
         for i in 0..self.meta_sm.bitmap_locations.len() {
             let (nr_free, nfb) = self.meta_sm.bitmap_stats[i];

@@ -17,6 +17,7 @@ use crate::pdata::space_map::{
     nr_bitmaps, ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, MAX_METADATA_BLOCKS,
 };
 use crate::pdata::tm::SmRoot;
+use crate::util::usize_from_u64;
 
 use super::metadata::{
     unpack_block_time, DeviceDetails, MAX_DATA_BLOCK_SECTORS, MIN_DATA_BLOCK_SECTORS,
@@ -96,12 +97,12 @@ impl Entries {
 }
 
 /// Reads a 2-bit space map entry `e` of a bitmap block (kernel bit order: bit 2e is high).
-fn bitmap_entry(block: &Block, e: usize) -> u32 {
+fn bitmap_entry(block: &Block, e: usize) -> u8 {
     let byte = block[16 + e / 4];
     let p = 2 * (e % 4);
     let hi = (byte >> p) & 1;
     let lo = (byte >> (p + 1)) & 1;
-    u32::from((hi << 1) | lo)
+    (hi << 1) | lo
 }
 
 /// Data blocks below this are counted in a dense array; others (a huge or damaged pool) in a map.
@@ -424,12 +425,12 @@ impl Checker {
             Some(true) => {}
         }
         let block = self.read(loc, BlockKind::Bitmap, &what)?;
-        let used = (end - begin) as usize;
+        let used = usize_from_u64(end - begin);
         let mut out = Vec::with_capacity(used);
-        for e in 0..ENTRIES_PER_BITMAP as usize {
+        for e in 0..usize_from_u64(ENTRIES_PER_BITMAP) {
             let v = bitmap_entry(&block, e);
             if e < used {
-                out.push(v as u8);
+                out.push(v);
             } else if v != 0 {
                 self.problem(format!(
                     "{what} at block {loc}: entry {e} is past the end of the space map but set to {v}"
@@ -482,17 +483,17 @@ impl Checker {
         if n > MAX_METADATA_BITMAPS {
             return None;
         }
-        let mut bits: Vec<u8> = Vec::with_capacity(nr_blocks as usize);
+        let mut bits: Vec<u8> = Vec::with_capacity(usize_from_u64(nr_blocks));
         let mut complete = true;
         for i in 0..n {
-            let loc = read_u64(&index[..], 16 + 16 * i as usize);
+            let loc = read_u64(&index[..], 16 + 16 * usize_from_u64(i));
             let begin = i * ENTRIES_PER_BITMAP;
             let end = (begin + ENTRIES_PER_BITMAP).min(nr_blocks);
             match self.read_bitmap(loc, i, begin, end, "metadata") {
                 Some(v) => bits.extend(v),
                 None => {
                     complete = false;
-                    bits.resize(bits.len() + (end - begin) as usize, 0);
+                    bits.resize(bits.len() + usize_from_u64(end - begin), 0);
                 }
             }
         }

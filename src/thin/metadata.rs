@@ -14,6 +14,7 @@ use crate::pdata::btree::{self, ValueKind};
 use crate::pdata::checksum::{read_u32, read_u64, write_u32, write_u64, BlockKind};
 use crate::pdata::space_map::{nr_bitmaps, SpaceMap, MAX_METADATA_BLOCKS};
 use crate::pdata::tm::{load_bitmaps, CacheStats, TransactionManager};
+use crate::util::usize_from_u64;
 
 use super::superblock::Superblock;
 
@@ -323,7 +324,7 @@ impl ThinMetadata {
         let mut meta_sm = SpaceMap::new(meta_root.nr_blocks);
         let meta_locations: Vec<u64> = {
             let index = probe.read(meta_root.bitmap_root, BlockKind::Index)?;
-            (0..nr_bitmaps(meta_root.nr_blocks) as usize)
+            (0..usize_from_u64(nr_bitmaps(meta_root.nr_blocks)))
                 .map(|i| read_u64(&index[..], 16 + i * 16))
                 .collect()
         };
