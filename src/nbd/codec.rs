@@ -7,6 +7,10 @@
 //! client-side halves (encoding requests, decoding replies) exist for tests and round trips.
 //! Numbers follow doc/proto.md of the NBD project; all integers are big-endian.
 
+// A length or count from a peer must never wrap silently: a lossy cast needs `try_from` with an
+// error, or a reason why it cannot lose anything.
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use crate::error::{fail, ErrorKind, Result};
 
 // --- Magic numbers -------------------------------------------------------------------------
@@ -189,7 +193,7 @@ impl<'a> Reader<'a> {
 /// a character boundary (they only ever come from our own configuration).
 fn put_string32(out: &mut Vec<u8>, s: &str) {
     let s = clamp_str(s);
-    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(&u32::from(clamped_len(s)).to_be_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
@@ -203,6 +207,31 @@ pub fn clamp_str(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+// A string cut by `clamp_str` fits every length field the protocol gives strings (16 or 32 bits).
+const _: () = assert!(MAX_STRING <= u16::MAX as usize);
+
+/// The length of a string already cut by `clamp_str`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "clamp_str keeps strings within MAX_STRING, asserted above to fit 16 bits"
+)]
+fn clamped_len(s: &str) -> u16 {
+    debug_assert!(s.len() <= MAX_STRING);
+    s.len() as u16
+}
+
+/// A 32-bit length or count field of a message this codec built. Every such message is far
+/// below 4 GiB: strings are clamped, read data and block-status descriptors are bounded by the
+/// request's own 32-bit length, and an option request holds what its caller passed.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "every message this codec builds is below 4 GiB (see above)"
+)]
+fn len_field(n: usize) -> u32 {
+    debug_assert!(u32::try_from(n).is_ok(), "length field of {n}");
+    n as u32
 }
 
 // === Handshake ===============================================================================
@@ -364,7 +393,9 @@ impl OptionRequest {
             OptionRequest::Info { name, requests, .. } => {
                 put_string32(&mut data, name);
                 data.extend_from_slice(
-                    &(requests.len().min(usize::from(u16::MAX)) as u16).to_be_bytes(),
+                    &u16::try_from(requests.len())
+                        .unwrap_or(u16::MAX)
+                        .to_be_bytes(),
                 );
                 for r in requests.iter().take(usize::from(u16::MAX)) {
                     data.extend_from_slice(&r.to_be_bytes());
@@ -374,7 +405,7 @@ impl OptionRequest {
                 export, queries, ..
             } => {
                 put_string32(&mut data, export);
-                data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+                data.extend_from_slice(&len_field(queries.len()).to_be_bytes());
                 for q in queries {
                     put_string32(&mut data, q);
                 }
@@ -383,7 +414,7 @@ impl OptionRequest {
         }
         let header = OptionHeader {
             option: self.code(),
-            length: data.len() as u32,
+            length: len_field(data.len()),
         };
         let mut out = header.encode().to_vec();
         out.extend_from_slice(&data);
@@ -507,7 +538,7 @@ impl OptionReply {
         out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
         out.extend_from_slice(&self.option.to_be_bytes());
         out.extend_from_slice(&reply_type.to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&len_field(data.len()).to_be_bytes());
         out.extend_from_slice(&data);
         out
     }
@@ -825,14 +856,14 @@ impl Chunk {
             Chunk::Error { error, message } | Chunk::ErrorOffset { error, message, .. } => {
                 let message = clamp_str(message);
                 out.extend_from_slice(&error.to_be_bytes());
-                out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+                out.extend_from_slice(&clamped_len(message).to_be_bytes());
                 out.extend_from_slice(message.as_bytes());
                 if let Chunk::ErrorOffset { offset, .. } = self {
                     out.extend_from_slice(&offset.to_be_bytes());
                 }
             }
         }
-        let length = (out.len() - start - STRUCTURED_HEADER_LEN) as u32;
+        let length = len_field(out.len() - start - STRUCTURED_HEADER_LEN);
         let flags = if done { REPLY_FLAG_DONE } else { 0 };
         let header = ChunkHeader {
             flags,
@@ -1209,7 +1240,7 @@ mod tests {
             let mut b = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
             b.extend_from_slice(&OPT_GO.to_be_bytes());
             b.extend_from_slice(&reply_type.to_be_bytes());
-            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(&len_field(data.len()).to_be_bytes());
             b.extend_from_slice(&data);
             let _ = OptionReply::decode(&b);
         }
