@@ -420,4 +420,28 @@ mod tests {
         assert_eq!(back.get(3).unwrap(), 3);
         assert_eq!(back.get(16_319).unwrap(), 1);
     }
+
+    #[test]
+    fn a_full_partial_last_bitmap_counts_entries_past_the_end_as_free() {
+        let nr_blocks = 20_000;
+        let in_last = nr_blocks - ENTRIES_PER_BITMAP;
+        let mut sm = SpaceMap::new(nr_blocks);
+        for b in ENTRIES_PER_BITMAP..nr_blocks {
+            sm.set(b, 1).unwrap();
+        }
+        sm.set(nr_blocks - 1, 2).unwrap();
+        let mut block = [0u8; 4096];
+        let (nr_free, nfb) = sm.encode_bitmap(1, &mut block);
+        assert_eq!(u64::from(nr_free), ENTRIES_PER_BITMAP - in_last);
+        assert_eq!(
+            u64::from(nfb),
+            in_last,
+            "no free entry within the map's end"
+        );
+        let mut back = SpaceMap::new(nr_blocks);
+        back.decode_bitmap(1, &block).unwrap();
+        assert_eq!(back.get(ENTRIES_PER_BITMAP).unwrap(), 1);
+        assert_eq!(back.get(nr_blocks - 1).unwrap(), 2);
+        assert_eq!(back.nr_allocated(), in_last);
+    }
 }
