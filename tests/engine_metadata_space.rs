@@ -123,6 +123,99 @@ fn filling_metadata_with_volumes_refuses_new_volumes_and_keeps_the_pool_writable
     assert_eq!(buf, pattern(20, 0, BLOCK as usize));
 }
 
+/// Volumes fill the metadata while a writer overwrites its provisioned blocks and provisions
+/// new ones: the writer sees only successes and no-space refusals for want of metadata, the
+/// pool never turns read-only, everything acknowledged and flushed survives a reopen, and a
+/// metadata grow lets a new volume and new blocks in again.
+#[test]
+fn filling_metadata_with_volumes_under_write_load_loses_nothing_flushed() {
+    let _w = watchdog(600, "filling metadata with volumes under write load");
+    // 4096 data blocks: the writer cannot run out of data before the metadata fills.
+    let tp = temp_pool_fast(256 * MIB, BLOCK, error_policy());
+    let pool = tp.pool.clone();
+    pool.create_thin(0).unwrap();
+    let provisioned = 8u64;
+    let last_new = 3500u64;
+    let h = pool.activate(0, 256 * MIB, false).unwrap();
+    for b in 0..provisioned {
+        h.write(b * BLOCK, &pattern(b, 0, 4096), false).unwrap();
+    }
+    h.flush().unwrap();
+    let expected: std::collections::BTreeMap<u64, u64> = (0..provisioned).map(|b| (b, b)).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let mut expected = expected.clone();
+        std::thread::spawn(move || {
+            let mut refused = 0u64;
+            let mut tag = 1000u64;
+            let mut next_new = provisioned;
+            let mut attempted = std::collections::BTreeSet::new();
+            while !(stop.load(Ordering::Acquire) && refused > 0) && next_new <= last_new {
+                let mut pending = Vec::new();
+                let targets = (0..provisioned).chain(std::iter::once(next_new));
+                next_new += 1;
+                for vb in targets {
+                    tag += 1;
+                    attempted.insert(vb);
+                    match h.write(vb * BLOCK, &pattern(tag, 0, 4096), false) {
+                        Ok(()) => pending.push((vb, tag)),
+                        Err(e) => {
+                            // The data device has room: only the metadata may refuse, and
+                            // only a block that needs a new mapping.
+                            assert_eq!(e.kind(), ErrorKind::NoSpace, "block {vb}: {e}");
+                            assert!(e.to_string().contains("metadata"), "block {vb}: {e}");
+                            assert!(vb >= provisioned, "overwrite of block {vb} refused: {e}");
+                            refused += 1;
+                        }
+                    }
+                }
+                h.flush().unwrap();
+                for (vb, t) in pending {
+                    expected.insert(vb, t);
+                }
+            }
+            (h, expected, attempted, refused, next_new)
+        })
+    };
+    let refused_id = create_until_refused(&pool, 1);
+    stop.store(true, Ordering::Release);
+    let (h, mut expected, attempted, refused, next_new) = writer.join().unwrap();
+    assert!(refused > 0, "the writer never met the full metadata");
+    assert_eq!(
+        pool.create_thin(refused_id).unwrap_err().kind(),
+        ErrorKind::NoSpace
+    );
+    let st = pool.status();
+    assert_ne!(st.mode, PoolMode::ReadOnly, "{:?}", st.read_only_reason);
+
+    // A metadata grow online lets a new volume and new blocks in.
+    let meta_now = pool.status().metadata_total * 4096;
+    pool.grow(None, Some(meta_now * 2)).unwrap();
+    pool.create_thin(refused_id).unwrap();
+    for vb in next_new..next_new + 200 {
+        h.write(vb * BLOCK, &pattern(vb, 0, 4096), false).unwrap();
+        expected.insert(vb, vb);
+    }
+    h.flush().unwrap();
+    pool.teardown(h).unwrap();
+    drop(pool);
+    let (_dir, meta, data) = tp.close_checked();
+
+    let pool = Pool::open(&meta, &data, error_policy()).unwrap();
+    assert!(pool.thin_ids().contains(&refused_id));
+    let h = pool.activate(0, 256 * MIB, false).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for vb in attempted.into_iter().chain(next_new..next_new + 200) {
+        h.read(vb * BLOCK, &mut buf).unwrap();
+        match expected.get(&vb) {
+            Some(t) => assert_eq!(buf, pattern(*t, 0, 4096), "block {vb}"),
+            None => assert!(buf.iter().all(|&x| x == 0), "block {vb}"),
+        }
+    }
+}
+
 /// Snapshots fill the metadata while a writer overwrites and provisions: the writer sees only
 /// successes and no-space refusals, and everything it saw flushed survives a restart.
 #[test]
