@@ -4,7 +4,8 @@
 //! waits, and a volume deleted online (`thinnbd volume delete`) or a discard that frees space
 //! lets it complete, and so does an online `thinnbd pool grow`. A pool whose metadata fills
 //! refuses new volumes and new blocks with ENOSPC, keeps serving the rest, and a metadata grow
-//! brings everything back (issue 17, points 6 and 8).
+//! brings everything back; under "queue" the writes refused for want of metadata wait for that
+//! grow (issue 17, points 6 and 8).
 
 mod common;
 mod rel_support;
@@ -303,6 +304,99 @@ fn full_metadata_refuses_with_enospc_and_a_metadata_grow_brings_it_back() {
             "read -P 0x33 0 512k",
             "read -P 0 512k 512k",
             "read -P 0x44 32M 16M",
+        ],
+    );
+}
+
+/// Under the queue policy a write refused for want of metadata waits instead of failing, and an
+/// online metadata grow lets the queued writes finish.
+#[test]
+fn queue_policy_completes_writes_queued_on_full_metadata_after_a_metadata_grow() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let p = pool.to_str().unwrap();
+    // 256 metadata blocks (1 MiB) for a 512 MiB pool: the writers need more mapping leaves than
+    // the full metadata has left, and the data device has room for all they write.
+    cli_ok(&[
+        "pool",
+        "create",
+        p,
+        "--data-size",
+        "512M",
+        "--metadata-size",
+        "1M",
+    ]);
+    cli_ok(&["volume", "create", "--pool", p, "a", "--size", "512M"]);
+    let cfg = config(dir.path(), "queue");
+    let log = dir.path().join("log");
+    let mut server = Server::start(&pool, Some(&cfg), &log);
+    let port = server.port;
+    qemu_io_ok(port, "a", &["write -P 0x11 0 1M"]);
+    let mut created = 0;
+    loop {
+        let name = format!("v{created}");
+        let out = cli(&["volume", "create", "--pool", p, &name, "--size", "1M"]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("no space") && err.contains("metadata"),
+                "{err}"
+            );
+            break;
+        }
+        created += 1;
+        assert!(created < 1000, "the metadata never filled");
+    }
+    let refusals = |text: &str| text.matches("refused a request").count();
+    let before = refusals(&server.log_text());
+
+    // Writers needing new blocks: the metadata runs out under them and they wait.
+    let writers: Vec<(Child, &str)> = [
+        ("write -P 0x22 1M 240M", "read -P 0x22 1M 240M"),
+        ("write -P 0x23 256M 240M", "read -P 0x23 256M 240M"),
+    ]
+    .into_iter()
+    .map(|(w, r)| (spawn_queued_write(port, "a", w), r))
+    .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while refusals(&server.log_text()) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the metadata never refused the writers:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut writers = writers;
+    for (w, _) in writers.iter_mut() {
+        assert!(w.try_wait().unwrap().is_none(), "a write did not wait");
+    }
+    assert_ne!(pool_status(&pool)["mode"], "read-only");
+
+    cli_ok(&["pool", "grow", p, "--metadata-size", "8M"]);
+    for (w, read) in writers {
+        let out = finish(w);
+        assert!(!out.contains("error") && !out.contains("No space"), "{out}");
+        qemu_io_ok(port, "a", &[read]);
+    }
+    qemu_io_ok(port, "a", &["read -P 0x11 0 1M"]);
+    let st = pool_status(&pool);
+    assert_eq!(st["metadata_total_blocks"], 2048, "{st}");
+    assert_eq!(st["mode"], "write", "{st}");
+    assert!(server.stop().success(), "{}", server.log_text());
+    common::assert_metadata_clean(&pool.join("metadata"));
+    let server = Server::start(&pool, Some(&cfg), &dir.path().join("log2"));
+    qemu_io_ok(
+        server.port,
+        "a",
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x22 1M 240M",
+            "read -P 0x23 256M 240M",
         ],
     );
 }
