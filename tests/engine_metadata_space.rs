@@ -4,12 +4,13 @@
 
 mod engine_support;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use engine_support::*;
-use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, PoolMode};
+use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, PoolMode, ThinHandle};
 use thinnbd::error::ErrorKind;
 
 const BLOCK: u64 = 64 * KIB;
@@ -70,6 +71,71 @@ fn assert_writable_for_what_needs_no_metadata(pool: &Arc<Pool>, thin: u32, provi
     pool.teardown(h).unwrap();
     let st = pool.status();
     assert_ne!(st.mode, PoolMode::ReadOnly, "{:?}", st.read_only_reason);
+}
+
+/// What a [`spawn_overwriting_writer`] saw: its handle back, vblock -> tag of the last write
+/// acknowledged and flushed, every vblock it tried, and the blocks refused (no space) with the
+/// message.
+struct WriterLog {
+    handle: ThinHandle,
+    flushed: BTreeMap<u64, u64>,
+    attempted: BTreeSet<u64>,
+    refused: Vec<(u64, String)>,
+    next_new: u64,
+}
+
+impl WriterLog {
+    fn refused_for_metadata(&self) -> usize {
+        self.refused
+            .iter()
+            .filter(|(_, e)| e.contains("metadata"))
+            .count()
+    }
+}
+
+/// Rounds of: overwrite vblocks `0..overwrites`, write one new vblock (from `first_new` up to
+/// `last_new`), flush. Every refusal must be "no space"; runs until `stop` is set and the
+/// metadata has refused at least once, or the new vblocks run out.
+fn spawn_overwriting_writer(
+    handle: ThinHandle,
+    stop: Arc<AtomicBool>,
+    overwrites: u64,
+    first_new: u64,
+    last_new: u64,
+    mut flushed: BTreeMap<u64, u64>,
+) -> std::thread::JoinHandle<WriterLog> {
+    std::thread::spawn(move || {
+        let mut log = WriterLog {
+            handle,
+            flushed: BTreeMap::new(),
+            attempted: BTreeSet::new(),
+            refused: Vec::new(),
+            next_new: first_new,
+        };
+        let mut tag = 1000u64;
+        while !(stop.load(Ordering::Acquire) && log.refused_for_metadata() > 0)
+            && log.next_new <= last_new
+        {
+            let mut pending = Vec::new();
+            let targets = (0..overwrites).chain(std::iter::once(log.next_new));
+            log.next_new += 1;
+            for vb in targets {
+                tag += 1;
+                log.attempted.insert(vb);
+                match log.handle.write(vb * BLOCK, &pattern(tag, 0, 4096), false) {
+                    Ok(()) => pending.push((vb, tag)),
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::NoSpace, "block {vb}: {e}");
+                        log.refused.push((vb, e.to_string()));
+                    }
+                }
+            }
+            log.handle.flush().unwrap();
+            flushed.extend(pending);
+        }
+        log.flushed = flushed;
+        log
+    })
 }
 
 #[test]
@@ -141,48 +207,35 @@ fn filling_metadata_with_volumes_under_write_load_loses_nothing_flushed() {
         h.write(b * BLOCK, &pattern(b, 0, 4096), false).unwrap();
     }
     h.flush().unwrap();
-    let expected: std::collections::BTreeMap<u64, u64> = (0..provisioned).map(|b| (b, b)).collect();
+    let expected: BTreeMap<u64, u64> = (0..provisioned).map(|b| (b, b)).collect();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let mut expected = expected.clone();
-        std::thread::spawn(move || {
-            let mut refused = 0u64;
-            let mut tag = 1000u64;
-            let mut next_new = provisioned;
-            let mut attempted = std::collections::BTreeSet::new();
-            while !(stop.load(Ordering::Acquire) && refused > 0) && next_new <= last_new {
-                let mut pending = Vec::new();
-                let targets = (0..provisioned).chain(std::iter::once(next_new));
-                next_new += 1;
-                for vb in targets {
-                    tag += 1;
-                    attempted.insert(vb);
-                    match h.write(vb * BLOCK, &pattern(tag, 0, 4096), false) {
-                        Ok(()) => pending.push((vb, tag)),
-                        Err(e) => {
-                            // The data device has room: only the metadata may refuse, and
-                            // only a block that needs a new mapping.
-                            assert_eq!(e.kind(), ErrorKind::NoSpace, "block {vb}: {e}");
-                            assert!(e.to_string().contains("metadata"), "block {vb}: {e}");
-                            assert!(vb >= provisioned, "overwrite of block {vb} refused: {e}");
-                            refused += 1;
-                        }
-                    }
-                }
-                h.flush().unwrap();
-                for (vb, t) in pending {
-                    expected.insert(vb, t);
-                }
-            }
-            (h, expected, attempted, refused, next_new)
-        })
-    };
+    let writer = spawn_overwriting_writer(
+        h,
+        stop.clone(),
+        provisioned,
+        provisioned,
+        last_new,
+        expected,
+    );
     let refused_id = create_until_refused(&pool, 1);
     stop.store(true, Ordering::Release);
-    let (h, mut expected, attempted, refused, next_new) = writer.join().unwrap();
-    assert!(refused > 0, "the writer never met the full metadata");
+    let WriterLog {
+        handle: h,
+        flushed: mut expected,
+        attempted,
+        refused,
+        next_new,
+    } = writer.join().unwrap();
+    assert!(
+        !refused.is_empty(),
+        "the writer never met the full metadata"
+    );
+    // The data device has room: only the metadata refuses, and only new blocks.
+    for (vb, e) in &refused {
+        assert!(e.contains("metadata"), "block {vb}: {e}");
+        assert!(*vb >= provisioned, "overwrite of block {vb} refused: {e}");
+    }
     assert_eq!(
         pool.create_thin(refused_id).unwrap_err().kind(),
         ErrorKind::NoSpace
@@ -243,45 +296,18 @@ fn filling_metadata_with_snapshots_under_write_load_loses_nothing_flushed() {
     }
     h.flush().unwrap();
     // vblock -> tag of the last write acknowledged and flushed (absent: reads zeros).
-    let mut expected: std::collections::BTreeMap<u64, u64> =
-        (0..blocks / 2).map(|b| (b, b)).collect();
+    let mut expected: BTreeMap<u64, u64> = (0..blocks / 2).map(|b| (b, b)).collect();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let mut expected = expected.clone();
-        std::thread::spawn(move || {
-            let mut refused = 0u64;
-            let mut tag = 1000u64;
-            let mut round = 0u64;
-            let mut attempted = std::collections::BTreeSet::new();
-            while !(stop.load(Ordering::Acquire) && refused > 0) && round < 2000 {
-                round += 1;
-                let mut pending = Vec::new();
-                // The origin's blocks (shared after each snapshot), then a new block in a
-                // leaf of its own.
-                let targets = (0..blocks).chain(std::iter::once(blocks + round));
-                for vb in targets {
-                    tag += 1;
-                    attempted.insert(vb);
-                    match h.write(vb * BLOCK, &pattern(tag, 0, 4096), false) {
-                        Ok(()) => pending.push((vb, tag)),
-                        Err(e) => {
-                            assert_eq!(e.kind(), ErrorKind::NoSpace, "block {vb}: {e}");
-                            if e.to_string().contains("metadata") {
-                                refused += 1;
-                            }
-                        }
-                    }
-                }
-                h.flush().unwrap();
-                for (vb, t) in pending {
-                    expected.insert(vb, t);
-                }
-            }
-            (h, expected, attempted, refused)
-        })
-    };
+    // The origin's blocks (shared after each snapshot), then a new block in a leaf of its own.
+    let writer = spawn_overwriting_writer(
+        h,
+        stop.clone(),
+        blocks,
+        blocks + 1,
+        blocks + 2000,
+        expected.clone(),
+    );
     let mut snaps = 0u32;
     loop {
         match pool.create_snapshot(1 + snaps, 0) {
@@ -295,10 +321,14 @@ fn filling_metadata_with_snapshots_under_write_load_loses_nothing_flushed() {
         assert!(snaps < 10_000, "the metadata never filled");
     }
     stop.store(true, Ordering::Release);
-    let (h, got, attempted, refused) = writer.join().unwrap();
-    expected = got;
+    let log = writer.join().unwrap();
     assert!(snaps > 0, "no snapshot fitted at all");
-    assert!(refused > 0, "the writer never met the full metadata");
+    assert!(
+        log.refused_for_metadata() > 0,
+        "the writer never met the full metadata"
+    );
+    let (h, attempted) = (log.handle, log.attempted);
+    expected = log.flushed;
     let st = pool.status();
     assert_ne!(st.mode, PoolMode::ReadOnly, "{:?}", st.read_only_reason);
     pool.teardown(h).unwrap();

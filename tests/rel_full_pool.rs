@@ -68,6 +68,53 @@ fn spawn_queued_write(port: u16, export: &str, cmd: &str) -> Child {
         .expect("spawn qemu-io")
 }
 
+/// Serves a pool of `data_size` with 1 MiB of metadata under `policy`: a volume "a" as large
+/// as the data with 1 MiB of 0x11 at its start, and volumes until the metadata refused one.
+/// Returns the pool directory, the config, the server and the refused volume's name.
+fn serve_with_full_metadata(
+    dir: &Path,
+    policy: &str,
+    data_size: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, Server, String) {
+    let pool = dir.join("pool");
+    let p = pool.to_str().unwrap();
+    // 256 metadata blocks: a few hundred volumes fill them.
+    cli_ok(&[
+        "pool",
+        "create",
+        p,
+        "--data-size",
+        data_size,
+        "--metadata-size",
+        "1M",
+    ]);
+    cli_ok(&["volume", "create", "--pool", p, "a", "--size", data_size]);
+    let cfg = config(dir, policy);
+    let server = Server::start(&pool, Some(&cfg), &dir.join("log"));
+    qemu_io_ok(server.port, "a", &["write -P 0x11 0 1M"]);
+    let refused = fill_metadata_with_volumes(&pool);
+    (pool, cfg, server, refused)
+}
+
+/// Creates 1 MiB volumes until the metadata refuses one, which must be "no space" for want of
+/// metadata; returns the refused name.
+fn fill_metadata_with_volumes(pool: &Path) -> String {
+    let p = pool.to_str().unwrap();
+    for i in 0..1000 {
+        let name = format!("v{i}");
+        let out = cli(&["volume", "create", "--pool", p, &name, "--size", "1M"]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                err.contains("no space") && err.contains("metadata"),
+                "{err}"
+            );
+            return name;
+        }
+    }
+    panic!("the metadata never filled");
+}
+
 #[test]
 fn error_policy_gives_enospc_not_eio_and_provisioned_writes_still_work() {
     if !common::require_tool("qemu-io") {
@@ -218,39 +265,10 @@ fn full_metadata_refuses_with_enospc_and_a_metadata_grow_brings_it_back() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pool = dir.path().join("pool");
-    let p = pool.to_str().unwrap();
-    // 256 metadata blocks (1 MiB) for a 64 MiB pool.
-    cli_ok(&[
-        "pool",
-        "create",
-        p,
-        "--data-size",
-        "64M",
-        "--metadata-size",
-        "1M",
-    ]);
-    cli_ok(&["volume", "create", "--pool", p, "a", "--size", "64M"]);
-    let cfg = config(dir.path(), "error");
-    let mut server = Server::start(&pool, Some(&cfg), &dir.path().join("log"));
-    let port = server.port;
-    qemu_io_ok(port, "a", &["write -P 0x11 0 1M"]);
-
     // Volumes fill the metadata: the one refused gets "no space", the pool stays writable.
-    let mut refused = None;
-    for i in 0..1000 {
-        let name = format!("v{i}");
-        let out = cli(&["volume", "create", "--pool", p, &name, "--size", "1M"]);
-        if !out.status.success() {
-            refused = Some((name, String::from_utf8_lossy(&out.stderr).into_owned()));
-            break;
-        }
-    }
-    let (name, err) = refused.expect("the metadata never filled");
-    assert!(
-        err.contains("no space") && err.contains("metadata"),
-        "{err}"
-    );
+    let (pool, cfg, mut server, name) = serve_with_full_metadata(dir.path(), "error", "64M");
+    let p = pool.to_str().unwrap();
+    let port = server.port;
     let st = pool_status(&pool);
     assert_eq!(st["mode"], "write", "{st}");
     assert!(st["metadata_free_blocks"].as_u64().unwrap() > 0, "{st}");
@@ -316,40 +334,11 @@ fn queue_policy_completes_writes_queued_on_full_metadata_after_a_metadata_grow()
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pool = dir.path().join("pool");
+    // The writers need more mapping leaves than the full metadata has left, and the data
+    // device has room for all they write.
+    let (pool, cfg, mut server, _) = serve_with_full_metadata(dir.path(), "queue", "512M");
     let p = pool.to_str().unwrap();
-    // 256 metadata blocks (1 MiB) for a 512 MiB pool: the writers need more mapping leaves than
-    // the full metadata has left, and the data device has room for all they write.
-    cli_ok(&[
-        "pool",
-        "create",
-        p,
-        "--data-size",
-        "512M",
-        "--metadata-size",
-        "1M",
-    ]);
-    cli_ok(&["volume", "create", "--pool", p, "a", "--size", "512M"]);
-    let cfg = config(dir.path(), "queue");
-    let log = dir.path().join("log");
-    let mut server = Server::start(&pool, Some(&cfg), &log);
     let port = server.port;
-    qemu_io_ok(port, "a", &["write -P 0x11 0 1M"]);
-    let mut created = 0;
-    loop {
-        let name = format!("v{created}");
-        let out = cli(&["volume", "create", "--pool", p, &name, "--size", "1M"]);
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                err.contains("no space") && err.contains("metadata"),
-                "{err}"
-            );
-            break;
-        }
-        created += 1;
-        assert!(created < 1000, "the metadata never filled");
-    }
     let refusals = |text: &str| text.matches("refused a request").count();
     let before = refusals(&server.log_text());
 
