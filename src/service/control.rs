@@ -194,12 +194,7 @@ fn execute_unlogged(volumes: &Volumes, req: Request) -> Result<serde_json::Value
 }
 
 /// Serves the control socket until the task is dropped.
-pub async fn serve(path: &Path, volumes: Arc<Volumes>) -> Result<()> {
-    crate::util::remove_stale_socket(path)?;
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
+pub async fn serve(listener: tokio::net::UnixListener, volumes: Arc<Volumes>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -245,11 +240,15 @@ pub async fn serve(path: &Path, volumes: Arc<Volumes>) -> Result<()> {
     }
 }
 
-/// `serve`, logging a failure instead of returning it (it runs as a detached task).
-pub async fn serve_logged(path: std::path::PathBuf, volumes: Arc<Volumes>) {
-    if let Err(e) = serve(&path, volumes).await {
-        tracing::error!("control socket: {e}");
-    }
+/// Binds the control socket (replacing only a stale one), mode 0600. Done before the server
+/// says it is serving, so a volume command run as soon as it does finds the socket.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
+    crate::util::remove_stale_socket(path)?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
+    Ok(listener)
 }
 
 /// Sends one request to a running server. `Ok(None)` when no server listens there.

@@ -137,7 +137,15 @@ pub async fn run(config: Config) -> Result<()> {
         );
     }
     let control_path = volumes.paths().control_socket.clone();
-    let control = tokio::spawn(control::serve_logged(control_path.clone(), volumes.clone()));
+    // Without a control socket the volumes are still served; volume commands then say the
+    // pool is busy.
+    let control = match control::bind(&control_path) {
+        Ok(listener) => Some(tokio::spawn(control::serve(listener, volumes.clone()))),
+        Err(e) => {
+            tracing::error!("control socket: {e}");
+            None
+        }
+    };
     let names = volumes.volume_names().join(", ");
     let wheres: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
     tracing::info!(pool = %volumes.paths().dir.display(), listen = %wheres.join(" "), volumes = %names, "serving");
@@ -153,8 +161,10 @@ pub async fn run(config: Config) -> Result<()> {
     let default_export = Some(config.pool.default_volume.clone()).filter(|s| !s.is_empty());
     let source = Arc::new(exports::VolumeExports::new(volumes.clone(), default_export));
     nbd::serve(listeners, source, server_config, shutdown_signal()).await;
-    control.abort();
-    let _ = std::fs::remove_file(&control_path);
+    if let Some(control) = control {
+        control.abort();
+        let _ = std::fs::remove_file(&control_path);
+    }
     if let Some(path) = &config.server.socket {
         let _ = std::fs::remove_file(path);
     }
