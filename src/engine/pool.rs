@@ -11,6 +11,7 @@
 //! blocks.
 
 use std::fs::{File, OpenOptions};
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -198,6 +199,87 @@ impl Core {
     }
 }
 
+/// The fail-stop record: the first metadata checksum or I/O failure, after which the pool is
+/// read-only for good. Only the metadata-lock guards' `run` records into it, so no metadata
+/// operation can fail without turning the pool read-only.
+#[derive(Default)]
+struct FailStop {
+    reason: Mutex<Option<String>>,
+    failed: AtomicBool,
+}
+
+impl FailStop {
+    fn record_failure(&self, e: Error) -> Error {
+        if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io) {
+            let mut reason = lock(&self.reason);
+            if reason.is_none() {
+                tracing::error!("pool metadata failed, switching to read-only: {e}");
+                *reason = Some(e.to_string());
+            }
+            self.failed.store(true, Ordering::Release);
+        }
+        e
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn reason(&self) -> Option<String> {
+        if !self.failed() {
+            return None;
+        }
+        lock(&self.reason).clone()
+    }
+}
+
+/// The metadata read lock. Fallible metadata operations go through [`run`](Self::run), which
+/// records a failure for fail-stop.
+pub(crate) struct MetadataRead<'a> {
+    guard: RwLockReadGuard<'a, Core>,
+    fail_stop: &'a FailStop,
+}
+
+impl MetadataRead<'_> {
+    /// Runs a metadata operation; a checksum or I/O failure turns the pool read-only.
+    pub(crate) fn run<T>(&self, op: impl FnOnce(&Core) -> Result<T>) -> Result<T> {
+        op(&self.guard).map_err(|e| self.fail_stop.record_failure(e))
+    }
+}
+
+impl Deref for MetadataRead<'_> {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.guard
+    }
+}
+
+/// The metadata write lock; see [`MetadataRead`].
+pub(crate) struct MetadataWrite<'a> {
+    guard: RwLockWriteGuard<'a, Core>,
+    fail_stop: &'a FailStop,
+}
+
+impl MetadataWrite<'_> {
+    /// Runs a metadata change; a checksum or I/O failure turns the pool read-only.
+    pub(crate) fn run<T>(&mut self, op: impl FnOnce(&mut Core) -> Result<T>) -> Result<T> {
+        op(&mut self.guard).map_err(|e| self.fail_stop.record_failure(e))
+    }
+}
+
+impl Deref for MetadataWrite<'_> {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.guard
+    }
+}
+
+impl DerefMut for MetadataWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.guard
+    }
+}
+
 #[derive(Default)]
 struct CommitState {
     started: u64,
@@ -259,9 +341,7 @@ pub(crate) struct Shared {
     pub(crate) committing: AtomicBool,
     /// Data reads in flight, so a commit can wait for those that may read a block it freed.
     pub(crate) read_epochs: ReadEpochs,
-    /// Fail-stop reason seen outside a metadata mutation (a checksum failure on lookup).
-    failed: Mutex<Option<String>>,
-    failed_flag: AtomicBool,
+    fail_stop: FailStop,
     events: Mutex<Vec<EngineEvent>>,
     next_instance: AtomicU64,
 }
@@ -273,12 +353,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn read_core(&self) -> RwLockReadGuard<'_, Core> {
-        self.core.read().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn read_core(&self) -> MetadataRead<'_> {
+        MetadataRead {
+            guard: self.core.read().unwrap_or_else(|p| p.into_inner()),
+            fail_stop: &self.fail_stop,
+        }
     }
 
-    pub(crate) fn write_core(&self) -> RwLockWriteGuard<'_, Core> {
-        self.core.write().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn write_core(&self) -> MetadataWrite<'_> {
+        MetadataWrite {
+            guard: self.core.write().unwrap_or_else(|p| p.into_inner()),
+            fail_stop: &self.fail_stop,
+        }
     }
 
     pub(crate) fn event(&self, e: EngineEvent) {
@@ -290,27 +376,11 @@ impl Shared {
         }
     }
 
-    /// Notes a metadata error; a checksum or I/O failure makes the pool read-only for good.
-    pub(crate) fn note(&self, e: Error) -> Error {
-        if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io) {
-            let mut f = lock(&self.failed);
-            if f.is_none() {
-                tracing::error!("pool metadata failed, switching to read-only: {e}");
-                *f = Some(e.to_string());
-            }
-            self.failed_flag.store(true, Ordering::Release);
-        }
-        e
-    }
-
     pub(crate) fn read_only_reason(&self, core: &Core) -> Option<String> {
         if let Some(why) = core.md.failure() {
             return Some(why.to_string());
         }
-        if !self.failed_flag.load(Ordering::Acquire) {
-            return None;
-        }
-        lock(&self.failed).clone()
+        self.fail_stop.reason()
     }
 
     pub(crate) fn check_writable(&self, core: &Core) -> Result<()> {
@@ -329,7 +399,7 @@ impl Shared {
             return Ok(Some(m));
         }
         let core = self.read_core();
-        let m = core.md.lookup(thin, vblock).map_err(|e| self.note(e))?;
+        let m = core.run(|c| c.md.lookup(thin, vblock))?;
         if let Some(m) = m {
             self.cache.fill(thin, vblock, m);
         }
@@ -342,9 +412,9 @@ impl Shared {
     }
 
     /// Cheap fail-stop test for the overwrite fast path: every metadata failure passes through
-    /// [`note`](Self::note) (failed commits included), which sets the flag.
+    /// a metadata guard's `run` (failed commits included), which sets the flag.
     pub(crate) fn failed(&self) -> bool {
-        self.failed_flag.load(Ordering::Acquire)
+        self.fail_stop.failed()
     }
 
     pub(crate) fn kick(&self) {
@@ -429,7 +499,7 @@ impl Shared {
         for attempt in 0..2 {
             let mut core = self.write_core();
             self.check_writable(&core)?;
-            match core.md.alloc_data_block() {
+            match core.run(|c| c.md.alloc_data_block()) {
                 Ok(b) => {
                     let zeroed = core.take_zeroed(b);
                     let free = core.md.free_data_blocks();
@@ -458,7 +528,7 @@ impl Shared {
                     }
                     return fail(ErrorKind::NoSpace, "the thin pool is out of data space");
                 }
-                Err(e) => return Err(self.note(e)),
+                Err(e) => return Err(e),
             }
         }
         fail(ErrorKind::NoSpace, "the thin pool is out of data space")
@@ -549,23 +619,19 @@ impl Shared {
 
     /// Gives back a block allocated for a write that failed.
     pub(crate) fn release_block(&self, b: u64) {
-        let mut core = self.write_core();
-        if let Err(e) = core.md.release_data_block(b) {
-            drop(core);
-            self.note(e);
-        }
+        // A failure is recorded (fail-stop) by `run`; the write already failed for its own reason.
+        let _ = self.write_core().run(|c| c.md.release_data_block(b));
     }
 
     /// Maps `vblock` of `thin` to `b`; on failure the block is released.
     pub(crate) fn insert_mapping(&self, thin: ThinId, vblock: u64, b: u64) -> Result<()> {
         let mut core = self.write_core();
         self.cache.invalidate(thin, vblock);
-        if let Err(e) = core.md.insert(thin, vblock, b) {
-            let _ = core.md.release_data_block(b);
-            drop(core);
-            return Err(self.note(e));
-        }
-        Ok(())
+        core.run(|c| {
+            c.md.insert(thin, vblock, b).inspect_err(|_| {
+                let _ = c.md.release_data_block(b);
+            })
+        })
     }
 
     /// Allocates `n` blocks for the unmapped run `[vblock, vblock + n)` of `thin` under one
@@ -607,19 +673,19 @@ impl Shared {
     /// Maps `vblock + i` of `thin` to `blocks[i]` under one lock; on failure every block not
     /// yet mapped is released and the pool turns read-only (as with one insert).
     pub(crate) fn insert_mappings(&self, thin: ThinId, vblock: u64, blocks: &[u64]) -> Result<()> {
-        let mut core = self.write_core();
-        for (i, &b) in blocks.iter().enumerate() {
-            let vb = vblock + i as u64;
-            self.cache.invalidate(thin, vb);
-            if let Err(e) = core.md.insert(thin, vb, b) {
-                for &rest in &blocks[i..] {
-                    let _ = core.md.release_data_block(rest);
+        self.write_core().run(|c| {
+            for (i, &b) in blocks.iter().enumerate() {
+                let vb = vblock + i as u64;
+                self.cache.invalidate(thin, vb);
+                if let Err(e) = c.md.insert(thin, vb, b) {
+                    for &rest in &blocks[i..] {
+                        let _ = c.md.release_data_block(rest);
+                    }
+                    return Err(e);
                 }
-                drop(core);
-                return Err(self.note(e));
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Unmaps `[begin, end)` of `thin`; blocks nobody references any more are punched out of
@@ -631,11 +697,10 @@ impl Shared {
     fn unmap_range_once(&self, thin: ThinId, begin: u64, end: u64) -> Result<()> {
         let mut core = self.write_core();
         self.check_writable(&core)?;
-        let gone = core.md.remove_range(thin, begin, end).map_err(|e| {
+        let gone = core
+            .run(|c| c.md.remove_range(thin, begin, end))
             // Some mappings may be gone already; forget them all.
-            self.cache.clear();
-            self.note(e)
-        })?;
+            .inspect_err(|_| self.cache.clear())?;
         let mut freed = 0u64;
         for u in &gone {
             self.cache.invalidate(thin, u.vblock);
@@ -714,7 +779,7 @@ impl Shared {
         let freed = core.md.data_blocks_freed_since_commit();
         core.md.hold_freed_data_blocks(&freed);
         core.md.hold_freed_data_blocks(&to_punch);
-        core.md.commit().map_err(|e| self.note(e))?;
+        core.run(|c| c.md.commit())?;
         let metadata_free = core.md.free_metadata_blocks();
         let metadata_total = core.md.status().metadata_total;
         let metadata_reserve = core.md.metadata_reserve();
@@ -1077,8 +1142,7 @@ impl Pool {
             out_of_space: AtomicBool::new(false),
             committing: AtomicBool::new(false),
             read_epochs: ReadEpochs::default(),
-            failed: Mutex::new(None),
-            failed_flag: AtomicBool::new(false),
+            fail_stop: FailStop::default(),
             events: Mutex::new(Vec::new()),
             next_instance: AtomicU64::new(1),
         });
@@ -1109,7 +1173,7 @@ impl Pool {
     fn admin_op<T>(&self, f: impl FnOnce(&mut Core) -> Result<T>) -> Result<T> {
         let mut core = self.sh.write_core();
         self.sh.check_writable(&core)?;
-        f(&mut core).map_err(|e| self.sh.note(e))
+        core.run(f)
     }
 
     pub fn create_thin(&self, id: ThinId) -> Result<()> {
@@ -1283,7 +1347,7 @@ impl Pool {
     /// Mapped blocks of each thin that no other thin maps (see `ThinMetadata::exclusive_blocks`).
     /// Walks every mapping under the metadata read lock: for listings, not for hot paths.
     pub fn exclusive_blocks(&self) -> Result<std::collections::BTreeMap<ThinId, u64>> {
-        self.sh.read_core().md.exclusive_blocks()
+        self.sh.read_core().run(|c| c.md.exclusive_blocks())
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -1418,4 +1482,119 @@ fn zeroed_free_blocks(
         }
     }
     zeroed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pdata::block_io::{Block, MemBlockIo};
+    use std::sync::Arc;
+
+    const BS: u64 = 64 << 10;
+
+    /// A metadata device whose reads fail with EIO once armed (a failing disk under a pool
+    /// whose metadata cache is cold).
+    struct FailingReads {
+        inner: MemBlockIo,
+        armed: AtomicBool,
+    }
+
+    impl BlockIo for FailingReads {
+        fn nr_blocks(&self) -> u64 {
+            self.inner.nr_blocks()
+        }
+        fn read_block(&self, location: u64) -> Result<Box<Block>> {
+            if self.armed.load(Ordering::Relaxed) {
+                return Err(Error::io(
+                    format!("injected read failure at metadata block {location}"),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+            self.inner.read_block(location)
+        }
+        fn write_block(&self, location: u64, data: &Block) -> Result<()> {
+            self.inner.write_block(location, data)
+        }
+        fn sync(&self) -> Result<()> {
+            self.inner.sync()
+        }
+    }
+
+    fn data_device(dir: &Path, create: bool) -> DataDevice {
+        let file = open_rw(&dir.join("data"), create).unwrap();
+        if create {
+            file.set_len(64 * BS).unwrap();
+        }
+        DataDevice::new(file, create)
+    }
+
+    /// A pool with thin 1 (one mapped block) reopened on a metadata device that fails every
+    /// read from now on; thin 1 is activated first when `active`.
+    fn pool_with_failing_reads(dir: &Path, active: bool) -> (Arc<Pool>, Option<ThinHandle>) {
+        let mem = MemBlockIo::new(1024);
+        let pool = Pool::create_from_parts(
+            Arc::new(mem.clone()) as Arc<dyn BlockIo>,
+            data_device(dir, true),
+            BS,
+            64,
+            PoolConfig::default(),
+        )
+        .unwrap();
+        pool.create_thin(1).unwrap();
+        let h = pool.activate(1, 16 * BS, false).unwrap();
+        h.write(0, &[7u8; 4096], true).unwrap();
+        drop(h);
+        pool.shutdown().unwrap();
+        drop(pool);
+        let device = Arc::new(FailingReads {
+            inner: mem.crash(),
+            armed: AtomicBool::new(false),
+        });
+        let pool = Pool::from_parts(
+            device.clone() as Arc<dyn BlockIo>,
+            data_device(dir, false),
+            PoolConfig::default(),
+        )
+        .unwrap();
+        let h = active.then(|| pool.activate(1, 16 * BS, false).unwrap());
+        device.armed.store(true, Ordering::Relaxed);
+        (pool, h)
+    }
+
+    fn assert_read_only(pool: &Pool) {
+        let st = pool.status();
+        assert_eq!(st.mode, PoolMode::ReadOnly);
+        let why = st.read_only_reason.expect("a read-only reason");
+        assert!(why.contains("injected read failure"), "{why}");
+    }
+
+    #[test]
+    fn a_metadata_failure_on_the_provisioning_path_turns_the_pool_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, h) = pool_with_failing_reads(dir.path(), true);
+        let e = h
+            .expect("active")
+            .write(5 * BS, &[1u8; 4096], false)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert_read_only(&pool);
+    }
+
+    #[test]
+    fn a_metadata_failure_on_an_admin_path_turns_the_pool_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = pool_with_failing_reads(dir.path(), false);
+        let e = pool.delete_thin(1).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert_read_only(&pool);
+    }
+
+    #[test]
+    fn a_metadata_failure_while_listing_turns_the_pool_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = pool_with_failing_reads(dir.path(), false);
+        let e = pool.exclusive_blocks().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert_read_only(&pool);
+    }
 }

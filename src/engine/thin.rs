@@ -223,7 +223,7 @@ impl Shared {
         let mapping = {
             let core = self.read_core();
             self.check_writable(&core)?;
-            core.md.lookup(id, bio.vblock).map_err(|e| self.note(e))?
+            core.run(|c| c.md.lookup(id, bio.vblock))?
         };
         let end = bio.offset + bio.data.len();
         match mapping {
@@ -480,7 +480,9 @@ impl ThinHandle {
     }
 
     pub fn mapped_blocks(&self) -> Result<u64> {
-        self.sh.read_core().md.mapped_blocks(self.thin.id)
+        self.sh
+            .read_core()
+            .run(|c| c.md.mapped_blocks(self.thin.id))
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
@@ -785,9 +787,7 @@ impl ThinHandle {
             let mapped = self
                 .sh
                 .read_core()
-                .md
-                .lookup(self.thin.id, vb)
-                .map_err(|e| self.sh.note(e))?
+                .run(|c| c.md.lookup(self.thin.id, vb))?
                 .is_some();
             if mapped {
                 let n_us = usize::try_from(n).unwrap_or(0);
@@ -811,9 +811,7 @@ impl ThinHandle {
         let mapped = self
             .sh
             .read_core()
-            .md
-            .mappings_in(self.thin.id, off / bs, end.div_ceil(bs))
-            .map_err(|e| self.sh.note(e))?;
+            .run(|c| c.md.mappings_in(self.thin.id, off / bs, end.div_ceil(bs)))?;
         let mut push = |n: u64, m: bool| match out.last_mut() {
             Some(last) if last.1 == m => last.0 += n,
             _ => out.push((n, m)),
