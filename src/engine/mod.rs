@@ -13,8 +13,8 @@ mod epochs;
 mod mapcache;
 pub mod pool;
 pub mod prison;
-mod thin;
+mod thin_device;
 
 pub use data::{DataDevice, DataFaults, DataTap};
 pub use pool::{EngineEvent, NoSpacePolicy, Pool, PoolConfig, PoolMode, PoolStatus, ThinStatus};
-pub use thin::{ThinHandle, NOWAIT_WRITE_MAX};
+pub use thin_device::{ThinHandle, NOWAIT_WRITE_MAX};

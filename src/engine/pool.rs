@@ -31,7 +31,7 @@ use super::data::DataDevice;
 use super::epochs::ReadEpochs;
 use super::mapcache::MapCache;
 use super::prison::{Detain, Prison};
-use super::thin::{Bio, Thin, ThinHandle};
+use super::thin_device::{Bio, Thin, ThinHandle};
 
 /// What a write that needs a new data block does when the pool is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,8 +167,8 @@ pub enum EngineEvent {
     TeardownEnd { thin: ThinId, instance: u64 },
 }
 
-/// State behind the metadata lock.
-pub(crate) struct Core {
+/// The pool's metadata and the per-block state kept with it, behind the metadata lock.
+pub(crate) struct MetadataState {
     pub(crate) md: ThinMetadata,
     /// One bit per data block: known to read zeros (fresh sparse file, or punched).
     zeroed: Vec<u64>,
@@ -177,7 +177,7 @@ pub(crate) struct Core {
     to_punch: Vec<u64>,
 }
 
-impl Core {
+impl MetadataState {
     fn take_zeroed(&mut self, b: u64) -> bool {
         let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
         match self.zeroed.get_mut(w) {
@@ -236,46 +236,46 @@ impl FailStop {
 /// The metadata read lock. Fallible metadata operations go through [`run`](Self::run), which
 /// records a failure for fail-stop.
 pub(crate) struct MetadataRead<'a> {
-    guard: RwLockReadGuard<'a, Core>,
+    guard: RwLockReadGuard<'a, MetadataState>,
     fail_stop: &'a FailStop,
 }
 
 impl MetadataRead<'_> {
     /// Runs a metadata operation; a checksum or I/O failure turns the pool read-only.
-    pub(crate) fn run<T>(&self, op: impl FnOnce(&Core) -> Result<T>) -> Result<T> {
+    pub(crate) fn run<T>(&self, op: impl FnOnce(&MetadataState) -> Result<T>) -> Result<T> {
         op(&self.guard).map_err(|e| self.fail_stop.record_failure(e))
     }
 }
 
 impl Deref for MetadataRead<'_> {
-    type Target = Core;
-    fn deref(&self) -> &Core {
+    type Target = MetadataState;
+    fn deref(&self) -> &MetadataState {
         &self.guard
     }
 }
 
 /// The metadata write lock; see [`MetadataRead`].
 pub(crate) struct MetadataWrite<'a> {
-    guard: RwLockWriteGuard<'a, Core>,
+    guard: RwLockWriteGuard<'a, MetadataState>,
     fail_stop: &'a FailStop,
 }
 
 impl MetadataWrite<'_> {
     /// Runs a metadata change; a checksum or I/O failure turns the pool read-only.
-    pub(crate) fn run<T>(&mut self, op: impl FnOnce(&mut Core) -> Result<T>) -> Result<T> {
+    pub(crate) fn run<T>(&mut self, op: impl FnOnce(&mut MetadataState) -> Result<T>) -> Result<T> {
         op(&mut self.guard).map_err(|e| self.fail_stop.record_failure(e))
     }
 }
 
 impl Deref for MetadataWrite<'_> {
-    type Target = Core;
-    fn deref(&self) -> &Core {
+    type Target = MetadataState;
+    fn deref(&self) -> &MetadataState {
         &self.guard
     }
 }
 
 impl DerefMut for MetadataWrite<'_> {
-    fn deref_mut(&mut self) -> &mut Core {
+    fn deref_mut(&mut self) -> &mut MetadataState {
         &mut self.guard
     }
 }
@@ -288,7 +288,7 @@ struct CommitState {
     last_error: Option<Error>,
 }
 
-/// See [`Shared::try_claim`].
+/// See [`PoolState::try_claim`].
 pub(crate) enum Claim {
     /// Mapped and not shared: write in place.
     Mapped(Mapping),
@@ -312,8 +312,8 @@ pub(crate) struct Stats {
 }
 
 /// Everything the worker and the handles share; `Pool` owns the worker thread on top.
-pub(crate) struct Shared {
-    core: RwLock<Core>,
+pub(crate) struct PoolState {
+    metadata: RwLock<MetadataState>,
     pub(crate) data: DataDevice,
     pub(crate) block_bytes: u64,
     pub(crate) config: PoolConfig,
@@ -321,8 +321,8 @@ pub(crate) struct Shared {
     pub(crate) prison: Prison<Bio>,
     cache: MapCache,
     admin: Mutex<()>,
-    kick: Mutex<bool>,
-    kick_cv: Condvar,
+    work_pending: Mutex<bool>,
+    work_pending_cv: Condvar,
     stopping: AtomicBool,
     commit: Mutex<CommitState>,
     commit_cv: Condvar,
@@ -352,17 +352,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Shared {
-    pub(crate) fn read_core(&self) -> MetadataRead<'_> {
+impl PoolState {
+    pub(crate) fn read_metadata(&self) -> MetadataRead<'_> {
         MetadataRead {
-            guard: self.core.read().unwrap_or_else(|p| p.into_inner()),
+            guard: self.metadata.read().unwrap_or_else(|p| p.into_inner()),
             fail_stop: &self.fail_stop,
         }
     }
 
-    pub(crate) fn write_core(&self) -> MetadataWrite<'_> {
+    pub(crate) fn write_metadata(&self) -> MetadataWrite<'_> {
         MetadataWrite {
-            guard: self.core.write().unwrap_or_else(|p| p.into_inner()),
+            guard: self.metadata.write().unwrap_or_else(|p| p.into_inner()),
             fail_stop: &self.fail_stop,
         }
     }
@@ -376,14 +376,14 @@ impl Shared {
         }
     }
 
-    pub(crate) fn read_only_reason(&self, core: &Core) -> Option<String> {
+    pub(crate) fn read_only_reason(&self, core: &MetadataState) -> Option<String> {
         if let Some(why) = core.md.failure() {
             return Some(why.to_string());
         }
         self.fail_stop.reason()
     }
 
-    pub(crate) fn check_writable(&self, core: &Core) -> Result<()> {
+    pub(crate) fn check_writable(&self, core: &MetadataState) -> Result<()> {
         match self.read_only_reason(core) {
             Some(why) => fail(
                 ErrorKind::ReadOnly,
@@ -398,7 +398,7 @@ impl Shared {
         if let Some(m) = self.cache.get(thin, vblock) {
             return Ok(Some(m));
         }
-        let core = self.read_core();
+        let core = self.read_metadata();
         let m = core.run(|c| c.md.lookup(thin, vblock))?;
         if let Some(m) = m {
             self.cache.fill(thin, vblock, m);
@@ -417,9 +417,10 @@ impl Shared {
         self.fail_stop.failed()
     }
 
-    pub(crate) fn kick(&self) {
-        *lock(&self.kick) = true;
-        self.kick_cv.notify_one();
+    /// Tells the worker thread there is work: deferred bios to drain or a teardown to finish.
+    pub(crate) fn wake_worker(&self) {
+        *lock(&self.work_pending) = true;
+        self.work_pending_cv.notify_one();
     }
 
     /// Space was freed or added: wakes writes queued on a full pool.
@@ -455,7 +456,7 @@ impl Shared {
 
     /// True when a retry of an allocation could succeed now.
     pub(crate) fn space_available(&self) -> bool {
-        let core = self.read_core();
+        let core = self.read_metadata();
         let data = core.md.free_data_blocks() > 0 || core.md.data_blocks_awaiting_commit() > 0;
         data && (core.md.has_metadata_room_for_mapping()
             || core.md.metadata_blocks_awaiting_commit() > 0)
@@ -474,7 +475,7 @@ impl Shared {
         match op() {
             Err(e) if e.kind() == ErrorKind::NoSpace => {
                 let freeable = {
-                    let core = self.read_core();
+                    let core = self.read_metadata();
                     core.md.metadata_blocks_awaiting_commit() > 0
                         || core.md.data_blocks_awaiting_commit() > 0
                 };
@@ -497,7 +498,7 @@ impl Shared {
     /// allocation commits once when freed blocks await a commit, then retries.
     pub(crate) fn alloc_block(&self) -> Result<(u64, bool)> {
         for attempt in 0..2 {
-            let mut core = self.write_core();
+            let mut core = self.write_metadata();
             self.check_writable(&core)?;
             match core.run(|c| c.md.alloc_data_block()) {
                 Ok(b) => {
@@ -539,7 +540,7 @@ impl Shared {
     /// otherwise, and also for a read-only or full pool, or an error: the blocking path's
     /// cases).
     pub(crate) fn try_claim(&self, thin: ThinId, vblock: u64) -> Option<Claim> {
-        let mut core = match self.core.try_write() {
+        let mut core = match self.metadata.try_write() {
             Ok(c) => c,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
@@ -620,12 +621,12 @@ impl Shared {
     /// Gives back a block allocated for a write that failed.
     pub(crate) fn release_block(&self, b: u64) {
         // A failure is recorded (fail-stop) by `run`; the write already failed for its own reason.
-        let _ = self.write_core().run(|c| c.md.release_data_block(b));
+        let _ = self.write_metadata().run(|c| c.md.release_data_block(b));
     }
 
     /// Maps `vblock` of `thin` to `b`; on failure the block is released.
     pub(crate) fn insert_mapping(&self, thin: ThinId, vblock: u64, b: u64) -> Result<()> {
-        let mut core = self.write_core();
+        let mut core = self.write_metadata();
         self.cache.invalidate(thin, vblock);
         core.run(|c| {
             c.md.insert(thin, vblock, b).inspect_err(|_| {
@@ -638,7 +639,7 @@ impl Shared {
     /// metadata lock; `None` (nothing allocated) if any of them is mapped, the pool cannot
     /// hold them all, or anything fails: the block-by-block path then deals with it.
     pub(crate) fn alloc_run(&self, thin: ThinId, vblock: u64, n: u64) -> Option<Vec<u64>> {
-        let mut core = self.write_core();
+        let mut core = self.write_metadata();
         if self.read_only_reason(&core).is_some() || core.md.free_data_blocks() < n {
             return None;
         }
@@ -673,7 +674,7 @@ impl Shared {
     /// Maps `vblock + i` of `thin` to `blocks[i]` under one lock; on failure every block not
     /// yet mapped is released and the pool turns read-only (as with one insert).
     pub(crate) fn insert_mappings(&self, thin: ThinId, vblock: u64, blocks: &[u64]) -> Result<()> {
-        self.write_core().run(|c| {
+        self.write_metadata().run(|c| {
             for (i, &b) in blocks.iter().enumerate() {
                 let vb = vblock + i as u64;
                 self.cache.invalidate(thin, vb);
@@ -695,7 +696,7 @@ impl Shared {
     }
 
     fn unmap_range_once(&self, thin: ThinId, begin: u64, end: u64) -> Result<()> {
-        let mut core = self.write_core();
+        let mut core = self.write_metadata();
         self.check_writable(&core)?;
         let gone = core
             .run(|c| c.md.remove_range(thin, begin, end))
@@ -765,7 +766,7 @@ impl Shared {
             std::thread::sleep(self.config.commit_delay);
         }
         self.data.sync()?;
-        let mut core = self.write_core();
+        let mut core = self.write_metadata();
         if let Some(why) = self.read_only_reason(&core) {
             return fail(
                 ErrorKind::ReadOnly,
@@ -793,7 +794,7 @@ impl Shared {
         if !freed.is_empty() || !to_punch.is_empty() {
             self.read_epochs.wait_for_earlier_readers();
             let punched = self.punch_discarded(&mut to_punch);
-            let mut core = self.write_core();
+            let mut core = self.write_metadata();
             for b in punched {
                 core.set_zeroed(b);
             }
@@ -854,7 +855,7 @@ impl Shared {
             for bio in inmates {
                 thin.defer(bio);
             }
-            self.kick();
+            self.wake_worker();
         }
     }
 
@@ -885,10 +886,10 @@ impl Shared {
     fn worker_loop(&self) {
         loop {
             {
-                let mut k = lock(&self.kick);
+                let mut k = lock(&self.work_pending);
                 while !*k && !self.stopping.load(Ordering::Acquire) {
                     k = self
-                        .kick_cv
+                        .work_pending_cv
                         .wait_timeout(k, Duration::from_millis(200))
                         .map(|(g, _)| g)
                         .unwrap_or_else(|p| p.into_inner().0);
@@ -947,7 +948,7 @@ impl Shared {
 
 /// A thin pool. Always used as `Arc<Pool>`; dropping the last one shuts it down.
 pub struct Pool {
-    sh: std::sync::Arc<Shared>,
+    state: std::sync::Arc<PoolState>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -1114,8 +1115,8 @@ impl Pool {
             zeroed_free_blocks(&md, &data, block_bytes, nr_blocks, words)
         };
         let low_water_blocks = config.low_water_for(nr_blocks);
-        let sh = std::sync::Arc::new(Shared {
-            core: RwLock::new(Core {
+        let state = std::sync::Arc::new(PoolState {
+            metadata: RwLock::new(MetadataState {
                 md,
                 zeroed,
                 to_punch: Vec::new(),
@@ -1127,8 +1128,8 @@ impl Pool {
             config,
             active: ActiveSet::new(),
             admin: Mutex::new(()),
-            kick: Mutex::new(false),
-            kick_cv: Condvar::new(),
+            work_pending: Mutex::new(false),
+            work_pending_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             commit: Mutex::new(CommitState::default()),
             commit_cv: Condvar::new(),
@@ -1146,56 +1147,56 @@ impl Pool {
             events: Mutex::new(Vec::new()),
             next_instance: AtomicU64::new(1),
         });
-        let worker_sh = sh.clone();
+        let worker_state = state.clone();
         let worker = std::thread::Builder::new()
             .name("thinnbd-pool-worker".into())
-            .spawn(move || worker_sh.worker_loop())
+            .spawn(move || worker_state.worker_loop())
             .map_err(|e| Error::io("starting the pool worker", e))?;
         Ok(std::sync::Arc::new(Pool {
-            sh,
+            state,
             worker: Mutex::new(Some(worker)),
         }))
     }
 
     pub fn block_size(&self) -> u64 {
-        self.sh.block_bytes
+        self.state.block_bytes
     }
 
     pub fn config(&self) -> &PoolConfig {
-        &self.sh.config
+        &self.state.config
     }
 
     /// The data device, for fault injection in tests.
     pub fn data_device(&self) -> &DataDevice {
-        &self.sh.data
+        &self.state.data
     }
 
-    fn admin_op<T>(&self, f: impl FnOnce(&mut Core) -> Result<T>) -> Result<T> {
-        let mut core = self.sh.write_core();
-        self.sh.check_writable(&core)?;
+    fn admin_op<T>(&self, f: impl FnOnce(&mut MetadataState) -> Result<T>) -> Result<T> {
+        let mut core = self.state.write_metadata();
+        self.state.check_writable(&core)?;
         core.run(f)
     }
 
     pub fn create_thin(&self, id: ThinId) -> Result<()> {
-        let _a = lock(&self.sh.admin);
-        self.sh
+        let _a = lock(&self.state.admin);
+        self.state
             .retry_after_commit(|| self.admin_op(|c| c.md.create_thin(id)))?;
-        self.sh.flush()
+        self.state.flush()
     }
 
     /// Snapshots `origin`. An active origin is quiesced first (in-flight writes finish, new ones
     /// wait) so the snapshot holds exactly what was acknowledged before it.
     pub fn create_snapshot(&self, id: ThinId, origin: ThinId) -> Result<()> {
-        let _a = lock(&self.sh.admin);
+        let _a = lock(&self.state.admin);
         let active = self
-            .sh
+            .state
             .active
             .members()
             .into_iter()
             .find(|t| t.id() == origin);
         let _quiet = active.as_ref().map(|t| t.quiesce());
-        let cache = &self.sh.cache;
-        self.sh.retry_after_commit(|| {
+        let cache = &self.state.cache;
+        self.state.retry_after_commit(|| {
             self.admin_op(|c| {
                 // Every mapping of the origin is shared from now on.
                 cache.clear();
@@ -1203,17 +1204,17 @@ impl Pool {
             })
         })?;
         drop(_quiet);
-        self.sh.flush()
+        self.state.flush()
     }
 
     /// Deletes a thin; `Busy` while it is active.
     pub fn delete_thin(&self, id: ThinId) -> Result<()> {
-        let _a = lock(&self.sh.admin);
-        if self.sh.active.members().iter().any(|t| t.id() == id) {
+        let _a = lock(&self.state.admin);
+        if self.state.active.members().iter().any(|t| t.id() == id) {
             return fail(ErrorKind::Busy, format!("thin {id} is active"));
         }
-        let cache = &self.sh.cache;
-        self.sh.retry_after_commit(|| {
+        let cache = &self.state.cache;
+        self.state.retry_after_commit(|| {
             self.admin_op(|c| {
                 cache.clear();
                 c.md.delete_thin(id)?;
@@ -1224,40 +1225,40 @@ impl Pool {
                 Ok(())
             })
         })?;
-        self.sh.space_changed();
-        self.sh.flush()
+        self.state.space_changed();
+        self.state.flush()
     }
 
     pub fn thin_ids(&self) -> Vec<ThinId> {
-        self.sh.read_core().md.thin_ids()
+        self.state.read_metadata().md.thin_ids()
     }
 
     /// Activates a thin as a volume of `size_bytes`.
     pub fn activate(&self, id: ThinId, size_bytes: u64, read_only: bool) -> Result<ThinHandle> {
-        let _a = lock(&self.sh.admin);
-        if self.sh.stopping.load(Ordering::Acquire) {
+        let _a = lock(&self.state.admin);
+        if self.state.stopping.load(Ordering::Acquire) {
             return fail(ErrorKind::Busy, "the pool is shutting down");
         }
-        if !self.sh.read_core().md.exists(id) {
+        if !self.state.read_metadata().md.exists(id) {
             return fail(ErrorKind::NotFound, format!("thin {id} does not exist"));
         }
-        let instance = self.sh.next_instance.fetch_add(1, Ordering::Relaxed);
+        let instance = self.state.next_instance.fetch_add(1, Ordering::Relaxed);
         let thin = crate::sync::Arc::new(Thin::new(id, instance, size_bytes, read_only));
-        if self.sh.active.insert(thin.clone()).is_err() {
+        if self.state.active.insert(thin.clone()).is_err() {
             return fail(ErrorKind::Busy, format!("thin {id} is already active"));
         }
-        Ok(ThinHandle::new(self.sh.clone(), thin))
+        Ok(ThinHandle::new(self.state.clone(), thin))
     }
 
     /// Deactivates a thin: it leaves the active set, then this blocks until the worker's last
     /// clone is dropped and no request is in flight, serves what was left and commits. After it
     /// returns nothing touches the thin; requests on remaining handle clones fail.
     pub fn teardown(&self, handle: ThinHandle) -> Result<()> {
-        self.sh.teardown_thin(handle.thin())
+        self.state.teardown_thin(handle.thin())
     }
 
     pub fn flush(&self) -> Result<()> {
-        self.sh.flush()
+        self.state.flush()
     }
 
     /// Grows the pool online: the data device to `data_bytes` (`None`: to the device's size
@@ -1265,8 +1266,8 @@ impl Pool {
     /// `metadata_bytes` (`None`: unchanged). Shrinking either is refused. Writes queued on a
     /// full pool retry once it returns.
     pub fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<()> {
-        let block = self.sh.block_bytes;
-        let status = self.sh.read_core().md.status();
+        let block = self.state.block_bytes;
+        let status = self.state.read_metadata().md.status();
         let data_now = status.data_total * block;
         let meta_now = status.metadata_total * BLOCK_SIZE as u64;
         if let Some(want) = data_bytes {
@@ -1291,7 +1292,7 @@ impl Pool {
         }
         let data_want = match data_bytes {
             Some(b) => b,
-            None => self.sh.data.size()?,
+            None => self.state.data.size()?,
         };
         if data_want / block > status.data_total {
             self.resize_data(data_want)?;
@@ -1301,25 +1302,25 @@ impl Pool {
 
     /// Grows the metadata device (the file, when it is a regular file) and its space map.
     pub fn resize_metadata(&self, bytes: u64) -> Result<()> {
-        let _a = lock(&self.sh.admin);
+        let _a = lock(&self.state.admin);
         check_metadata_bytes(bytes)?;
         let nr = bytes / BLOCK_SIZE as u64;
         self.admin_op(|c| c.md.resize_metadata(nr))?;
-        self.sh.flush()?;
-        self.sh.space_changed();
+        self.state.flush()?;
+        self.state.space_changed();
         Ok(())
     }
 
     /// Grows the data device (and the file, when it is a regular file).
     pub fn resize_data(&self, bytes: u64) -> Result<()> {
-        let _a = lock(&self.sh.admin);
-        let nr = bytes / self.sh.block_bytes;
-        let old = self.sh.read_core().md.status().data_total;
+        let _a = lock(&self.state.admin);
+        let nr = bytes / self.state.block_bytes;
+        let old = self.state.read_metadata().md.status().data_total;
         if nr < old {
             return fail(ErrorKind::Unsupported, "shrinking the data device");
         }
-        let fresh_tail = self.sh.data.grow_to(nr * self.sh.block_bytes)?;
-        if self.sh.data.size()? < nr * self.sh.block_bytes {
+        let fresh_tail = self.state.data.grow_to(nr * self.state.block_bytes)?;
+        if self.state.data.size()? < nr * self.state.block_bytes {
             return fail(
                 ErrorKind::InvalidInput,
                 "the data device is smaller than the requested size",
@@ -1336,26 +1337,26 @@ impl Pool {
         })?;
         // Committed before the queued writers wake, so what they write lands in the new space
         // of a pool whose size is durable.
-        self.sh.flush()?;
-        self.sh
+        self.state.flush()?;
+        self.state
             .low_water_blocks
-            .store(self.sh.config.low_water_for(nr), Ordering::Relaxed);
-        self.sh.space_changed();
+            .store(self.state.config.low_water_for(nr), Ordering::Relaxed);
+        self.state.space_changed();
         Ok(())
     }
 
     /// Mapped blocks of each thin that no other thin maps (see `ThinMetadata::exclusive_blocks`).
     /// Walks every mapping under the metadata read lock: for listings, not for hot paths.
     pub fn exclusive_blocks(&self) -> Result<std::collections::BTreeMap<ThinId, u64>> {
-        self.sh.read_core().run(|c| c.md.exclusive_blocks())
+        self.state.read_metadata().run(|c| c.md.exclusive_blocks())
     }
 
     pub fn status(&self) -> PoolStatus {
-        let sh = &self.sh;
-        let active: Vec<ThinId> = sh.active.members().iter().map(|t| t.id()).collect();
-        let core = sh.read_core();
+        let state = &self.state;
+        let active: Vec<ThinId> = state.active.members().iter().map(|t| t.id()).collect();
+        let core = state.read_metadata();
         let ms = core.md.status();
-        let ro = sh.read_only_reason(&core);
+        let ro = state.read_only_reason(&core);
         let thins = core
             .md
             .thin_ids()
@@ -1371,16 +1372,16 @@ impl Pool {
         let metadata_reserve = core.md.metadata_reserve();
         drop(core);
         let metadata_low_water_blocks =
-            sh.metadata_low_water_blocks(ms.metadata_total, metadata_reserve);
+            state.metadata_low_water_blocks(ms.metadata_total, metadata_reserve);
         let mode = if ro.is_some() {
             PoolMode::ReadOnly
-        } else if sh.out_of_space.load(Ordering::Relaxed) {
+        } else if state.out_of_space.load(Ordering::Relaxed) {
             PoolMode::OutOfSpace
         } else {
             PoolMode::Write
         };
         PoolStatus {
-            data_block_bytes: sh.block_bytes,
+            data_block_bytes: state.block_bytes,
             data_used: ms.data_used,
             data_total: ms.data_total,
             data_free,
@@ -1393,20 +1394,20 @@ impl Pool {
                 && metadata_free <= metadata_low_water_blocks,
             mode,
             read_only_reason: ro,
-            low_water_blocks: sh.low_water_blocks.load(Ordering::Relaxed),
+            low_water_blocks: state.low_water_blocks.load(Ordering::Relaxed),
             low_water_crossed: {
-                let mark = sh.low_water_blocks.load(Ordering::Relaxed);
+                let mark = state.low_water_blocks.load(Ordering::Relaxed);
                 mark > 0 && data_free <= mark
             },
             thins,
-            commits_done: sh.stats.commits.load(Ordering::Relaxed),
-            flushes_requested: sh.stats.flushes.load(Ordering::Relaxed),
-            blocks_provisioned: sh.stats.provisioned.load(Ordering::Relaxed),
-            blocks_copied: sh.stats.copied.load(Ordering::Relaxed),
-            blocks_discarded: sh.stats.discarded.load(Ordering::Relaxed),
-            bios_deferred: sh.stats.deferred.load(Ordering::Relaxed),
-            cells_in_use: sh.prison.pool().in_use(),
-            teardowns_waited: sh.stats.teardowns_waited.load(Ordering::Relaxed),
+            commits_done: state.stats.commits.load(Ordering::Relaxed),
+            flushes_requested: state.stats.flushes.load(Ordering::Relaxed),
+            blocks_provisioned: state.stats.provisioned.load(Ordering::Relaxed),
+            blocks_copied: state.stats.copied.load(Ordering::Relaxed),
+            blocks_discarded: state.stats.discarded.load(Ordering::Relaxed),
+            bios_deferred: state.stats.deferred.load(Ordering::Relaxed),
+            cells_in_use: state.prison.pool().in_use(),
+            teardowns_waited: state.stats.teardowns_waited.load(Ordering::Relaxed),
         }
     }
 
@@ -1420,36 +1421,36 @@ impl Pool {
     /// the last commit refers to. What the checker reads is therefore exactly the last commit.
     /// Writes that need a metadata change wait for the check; reads go on.
     pub fn check_committed(&self) -> crate::thin::check::Report {
-        let core = self.sh.read_core();
+        let core = self.state.read_metadata();
         let io = core.md.io().clone();
         crate::thin::check::check(io)
     }
 
     /// Takes the recorded events (empty unless `record_events`).
     pub fn take_events(&self) -> Vec<EngineEvent> {
-        std::mem::take(&mut *lock(&self.sh.events))
+        std::mem::take(&mut *lock(&self.state.events))
     }
 
     /// Tears down every active thin, commits, and stops the worker. Idempotent.
     pub fn shutdown(&self) -> Result<()> {
         let first = {
-            let _a = lock(&self.sh.admin);
-            !self.sh.stopping.swap(true, Ordering::AcqRel)
+            let _a = lock(&self.state.admin);
+            !self.state.stopping.swap(true, Ordering::AcqRel)
         };
         let mut result = Ok(());
         if first {
-            for thin in self.sh.active.members() {
-                if let Err(e) = self.sh.teardown_thin(&thin) {
+            for thin in self.state.active.members() {
+                if let Err(e) = self.state.teardown_thin(&thin) {
                     result = Err(e);
                 }
             }
-            if let Err(e) = self.sh.flush() {
+            if let Err(e) = self.state.flush() {
                 if result.is_ok() {
                     result = Err(e);
                 }
             }
         }
-        self.sh.kick();
+        self.state.wake_worker();
         if let Some(w) = lock(&self.worker).take() {
             let _ = w.join();
         }

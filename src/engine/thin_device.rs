@@ -16,7 +16,7 @@ use crate::error::{fail, Error, ErrorKind, Result};
 use crate::thin::metadata::ThinId;
 
 use super::active::{Life, Member};
-use super::pool::{Claim, NoSpacePolicy, Shared};
+use super::pool::{Claim, NoSpacePolicy, PoolState};
 use super::prison::Detain;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -213,7 +213,7 @@ fn byte_offset(block: u64, bs: u64, within: usize) -> Result<u64> {
         .ok_or_else(|| Error::corrupt(format!("data block {block} is past any addressable offset")))
 }
 
-impl Shared {
+impl PoolState {
     /// The slow path of a write, with the virtual block's cell held.
     pub(crate) fn process_write(&self, thin: &Thin, bio: &Bio) -> Result<()> {
         let bs = self.block_bytes;
@@ -221,7 +221,7 @@ impl Shared {
             usize::try_from(bs).map_err(|_| Error::new(ErrorKind::Unsupported, "block size"))?;
         let id = thin.id();
         let mapping = {
-            let core = self.read_core();
+            let core = self.read_metadata();
             self.check_writable(&core)?;
             core.run(|c| c.md.lookup(id, bio.vblock))?
         };
@@ -433,7 +433,7 @@ pub const NOWAIT_WRITE_MAX: usize = 128 << 10;
 /// A handle on an active thin volume. Cheap to clone; all clones stop working after teardown.
 #[derive(Clone)]
 pub struct ThinHandle {
-    sh: std::sync::Arc<Shared>,
+    state: std::sync::Arc<PoolState>,
     thin: crate::sync::Arc<Thin>,
 }
 
@@ -450,8 +450,8 @@ impl std::fmt::Debug for ThinHandle {
 type Gate<'a> = Option<RwLockReadGuard<'a, ()>>;
 
 impl ThinHandle {
-    pub(crate) fn new(sh: std::sync::Arc<Shared>, thin: crate::sync::Arc<Thin>) -> Self {
-        ThinHandle { sh, thin }
+    pub(crate) fn new(state: std::sync::Arc<PoolState>, thin: crate::sync::Arc<Thin>) -> Self {
+        ThinHandle { state, thin }
     }
 
     pub(crate) fn thin(&self) -> &crate::sync::Arc<Thin> {
@@ -476,12 +476,12 @@ impl ThinHandle {
     }
 
     pub fn block_size(&self) -> u64 {
-        self.sh.block_bytes
+        self.state.block_bytes
     }
 
     pub fn mapped_blocks(&self) -> Result<u64> {
-        self.sh
-            .read_core()
+        self.state
+            .read_metadata()
             .run(|c| c.md.mapped_blocks(self.thin.id))
     }
 
@@ -514,9 +514,9 @@ impl ThinHandle {
         let _gate = self.thin.enter()?;
         // From before the first lookup to after the last read: a block looked up here is not
         // reused or punched until this ends, even if a commit frees it meanwhile.
-        let _reading = self.sh.read_epochs.enter();
-        let bs = self.sh.block_bytes;
-        let data = &self.sh.data;
+        let _reading = self.state.read_epochs.enter();
+        let bs = self.state.block_bytes;
+        let data = &self.state.data;
         // Runs of consecutive data blocks are read with one call: with no readahead on the
         // data device, that is what makes a cold sequential read one large disk read.
         // Armed test faults are per block, so then every block is read on its own.
@@ -525,7 +525,7 @@ impl ThinHandle {
         let mut run: Option<(usize, u64, u64, usize)> = None;
         let mut pos = 0usize;
         for (vb, inb, n) in pieces(off, buf.len(), bs) {
-            let at = match self.sh.lookup(self.thin.id, vb)? {
+            let at = match self.state.lookup(self.thin.id, vb)? {
                 None => {
                     buf[pos..pos + n].fill(0);
                     None
@@ -561,19 +561,19 @@ impl ThinHandle {
             return None;
         }
         let _gate = self.thin.try_enter()?;
-        let _reading = self.sh.read_epochs.enter();
-        let bs = self.sh.block_bytes;
-        let sh = &self.sh;
+        let _reading = self.state.read_epochs.enter();
+        let bs = self.state.block_bytes;
+        let state = &self.state;
         // (position in buf, byte offset in the data device, length) of the pending run.
         let mut run: Option<(usize, u64, usize)> = None;
         let mut pos = 0usize;
         for (vb, inb, n) in pieces(off, buf.len(), bs) {
-            let m = sh.cached_mapping(self.thin.id, vb)?;
+            let m = state.cached_mapping(self.thin.id, vb)?;
             let at = byte_offset(m.data_block, bs, inb).ok()?;
             run = match run {
                 Some((p, a, l)) if a.checked_add(l as u64) == Some(at) => Some((p, a, l + n)),
                 Some((p, a, l)) => {
-                    sh.data.try_read_cached(&mut buf[p..p + l], a)?;
+                    state.data.try_read_cached(&mut buf[p..p + l], a)?;
                     Some((pos, at, n))
                 }
                 None => Some((pos, at, n)),
@@ -581,7 +581,7 @@ impl ThinHandle {
             pos += n;
         }
         let (p, a, l) = run?;
-        sh.data.try_read_cached(&mut buf[p..p + l], a)
+        state.data.try_read_cached(&mut buf[p..p + l], a)
     }
 
     /// [`write`](Self::write) when it needs no waiting: the gate free and, per block, either
@@ -595,27 +595,27 @@ impl ThinHandle {
     /// for buffered writes, so there is no cheaper way to know.
     pub fn try_write_nowait(&self, off: u64, buf: &[u8]) -> Option<()> {
         let end = off.checked_add(buf.len() as u64)?;
-        if self.thin.read_only || self.sh.failed() || buf.is_empty() || end > self.size() {
+        if self.thin.read_only || self.state.failed() || buf.is_empty() || end > self.size() {
             return None;
         }
         let _gate = self.thin.try_enter()?;
-        let sh = &self.sh;
+        let state = &self.state;
         let mut pos = 0usize;
-        for (vb, inb, n) in pieces(off, buf.len(), sh.block_bytes) {
+        for (vb, inb, n) in pieces(off, buf.len(), state.block_bytes) {
             let data = &buf[pos..pos + n];
             pos += n;
-            match sh.cached_mapping(self.thin.id, vb) {
+            match state.cached_mapping(self.thin.id, vb) {
                 Some(m) if !m.shared => {
-                    if sh.data.faults_armed() {
+                    if state.data.faults_armed() {
                         return None;
                     }
-                    let at = byte_offset(m.data_block, sh.block_bytes, inb).ok()?;
-                    sh.data.write_at(m.data_block, data, at).ok()?;
+                    let at = byte_offset(m.data_block, state.block_bytes, inb).ok()?;
+                    state.data.write_at(m.data_block, data, at).ok()?;
                 }
                 // Unmapped, unknown or shared: provisioning or copy-on-write, if the cell,
                 // the metadata lock, a free block (and for a copy the cached source) are all
                 // there at once.
-                _ => sh.try_write_unmapped(&self.thin, vb, inb, data)?,
+                _ => state.try_write_unmapped(&self.thin, vb, inb, data)?,
             }
         }
         Some(())
@@ -628,7 +628,7 @@ impl ThinHandle {
             let mut gate = Some(self.thin.enter()?);
             // Whole blocks in the middle that are all new are provisioned together: one
             // allocation and one mapping update under the metadata lock for all of them.
-            let bs = self.sh.block_bytes;
+            let bs = self.state.block_bytes;
             let head = usize::try_from((bs - off % bs) % bs)
                 .unwrap_or(usize::MAX)
                 .min(buf.len());
@@ -637,21 +637,21 @@ impl ThinHandle {
             self.write_pieces(off, &buf[..head], &mut gate)?;
             let mid = &buf[head..mid_end];
             let mid_off = off + head as u64;
-            match self.sh.try_provision_run(&self.thin, mid_off / bs, mid) {
+            match self.state.try_provision_run(&self.thin, mid_off / bs, mid) {
                 Some(r) => r?,
                 None => self.write_pieces(mid_off, mid, &mut gate)?,
             }
             self.write_pieces(off + mid_end as u64, &buf[mid_end..], &mut gate)?;
         }
         if fua {
-            self.sh.flush()?;
+            self.state.flush()?;
         }
         Ok(())
     }
 
     fn write_pieces<'a>(&'a self, off: u64, buf: &[u8], gate: &mut Gate<'a>) -> Result<()> {
         let mut pos = 0usize;
-        for (vb, inb, n) in pieces(off, buf.len(), self.sh.block_bytes) {
+        for (vb, inb, n) in pieces(off, buf.len(), self.state.block_bytes) {
             self.write_piece(vb, inb, &buf[pos..pos + n], gate, true)?;
             pos += n;
         }
@@ -675,19 +675,20 @@ impl ThinHandle {
                 Err(e) if e.kind() == ErrorKind::NoSpace && !e.is_host_no_space() => e,
                 other => return other,
             };
-            if !may_queue || self.sh.config.no_space_policy != NoSpacePolicy::Queue {
+            if !may_queue || self.state.config.no_space_policy != NoSpacePolicy::Queue {
                 return Err(err);
             }
-            let dl = *deadline.get_or_insert_with(|| Instant::now() + self.sh.config.queue_timeout);
-            let seen = self.sh.space_generation();
-            if !self.sh.space_available() {
+            let dl =
+                *deadline.get_or_insert_with(|| Instant::now() + self.state.config.queue_timeout);
+            let seen = self.state.space_generation();
+            if !self.state.space_available() {
                 gate.take();
-                let woke = self.sh.wait_for_space(seen, dl);
+                let woke = self.state.wait_for_space(seen, dl);
                 *gate = Some(self.thin.enter()?);
                 if !woke {
                     return Err(err.within(format!(
                         "no space was freed within {:?}",
-                        self.sh.config.queue_timeout
+                        self.state.config.queue_timeout
                     )));
                 }
             } else if Instant::now() >= dl {
@@ -697,26 +698,26 @@ impl ThinHandle {
     }
 
     fn write_once(&self, vb: u64, inb: usize, data: &[u8]) -> Result<()> {
-        let sh = &self.sh;
-        if !sh.failed() {
-            if let Some(m) = sh.lookup(self.thin.id, vb)?.filter(|m| !m.shared) {
-                let at = byte_offset(m.data_block, sh.block_bytes, inb)?;
-                return sh.data.write_at(m.data_block, data, at);
+        let state = &self.state;
+        if !state.failed() {
+            if let Some(m) = state.lookup(self.thin.id, vb)?.filter(|m| !m.shared) {
+                let at = byte_offset(m.data_block, state.block_bytes, inb)?;
+                return state.data.write_at(m.data_block, data, at);
             }
         }
         let bio = Bio::new(vb, inb, data);
         let done = bio.done.clone();
-        match sh.prison.try_detain((self.thin.id, vb), bio) {
+        match state.prison.try_detain((self.thin.id, vb), bio) {
             Detain::Held(held, bio) => {
-                let r = sh.process_write(&self.thin, &bio);
-                sh.release_cell(&self.thin, held);
+                let r = state.process_write(&self.thin, &bio);
+                state.release_cell(&self.thin, held);
                 r
             }
             Detain::Waiting => done.wait(),
             Detain::NoCell(bio) => {
-                sh.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                state.stats.deferred.fetch_add(1, Ordering::Relaxed);
                 self.thin.defer(bio);
-                sh.kick();
+                state.wake_worker();
                 done.wait()
             }
         }
@@ -729,21 +730,22 @@ impl ThinHandle {
         {
             let _quiet = self.thin.quiesce();
             self.thin.check_open()?;
-            let bs = self.sh.block_bytes;
+            let bs = self.state.block_bytes;
             let end = off + len;
             let first_whole = off.div_ceil(bs);
             let end_whole = end / bs;
             if first_whole < end_whole {
                 let head = first_whole * bs - off;
                 self.zero_mapped(off, head, &mut None, false)?;
-                self.sh.unmap_range(self.thin.id, first_whole, end_whole)?;
+                self.state
+                    .unmap_range(self.thin.id, first_whole, end_whole)?;
                 self.zero_mapped(end_whole * bs, end - end_whole * bs, &mut None, false)?;
             } else {
                 self.zero_mapped(off, len, &mut None, false)?;
             }
         }
         if fua {
-            self.sh.flush()?;
+            self.state.flush()?;
         }
         Ok(())
     }
@@ -761,7 +763,7 @@ impl ThinHandle {
             self.zero_mapped(off, len, &mut gate, true)?;
         }
         if fua {
-            self.sh.flush()?;
+            self.state.flush()?;
         }
         Ok(())
     }
@@ -776,7 +778,7 @@ impl ThinHandle {
         if len == 0 {
             return Ok(());
         }
-        let bs = self.sh.block_bytes;
+        let bs = self.state.block_bytes;
         let zeros = vec![0u8; usize::try_from(bs.min(len)).unwrap_or(0)];
         let mut pos = off;
         let end = off + len;
@@ -785,8 +787,8 @@ impl ThinHandle {
             let inb = pos % bs;
             let n = (bs - inb).min(end - pos);
             let mapped = self
-                .sh
-                .read_core()
+                .state
+                .read_metadata()
                 .run(|c| c.md.lookup(self.thin.id, vb))?
                 .is_some();
             if mapped {
@@ -806,11 +808,11 @@ impl ThinHandle {
         if len == 0 {
             return Ok(out);
         }
-        let bs = self.sh.block_bytes;
+        let bs = self.state.block_bytes;
         let end = off + len;
         let mapped = self
-            .sh
-            .read_core()
+            .state
+            .read_metadata()
             .run(|c| c.md.mappings_in(self.thin.id, off / bs, end.div_ceil(bs)))?;
         let mut push = |n: u64, m: bool| match out.last_mut() {
             Some(last) if last.1 == m => last.0 += n,
@@ -837,7 +839,7 @@ impl ThinHandle {
     /// Makes every acknowledged write durable (group commit across the pool).
     pub fn flush(&self) -> Result<()> {
         self.thin.check_open()?;
-        self.sh.flush()
+        self.state.flush()
     }
 }
 
@@ -897,9 +899,9 @@ mod tests {
         assert_eq!(pool.status().blocks_copied, copied + 1);
 
         // Armed faults always go the blocking way, where they are injected and reported.
-        h.sh.data.faults().fail_reads_of(1000);
+        h.state.data.faults().fail_reads_of(1000);
         assert_eq!(h.try_read_cached(BS, &mut one), None);
-        h.sh.data.faults().clear();
+        h.state.data.faults().clear();
         assert!(h.read(BS, &mut one).is_ok());
     }
 
@@ -937,26 +939,28 @@ mod tests {
 
         // The block's cell held by someone else, the gate taken, a commit running, faults
         // armed: declined rather than waited for.
-        let cell = h.sh.prison.try_lock((1, 7)).unwrap();
+        let cell = h.state.prison.try_lock((1, 7)).unwrap();
         assert_eq!(h.try_write_nowait(7 * BS, &a), None);
-        h.sh.release_cell(&h.thin, cell);
+        h.state.release_cell(&h.thin, cell);
         {
             let _q = h.thin.quiesce();
             assert_eq!(h.try_write_nowait(BS, &a), None);
         }
         {
-            let _core = h.sh.write_core();
+            let _core = h.state.write_metadata();
             assert_eq!(h.try_write_nowait(8 * BS, &a), None);
         }
-        h.sh.committing
+        h.state
+            .committing
             .store(true, std::sync::atomic::Ordering::Release);
         assert_eq!(h.try_write_nowait(8 * BS, &a), None);
-        h.sh.committing
+        h.state
+            .committing
             .store(false, std::sync::atomic::Ordering::Release);
-        h.sh.data.faults().fail_reads_of(1000);
+        h.state.data.faults().fail_reads_of(1000);
         assert_eq!(h.try_write_nowait(BS, &a), None);
         assert_eq!(h.try_write_nowait(9 * BS, &a), None);
-        h.sh.data.faults().clear();
+        h.state.data.faults().clear();
         assert_eq!(h.mapped_blocks().unwrap(), 3);
 
         assert_eq!(pool.status().blocks_provisioned, 3);
@@ -992,7 +996,8 @@ mod tests {
         assert_eq!(h.mapped_blocks().unwrap(), 6);
         assert_eq!(pool.status().blocks_provisioned, 6);
         let runs = || {
-            h.sh.stats
+            h.state
+                .stats
                 .provisioned_runs
                 .load(std::sync::atomic::Ordering::Relaxed)
         };
