@@ -7,6 +7,8 @@
 //! one pool worker thread drains (see [`pool`]). Flushes are group commits: concurrent flushes
 //! share one `fdatasync` of the data device plus one metadata commit.
 
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 pub mod active;
 pub mod data;
 mod epochs;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::thin::metadata::ThinId;
+use crate::util::usize_from_u64;
 
 use super::active::{Life, Member};
 use super::pool::{Claim, NoSpacePolicy, PoolState};
@@ -201,8 +202,8 @@ fn pieces(off: u64, len: usize, bs: u64) -> impl Iterator<Item = (u64, usize, us
         let inb = pos % bs;
         let n = (bs - inb).min(end - pos);
         pos += n;
-        // Both fit in usize: they are below the block size, which came from a usize length.
-        Some((vb, inb as usize, n as usize))
+        // Both are below the block size, so neither loses anything as a usize.
+        Some((vb, usize_from_u64(inb), usize_from_u64(n)))
     })
 }
 
@@ -336,7 +337,7 @@ impl PoolState {
         if n < 2 || self.failed() || self.data.faults_armed() {
             return None;
         }
-        let mut cells = Vec::with_capacity(n as usize);
+        let mut cells = Vec::with_capacity(usize_from_u64(n));
         for vb in vblock..vblock + n {
             match self.prison.try_lock((thin.id(), vb)) {
                 Some(held) => cells.push(held),
@@ -792,8 +793,8 @@ impl ThinHandle {
                 .run(|c| c.md.lookup(self.thin.id, vb))?
                 .is_some();
             if mapped {
-                let n_us = usize::try_from(n).unwrap_or(0);
-                self.write_piece(vb, inb as usize, &zeros[..n_us], gate, may_queue)?;
+                let n_us = usize_from_u64(n);
+                self.write_piece(vb, usize_from_u64(inb), &zeros[..n_us], gate, may_queue)?;
             }
             pos += n;
         }
@@ -844,6 +845,10 @@ impl ThinHandle {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test sizes are small constants"
+)]
 mod tests {
     use crate::engine::{Pool, PoolConfig};
 
