@@ -4,10 +4,9 @@
 //! born below it; and the mark is logged in bytes.
 
 mod common;
-mod rel_support;
 
-use rel_support::qemu::qemu_io_ok;
-use rel_support::server::{cli, cli_ok, make_pool, pool_status, Server};
+use common::qemu::qemu_io_ok;
+use common::server::{cli, cli_ok, make_pool, pool_status, Server};
 
 const OVERCOMMIT: &str = "WARNING: sum of all thin volume sizes";
 

@@ -2,12 +2,12 @@
 //! that is open and valid metadata without `--force`; a corrupt pool's error names the file and
 //! the way out; a missing pool's error gives the `pool create` command.
 
-mod serve_support;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use serve_support::*;
+use common::serve::*;
 
 /// `thinnbd ARGS...` to completion, whatever its exit status.
 fn thinnbd_output(args: &[&str]) -> Output {

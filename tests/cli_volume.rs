@@ -4,11 +4,11 @@
 //! once with documented exit codes, one size rule, host names for `--listen`, and the server's
 //! log (no colour codes in a file, a line for each change made through the control socket).
 
-mod serve_support;
+mod common;
 
 use std::process::Command;
 
-use serve_support::*;
+use common::serve::*;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 << 10;

@@ -2,12 +2,12 @@
 //! coalescing, pool-full policies, fail-stop after a metadata failure, data-device errors,
 //! teardown and persistence.
 
-mod engine_support;
+mod common;
 
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use engine_support::*;
+use common::pool::*;
 use thinnbd::engine::{DataDevice, NoSpacePolicy, Pool, PoolConfig, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
 use thinnbd::ErrorKind;

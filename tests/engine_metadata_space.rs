@@ -2,14 +2,14 @@
 //! only what needs new metadata (no space), keeps serving the rest, never turns read-only, and
 //! a grow brings everything back.
 
-mod engine_support;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine_support::*;
+use common::pool::*;
 use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, PoolMode, ThinHandle};
 use thinnbd::error::ErrorKind;
 

@@ -9,12 +9,12 @@
 //! which drives the prison, the copy-on-write path (after snapshots of the shared thin) and the
 //! deferred worker. Half the plain writes try the non-blocking path of the NBD server first.
 
-mod engine_support;
+mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use engine_support::*;
+use common::pool::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, ThinHandle};

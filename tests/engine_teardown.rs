@@ -7,14 +7,14 @@
 //! log shows every teardown returned only after the worker had dropped its clone; every
 //! acknowledged write reads back after re-activation.
 
-mod engine_support;
+mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine_support::*;
+use common::pool::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use thinnbd::engine::{EngineEvent, PoolConfig, ThinHandle};

@@ -2,14 +2,14 @@
 //! requests past the end, and a flood of connections opened and dropped. After each, the
 //! server must still be running and serve a normal client.
 
-mod nbd_support;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use nbd_support::*;
+use common::memory_server::*;
 use thinnbd::nbd::codec::*;
 use thinnbd::nbd::ServerConfig;
 

@@ -1,14 +1,14 @@
 //! The NBD server driven byte by byte: option negotiation, simple and structured replies,
 //! error replies, pipelining, and graceful shutdown with requests in flight.
 
-mod nbd_support;
+mod common;
 
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use nbd_support::*;
+use common::memory_server::*;
 use thinnbd::error::Result;
 use thinnbd::nbd::codec::*;
 use thinnbd::nbd::memory::MemoryExport;

@@ -1,12 +1,12 @@
 //! The NBD server against real clients: nbdinfo, qemu-io, qemu-img, nbdcopy, nbdsh and fio,
 //! over TCP and the unix socket. Each test fails under CI=true when its tool is missing.
 
-mod nbd_support;
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use nbd_support::*;
+use common::memory_server::*;
 use thinnbd::nbd::memory::MemoryExport;
 
 /// Runs qemu-io commands against a URI; fails on a non-zero exit or a failed verification.

@@ -4,11 +4,11 @@
 //! command lines as written. Each test fails under CI=true when a tool is missing. The plugin
 //! is a dev-dependency, so `cargo test` builds the copy these tests load.
 
-mod nbdkit_support;
+mod common;
 
 use std::process::Command;
 
-use nbdkit_support::*;
+use common::nbdkit::*;
 use thinnbd::service::exports::describe;
 
 const MIB: u64 = 1 << 20;

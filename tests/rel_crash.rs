@@ -9,17 +9,16 @@
 //! THINNBD_CRASH_CYCLES (default 50) sets the number of kills; THINNBD_SEED replays a run.
 
 mod common;
-mod rel_support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::model::{Model, PIECE};
+use common::nbd_client::Client;
+use common::server::{make_pool, Server};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rel_support::model::{Model, PIECE};
-use rel_support::nbd::Client;
-use rel_support::server::{make_pool, Server};
 
 /// The part of the volume the writer uses (the whole of it is read back after each crash).
 const REGION: u64 = 16 << 20;
@@ -95,7 +94,7 @@ fn writer(
         } else {
             flushes += 1;
             if kill_at_flush == Some(flushes) {
-                let _ = client.send(rel_support::nbd::CMD_FLUSH, 0, 0, 0, &[]);
+                let _ = client.send(common::nbd_client::CMD_FLUSH, 0, 0, 0, &[]);
                 if rng.gen_bool(0.5) {
                     std::thread::sleep(Duration::from_micros(rng.gen_range(0..3_000)));
                 }
@@ -144,8 +143,8 @@ fn verify(port: u16, base: u64, model: &mut Model, cycle: u64, seed: u64) {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_flushed() {
-    let cycles = rel_support::env_count("THINNBD_CRASH_CYCLES", 50);
-    let seed = rel_support::base_seed("crash");
+    let cycles = common::load::env_count("THINNBD_CRASH_CYCLES", 50);
+    let seed = common::load::base_seed("crash");
     let dir = tempfile::tempdir().expect("temp dir");
     let pool = dir.path().join("pool");
     make_pool(&pool, "256M", &[("vol", "64M")]);

@@ -5,7 +5,6 @@
 //! on the real server, whose metadata writes past a file-size limit fail with EFBIG).
 
 mod common;
-mod rel_support;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,7 +12,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rel_support::nbd::{Client, EIO};
+use common::nbd_client::{Client, EIO};
 use thinnbd::engine::{DataDevice, DataTap, Pool, PoolConfig, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
 use thinnbd::ErrorKind;
@@ -68,7 +67,7 @@ fn mem_pool(dir: &std::path::Path, mem: &MemBlockIo) -> Arc<Pool> {
 
 #[test]
 fn engine_eio_on_chosen_blocks_fails_only_those_requests() {
-    let dir = rel_support::fast_tempdir();
+    let dir = common::load::fast_tempdir();
     let pool = mem_pool(dir.path(), &MemBlockIo::new(1024));
     let rec = Arc::new(Recorder::default());
     pool.data_device().faults().set_tap(Some(rec.clone()));
@@ -139,7 +138,7 @@ fn engine_eio_on_chosen_blocks_fails_only_those_requests() {
 
 #[test]
 fn engine_metadata_write_failure_turns_the_pool_read_only() {
-    let dir = rel_support::fast_tempdir();
+    let dir = common::load::fast_tempdir();
     let mem = MemBlockIo::new(1024);
     let pool = mem_pool(dir.path(), &mem);
     pool.create_thin(1).unwrap();
@@ -258,7 +257,7 @@ impl InProcess {
 
 #[test]
 fn nbd_eio_reaches_the_client_for_that_request_only() {
-    let dir = rel_support::fast_tempdir();
+    let dir = common::load::fast_tempdir();
     let mut srv = InProcess::start(&dir.path().join("pool"));
     let faults = srv.volumes.pool().data_device().faults();
     let rec = Arc::new(Recorder::default());
@@ -276,11 +275,13 @@ fn nbd_eio_reaches_the_client_for_that_request_only() {
     let mut buf = vec![0u8; 4096];
     // Pipelined: the failing read sits between good ones on the same connection.
     let c1 = a
-        .send(rel_support::nbd::CMD_READ, 0, BS, 4096, &[])
+        .send(common::nbd_client::CMD_READ, 0, BS, 4096, &[])
         .unwrap();
-    let c2 = a.send(rel_support::nbd::CMD_READ, 0, 0, 4096, &[]).unwrap();
+    let c2 = a
+        .send(common::nbd_client::CMD_READ, 0, 0, 4096, &[])
+        .unwrap();
     let c3 = a
-        .send(rel_support::nbd::CMD_READ, 0, BS + 4096, 4096, &[])
+        .send(common::nbd_client::CMD_READ, 0, BS + 4096, 4096, &[])
         .unwrap();
     let mut errs = HashMap::new();
     for _ in 0..3 {
@@ -326,7 +327,7 @@ fn nbd_eio_reaches_the_client_for_that_request_only() {
 /// blocks past the 16th cannot; creating volumes (one new btree root each) soon needs one.
 #[test]
 fn real_server_metadata_write_failure_shows_read_only_in_pool_status() {
-    use rel_support::server::{cli, make_pool, pool_status, Server};
+    use common::server::{cli, make_pool, pool_status, Server};
     if !common::require_tool("thin_check") {
         return;
     }

@@ -8,14 +8,13 @@
 //! grow (issue 17, points 6 and 8).
 
 mod common;
-mod rel_support;
 
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use rel_support::qemu::{qemu_io, qemu_io_cmd, qemu_io_ok};
-use rel_support::server::{cli, cli_ok, make_pool, pool_status, Server};
+use common::qemu::{qemu_io, qemu_io_cmd, qemu_io_ok};
+use common::server::{cli, cli_ok, make_pool, pool_status, Server};
 
 fn config(dir: &Path, policy: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{policy}.toml"));

@@ -5,14 +5,13 @@
 //! the file system has less free space than the pool's free data.
 
 mod common;
-mod rel_support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use rel_support::qemu::{qemu_io, qemu_io_ok};
-use rel_support::server::{cli, cli_ok, make_pool, pool_status, Server};
-use rel_support::small_fs::SmallFs;
+use common::qemu::{qemu_io, qemu_io_ok};
+use common::server::{cli, cli_ok, make_pool, pool_status, Server};
+use common::small_fs::SmallFs;
 
 const HOST_WARNING: &str = "file system holding the data file";
 

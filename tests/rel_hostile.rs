@@ -7,16 +7,15 @@
 //! THINNBD_HOSTILE_REQUESTS (default 3000) sets the number of requests.
 
 mod common;
-mod rel_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::nbd_client::{self as nbd, Client};
+use common::server::{cli, make_pool, Server};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rel_support::nbd::{self as nbd, Client};
-use rel_support::server::{cli, make_pool, Server};
 
 const VOL: u64 = 16 << 20;
 /// Bytes at the start of the volume that no request of the random client may change.
@@ -33,7 +32,7 @@ struct Tally {
 }
 
 fn canary() -> Vec<u8> {
-    rel_support::model::piece_bytes(7, 7, 7).repeat((CANARY / 4096) as usize)
+    common::model::piece_bytes(7, 7, 7).repeat((CANARY / 4096) as usize)
 }
 
 /// One connection's worth of random traffic; returns when the budget is spent or the
@@ -165,8 +164,8 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
 
 #[test]
 fn random_client_never_crashes_the_real_server() {
-    let total = rel_support::env_count("THINNBD_HOSTILE_REQUESTS", 3000);
-    let seed = rel_support::base_seed("hostile");
+    let total = common::load::env_count("THINNBD_HOSTILE_REQUESTS", 3000);
+    let seed = common::load::base_seed("hostile");
     let dir = tempfile::tempdir().unwrap();
     let pool = dir.path().join("pool");
     make_pool(&pool, "256M", &[("vol", "16M")]);
@@ -286,7 +285,7 @@ fn damaged_metadata_fails_cleanly_without_panics() {
     let mut server = Server::start(&pool, None, &log);
     let mut c = Client::connect(server.port, "vol").unwrap();
     for i in 0..200u64 {
-        let data = rel_support::model::piece_bytes(1, i, 1);
+        let data = common::model::piece_bytes(1, i, 1);
         assert_eq!(c.write(i * 65536 + 4096, &data, false).unwrap(), 0);
     }
     assert_eq!(c.flush().unwrap(), 0);

@@ -10,17 +10,16 @@
 //! THINNBD_POWERCUT_RUNS (default 150) sets the number of cuts; THINNBD_SEED replays a run.
 
 mod common;
-mod rel_support;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::sync::Arc;
 
+use common::model::{Model, PIECE};
+use common::power::{Power, PowerMeta, VolatileData};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rel_support::model::{Model, PIECE};
-use rel_support::power::{Power, PowerMeta, VolatileData};
 use thinnbd::engine::{DataDevice, NoSpacePolicy, Pool, PoolConfig};
 use thinnbd::pdata::block_io::BlockIo;
 
@@ -252,7 +251,7 @@ fn one_cut(dir: &Path, seed: u64, run_checkers: bool) -> Run {
         hs.read(0, &mut all).expect("read snapshot");
         for (p, chunk) in all.chunks(PIECE).enumerate() {
             let want = content[p];
-            let got = rel_support::model::identify(seed, p as u64, chunk);
+            let got = common::model::identify(seed, p as u64, chunk);
             assert_eq!(
                 got,
                 Some(want),
@@ -282,9 +281,9 @@ fn one_cut(dir: &Path, seed: u64, run_checkers: bool) -> Run {
 
 #[test]
 fn power_cut_at_random_points_loses_nothing_flushed() {
-    let runs = rel_support::env_count("THINNBD_POWERCUT_RUNS", 150);
-    let base = rel_support::base_seed("power cut");
-    let dir = rel_support::fast_tempdir();
+    let runs = common::load::env_count("THINNBD_POWERCUT_RUNS", 150);
+    let base = common::load::base_seed("power cut");
+    let dir = common::load::fast_tempdir();
     let (mut reverted, mut kept, mut meta_kept, mut pieces) = (0usize, 0usize, 0usize, 0u64);
     let mut cuts_in_commit = 0u64;
     for i in 0..runs {

@@ -7,17 +7,16 @@
 //! only versions its origin had, and the metadata passes the checkers.
 
 mod common;
-mod rel_support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::model::{identify, Model, PIECE};
+use common::nbd_client::Client;
+use common::server::{cli, make_pool, Server};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rel_support::model::{identify, Model, PIECE};
-use rel_support::nbd::Client;
-use rel_support::server::{cli, make_pool, Server};
 
 const CONNS: u64 = 8;
 const REGION: u64 = 16 << 20;
@@ -101,8 +100,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 #[test]
 fn soak_mixed_load_with_online_snapshots_keeps_rss_flat() {
-    let secs = rel_support::env_secs("THINNBD_SOAK_SECS", 120);
-    let seed = rel_support::base_seed("soak");
+    let secs = common::load::env_secs("THINNBD_SOAK_SECS", 120);
+    let seed = common::load::base_seed("soak");
     let dir = tempfile::tempdir().unwrap();
     let pool = dir.path().join("pool");
     make_pool(&pool, "1G", &[("disk", "256M")]);

@@ -1,11 +1,11 @@
 //! `thinnbd serve` (the real binary, a real pool) against real NBD clients: nbdinfo, qemu-io,
 //! qemu-img, nbdcopy, nbdsh and fio. Each test fails under CI=true when its tool is missing.
 
-mod serve_support;
+mod common;
 
 use std::process::Command;
 
-use serve_support::*;
+use common::serve::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -2,15 +2,15 @@
 //! magic, huge lengths, requests past the end, and 10,000 connections opened and dropped. The
 //! server must not crash or hang, well-behaved clients keep working, and its memory stays bounded.
 
-mod serve_support;
+mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::serve::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use serve_support::*;
 
 const SIZE: u64 = 64 << 20;
 

@@ -2,13 +2,13 @@
 //! origin, volume create/resize/delete through the control socket, a clean pool after the
 //! graceful stop, and the nbdcopy snapshot backup example.
 
-mod serve_support;
+mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serve_support::*;
+use common::serve::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -3,13 +3,13 @@
 //! that are refused with a message naming the key and the file, a missing pool elsewhere that
 //! is created only with `--create`, and a `--socket` path that is replaced only when stale.
 
-mod serve_support;
+mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use serve_support::*;
+use common::serve::*;
 
 const GIB: u64 = 1 << 30;
 

@@ -2,7 +2,7 @@
 //! detected (a `Corrupt` error naming the block, or checker problems) and must never panic or
 //! read past the device; plus hand-made damage where our checker and Debian's thin_check agree.
 
-mod tools_support;
+mod common;
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -10,13 +10,13 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use common::metadata::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use thinnbd::pdata::block_io::BLOCK_SIZE;
 use thinnbd::thin::damage::{self, Flip};
 use thinnbd::thin::{check, ThinMetadata};
 use thinnbd::ErrorKind;
-use tools_support::*;
 
 /// What damage may change without anyone being able to tell: times, ids, key positions. What
 /// must be noticed: which data blocks each device maps, and its mapped_blocks count.

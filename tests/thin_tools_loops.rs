@@ -3,14 +3,14 @@
 //! rather than recurse until the stack overflows. The open runs in a child process so that a
 //! stack overflow (an abort, not a panic) fails this test instead of killing the test binary.
 
-mod tools_support;
+mod common;
 
 use std::process::Command;
 
+use common::metadata::*;
 use thinnbd::pdata::block_io::BLOCK_SIZE;
 use thinnbd::pdata::checksum::{seal, BlockKind};
 use thinnbd::thin::{check, ThinMetadata};
-use tools_support::*;
 
 const CHILD_ENV: &str = "THINNBD_LOOP_IMAGE";
 

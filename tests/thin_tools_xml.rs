@@ -1,16 +1,16 @@
 //! thin_dump / thin_restore compatibility with Debian's thin-provisioning-tools 0.9.0, and
 //! the checker against thin_check and verify_meta.py on good metadata.
 
-mod tools_support;
+mod common;
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use common::metadata::*;
 use thinnbd::pdata::block_io::{BlockIo, FileBlockIo, MemBlockIo};
 use thinnbd::thin::{check, xml, ThinMetadata};
-use tools_support::*;
 
 const META_BYTES: u64 = 16 << 20;
 

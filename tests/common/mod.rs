@@ -1,5 +1,20 @@
-//! Helpers shared by the metadata and CLI integration tests: external tools and fixtures.
-#![allow(dead_code)]
+//! Helpers shared by the integration tests, one module per subject. Each test crate includes
+//! the whole folder with `mod common;` and uses what it needs.
+#![allow(dead_code, unused_imports)]
+
+pub mod load;
+pub mod memory_server;
+pub mod metadata;
+pub mod model;
+pub mod nbd_client;
+pub mod nbdkit;
+pub mod nbdsh;
+pub mod pool;
+pub mod power;
+pub mod qemu;
+pub mod serve;
+pub mod server;
+pub mod small_fs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

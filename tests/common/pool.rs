@@ -1,6 +1,5 @@
 //! Shared helpers for the engine's integration tests: pool fixtures and the external metadata
 //! checkers (`thin_check`, `verify_meta.py`), which must be present when `CI=true`.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

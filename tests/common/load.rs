@@ -1,13 +1,5 @@
-//! Helpers for the reliability tests (tests/rel_*.rs): the real server as a process, a minimal
-//! NBD client, the crash model of a volume's contents, and power-cut device models.
-#![allow(dead_code)]
-
-pub mod model;
-pub mod nbd;
-pub mod power;
-pub mod qemu;
-pub mod server;
-pub mod small_fs;
+//! How long and how hard a load test runs: counts and durations from the environment (long
+//! runs on demand) and a printed seed to replay a failure.
 
 /// A count from the environment (long runs on demand), or `default`.
 pub fn env_count(name: &str, default: u64) -> u64 {

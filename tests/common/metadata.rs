@@ -1,7 +1,6 @@
 //! Helpers shared by the thin tools tests: external tool discovery (fail under CI, skip
 //! otherwise), an image-backed BlockIo that records out-of-range reads, and a pool built
 //! through the API with snapshots and several commits.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,6 +1,5 @@
 //! Helpers for the NBD integration tests: an in-process server on 127.0.0.1:0 and a unix
 //! socket, a small blocking raw-protocol client, and `require_tool` for external clients.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -31,10 +30,7 @@ pub fn require_tool(name: &str) -> bool {
     false
 }
 
-#[path = "../common/nbdsh.rs"]
-mod nbdsh_finder;
-#[allow(unused_imports)] // not every test crate that includes this module runs nbdsh
-pub use nbdsh_finder::nbdsh;
+pub use super::nbdsh::nbdsh;
 
 /// Runs a command, failing the test with its output when it does not succeed.
 pub fn run(cmd: &mut std::process::Command) -> Output {

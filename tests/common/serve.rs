@@ -1,7 +1,6 @@
 //! Helpers for the end-to-end tests of the `thinnbd` binary: a pool in a temp dir, a `thinnbd
 //! serve` child process on a free 127.0.0.1 port and a unix socket (stopped with SIGTERM, killed
 //! if a test panics), running the CLI and external clients, and a small raw NBD client.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -36,10 +35,7 @@ pub fn require_tools(names: &[&str]) -> bool {
     names.iter().all(|n| require_tool(n))
 }
 
-#[path = "../common/nbdsh.rs"]
-mod nbdsh_finder;
-#[allow(unused_imports)] // not every test crate that includes this module runs nbdsh
-pub use nbdsh_finder::{nbdsh, EDGES_OF_THE_EXPORT};
+pub use super::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 
 fn describe(cmd: &Command, out: &Output) -> String {
     format!(

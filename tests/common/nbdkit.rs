@@ -1,7 +1,6 @@
 //! Helpers for the nbdkit plugin tests: the built plugin, pools made with the `thinnbd` CLI,
 //! nbdkit and `thinnbd serve` as child processes (unix socket or 127.0.0.1 on a free port,
 //! stopped with SIGTERM by the test), and the external clients.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
@@ -9,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-#[path = "../common/nbdsh.rs"]
-mod nbdsh_finder;
-pub use nbdsh_finder::{nbdsh, EDGES_OF_THE_EXPORT};
+pub use super::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 
 /// How long a server may take to start or stop before the test gives up.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -87,8 +84,7 @@ pub fn plugin() -> PathBuf {
     so
 }
 
-#[path = "../common/docs.rs"]
-pub mod docs;
+pub use super::docs;
 
 /// A pool in a temp dir: 1 GiB data, the given (name, size) volumes.
 pub struct TestPool {
