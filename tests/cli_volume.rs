@@ -9,6 +9,7 @@ mod common;
 use std::process::Command;
 
 use common::serve::*;
+use common::tools::*;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 << 10;

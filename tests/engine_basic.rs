@@ -7,6 +7,7 @@ mod common;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
+use common::metadata::{thin_check, verify_meta};
 use common::pool::*;
 use thinnbd::engine::{DataDevice, NoSpacePolicy, Pool, PoolConfig, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};

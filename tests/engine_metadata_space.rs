@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::metadata::{thin_check, verify_meta};
 use common::pool::*;
 use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, PoolMode, ThinHandle};
 use thinnbd::error::ErrorKind;

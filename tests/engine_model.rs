@@ -14,6 +14,7 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use common::metadata::{thin_check, verify_meta};
 use common::pool::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::metadata::thin_check;
 use common::pool::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::memory_server::*;
+use common::tools::*;
 use thinnbd::nbd::memory::MemoryExport;
 
 /// Runs qemu-io commands against a URI; fails on a non-zero exit or a failed verification.

@@ -9,6 +9,7 @@ mod common;
 use std::process::Command;
 
 use common::nbdkit::*;
+use common::tools::*;
 use thinnbd::service::exports::describe;
 
 const MIB: u64 = 1 << 20;

@@ -6,6 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::serve::*;
+use common::tools::*;
 
 const MIB: u64 = 1 << 20;
 

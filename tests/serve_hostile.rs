@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::serve::*;
+use common::tools::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

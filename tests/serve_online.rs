@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::serve::*;
+use common::tools::*;
 
 const MIB: u64 = 1 << 20;
 

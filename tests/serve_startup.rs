@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::serve::*;
+use common::tools::*;
 
 const GIB: u64 = 1 << 30;
 

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use common::metadata::*;
+use common::tools::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use thinnbd::pdata::block_io::BLOCK_SIZE;
@@ -193,7 +194,7 @@ fn mapping_leaf(image: &[u8], used: &[u64]) -> u64 {
 
 #[test]
 fn hand_damage_agrees_with_thin_check() {
-    if !have_tool("thin_check") {
+    if !require_tool("thin_check") {
         return;
     }
     let (image, md) = build_pool(2048);

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::metadata::*;
+use common::tools::*;
 use thinnbd::pdata::block_io::{BlockIo, FileBlockIo, MemBlockIo};
 use thinnbd::thin::{check, xml, ThinMetadata};
 
@@ -34,18 +35,6 @@ fn thin_dump(args: &[&str], path: &Path) -> String {
     out
 }
 
-fn assert_thin_check_ok(path: &Path) {
-    let (ok, out, err) = run(Command::new("thin_check").arg(path));
-    assert!(ok, "thin_check rejected {}: {out}{err}", path.display());
-}
-
-fn assert_verify_meta_ok(path: &Path) {
-    if let Some(script) = verify_meta() {
-        let (ok, out, err) = run(Command::new("python3").arg(script).arg("check").arg(path));
-        assert!(ok, "verify_meta.py rejected {}: {out}{err}", path.display());
-    }
-}
-
 fn our_dump(md: &ThinMetadata) -> String {
     let mut out = Vec::new();
     xml::dump(md, &mut out).unwrap();
@@ -58,7 +47,7 @@ fn fixture() -> String {
 
 #[test]
 fn debian_restore_reads_back_and_dumps_byte_for_byte() {
-    if !have_tool("thin_restore") || !have_tool("thin_dump") {
+    if !require_tool("thin_restore") || !require_tool("thin_dump") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -103,7 +92,7 @@ fn debian_restore_reads_back_and_dumps_byte_for_byte() {
 
 #[test]
 fn our_restore_passes_debian_tools_and_round_trips() {
-    if !have_tool("thin_dump") || !have_tool("thin_check") {
+    if !require_tool("thin_dump") || !require_tool("thin_check") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -116,8 +105,8 @@ fn our_restore_passes_debian_tools_and_round_trips() {
         fixture(),
         "thin_dump of our restore changed the XML"
     );
-    assert_thin_check_ok(&meta);
-    assert_verify_meta_ok(&meta);
+    thin_check(&meta);
+    verify_meta(&meta);
     let report = check::check(file_io(&meta));
     assert!(report.is_clean(), "{:#?}", report.problems);
     assert_eq!(report.nr_devices, 5);
@@ -125,7 +114,7 @@ fn our_restore_passes_debian_tools_and_round_trips() {
 
 #[test]
 fn api_pool_dump_and_snapshot_dump_match_debian() {
-    if !have_tool("thin_dump") || !have_tool("thin_check") {
+    if !require_tool("thin_dump") || !require_tool("thin_check") {
         return;
     }
     let (image, md) = build_pool(4096);
@@ -141,8 +130,8 @@ fn api_pool_dump_and_snapshot_dump_match_debian() {
     assert!(snap.contains("nr_data_blocks=\"0\""));
 
     // The checker agrees with thin_check and verify_meta.py on good metadata.
-    assert_thin_check_ok(&meta);
-    assert_verify_meta_ok(&meta);
+    thin_check(&meta);
+    verify_meta(&meta);
     let report = check::check(file_io(&meta));
     assert!(report.is_clean(), "{:#?}", report.problems);
     assert_eq!(report.nr_devices, 6);
@@ -160,7 +149,7 @@ fn restore_of_api_dump_is_equivalent() {
 
 #[test]
 fn version_1_and_flags_survive_a_restore() {
-    if !have_tool("thin_dump") {
+    if !require_tool("thin_dump") {
         return;
     }
     let xml = fixture().replacen(r#"flags="0" version="2""#, r#"flags="1" version="1""#, 1);

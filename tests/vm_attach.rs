@@ -12,11 +12,15 @@
 //! thin-provisioning-tools, libnbd-bin (and nbdkit for the nbdkit server). Missing ones make the
 //! tests fail under `CI=true` and skip otherwise.
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use common::in_ci;
 
 /// Which NBD server the guest tests run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,10 +45,6 @@ const EXIT_MISSING: i32 = 77;
 
 fn vm_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm")
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// `thinnbd serve --help` works and describes `serve`: the CLI has landed.

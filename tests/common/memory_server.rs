@@ -14,22 +14,6 @@ use thinnbd::nbd::memory::{MemoryExport, MemorySource};
 use thinnbd::nbd::{serve, Listener, ServerConfig};
 use tokio::sync::oneshot;
 
-/// True when the tool is on PATH. Under CI=true a missing tool fails the test; otherwise the
-/// test prints a skip note and returns.
-pub fn require_tool(name: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    if found {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("required tool {name} is missing (CI=true)");
-    }
-    eprintln!("SKIP: {name} not installed");
-    false
-}
-
 pub use super::nbdsh::nbdsh;
 
 /// Runs a command, failing the test with its output when it does not succeed.

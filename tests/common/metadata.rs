@@ -1,5 +1,5 @@
-//! Helpers shared by the thin tools tests: external tool discovery (fail under CI, skip
-//! otherwise), an image-backed BlockIo that records out-of-range reads, and a pool built
+//! Metadata in tests: the two independent checkers (`thin_check`, `verify_meta.py`), mappings
+//! from `thin_dump`, an image-backed BlockIo that records out-of-range reads, and a pool built
 //! through the API with snapshots and several commits.
 
 use std::path::{Path, PathBuf};
@@ -11,38 +11,7 @@ use thinnbd::pdata::block_io::{Block, BlockIo, MemBlockIo, BLOCK_SIZE};
 use thinnbd::thin::ThinMetadata;
 use thinnbd::{Error, ErrorKind, Result};
 
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// True if `tool` runs; under CI=true a missing tool fails the test, otherwise it is skipped.
-pub fn have_tool(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("--version").output().is_ok();
-    if !ok {
-        assert!(
-            !in_ci(),
-            "{tool} is required when CI=true (apt-get install -y thin-provisioning-tools)"
-        );
-        eprintln!("skipping: {tool} is not installed");
-    }
-    ok
-}
-
-/// `../shared/tools/verify_meta.py`, required under CI, optional otherwise.
-pub fn verify_meta() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/verify_meta.py");
-    let python = Command::new("python3").arg("--version").output().is_ok();
-    if p.exists() && python {
-        return Some(p);
-    }
-    assert!(
-        !in_ci(),
-        "python3 and {} are required when CI=true",
-        p.display()
-    );
-    eprintln!("note: verify_meta.py or python3 not available; that cross-check is skipped");
-    None
-}
+use super::tools::{require_tool, tool, verify_meta_script};
 
 pub fn run(cmd: &mut Command) -> (bool, String, String) {
     let out = cmd
@@ -177,4 +146,100 @@ pub fn view(md: &ThinMetadata) -> Result<PoolView> {
         out.push((dev, md.device_details(dev)?, md.device_mappings(dev)?));
     }
     Ok(out)
+}
+
+/// Runs Debian's `thin_check` on a metadata file; fails the test on any finding (or when the
+/// tool is missing under CI). Returns false when it was skipped.
+pub fn thin_check(meta: &Path) -> bool {
+    if !require_tool("thin_check") {
+        return false;
+    }
+    let out = tool("thin_check")
+        .arg(meta)
+        .output()
+        .expect("run thin_check");
+    assert!(
+        out.status.success(),
+        "thin_check failed on {}:\nstdout: {}\nstderr: {}",
+        meta.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
+/// Runs the independent checker `verify_meta.py check` on a metadata file; fails the test on
+/// any finding (or when it is missing under CI). Returns false when it was skipped.
+pub fn verify_meta(meta: &Path) -> bool {
+    let Some(script) = verify_meta_script() else {
+        return false;
+    };
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg("check")
+        .arg(meta)
+        .output()
+        .expect("run verify_meta.py");
+    assert!(
+        out.status.success(),
+        "verify_meta.py check failed on {}:\nstdout: {}\nstderr: {}",
+        meta.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
+/// Both metadata checkers, `thin_check` and `verify_meta.py`, on one metadata file.
+pub fn assert_metadata_clean(meta: &Path) {
+    thin_check(meta);
+    verify_meta(meta);
+}
+
+/// Mappings per device from `thin_dump` XML: device id -> sorted (vblock, data block).
+pub fn thin_dump_mappings(meta: &Path) -> std::collections::BTreeMap<u32, Vec<(u64, u64)>> {
+    let out = tool("thin_dump").arg(meta).output().expect("run thin_dump");
+    assert!(
+        out.status.success(),
+        "thin_dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_dump(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn attr(line: &str, name: &str) -> u64 {
+    let key = format!(" {name}=\"");
+    let start = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + key.len();
+    let end = start + line[start..].find('"').expect("closing quote");
+    line[start..end].parse().expect("number")
+}
+
+pub fn parse_dump(xml: &str) -> std::collections::BTreeMap<u32, Vec<(u64, u64)>> {
+    let mut devs = std::collections::BTreeMap::new();
+    let mut current = None;
+    for line in xml.lines() {
+        let l = line.trim();
+        if l.starts_with("<device ") {
+            let id = attr(l, "dev_id") as u32;
+            devs.insert(id, Vec::new());
+            current = Some(id);
+        } else if l.starts_with("<single_mapping") {
+            let v = devs.get_mut(&current.expect("in device")).expect("device");
+            v.push((attr(l, "origin_block"), attr(l, "data_block")));
+        } else if l.starts_with("<range_mapping") {
+            let v = devs.get_mut(&current.expect("in device")).expect("device");
+            let (o, d, n) = (
+                attr(l, "origin_begin"),
+                attr(l, "data_begin"),
+                attr(l, "length"),
+            );
+            for i in 0..n {
+                v.push((o + i, d + i));
+            }
+        }
+    }
+    devs
 }

@@ -13,26 +13,6 @@ pub use super::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 /// How long a server may take to start or stop before the test gives up.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// True when the tool is on PATH. Under CI=true a missing tool fails the test; otherwise the
-/// test prints a skip note and returns.
-pub fn require_tool(name: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    if found {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("required tool {name} is missing (CI=true): tests/run-all.sh installs it");
-    }
-    eprintln!("SKIP: {name} not installed");
-    false
-}
-
-pub fn require_tools(names: &[&str]) -> bool {
-    names.iter().all(|n| require_tool(n))
-}
-
 /// Runs a command, failing the test with its output when it does not succeed.
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd

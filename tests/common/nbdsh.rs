@@ -24,7 +24,7 @@ pub fn nbdsh() -> Option<Command> {
         }
     }
     assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
+        !super::tools::in_ci(),
         "nbdsh (python3-libnbd) is missing or broken (CI=true)"
     );
     eprintln!("SKIP: nbdsh / python3-libnbd not usable");

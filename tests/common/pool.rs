@@ -1,11 +1,12 @@
-//! Shared helpers for the engine's integration tests: pool fixtures and the external metadata
-//! checkers (`thin_check`, `verify_meta.py`), which must be present when `CI=true`.
+//! Engine pools in tests: a pool on files in a temp dir (on tmpfs for stress tests), closed
+//! with both metadata checkers, and a watchdog for tests that could deadlock.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use thinnbd::engine::{Pool, PoolConfig};
+
+use super::metadata::{thin_check, verify_meta};
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
@@ -70,81 +71,6 @@ pub fn temp_pool_fast(data_bytes: u64, block_bytes: u64, config: PoolConfig) -> 
     )
     .expect("create pool");
     TempPool { dir, pool }
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
-}
-
-fn find_thin_check() -> Option<PathBuf> {
-    for p in [
-        "/usr/sbin/thin_check",
-        "/sbin/thin_check",
-        "/usr/bin/thin_check",
-    ] {
-        if Path::new(p).exists() {
-            return Some(PathBuf::from(p));
-        }
-    }
-    None
-}
-
-/// Runs `thin_check` on a metadata file; fails the test on errors, or when the tool is missing
-/// under CI. Returns false when it was skipped.
-pub fn thin_check(meta: &Path) -> bool {
-    let Some(tool) = find_thin_check() else {
-        assert!(
-            !in_ci(),
-            "thin_check is required when CI=true (apt-get install thin-provisioning-tools)"
-        );
-        eprintln!("skipping thin_check: not installed");
-        return false;
-    };
-    let out = Command::new(tool)
-        .arg(meta)
-        .output()
-        .expect("run thin_check");
-    assert!(
-        out.status.success(),
-        "thin_check failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    true
-}
-
-/// Runs the shared independent checker (`$THINNBD_VERIFY_META`, else
-/// `../shared/tools/verify_meta.py`) when it exists; required under CI.
-pub fn verify_meta(meta: &Path) -> bool {
-    let script = match std::env::var_os("THINNBD_VERIFY_META") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/verify_meta.py"),
-    };
-    if !script.exists() {
-        assert!(!in_ci(), "{} is required when CI=true", script.display());
-        eprintln!("skipping verify_meta.py: {} not found", script.display());
-        return false;
-    }
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg("check")
-        .arg(meta)
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            assert!(!in_ci(), "python3 is required when CI=true: {e}");
-            eprintln!("skipping verify_meta.py: {e}");
-            return false;
-        }
-    };
-    assert!(
-        out.status.success(),
-        "verify_meta.py check failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    true
 }
 
 /// Fails the whole test process if `secs` pass before the returned guard is dropped.

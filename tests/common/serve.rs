@@ -12,29 +12,6 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_thinnbd");
 
-/// True when running in CI, where a missing external tool is a failure, not a skip.
-pub fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
-
-/// True when `name` is on PATH. Under CI=true a missing tool fails the test; otherwise the test
-/// prints a skip note and returns.
-pub fn require_tool(name: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    if !found {
-        assert!(!in_ci(), "required tool {name} is missing (CI=true)");
-        eprintln!("SKIP: {name} not installed");
-    }
-    found
-}
-
-/// `require_tool` for several tools at once.
-pub fn require_tools(names: &[&str]) -> bool {
-    names.iter().all(|n| require_tool(n))
-}
-
 pub use super::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 
 fn describe(cmd: &Command, out: &Output) -> String {
@@ -581,33 +558,11 @@ impl RawClient {
     }
 }
 
-/// ../shared/tools/verify_meta.py beside the checkout, if present (required under CI).
-pub fn verify_meta_script() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/verify_meta.py");
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        !in_ci(),
-        "../shared/tools/verify_meta.py is required when CI=true"
-    );
-    eprintln!("SKIP: ../shared/tools/verify_meta.py not found");
-    None
-}
-
 /// For a pool whose server has stopped: `thinnbd check DIR`, Debian's `thin_check` and
 /// `verify_meta.py check` on its metadata all exit 0.
 pub fn assert_pool_clean(dir: &Path) {
     let out = run(Command::new(BIN).arg("check").arg(dir));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("clean"), "thinnbd check:\n{text}");
-    let meta = dir.join("metadata");
-    if require_tool("thin_check") {
-        run(Command::new("thin_check").arg(&meta));
-    }
-    if let Some(script) = verify_meta_script() {
-        if require_tool("python3") {
-            run(Command::new("python3").arg(&script).arg("check").arg(&meta));
-        }
-    }
+    super::metadata::assert_metadata_clean(&dir.join("metadata"));
 }
