@@ -1,4 +1,4 @@
-//! Space promises the CLI makes (issue 17, point 7): volumes whose sizes add up to more than
+//! Space promises the CLI makes: volumes whose sizes add up to more than
 //! the pool's data get LVM's over-commit warning, whether the command ran offline or through a
 //! running server; the default low-water mark is a share of the pool, so a new pool is not
 //! born below it; and the mark is logged in bytes.

@@ -188,14 +188,13 @@ fn a_missing_pool_gives_the_pool_create_command() {
 
 #[test]
 fn check_of_a_served_pool_checks_the_last_commit() {
-    const CMD_FLUSH: u16 = 3;
     let pool = pool_with_data();
     let server = pool.serve();
     let (mut c, _, _) = RawClient::open(server.port, "vm1");
     for i in 0..4u64 {
         assert_eq!(c.write(10 + i, (8 + i * 2) << 20, &[0x33; 4096]), 0);
     }
-    c.request(CMD_FLUSH, 20, 0, 0);
+    c.request(NbdCommand::Flush, 20, 0, 0);
     assert_eq!(c.simple_reply(), (0, 20), "flush");
     c.disconnect();
 

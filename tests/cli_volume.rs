@@ -8,6 +8,8 @@ mod common;
 
 use std::process::Command;
 
+use common::pattern::pattern;
+use common::process::free_port;
 use common::serve::*;
 use common::tools::*;
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::metadata::{thin_check, verify_meta};
+use common::pattern::pattern_at;
 use common::pool::*;
 use thinnbd::engine::{DataDevice, NoSpacePolicy, Pool, PoolConfig, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
@@ -30,7 +31,7 @@ fn reads_writes_discards_and_zeroes_follow_the_block_rules() {
     assert_eq!(pool.status().data_used, 0, "reads provision nothing");
 
     // A write spanning a partial, a whole and another partial block.
-    let data = pattern(1, 60_000, 140_000);
+    let data = pattern_at(1, 60_000, 140_000);
     h.write(60_000, &data, false).unwrap();
     assert_eq!(h.mapped_blocks().unwrap(), 4);
     let mut back = vec![0u8; 300_000];
@@ -106,7 +107,7 @@ fn origin_and_snapshot(
 ) {
     pool.create_thin(1).unwrap();
     let origin = pool.activate(1, 2 * MIB, false).unwrap();
-    let before = pattern(7, 0, blocks * BS as usize);
+    let before = pattern_at(7, 0, blocks * BS as usize);
     origin.write(0, &before, false).unwrap();
     pool.create_snapshot(2, 1).unwrap();
     let snap = pool.activate(2, 2 * MIB, false).unwrap();
@@ -205,7 +206,7 @@ fn concurrent_writes_to_one_unprovisioned_block_provision_it_once() {
                 let (h, barrier) = (h.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     let off = vb * BS + w * 4096;
-                    let data = pattern(vb * 100 + w, off, 4096);
+                    let data = pattern_at(vb * 100 + w, off, 4096);
                     barrier.wait();
                     h.write(off, &data, false).unwrap();
                 })
@@ -228,7 +229,7 @@ fn concurrent_writes_to_one_unprovisioned_block_provision_it_once() {
             h.read(off, &mut got).unwrap();
             assert_eq!(
                 got,
-                pattern(vb * 100 + w, off, 4096),
+                pattern_at(vb * 100 + w, off, 4096),
                 "write lost at block {vb} writer {w}"
             );
         }
@@ -251,7 +252,7 @@ fn concurrent_flushes_share_commits() {
         .map(|i| {
             let (h, barrier) = (h.clone(), barrier.clone());
             std::thread::spawn(move || {
-                h.write(i * 4096, &pattern(i, 0, 4096), false).unwrap();
+                h.write(i * 4096, &pattern_at(i, 0, 4096), false).unwrap();
                 barrier.wait();
                 h.flush().unwrap();
             })
@@ -273,7 +274,7 @@ fn concurrent_flushes_share_commits() {
 
 fn fill_pool(h: &thinnbd::engine::ThinHandle, blocks: u64) {
     for b in 0..blocks {
-        h.write(b * BS, &pattern(b, 0, 512), false).unwrap();
+        h.write(b * BS, &pattern_at(b, 0, 512), false).unwrap();
     }
 }
 
@@ -376,7 +377,7 @@ fn metadata_write_failure_turns_the_pool_read_only() {
     .unwrap();
     pool.create_thin(1).unwrap();
     let h = pool.activate(1, 32 * BS, false).unwrap();
-    let data = pattern(3, 0, 100_000);
+    let data = pattern_at(3, 0, 100_000);
     h.write(0, &data, true).unwrap();
     mem.fail_writes(true);
     h.write(5 * BS, &[1; 10], false).unwrap();
@@ -440,7 +441,7 @@ fn data_device_errors_fail_only_the_request() {
 #[test]
 fn pool_reopens_with_its_data_and_passes_the_checkers() {
     let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
-    let data = pattern(11, 0, 300_000);
+    let data = pattern_at(11, 0, 300_000);
     {
         let pool = tp.pool.clone();
         pool.create_thin(1).unwrap();
@@ -639,7 +640,7 @@ fn checking_the_last_commit_while_writers_commit_finds_it_clean() {
                     if i % 7 == 3 {
                         h.discard(block * BS, BS, false).unwrap();
                     } else {
-                        h.write(block * BS, &pattern(i, 0, 4096), false).unwrap();
+                        h.write(block * BS, &pattern_at(i, 0, 4096), false).unwrap();
                     }
                     if i % 5 == 0 {
                         h.flush().unwrap();

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::metadata::{thin_check, verify_meta};
+use common::pattern::pattern_at;
 use common::pool::*;
 use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, PoolMode, ThinHandle};
 use thinnbd::error::ErrorKind;
@@ -58,14 +59,14 @@ fn assert_writable_for_what_needs_no_metadata(pool: &Arc<Pool>, thin: u32, provi
     assert!(buf.iter().all(|&x| x == 0), "a refused write left data");
     // Overwrites of provisioned blocks, reads, discards and flushes go on.
     for b in 0..provisioned {
-        h.write(b * BLOCK, &pattern(100 + b, 0, BLOCK as usize), false)
+        h.write(b * BLOCK, &pattern_at(100 + b, 0, BLOCK as usize), false)
             .unwrap();
     }
     h.flush().unwrap();
     let mut buf = vec![0u8; BLOCK as usize];
     for b in 0..provisioned {
         h.read(b * BLOCK, &mut buf).unwrap();
-        assert_eq!(buf, pattern(100 + b, 0, BLOCK as usize), "block {b}");
+        assert_eq!(buf, pattern_at(100 + b, 0, BLOCK as usize), "block {b}");
     }
     h.discard((provisioned - 1) * BLOCK, BLOCK, false).unwrap();
     h.flush().unwrap();
@@ -123,7 +124,7 @@ fn spawn_overwriting_writer(
             for vb in targets {
                 tag += 1;
                 log.attempted.insert(vb);
-                match log.handle.write(vb * BLOCK, &pattern(tag, 0, 4096), false) {
+                match log.handle.write(vb * BLOCK, &pattern_at(tag, 0, 4096), false) {
                     Ok(()) => pending.push((vb, tag)),
                     Err(e) => {
                         assert_eq!(e.kind(), ErrorKind::NoSpace, "block {vb}: {e}");
@@ -147,7 +148,7 @@ fn filling_metadata_with_volumes_refuses_new_volumes_and_keeps_the_pool_writable
     pool.create_thin(0).unwrap();
     let h = pool.activate(0, 64 * MIB, false).unwrap();
     for b in 0..8 {
-        h.write(b * BLOCK, &pattern(b, 0, BLOCK as usize), false)
+        h.write(b * BLOCK, &pattern_at(b, 0, BLOCK as usize), false)
             .unwrap();
     }
     h.flush().unwrap();
@@ -170,7 +171,7 @@ fn filling_metadata_with_volumes_refuses_new_volumes_and_keeps_the_pool_writable
     pool.grow(None, Some(meta_now * 2)).unwrap();
     pool.create_thin(refused).unwrap();
     let h = pool.activate(0, 64 * MIB, false).unwrap();
-    h.write(20 * BLOCK, &pattern(20, 0, BLOCK as usize), false)
+    h.write(20 * BLOCK, &pattern_at(20, 0, BLOCK as usize), false)
         .unwrap();
     h.flush().unwrap();
     pool.teardown(h).unwrap();
@@ -184,10 +185,10 @@ fn filling_metadata_with_volumes_refuses_new_volumes_and_keeps_the_pool_writable
     let mut buf = vec![0u8; BLOCK as usize];
     for b in 0..7 {
         h.read(b * BLOCK, &mut buf).unwrap();
-        assert_eq!(buf, pattern(100 + b, 0, BLOCK as usize), "block {b}");
+        assert_eq!(buf, pattern_at(100 + b, 0, BLOCK as usize), "block {b}");
     }
     h.read(20 * BLOCK, &mut buf).unwrap();
-    assert_eq!(buf, pattern(20, 0, BLOCK as usize));
+    assert_eq!(buf, pattern_at(20, 0, BLOCK as usize));
 }
 
 /// Volumes fill the metadata while a writer overwrites its provisioned blocks and provisions
@@ -205,7 +206,7 @@ fn filling_metadata_with_volumes_under_write_load_loses_nothing_flushed() {
     let last_new = 3500u64;
     let h = pool.activate(0, 256 * MIB, false).unwrap();
     for b in 0..provisioned {
-        h.write(b * BLOCK, &pattern(b, 0, 4096), false).unwrap();
+        h.write(b * BLOCK, &pattern_at(b, 0, 4096), false).unwrap();
     }
     h.flush().unwrap();
     let expected: BTreeMap<u64, u64> = (0..provisioned).map(|b| (b, b)).collect();
@@ -249,7 +250,7 @@ fn filling_metadata_with_volumes_under_write_load_loses_nothing_flushed() {
     pool.grow(None, Some(meta_now * 2)).unwrap();
     pool.create_thin(refused_id).unwrap();
     for vb in next_new..next_new + 200 {
-        h.write(vb * BLOCK, &pattern(vb, 0, 4096), false).unwrap();
+        h.write(vb * BLOCK, &pattern_at(vb, 0, 4096), false).unwrap();
         expected.insert(vb, vb);
     }
     h.flush().unwrap();
@@ -264,7 +265,7 @@ fn filling_metadata_with_volumes_under_write_load_loses_nothing_flushed() {
     for vb in attempted.into_iter().chain(next_new..next_new + 200) {
         h.read(vb * BLOCK, &mut buf).unwrap();
         match expected.get(&vb) {
-            Some(t) => assert_eq!(buf, pattern(*t, 0, 4096), "block {vb}"),
+            Some(t) => assert_eq!(buf, pattern_at(*t, 0, 4096), "block {vb}"),
             None => assert!(buf.iter().all(|&x| x == 0), "block {vb}"),
         }
     }
@@ -293,7 +294,7 @@ fn filling_metadata_with_snapshots_under_write_load_loses_nothing_flushed() {
     let blocks = 64u64;
     let h = pool.activate(0, 64 * GIB, false).unwrap();
     for b in 0..blocks / 2 {
-        h.write(b * BLOCK, &pattern(b, 0, 4096), false).unwrap();
+        h.write(b * BLOCK, &pattern_at(b, 0, 4096), false).unwrap();
     }
     h.flush().unwrap();
     // vblock -> tag of the last write acknowledged and flushed (absent: reads zeros).
@@ -339,7 +340,7 @@ fn filling_metadata_with_snapshots_under_write_load_loses_nothing_flushed() {
         pool.delete_thin(id).unwrap();
     }
     let h = pool.activate(0, 64 * GIB, false).unwrap();
-    h.write(blocks * BLOCK, &pattern(7, 0, 4096), false)
+    h.write(blocks * BLOCK, &pattern_at(7, 0, 4096), false)
         .unwrap();
     h.flush().unwrap();
     expected.insert(blocks, 7);
@@ -355,7 +356,7 @@ fn filling_metadata_with_snapshots_under_write_load_loses_nothing_flushed() {
     for vb in attempted {
         h.read(vb * BLOCK, &mut buf).unwrap();
         match expected.get(&vb) {
-            Some(t) => assert_eq!(buf, pattern(*t, 0, 4096), "block {vb}"),
+            Some(t) => assert_eq!(buf, pattern_at(*t, 0, 4096), "block {vb}"),
             None => assert!(buf.iter().all(|&x| x == 0), "block {vb}"),
         }
     }
@@ -378,14 +379,14 @@ fn growing_the_data_online_lets_queued_writes_finish() {
     pool.create_thin(0).unwrap();
     let h = pool.activate(0, 64 * MIB, false).unwrap();
     for b in 0..16 {
-        h.write(b * BLOCK, &pattern(b, 0, 4096), false).unwrap();
+        h.write(b * BLOCK, &pattern_at(b, 0, 4096), false).unwrap();
     }
     h.flush().unwrap();
     let writers: Vec<_> = (16..24u64)
         .map(|b| {
             let h = h.clone();
             std::thread::spawn(move || {
-                h.write(b * BLOCK, &pattern(b, 0, 4096), false)?;
+                h.write(b * BLOCK, &pattern_at(b, 0, 4096), false)?;
                 h.flush()
             })
         })
@@ -415,7 +416,7 @@ fn growing_the_data_online_lets_queued_writes_finish() {
     let mut buf = vec![0u8; 4096];
     for b in 0..24 {
         h.read(b * BLOCK, &mut buf).unwrap();
-        assert_eq!(buf, pattern(b, 0, 4096), "block {b}");
+        assert_eq!(buf, pattern_at(b, 0, 4096), "block {b}");
     }
 }
 

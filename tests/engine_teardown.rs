@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::metadata::thin_check;
+use common::pattern::pattern_at;
 use common::pool::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -73,7 +74,7 @@ fn writer(
         } else {
             let off = vb * BS + rng.gen_range(0..BS / 4096) * 4096;
             tag += 1;
-            let data = pattern(tag, off, 4096);
+            let data = pattern_at(tag, off, 4096);
             retry(&slot, |h| h.write(off, &data, false));
             acked.insert(off, tag);
             progress.fetch_add(1, Ordering::Release);
@@ -218,7 +219,7 @@ fn teardown_during_blocked_worker_never_deadlocks_and_waits_for_the_clone() {
             h.read(off, &mut got).unwrap();
             assert_eq!(
                 got,
-                pattern(tag, off, 4096),
+                pattern_at(tag, off, 4096),
                 "acknowledged write at {off} of thin {} lost",
                 h.id()
             );

@@ -1,6 +1,6 @@
 //! Crash safety of metadata commits: the in-memory device cuts the write stream at every point
 //! of a small workload (and at random points of a larger one); after the cut, unsynced writes
-//! are lost, and the metadata must reopen to exactly the last committed state (issue 2, point 3).
+//! are lost, and the metadata must reopen to exactly the last committed state.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

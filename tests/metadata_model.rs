@@ -1,6 +1,6 @@
 //! A randomized workload through the pool metadata API against an in-test model; the result
 //! must satisfy Debian's thin_check and the independent checker, and thin_dump must list
-//! exactly the model's mappings (issue 2, acceptance point 1).
+//! exactly the model's mappings.
 
 mod common;
 

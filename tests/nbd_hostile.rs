@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::memory_server::*;
+use common::pattern::pattern;
 use thinnbd::nbd::codec::*;
 use thinnbd::nbd::ServerConfig;
 

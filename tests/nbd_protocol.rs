@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::memory_server::*;
+use common::pattern::pattern;
 use thinnbd::error::Result;
 use thinnbd::nbd::codec::*;
 use thinnbd::nbd::memory::MemoryExport;

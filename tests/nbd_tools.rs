@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::memory_server::*;
+use common::pattern::pattern;
+use common::process::{run, stdout_of};
 use common::tools::*;
 use thinnbd::nbd::memory::MemoryExport;
 

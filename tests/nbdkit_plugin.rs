@@ -9,6 +9,8 @@ mod common;
 use std::process::Command;
 
 use common::nbdkit::*;
+use common::pattern::pattern;
+use common::process::{free_port, run, stdout_of};
 use common::tools::*;
 use thinnbd::service::exports::describe;
 
@@ -126,7 +128,7 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
     run(Command::new("thin_check").arg(pool.dir.join("metadata")));
 
     // The same pool, the same data, through the NBD server of the CLI.
-    let mut serve = Serve::start(&pool);
+    let serve = serve_pool(&pool);
     qemu_io(
         &serve.uri("disk"),
         &[
@@ -142,12 +144,7 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
         std::fs::read(&again).unwrap() == image,
         "thinnbd serve reads other data"
     );
-    let status = serve.proc.stop();
-    assert!(
-        status.success(),
-        "thinnbd serve exit: {status}\n{}",
-        serve.proc.log()
-    );
+    serve.stop();
     run(Command::new("thin_check").arg(pool.dir.join("metadata")));
 }
 
@@ -232,10 +229,10 @@ fn bad_parameters_fail_at_start_with_a_message() {
         );
     }
 
-    let mut serve = Serve::start(&pool);
+    let serve = serve_pool(&pool);
     let stderr = nbdkit_start_failure(&[&p]);
     assert!(stderr.contains("in use"), "{stderr}");
-    assert!(serve.proc.stop().success());
+    serve.stop();
 }
 
 /// `--help` and `--dump-plugin` load and unload the plugin without a pool.
@@ -293,12 +290,12 @@ fn daemonized_nbdkit_opens_the_pool_after_the_fork() {
     run(Command::new("thin_check").arg(pool.dir.join("metadata")));
 
     // What the daemon wrote was committed.
-    let mut serve = Serve::start(&pool);
+    let serve = serve_pool(&pool);
     qemu_io(
         &serve.uri("disk"),
         &["read -P 0x77 3M 256K", "read -P 0 0 3M"],
     );
-    assert!(serve.proc.stop().success());
+    serve.stop();
 }
 
 /// examples/nbdkit-serve.sh runs the command line the README shows.

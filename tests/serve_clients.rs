@@ -5,6 +5,8 @@ mod common;
 
 use std::process::Command;
 
+use common::pattern::pattern;
+use common::process::{run, stdout_of};
 use common::serve::*;
 use common::tools::*;
 

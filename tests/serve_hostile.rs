@@ -8,6 +8,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::pattern::pattern;
 use common::serve::*;
 use common::tools::*;
 use rand::rngs::SmallRng;
@@ -174,7 +175,7 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
         assert!(closed_by_server(&mut s), "4 GiB option: not closed");
 
         let (mut c, _, _) = RawClient::open(port, "vol");
-        c.request(CMD_WRITE, 1, 0, u32::MAX);
+        c.request(NbdCommand::Write, 1, 0, u32::MAX);
         let _ = c.s.write_all(&[0u8; 65536]);
         assert!(closed_by_server(&mut c.s), "4 GiB write: not closed");
 
@@ -193,7 +194,7 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
         assert_eq!(c.read(3, u64::MAX - 100, 512), Err(NBD_EINVAL));
         assert_eq!(c.write(4, size - 512, &[1u8; 1024]), NBD_ENOSPC);
         assert_eq!(c.write(5, u64::MAX - 511, &[1u8; 512]), NBD_ENOSPC);
-        c.request(CMD_TRIM, 6, size - 65536, 1 << 20);
+        c.request(NbdCommand::Trim, 6, size - 65536, 1 << 20);
         assert_eq!(c.simple_reply(), (NBD_EINVAL, 6));
         assert_eq!(c.read(7, size - 1024, 1024).expect("read"), vec![0u8; 1024]);
         assert_eq!(c.read(8, 1 << 20, 4096).expect("read"), pattern(3, 4096));

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::{run, run_failing, stdout_of};
 use common::serve::*;
 use common::tools::*;
 

@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::process::{free_port, stdout_of};
 use common::serve::*;
 use common::tools::*;
 

@@ -14,27 +14,9 @@ use thinnbd::nbd::memory::{MemoryExport, MemorySource};
 use thinnbd::nbd::{serve, Listener, ServerConfig};
 use tokio::sync::oneshot;
 
+use super::process::run;
+
 pub use super::nbdsh::nbdsh;
-
-/// Runs a command, failing the test with its output when it does not succeed.
-pub fn run(cmd: &mut std::process::Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
-}
-
-pub fn stdout_of(cmd: &mut std::process::Command) -> String {
-    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
-}
 
 fn init_tracing() {
     // RUST_LOG=thinnbd=debug shows the server's logs in failing tests.
@@ -412,17 +394,4 @@ impl Reply {
             }
         }
     }
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }

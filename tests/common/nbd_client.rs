@@ -6,25 +6,12 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const OPT_EXPORT_NAME: u32 = 1;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
-const CLIENT_FIXED_NEWSTYLE: u32 = 1;
-const CLIENT_NO_ZEROES: u32 = 2;
-
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
-pub const FLAG_FUA: u16 = 1;
-
-pub const EIO: u32 = 5;
-pub const ENOSPC: u32 = 28;
+pub use thinnbd::nbd::codec::{Command, CMD_FLAG_FUA};
+use thinnbd::nbd::codec::{
+    Request, SimpleReply, CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, FLAG_NO_ZEROES, IHAVEOPT,
+    NBD_MAGIC, OPT_EXPORT_NAME, SIMPLE_REPLY_LEN,
+};
+pub use thinnbd::nbd::{NBD_EIO, NBD_ENOSPC};
 
 pub struct Client {
     s: TcpStream,
@@ -84,7 +71,7 @@ impl Client {
     /// Sends one request (with its payload for writes) and returns its cookie.
     pub fn send(
         &mut self,
-        cmd: u16,
+        cmd: Command,
         flags: u16,
         offset: u64,
         len: u32,
@@ -99,20 +86,21 @@ impl Client {
     /// Sends a request header with any values (hostile tests), then `payload`.
     pub fn send_raw(
         &mut self,
-        cmd: u16,
+        cmd: Command,
         flags: u16,
         cookie: u64,
         offset: u64,
         len: u32,
         payload: &[u8],
     ) -> io::Result<()> {
-        let mut m = Vec::with_capacity(28 + payload.len());
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m.extend_from_slice(&flags.to_be_bytes());
-        m.extend_from_slice(&cmd.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
+        let header = Request {
+            flags,
+            command: cmd,
+            cookie,
+            offset,
+            length: len,
+        };
+        let mut m = header.encode().to_vec();
         m.extend_from_slice(payload);
         self.s.write_all(&m)
     }
@@ -123,13 +111,10 @@ impl Client {
 
     /// Reads one simple reply: (errno, cookie); for a successful read, `data` is filled.
     pub fn reply(&mut self, data: &mut [u8]) -> io::Result<(u32, u64)> {
-        let mut h = [0u8; 16];
+        let mut h = [0u8; SIMPLE_REPLY_LEN];
         self.s.read_exact(&mut h)?;
-        if u32::from_be_bytes(h[0..4].try_into().unwrap()) != SIMPLE_REPLY_MAGIC {
-            return Err(bad("bad reply magic"));
-        }
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let reply = SimpleReply::decode(&h).map_err(|_| bad("bad reply magic"))?;
+        let (err, cookie) = (reply.error, reply.cookie);
         if err == 0 && !data.is_empty() {
             self.s.read_exact(data)?;
         }
@@ -138,7 +123,7 @@ impl Client {
 
     fn call(
         &mut self,
-        cmd: u16,
+        cmd: Command,
         flags: u16,
         offset: u64,
         len: u32,
@@ -155,26 +140,33 @@ impl Client {
 
     /// Writes `data` at `offset`; Ok(errno).
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> io::Result<u32> {
-        let flags = if fua { FLAG_FUA } else { 0 };
-        self.call(CMD_WRITE, flags, offset, data.len() as u32, data, &mut [])
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        self.call(
+            Command::Write,
+            flags,
+            offset,
+            data.len() as u32,
+            data,
+            &mut [],
+        )
     }
 
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<u32> {
         let len = buf.len() as u32;
-        self.call(CMD_READ, 0, offset, len, &[], buf)
+        self.call(Command::Read, 0, offset, len, &[], buf)
     }
 
     pub fn flush(&mut self) -> io::Result<u32> {
-        self.call(CMD_FLUSH, 0, 0, 0, &[], &mut [])
+        self.call(Command::Flush, 0, 0, 0, &[], &mut [])
     }
 
     pub fn trim(&mut self, offset: u64, len: u32) -> io::Result<u32> {
-        self.call(CMD_TRIM, 0, offset, len, &[], &mut [])
+        self.call(Command::Trim, 0, offset, len, &[], &mut [])
     }
 
     /// Sends NBD_CMD_DISC and waits for the server to close the connection.
     pub fn disconnect(mut self) {
-        if self.send(CMD_DISC, 0, 0, 0, &[]).is_ok() {
+        if self.send(Command::Disc, 0, 0, 0, &[]).is_ok() {
             let mut b = [0u8; 1];
             let _ = self.s.read(&mut b);
         }

@@ -8,30 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::process::{exit_within, free_port, run, stdout_of};
+use super::serve::Server;
+
 pub use super::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 
 /// How long a server may take to start or stop before the test gives up.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Runs a command, failing the test with its output when it does not succeed.
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
-}
-
-pub fn stdout_of(cmd: &mut Command) -> String {
-    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
-}
 
 pub fn thinnbd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_thinnbd"))
@@ -104,13 +87,6 @@ impl TestPool {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn sigterm(child: &Child) {
     let pid = libc::pid_t::try_from(child.id()).expect("pid");
     // SAFETY: kill(2) on our own child's pid; it has not been waited for, so the pid is ours.
@@ -120,18 +96,11 @@ fn sigterm(child: &Child) {
 
 /// Waits (bounded) for a child to exit.
 fn wait_bounded(child: &mut Child, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().expect("waiting for child") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not exit within {PATIENCE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    exit_within(child, PATIENCE).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} did not exit within {PATIENCE:?}");
+    })
 }
 
 /// A server process with its stderr in a file, stopped by SIGTERM.
@@ -301,29 +270,16 @@ pub fn nbdkit_start_failure(args: &[&str]) -> String {
     stderr
 }
 
-/// `thinnbd serve --pool DIR --listen 127.0.0.1:PORT`.
-pub struct Serve {
-    pub proc: Process,
-    pub port: u16,
-}
-
-impl Serve {
-    pub fn start(pool: &TestPool) -> Serve {
-        let port = free_port();
-        let mut cmd = thinnbd();
-        cmd.arg("serve")
-            .arg("--pool")
-            .arg(&pool.dir)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"));
-        let mut proc = Process::spawn(cmd, "thinnbd serve", pool.path("serve.log"));
-        proc.wait_until(|| TcpStream::connect(("127.0.0.1", port)).is_ok());
-        Serve { proc, port }
-    }
-
-    pub fn uri(&self, export: &str) -> String {
-        Endpoint::Tcp(self.port).uri(export)
-    }
+/// `thinnbd serve --pool DIR` on a free 127.0.0.1 port, its log in the pool's temp dir.
+pub fn serve_pool(pool: &TestPool) -> Server {
+    Server::start(
+        |cmd| {
+            cmd.arg("--pool").arg(&pool.dir);
+        },
+        pool.tmp.path(),
+        None,
+        None,
+    )
 }
 
 /// Runs qemu-io commands against a URI; fails on a non-zero exit or a failed verification.
@@ -352,19 +308,6 @@ pub fn map(uri: &str) -> Vec<(u64, u64, u32)> {
                 f.get(1)?.parse().ok()?,
                 f.get(2)?.parse().ok()?,
             ))
-        })
-        .collect()
-}
-
-/// Deterministic bytes, different per seed.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
         })
         .collect()
 }

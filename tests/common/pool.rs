@@ -100,10 +100,3 @@ impl Drop for Watchdog {
         self.done.store(true, std::sync::atomic::Ordering::Release);
     }
 }
-
-/// A small deterministic byte pattern for (tag, offset).
-pub fn pattern(tag: u64, off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((off + i).wrapping_mul(31) ^ tag.wrapping_mul(0x9E37_79B9)) as u8 | 1)
-        .collect()
-}

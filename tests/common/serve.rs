@@ -10,50 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::process::{exit_within, free_port, run, stdout_of};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_thinnbd");
 
 pub use super::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
-
-fn describe(cmd: &Command, out: &Output) -> String {
-    format!(
-        "{cmd:?}: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs a command to completion, failing the test with its output unless it succeeds.
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "failed: {}", describe(cmd, &out));
-    out
-}
-
-/// Runs a command that must fail; returns its stdout and stderr together.
-pub fn run_failing(cmd: &mut Command) -> String {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        !out.status.success(),
-        "unexpectedly succeeded: {}",
-        describe(cmd, &out)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-pub fn stdout_of(cmd: &mut Command) -> String {
-    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
-}
 
 /// `thinnbd ARGS...`, which must succeed; returns stdout.
 pub fn thinnbd(args: &[&str]) -> String {
@@ -81,12 +42,6 @@ pub fn thinnbd_when_idle(args: &[&str]) -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
 }
 
 /// Runs `thinnbd serve --listen 127.0.0.1:PORT` plus what `args` adds, in `cwd`, for a start
@@ -118,20 +73,6 @@ pub fn serve_refused(
         );
     };
     (status, std::fs::read_to_string(&log).unwrap_or_default())
-}
-
-/// The exit status of `child` once it exits, or None if it still runs after `limit`.
-fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            return Some(s);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A temp dir holding a pool at `dir/pool`.
@@ -388,35 +329,12 @@ pub fn qemu_io(uri: &str, read_only: bool, cmds: &[&str]) -> String {
     text
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-// The few protocol constants the raw client needs, written out here so the tests do not
-// depend on the codec they check.
-pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-pub const REQUEST_MAGIC: u32 = 0x2560_9513;
-pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-pub const OPT_GO: u32 = 7;
-pub const REP_ACK: u32 = 1;
-pub const REP_INFO: u32 = 3;
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_TRIM: u16 = 4;
-pub const NBD_EINVAL: u32 = 22;
-pub const NBD_ENOSPC: u32 = 28;
+// The raw client speaks the wire through the public codec: its constants and encoders.
+pub use thinnbd::nbd::codec::{
+    Command as NbdCommand, OptionHeader, OptionReply, Request, SimpleReply, IHAVEOPT, NBD_MAGIC,
+    OPTION_REPLY_HEADER_LEN, OPT_GO, REP_ACK, REP_INFO, SIMPLE_REPLY_LEN,
+};
+pub use thinnbd::nbd::{NBD_EINVAL, NBD_ENOSPC};
 
 /// A blocking client that speaks the fixed-newstyle handshake and simple replies byte by byte.
 pub struct RawClient {
@@ -434,7 +352,7 @@ impl RawClient {
         let mut c = RawClient { s };
         let magic = c.u64();
         let opt = c.u64();
-        assert_eq!((magic, opt), (NBDMAGIC, IHAVEOPT), "bad greeting");
+        assert_eq!((magic, opt), (NBD_MAGIC, IHAVEOPT), "bad greeting");
         let _flags = c.u16();
         c
     }
@@ -487,20 +405,20 @@ impl RawClient {
     }
 
     pub fn send_option(&mut self, opt: u32, data: &[u8]) {
-        let mut m = Vec::with_capacity(16 + data.len());
-        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        m.extend_from_slice(&opt.to_be_bytes());
-        m.extend_from_slice(&u32::try_from(data.len()).expect("len").to_be_bytes());
+        let header = OptionHeader {
+            option: opt,
+            length: u32::try_from(data.len()).expect("len"),
+        };
+        let mut m = header.encode().to_vec();
         m.extend_from_slice(data);
         self.s.write_all(&m).expect("send option");
     }
 
     /// One option reply: (option, reply type, payload).
     pub fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
-        assert_eq!(self.u64(), OPT_REPLY_MAGIC, "option reply magic");
-        let opt = self.u32();
-        let kind = self.u32();
-        let len = self.u32();
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        self.s.read_exact(&mut h).expect("option reply header");
+        let (opt, kind, len) = OptionReply::decode_header(&h).expect("option reply header");
         assert!(len <= 1 << 20, "option reply of {len} bytes");
         let mut payload = vec![0u8; len as usize];
         self.s.read_exact(&mut payload).expect("option reply data");
@@ -508,28 +426,28 @@ impl RawClient {
     }
 
     /// A transmission request header (the caller sends any payload).
-    pub fn request(&mut self, cmd: u16, cookie: u64, offset: u64, len: u32) {
-        let mut m = Vec::with_capacity(28);
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m.extend_from_slice(&0u16.to_be_bytes());
-        m.extend_from_slice(&cmd.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        self.s.write_all(&m).expect("send request");
+    pub fn request(&mut self, command: NbdCommand, cookie: u64, offset: u64, length: u32) {
+        let header = Request {
+            flags: 0,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        self.s.write_all(&header.encode()).expect("send request");
     }
 
     /// A simple reply header: (errno, cookie).
     pub fn simple_reply(&mut self) -> (u32, u64) {
-        assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC, "simple reply magic");
-        let err = self.u32();
-        let cookie = self.u64();
-        (err, cookie)
+        let mut h = [0u8; SIMPLE_REPLY_LEN];
+        self.s.read_exact(&mut h).expect("simple reply");
+        let reply = SimpleReply::decode(&h).expect("simple reply header");
+        (reply.error, reply.cookie)
     }
 
     pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) -> u32 {
         self.request(
-            CMD_WRITE,
+            NbdCommand::Write,
             cookie,
             offset,
             u32::try_from(data.len()).expect("len"),
@@ -542,7 +460,7 @@ impl RawClient {
 
     /// Reads; Ok(data) or Err(errno).
     pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
-        self.request(CMD_READ, cookie, offset, len);
+        self.request(NbdCommand::Read, cookie, offset, len);
         let (err, c) = self.simple_reply();
         assert_eq!(c, cookie);
         if err != 0 {
@@ -554,7 +472,7 @@ impl RawClient {
     }
 
     pub fn disconnect(mut self) {
-        self.request(CMD_DISC, 0, 0, 0);
+        self.request(NbdCommand::Disc, 0, 0, 0);
     }
 }
 

@@ -1,4 +1,4 @@
-//! Crash test with the real server (issue 6, point 1): two clients, each on its own 16 MiB
+//! Crash test with the real server: two clients, each on its own 16 MiB
 //! region, write random patterns with periodic flushes, trims and FUA writes while the server
 //! is killed with SIGKILL at random moments: by a timer, or right after the first client sent
 //! a flush (so the kill often lands inside a commit). After each kill the metadata must pass
@@ -94,7 +94,7 @@ fn writer(
         } else {
             flushes += 1;
             if kill_at_flush == Some(flushes) {
-                let _ = client.send(common::nbd_client::CMD_FLUSH, 0, 0, 0, &[]);
+                let _ = client.send(common::nbd_client::Command::Flush, 0, 0, 0, &[]);
                 if rng.gen_bool(0.5) {
                     std::thread::sleep(Duration::from_micros(rng.gen_range(0..3_000)));
                 }

@@ -1,4 +1,4 @@
-//! The host's own space (issue 17, point 9): a full file system under the data file reaches the
+//! The host's own space: a full file system under the data file reaches the
 //! client as ENOSPC (never EIO) and leaves the pool consistent and writable; the metadata file
 //! is allocated in full at creation, so a commit never needs host space; `pool create
 //! --preallocate` allocates the data file; and `pool status` and the server's start warn when

@@ -1,4 +1,4 @@
-//! Soak (issue 6, point 6): 8 connections of mixed load (writes, reads with checks, trims,
+//! Soak: 8 connections of mixed load (writes, reads with checks, trims,
 //! flushes, FUA) on the real server while snapshots are taken and deleted online through the
 //! CLI, for 2 minutes (THINNBD_SOAK_SECS for longer). The server's RSS is sampled from
 //! /proc/PID/status every second and must stay flat after warm-up: the largest sample of the

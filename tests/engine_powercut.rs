@@ -1,4 +1,4 @@
-//! Power cuts in process (issue 6, point 2). A pool runs on a metadata device with a volatile
+//! Power cuts in process. A pool runs on a metadata device with a volatile
 //! write cache and a data file whose unsynced pages may be lost; one power supply counts the
 //! operations of both, and the cut lands at a random one of them (a dry run of the same seed
 //! says how many there are). After the cut every unsynced metadata block and data page

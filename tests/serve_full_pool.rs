@@ -1,11 +1,11 @@
-//! A full pool end to end through NBD with the real binary and qemu-io (issue 6, point 4).
+//! A full pool end to end through NBD with the real binary and qemu-io.
 //! With `no_space_policy = "error"` a write needing a new block gets ENOSPC ("No space left on
 //! device", never EIO) and writes to provisioned blocks still succeed. With "queue" the write
 //! waits, and a volume deleted online (`thinnbd volume delete`) or a discard that frees space
 //! lets it complete, and so does an online `thinnbd pool grow`. A pool whose metadata fills
 //! refuses new volumes and new blocks with ENOSPC, keeps serving the rest, and a metadata grow
 //! brings everything back; under "queue" the writes refused for want of metadata wait for that
-//! grow (issue 17, points 6 and 8).
+//! grow.
 
 mod common;
 

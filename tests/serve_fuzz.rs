@@ -1,4 +1,4 @@
-//! Hostile input against the real binary (issue 6, point 5): a bounded random client mixing
+//! Hostile input against the real binary: a bounded random client mixing
 //! valid and invalid requests and broken handshakes against a live server, which must never
 //! crash and must keep data it was not asked to change; bad config files, which must be
 //! refused with the key and the file named; and damaged metadata, which must make `serve` and
@@ -77,13 +77,13 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
             let off = rng.gen_range(CANARY..VOL - 4096);
             let len = rng.gen_range(1..=(VOL - off).min(256 << 10)) as u32;
             let (cmd, payload) = match rng.gen_range(0..5) {
-                0 => (nbd::CMD_READ, Vec::new()),
-                1 => (nbd::CMD_WRITE, vec![rng.gen::<u8>(); len as usize]),
-                2 => (nbd::CMD_FLUSH, Vec::new()),
-                3 => (nbd::CMD_TRIM, Vec::new()),
-                _ => (nbd::CMD_WRITE_ZEROES, Vec::new()),
+                0 => (nbd::Command::Read, Vec::new()),
+                1 => (nbd::Command::Write, vec![rng.gen::<u8>(); len as usize]),
+                2 => (nbd::Command::Flush, Vec::new()),
+                3 => (nbd::Command::Trim, Vec::new()),
+                _ => (nbd::Command::WriteZeroes, Vec::new()),
             };
-            let (off, len) = if cmd == nbd::CMD_FLUSH {
+            let (off, len) = if cmd == nbd::Command::Flush {
                 (0, 0)
             } else {
                 (off, len)
@@ -91,7 +91,7 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
             let cookie = c.send(cmd, 0, off, len, &payload).expect("send");
             let mut data = vec![
                 0u8;
-                if cmd == nbd::CMD_READ {
+                if cmd == nbd::Command::Read {
                     len as usize
                 } else {
                     0
@@ -99,24 +99,36 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
             ];
             let (err, got) = c.reply(&mut data).expect("reply to a valid request");
             assert_eq!(got, cookie);
-            assert_eq!(err, 0, "valid command {cmd} at {off}+{len} failed");
+            assert_eq!(err, 0, "valid command {cmd:?} at {off}+{len} failed");
             t.valid_ok += 1;
         } else if kind < 88 {
             // Well-formed but invalid: the server must refuse it (or hang up), nothing else.
             let cookie: u64 = rng.gen();
-            let (cmd, flags, off, len, payload): (u16, u16, u64, u32, Vec<u8>) =
+            let (cmd, flags, off, len, payload): (nbd::Command, u16, u64, u32, Vec<u8>) =
                 match rng.gen_range(0..6) {
-                    0 => (nbd::CMD_READ, 0, VOL - rng.gen_range(0..4096), 8192, vec![]),
+                    0 => (
+                        nbd::Command::Read,
+                        0,
+                        VOL - rng.gen_range(0..4096),
+                        8192,
+                        vec![],
+                    ),
                     1 => {
                         let len = rng.gen_range(1..8192);
                         let off = rng.gen_range(VOL..u64::MAX - 1);
-                        (nbd::CMD_WRITE, 0, off, len, vec![9u8; len as usize])
+                        (nbd::Command::Write, 0, off, len, vec![9u8; len as usize])
                     }
-                    2 => (rng.gen_range(8..u16::MAX), 0, 0, 0, vec![]),
-                    3 => (nbd::CMD_TRIM, 0, u64::MAX - 10, 4096, vec![]),
-                    4 => (nbd::CMD_READ, 0, CANARY, u32::MAX, vec![]),
+                    2 => (
+                        nbd::Command::Other(rng.gen_range(8..u16::MAX)),
+                        0,
+                        0,
+                        0,
+                        vec![],
+                    ),
+                    3 => (nbd::Command::Trim, 0, u64::MAX - 10, 4096, vec![]),
+                    4 => (nbd::Command::Read, 0, CANARY, u32::MAX, vec![]),
                     _ => (
-                        nbd::CMD_WRITE_ZEROES,
+                        nbd::Command::WriteZeroes,
                         0,
                         VOL,
                         rng.gen_range(1..u32::MAX),
@@ -134,7 +146,7 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
             match c.reply(&mut []) {
                 Ok((err, got)) => {
                     assert_eq!(got, cookie, "reply to another request");
-                    assert_ne!(err, 0, "invalid command {cmd} at {off}+{len} succeeded");
+                    assert_ne!(err, 0, "invalid command {cmd:?} at {off}+{len} succeeded");
                     t.rejected += 1;
                 }
                 Err(_) => {
@@ -149,7 +161,7 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
             if rng.gen_bool(0.5) {
                 let mut hdr = 0x2560_9513u32.to_be_bytes().to_vec();
                 hdr.extend_from_slice(&0u16.to_be_bytes());
-                hdr.extend_from_slice(&nbd::CMD_WRITE.to_be_bytes());
+                hdr.extend_from_slice(&nbd::Command::Write.to_u16().to_be_bytes());
                 hdr.extend_from_slice(&1u64.to_be_bytes());
                 hdr.extend_from_slice(&(CANARY + 4096).to_be_bytes());
                 hdr.extend_from_slice(&65536u32.to_be_bytes());
@@ -360,7 +372,7 @@ fn damaged_metadata_fails_cleanly_without_panics() {
             for off in (0..c.size).step_by(buf.len()) {
                 let err = c.read(off, &mut buf).unwrap();
                 assert!(
-                    err == 0 || err == nbd::EIO,
+                    err == 0 || err == nbd::NBD_EIO,
                     "block {block}: read errno {err}"
                 );
             }

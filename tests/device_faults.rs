@@ -1,4 +1,4 @@
-//! Fault injection (issue 6, point 3). EIO on chosen data-device reads and writes fails only
+//! Fault injection. EIO on chosen data-device reads and writes fails only
 //! that request, in the engine and through NBD: other requests, other blocks and other
 //! volumes keep working and the pool stays writable. A metadata write failure turns the pool
 //! read-only; the engine's status and the `thinnbd pool status` mode string say so (the latter
@@ -12,7 +12,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::nbd_client::{Client, EIO};
+use common::nbd_client::{Client, NBD_EIO};
 use thinnbd::engine::{DataDevice, DataTap, Pool, PoolConfig, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
 use thinnbd::ErrorKind;
@@ -275,13 +275,13 @@ fn nbd_eio_reaches_the_client_for_that_request_only() {
     let mut buf = vec![0u8; 4096];
     // Pipelined: the failing read sits between good ones on the same connection.
     let c1 = a
-        .send(common::nbd_client::CMD_READ, 0, BS, 4096, &[])
+        .send(common::nbd_client::Command::Read, 0, BS, 4096, &[])
         .unwrap();
     let c2 = a
-        .send(common::nbd_client::CMD_READ, 0, 0, 4096, &[])
+        .send(common::nbd_client::Command::Read, 0, 0, 4096, &[])
         .unwrap();
     let c3 = a
-        .send(common::nbd_client::CMD_READ, 0, BS + 4096, 4096, &[])
+        .send(common::nbd_client::Command::Read, 0, BS + 4096, 4096, &[])
         .unwrap();
     let mut errs = HashMap::new();
     for _ in 0..3 {
@@ -296,7 +296,7 @@ fn nbd_eio_reaches_the_client_for_that_request_only() {
         errs.insert(cookie, err);
     }
     assert_eq!(errs[&c1], 0);
-    assert_eq!(errs[&c2], EIO, "the read of the faulty block gets EIO");
+    assert_eq!(errs[&c2], NBD_EIO, "the read of the faulty block gets EIO");
     assert_eq!(errs[&c3], 0);
     assert_eq!(
         b.read(0, &mut buf).unwrap(),
@@ -310,7 +310,7 @@ fn nbd_eio_reaches_the_client_for_that_request_only() {
     );
     faults.clear();
     faults.fail_all_writes(true);
-    assert_eq!(a.write(BS, &block[..4096], false).unwrap(), EIO);
+    assert_eq!(a.write(BS, &block[..4096], false).unwrap(), NBD_EIO);
     faults.clear();
     assert_eq!(a.read(0, &mut buf).unwrap(), 0, "the connection survived");
     assert_eq!(a.flush().unwrap(), 0);
