@@ -9,22 +9,9 @@ use std::process::Command;
 use common::memory_server::*;
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
+use common::qemu::{nbdinfo_map, qemu_io_at};
 use common::tools::*;
 use thinnbd::nbd::memory::MemoryExport;
-
-/// Runs qemu-io commands against a URI; fails on a non-zero exit or a failed verification.
-fn qemu_io(uri: &str, cmds: &[String]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = stdout_of(&mut cmd);
-    for bad in ["fail", "error", "Error", "mismatch"] {
-        assert!(!out.contains(bad), "qemu-io reported {bad:?}:\n{out}");
-    }
-    out
-}
 
 fn write_random_image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
     let mut data = pattern(seed, size);
@@ -75,19 +62,7 @@ fn nbdinfo_lists_exports_and_maps_holes() {
     assert_eq!(c.simple_reply(), (0, 2));
     assert_eq!(disk.allocated_pages(), 192);
 
-    let map = stdout_of(Command::new("nbdinfo").args(["--map", &server.unix_uri("disk")]));
-    // Lines look like: "     262144      262144    3  hole,zero".
-    let rows: Vec<(u64, u64, u32)> = map
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((
-                f.first()?.parse().ok()?,
-                f.get(1)?.parse().ok()?,
-                f.get(2)?.parse().ok()?,
-            ))
-        })
-        .collect();
+    let rows = nbdinfo_map(&server.unix_uri("disk"));
     assert_eq!(
         rows,
         vec![
@@ -96,7 +71,7 @@ fn nbdinfo_lists_exports_and_maps_holes() {
             (512 << 10, 512 << 10, 0),
             (1 << 20, (64 << 20) - (1 << 20), 3)
         ],
-        "{map}"
+        "{rows:?}"
     );
 }
 
@@ -128,7 +103,11 @@ fn qemu_io_patterns_including_unaligned_io() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        qemu_io(&uri, &cmds);
+        qemu_io_at(
+            &uri,
+            false,
+            &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
     }
     // The bytes really are where qemu-io put them.
     let disk = server.export("disk");

@@ -11,6 +11,7 @@ use std::process::Command;
 use common::nbdkit::*;
 use common::pattern::pattern;
 use common::process::{free_port, run, stdout_of};
+use common::qemu::{nbdinfo_map, qemu_io_at};
 use common::tools::*;
 use thinnbd::service::exports::describe;
 
@@ -50,8 +51,9 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
 
     // Pattern writes and reads back; unwritten space reads as zeros.
     let disk = nbdkit.uri("disk");
-    qemu_io(
+    qemu_io_at(
         &disk,
+        false,
         &[
             "write -P 0xab 0 1M",
             "write -P 0xcd 8M 128K",
@@ -61,7 +63,7 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
             "flush",
         ],
     );
-    let rows = map(&disk);
+    let rows = nbdinfo_map(&disk);
     let expect = [
         (0, MIB, 0),
         (MIB, 7 * MIB, 3),
@@ -71,8 +73,9 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
     assert_eq!(rows, expect, "map of disk");
 
     // Trim and zeroing with unmap punch holes (64 KiB pool blocks).
-    qemu_io(
+    qemu_io_at(
         &disk,
+        false,
         &[
             "discard 0 512K",
             "write -z -u 8M 64K",
@@ -82,7 +85,7 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
             "read -P 0xcd 8256K 64K",
         ],
     );
-    let rows = map(&disk);
+    let rows = nbdinfo_map(&disk);
     assert_eq!(rows.first(), Some(&(0, 512 << 10, 3)), "{rows:?}");
     assert!(rows.contains(&(512 << 10, 512 << 10, 0)), "{rows:?}");
     assert!(
@@ -91,7 +94,7 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
     );
 
     // The snapshot was taken before any write: all holes, read-only.
-    assert_eq!(map(&nbdkit.uri("snap")), [(0, 64 * MIB, 3)]);
+    assert_eq!(nbdinfo_map(&nbdkit.uri("snap")), [(0, 64 * MIB, 3)]);
     let json = stdout_of(Command::new("nbdinfo").args(["--json", &nbdkit.uri("snap")]));
     assert!(json.contains("\"is_read_only\": true"), "{json}");
 
@@ -129,8 +132,9 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
 
     // The same pool, the same data, through the NBD server of the CLI.
     let serve = serve_pool(&pool);
-    qemu_io(
+    qemu_io_at(
         &serve.uri("disk"),
+        false,
         &[
             "read -P 0 0 512K",
             "read -P 0xab 512K 512K",
@@ -184,8 +188,8 @@ fn export_key_serves_one_volume_as_the_default() {
     assert!(json.contains(&d), "missing description {d:?} in:\n{json}");
 
     // Written through the default export, read back by name.
-    qemu_io(&nbdkit.uri(""), &["write -P 0x5a 1M 64K"]);
-    qemu_io(&nbdkit.uri("b"), &["read -P 0x5a 1M 64K"]);
+    qemu_io_at(&nbdkit.uri(""), false, &["write -P 0x5a 1M 64K"]);
+    qemu_io_at(&nbdkit.uri("b"), false, &["read -P 0x5a 1M 64K"]);
     let refused = Command::new("nbdinfo")
         .arg(nbdkit.uri("a"))
         .output()
@@ -285,14 +289,19 @@ fn daemonized_nbdkit_opens_the_pool_after_the_fork() {
         &pidfile,
     );
     let uri = Endpoint::Unix(sock).uri("disk");
-    qemu_io(&uri, &["write -P 0x77 3M 256K", "read -P 0x77 3M 256K"]);
+    qemu_io_at(
+        &uri,
+        false,
+        &["write -P 0x77 3M 256K", "read -P 0x77 3M 256K"],
+    );
     daemon.stop();
     run(Command::new("thin_check").arg(pool.dir.join("metadata")));
 
     // What the daemon wrote was committed.
     let serve = serve_pool(&pool);
-    qemu_io(
+    qemu_io_at(
         &serve.uri("disk"),
+        false,
         &["read -P 0x77 3M 256K", "read -P 0 0 3M"],
     );
     serve.stop();

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
+use common::qemu::{nbdinfo_map, qemu_io_at};
 use common::serve::*;
 use common::tools::*;
 
@@ -105,9 +106,9 @@ fn qemu_io_patterns_including_unaligned_io_across_block_boundaries() {
         "read -P 0 8192 8192",
         "flush",
     ];
-    qemu_io(&server.uri("vol"), false, &cmds);
+    qemu_io_at(&server.uri("vol"), false, &cmds);
     // A second client over the unix socket sees what the first wrote.
-    qemu_io(
+    qemu_io_at(
         &server.unix_uri("vol"),
         true,
         &[
@@ -191,20 +192,6 @@ fn nbdcopy_in_and_out() {
     server.stop();
 }
 
-/// `nbdinfo --map` rows: (offset, length, type).
-fn map_rows(text: &str) -> Vec<(u64, u64, u32)> {
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((
-                f.first()?.parse().ok()?,
-                f.get(1)?.parse().ok()?,
-                f.get(2)?.parse().ok()?,
-            ))
-        })
-        .collect()
-}
-
 #[test]
 fn trim_leaves_a_hole_in_the_map_and_frees_pool_space() {
     if !require_tools(&["qemu-io", "nbdinfo"]) {
@@ -214,26 +201,25 @@ fn trim_leaves_a_hole_in_the_map_and_frees_pool_space() {
     pool.create_volume("vol", "64M");
     let server = pool.serve();
     let uri = server.uri("vol");
-    qemu_io(&uri, false, &["write -P 0x5a 0 4M", "flush"]);
+    qemu_io_at(&uri, false, &["write -P 0x5a 0 4M", "flush"]);
     assert_eq!(pool.mapped_bytes("vol"), 4 * MIB);
-    let before = map_rows(&stdout_of(Command::new("nbdinfo").args(["--map", &uri])));
+    let before = nbdinfo_map(&uri);
     assert_eq!(before, vec![(0, 4 * MIB, 0), (4 * MIB, 60 * MIB, 3)]);
 
-    qemu_io(&uri, false, &["discard 1M 1M", "flush"]);
-    let map = stdout_of(Command::new("nbdinfo").args(["--map", &server.unix_uri("vol")]));
+    qemu_io_at(&uri, false, &["discard 1M 1M", "flush"]);
     assert_eq!(
-        map_rows(&map),
+        nbdinfo_map(&server.unix_uri("vol")),
         vec![
             (0, MIB, 0),
             (MIB, MIB, 3),
             (2 * MIB, 2 * MIB, 0),
             (4 * MIB, 60 * MIB, 3)
         ],
-        "{map}"
+        "nbdinfo --map after discarding 1M at 1M"
     );
     assert_eq!(pool.mapped_bytes("vol"), 3 * MIB);
     // The hole reads as zeros; the rest kept its data.
-    qemu_io(
+    qemu_io_at(
         &uri,
         true,
         &["read -P 0x5a 0 1M", "read -P 0 1M 1M", "read -P 0x5a 2M 2M"],

@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::pattern::pattern;
+use common::qemu::qemu_io_at;
 use common::serve::*;
 use common::tools::*;
 use rand::rngs::SmallRng;
@@ -61,7 +62,7 @@ fn good_client_reads(server: &Server, with_qemu: bool) {
     assert_eq!(c.read(7, 1 << 20, 4096).expect("read"), pattern(3, 4096));
     c.disconnect();
     if with_qemu {
-        qemu_io(
+        qemu_io_at(
             &server.uri("vol"),
             true,
             &["read -P 0x77 0 1M", "read -P 0 2M 1M"],
@@ -78,7 +79,7 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
     pool.create_volume("vol", "64M");
     let mut server = pool.serve();
     let port = server.port;
-    qemu_io(&server.uri("vol"), false, &["write -P 0x77 0 1M", "flush"]);
+    qemu_io_at(&server.uri("vol"), false, &["write -P 0x77 0 1M", "flush"]);
     {
         let (mut c, _, _) = RawClient::open(port, "vol");
         assert_eq!(c.write(1, 1 << 20, &pattern(3, 4096)), 0);

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::{run, run_failing, stdout_of};
+use common::qemu::qemu_io_at;
 use common::serve::*;
 use common::tools::*;
 
@@ -25,7 +26,7 @@ fn snapshot_while_fio_writes_to_the_origin() {
     let uri = server.uri("origin");
 
     // The marker: 0..8 MiB, which fio never touches.
-    qemu_io(&uri, false, &["write -P 0x6d 0 8M", "flush"]);
+    qemu_io_at(&uri, false, &["write -P 0x6d 0 8M", "flush"]);
     let marker_bytes = pool.mapped_bytes("origin");
     assert_eq!(marker_bytes, 8 * MIB);
 
@@ -75,14 +76,14 @@ fn snapshot_while_fio_writes_to_the_origin() {
     // The snapshot holds the marker, and nothing fio writes afterwards reaches it: two copies of
     // the whole snapshot, one taken while fio still runs and one after, are identical.
     let snap_uri = server.uri("snap");
-    qemu_io(&snap_uri, true, &["read -P 0x6d 0 8M"]);
+    qemu_io_at(&snap_uri, true, &["read -P 0x6d 0 8M"]);
     assert_eq!(early.write(2, 4 << 20, &[0x5e; 4096]), 0);
     assert_eq!(
         early.read(3, 4 << 20, 4096).expect("read"),
         vec![0x5e; 4096]
     );
     early.disconnect();
-    qemu_io(&snap_uri, true, &["read -P 0x6d 0 8M"]);
+    qemu_io_at(&snap_uri, true, &["read -P 0x6d 0 8M"]);
     let copy1 = pool.tmp.path().join("snap1.raw");
     let copy2 = pool.tmp.path().join("snap2.raw");
     run(Command::new("nbdcopy").arg(&snap_uri).arg(&copy1));
@@ -109,9 +110,9 @@ fn snapshot_while_fio_writes_to_the_origin() {
     assert!(snap[192 << 20..].iter().all(|&b| b == 0));
 
     // Overwriting the marker on the origin leaves the snapshot's copy alone.
-    qemu_io(&uri, false, &["write -P 0x99 0 8M", "flush"]);
-    qemu_io(&uri, true, &["read -P 0x99 0 8M"]);
-    qemu_io(&snap_uri, true, &["read -P 0x6d 0 8M"]);
+    qemu_io_at(&uri, false, &["write -P 0x99 0 8M", "flush"]);
+    qemu_io_at(&uri, true, &["read -P 0x99 0 8M"]);
+    qemu_io_at(&snap_uri, true, &["read -P 0x6d 0 8M"]);
 
     // Deleting the origin leaves the snapshot whole (the blocks they shared stay referenced).
     delete_when_idle(pool.dir_str(), "origin");
@@ -164,7 +165,7 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
     let out = thinnbd(&["volume", "create", "--pool", dir, "extra", "--size", "32M"]);
     assert!(out.contains("created volume extra"), "{out}");
     assert_eq!(exports(&server.uri("")), ["keep", "extra"]);
-    qemu_io(
+    qemu_io_at(
         &server.uri("extra"),
         false,
         &["write -P 0x42 0 1M", "read -P 0x42 0 1M"],
@@ -173,7 +174,7 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
     // Resize: new connections see the new size, and the data stays.
     thinnbd(&["volume", "resize", "--pool", dir, "extra", "--size", "96M"]);
     assert_eq!(nbdinfo_size(&server.uri("extra")), 96 * MIB);
-    qemu_io(
+    qemu_io_at(
         &server.uri("extra"),
         false,
         &[
@@ -215,9 +216,9 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
         "volume", "resize", "--pool", dir, "extra", "--size", "16M", "--force",
     ]);
     assert_eq!(nbdinfo_size(&server.unix_uri("extra")), 16 * MIB);
-    qemu_io(&server.uri("extra"), true, &["read -P 0x42 0 1M"]);
+    qemu_io_at(&server.uri("extra"), true, &["read -P 0x42 0 1M"]);
     thinnbd(&["volume", "resize", "--pool", dir, "extra", "--size", "96M"]);
-    qemu_io(&server.uri("extra"), true, &["read -P 0 16M 80M"]);
+    qemu_io_at(&server.uri("extra"), true, &["read -P 0 16M 80M"]);
     thinnbd_when_idle(&[
         "volume", "resize", "--pool", dir, "extra", "--size", "-80M", "--force",
     ]);
@@ -240,7 +241,7 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
 
     // A name can be reused, and the new volume starts empty.
     thinnbd(&["volume", "create", "--pool", dir, "extra", "--size", "8M"]);
-    qemu_io(&server.uri("extra"), true, &["read -P 0 0 8M"]);
+    qemu_io_at(&server.uri("extra"), true, &["read -P 0 0 8M"]);
     server.stop();
     assert_pool_clean(&pool.dir);
     // Offline, the same commands work on the pool directly.
@@ -316,7 +317,7 @@ fn nbdcopy_snapshot_backup_example() {
     let pool = TestPool::create("1G");
     pool.create_volume("data", "64M");
     let server = pool.serve();
-    qemu_io(
+    qemu_io_at(
         &server.uri("data"),
         false,
         &["write -P 0x31 0 2M", "write -P 0x32 40M 3M", "flush"],

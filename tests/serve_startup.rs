@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::process::{free_port, stdout_of};
+use common::qemu::qemu_io_at;
 use common::serve::*;
 use common::tools::*;
 
@@ -65,7 +66,7 @@ fn default_start_creates_the_pool_and_default_volume() {
     assert_eq!(status["volumes"][0]["name"], "default");
     assert_eq!(status["volumes"][0]["size"], 10 * GIB);
 
-    qemu_io(
+    qemu_io_at(
         &server.uri("default"),
         false,
         &["write -P 0x5d 5G 1M", "flush"],
@@ -77,7 +78,7 @@ fn default_start_creates_the_pool_and_default_volume() {
     let server = serve_default(tmp.path());
     let list = stdout_of(Command::new("nbdinfo").args(["--list", &server.uri("")]));
     assert_eq!(list.matches("export=\"").count(), 1, "{list}");
-    qemu_io(&server.uri("default"), true, &["read -P 0x5d 5G 1M"]);
+    qemu_io_at(&server.uri("default"), true, &["read -P 0x5d 5G 1M"]);
     server.stop();
     assert_pool_clean(&dir);
 }

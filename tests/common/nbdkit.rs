@@ -282,36 +282,6 @@ pub fn serve_pool(pool: &TestPool) -> Server {
     )
 }
 
-/// Runs qemu-io commands against a URI; fails on a non-zero exit or a failed verification.
-pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = stdout_of(&mut cmd);
-    for bad in ["fail", "error", "Error", "mismatch"] {
-        assert!(!out.contains(bad), "qemu-io reported {bad:?}:\n{out}");
-    }
-    out
-}
-
-/// `nbdinfo --map` as (offset, length, type) rows.
-pub fn map(uri: &str) -> Vec<(u64, u64, u32)> {
-    let out = stdout_of(Command::new("nbdinfo").args(["--map", uri]));
-    // Lines look like: "     262144      262144    3  hole,zero".
-    out.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((
-                f.first()?.parse().ok()?,
-                f.get(1)?.parse().ok()?,
-                f.get(2)?.parse().ok()?,
-            ))
-        })
-        .collect()
-}
-
 /// A daemonized nbdkit, known by its pid file.
 pub struct Daemon {
     pid: libc::pid_t,

@@ -1,6 +1,9 @@
-//! qemu-io against an export of a test server on 127.0.0.1, as a client would see it.
+//! External clients against an export of a test server, as a user would run them: qemu-io
+//! (by port on 127.0.0.1 or by URI) and `nbdinfo --map`.
 
 use std::process::{Command, Stdio};
+
+use super::process::{run, stdout_of};
 
 /// A qemu-io command running `cmds` on export `export` of the server on `port`.
 pub fn qemu_io_cmd(port: u16, export: &str, cmds: &[&str]) -> Command {
@@ -35,4 +38,43 @@ pub fn qemu_io_ok(port: u16, export: &str, cmds: &[&str]) -> String {
         );
     }
     out
+}
+
+/// Runs qemu-io commands against a URI (`-r` opens read-only); fails on a non-zero exit or a
+/// reported failure (qemu-io exits 0 after a failed `read -P`, so the output is searched).
+pub fn qemu_io_at(uri: &str, read_only: bool, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    if read_only {
+        cmd.arg("-r");
+    }
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = run(&mut cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bad in ["fail", "error", "Error", "mismatch"] {
+        assert!(!text.contains(bad), "qemu-io reported {bad:?}:\n{text}");
+    }
+    text
+}
+
+/// `nbdinfo --map URI` as (offset, length, type) rows.
+pub fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u32)> {
+    let out = stdout_of(Command::new("nbdinfo").args(["--map", uri]));
+    // Lines look like: "     262144      262144    3  hole,zero".
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.parse().ok()?,
+                f.get(2)?.parse().ok()?,
+            ))
+        })
+        .collect()
 }

@@ -306,29 +306,6 @@ impl Drop for Server {
     }
 }
 
-/// Runs qemu-io commands against a URI (`-r` opens read-only); fails on a non-zero exit or a
-/// reported failure (qemu-io exits 0 after a failed `read -P`, so the output is searched).
-pub fn qemu_io(uri: &str, read_only: bool, cmds: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    if read_only {
-        cmd.arg("-r");
-    }
-    cmd.args(["-f", "raw", uri]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = run(&mut cmd);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for bad in ["fail", "error", "Error", "mismatch"] {
-        assert!(!text.contains(bad), "qemu-io reported {bad:?}:\n{text}");
-    }
-    text
-}
-
 // The raw client speaks the wire through the public codec: its constants and encoders.
 pub use thinnbd::nbd::codec::{
     Command as NbdCommand, OptionHeader, OptionReply, Request, SimpleReply, IHAVEOPT, NBD_MAGIC,
