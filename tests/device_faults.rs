@@ -67,7 +67,7 @@ fn mem_pool(dir: &std::path::Path, mem: &MemBlockIo) -> Arc<Pool> {
 
 #[test]
 fn engine_eio_on_chosen_blocks_fails_only_those_requests() {
-    let dir = common::load::fast_tempdir();
+    let dir = common::pool::fast_tempdir();
     let pool = mem_pool(dir.path(), &MemBlockIo::new(1024));
     let rec = Arc::new(Recorder::default());
     pool.data_device().faults().set_tap(Some(rec.clone()));
@@ -138,7 +138,7 @@ fn engine_eio_on_chosen_blocks_fails_only_those_requests() {
 
 #[test]
 fn engine_metadata_write_failure_turns_the_pool_read_only() {
-    let dir = common::load::fast_tempdir();
+    let dir = common::pool::fast_tempdir();
     let mem = MemBlockIo::new(1024);
     let pool = mem_pool(dir.path(), &mem);
     pool.create_thin(1).unwrap();
@@ -257,7 +257,7 @@ impl InProcess {
 
 #[test]
 fn nbd_eio_reaches_the_client_for_that_request_only() {
-    let dir = common::load::fast_tempdir();
+    let dir = common::pool::fast_tempdir();
     let mut srv = InProcess::start(&dir.path().join("pool"));
     let faults = srv.volumes.pool().data_device().faults();
     let rec = Arc::new(Recorder::default());

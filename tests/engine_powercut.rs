@@ -283,7 +283,7 @@ fn one_cut(dir: &Path, seed: u64, run_checkers: bool) -> Run {
 fn power_cut_at_random_points_loses_nothing_flushed() {
     let runs = common::load::env_count("THINNBD_POWERCUT_RUNS", 150);
     let base = common::load::base_seed("power cut");
-    let dir = common::load::fast_tempdir();
+    let dir = common::pool::fast_tempdir();
     let (mut reverted, mut kept, mut meta_kept, mut pieces) = (0usize, 0usize, 0usize, 0u64);
     let mut cuts_in_commit = 0u64;
     for i in 0..runs {

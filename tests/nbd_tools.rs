@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::memory_server::*;
+use common::nbdsh::nbdsh;
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
 use common::qemu::{nbdinfo_map, qemu_io_at};

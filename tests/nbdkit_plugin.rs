@@ -8,7 +8,9 @@ mod common;
 
 use std::process::Command;
 
+use common::docs;
 use common::nbdkit::*;
+use common::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 use common::pattern::pattern;
 use common::process::{free_port, run, stdout_of};
 use common::qemu::{nbdinfo_map, qemu_io_at};

@@ -5,6 +5,7 @@ mod common;
 
 use std::process::Command;
 
+use common::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
 use common::qemu::{nbdinfo_map, qemu_io_at};

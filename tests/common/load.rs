@@ -29,15 +29,3 @@ pub fn base_seed(test: &str) -> u64 {
     eprintln!("{test}: THINNBD_SEED={seed}");
     seed
 }
-
-/// A temp dir on tmpfs when there is one: the in-process tests sync often, and what they check
-/// is the model of durability, not the disk's.
-pub fn fast_tempdir() -> tempfile::TempDir {
-    let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(d) = tempfile::tempdir_in(shm) {
-            return d;
-        }
-    }
-    tempfile::tempdir().expect("temp dir")
-}

@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +12,6 @@ use thinnbd::nbd::codec::*;
 use thinnbd::nbd::memory::{MemoryExport, MemorySource};
 use thinnbd::nbd::{serve, Listener, ServerConfig};
 use tokio::sync::oneshot;
-
-use super::process::run;
-
-pub use super::nbdsh::nbdsh;
 
 fn init_tracing() {
     // RUST_LOG=thinnbd=debug shows the server's logs in failing tests.

@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests, one module per subject. Each test crate includes
 //! the whole folder with `mod common;` and uses what it needs.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
 pub mod docs;
 pub mod load;
@@ -20,5 +20,8 @@ pub mod server;
 pub mod small_fs;
 pub mod tools;
 
+// The helpers most test crates use, by their short names.
+#[allow(unused_imports)]
 pub use metadata::{assert_metadata_clean, thin_dump_mappings};
+#[allow(unused_imports)]
 pub use tools::{in_ci, require_tool, require_tools};

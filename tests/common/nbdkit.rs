@@ -3,15 +3,12 @@
 //! stopped with SIGTERM by the test), and the external clients.
 
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::process::{exit_within, free_port, run, stdout_of};
+use super::process::{exit_within, free_port, run};
 use super::serve::Server;
-
-pub use super::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 
 /// How long a server may take to start or stop before the test gives up.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -46,8 +43,6 @@ pub fn plugin() -> PathBuf {
     );
     so
 }
-
-pub use super::docs;
 
 /// A pool in a temp dir: 1 GiB data, the given (name, size) volumes.
 pub struct TestPool {

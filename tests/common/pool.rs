@@ -41,27 +41,33 @@ impl TempPool {
 /// A pool on files in a fresh temporary directory.
 pub fn temp_pool(data_bytes: u64, block_bytes: u64, config: PoolConfig) -> TempPool {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pool = Pool::create(
-        &dir.path().join("meta"),
-        &dir.path().join("data"),
-        data_bytes,
-        block_bytes,
-        config,
-    )
-    .expect("create pool");
-    TempPool { dir, pool }
+    pool_in(dir, data_bytes, block_bytes, config)
 }
 
 /// Like [`temp_pool`], but on tmpfs (`/dev/shm`) when there is one, for stress tests whose
 /// every round commits: `fdatasync` there costs nothing, so rounds measure the engine.
 pub fn temp_pool_fast(data_bytes: u64, block_bytes: u64, config: PoolConfig) -> TempPool {
+    pool_in(fast_tempdir(), data_bytes, block_bytes, config)
+}
+
+/// A temp dir on tmpfs when there is one, else the usual one: for tests that sync often and
+/// check a model of durability, not the disk's.
+pub fn fast_tempdir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
-        tempfile::tempdir_in(shm)
-    } else {
-        tempfile::tempdir()
-    };
-    let dir = dir.or_else(|_| tempfile::tempdir()).expect("tempdir");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
+}
+
+fn pool_in(
+    dir: tempfile::TempDir,
+    data_bytes: u64,
+    block_bytes: u64,
+    config: PoolConfig,
+) -> TempPool {
     let pool = Pool::create(
         &dir.path().join("meta"),
         &dir.path().join("data"),

@@ -4,17 +4,15 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::process::{exit_within, free_port, run, stdout_of};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_thinnbd");
-
-pub use super::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 
 /// `thinnbd ARGS...`, which must succeed; returns stdout.
 pub fn thinnbd(args: &[&str]) -> String {
@@ -311,6 +309,7 @@ pub use thinnbd::nbd::codec::{
     Command as NbdCommand, OptionHeader, OptionReply, Request, SimpleReply, IHAVEOPT, NBD_MAGIC,
     OPTION_REPLY_HEADER_LEN, OPT_GO, REP_ACK, REP_INFO, SIMPLE_REPLY_LEN,
 };
+#[allow(unused_imports)] // the errors its replies carry, for the tests that check them
 pub use thinnbd::nbd::{NBD_EINVAL, NBD_ENOSPC};
 
 /// A blocking client that speaks the fixed-newstyle handshake and simple replies byte by byte.
