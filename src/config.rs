@@ -73,11 +73,8 @@ struct RawLog {
     level: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NoSpacePolicy {
-    Error,
-    Queue,
-}
+/// The engine's policy, named here too so the config and the engine share one type.
+pub use crate::engine::NoSpacePolicy;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
@@ -485,6 +482,17 @@ mod tests {
                 "{bad}: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn no_space_policy_is_the_engines_own_type() {
+        let c = Config::from_toml("[pool]\nno_space_policy = \"error\"\n", "x").unwrap();
+        let engine_policy: crate::engine::NoSpacePolicy = c.pool.no_space_policy;
+        assert_eq!(engine_policy, crate::engine::NoSpacePolicy::Error);
+        assert_eq!(
+            Config::default_config().pool.no_space_policy,
+            crate::engine::NoSpacePolicy::Queue
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ pub mod exports;
 
 use std::sync::Arc;
 
-use crate::config::{Config, LowWaterMark, NoSpacePolicy};
-use crate::engine::{self, PoolConfig};
+use crate::config::{Config, LowWaterMark};
+use crate::engine::PoolConfig;
 use crate::error::{Error, Result};
 use crate::nbd::{self, Listener, ServerConfig};
 use crate::volume::{no_pool_in, CreateOptions, PoolPaths, Volumes};
@@ -15,10 +15,7 @@ use crate::volume::{no_pool_in, CreateOptions, PoolPaths, Volumes};
 /// The engine settings a config asks for.
 pub fn pool_config(config: &Config) -> PoolConfig {
     PoolConfig {
-        no_space_policy: match config.pool.no_space_policy {
-            NoSpacePolicy::Error => engine::NoSpacePolicy::Error,
-            NoSpacePolicy::Queue => engine::NoSpacePolicy::Queue,
-        },
+        no_space_policy: config.pool.no_space_policy,
         queue_timeout: config.pool.no_space_timeout,
         metadata_low_water_percent: config.pool.metadata_low_water_percent,
         low_water_blocks: match config.pool.low_water_mark {
