@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::util::parse_size;
+use crate::{engine, nbd};
 
 /// The pool directory when neither the config nor the command line names one; the only one
 /// `serve` creates on first start without `--create` (a mistyped path must not get a new pool).
@@ -282,7 +283,9 @@ impl Config {
                 "10G",
             )?,
             no_space_policy,
-            no_space_timeout: Duration::from_secs(p.no_space_timeout_secs.unwrap_or(60)),
+            no_space_timeout: p
+                .no_space_timeout_secs
+                .map_or(engine::DEFAULT_QUEUE_TIMEOUT, Duration::from_secs),
             metadata_low_water_percent: c.percent(
                 "pool.metadata_low_water",
                 p.metadata_low_water,
@@ -305,7 +308,7 @@ impl Config {
                 crate::util::resolve_listen_addr(&a).map_err(|why| c.bad("server.listen", why))?,
             );
         }
-        let default_max_request = crate::nbd::DEFAULT_MAX_REQUEST_BYTES.to_string();
+        let default_max_request = nbd::DEFAULT_MAX_REQUEST_BYTES.to_string();
         let max_request_size = c.size(
             "server.max_request_size",
             s.max_request_size,
@@ -323,35 +326,44 @@ impl Config {
         let server = ServerSettings {
             listen,
             socket: s.socket.filter(|p| !p.as_os_str().is_empty()),
-            max_connections: positive("server.max_connections", s.max_connections, 256)?,
+            max_connections: positive(
+                "server.max_connections",
+                s.max_connections,
+                nbd::DEFAULT_MAX_CONNECTIONS,
+            )?,
             max_inflight_per_connection: positive(
                 "server.max_inflight_per_connection",
                 s.max_inflight_per_connection,
-                64,
+                nbd::DEFAULT_MAX_INFLIGHT_PER_CONNECTION,
             )?,
             max_request_size,
-            busy_poll: match s.busy_poll_us.unwrap_or(100) {
-                us @ 0..=10_000 => Duration::from_micros(us),
-                _ => return Err(c.bad("server.busy_poll_us", "must be 0 to 10000")),
+            busy_poll: match s.busy_poll_us.map(Duration::from_micros) {
+                None => nbd::DEFAULT_BUSY_POLL_MAX,
+                Some(d) if d <= Duration::from_millis(10) => d,
+                Some(_) => return Err(c.bad("server.busy_poll_us", "must be 0 to 10000")),
             },
             thread_per_connection: s.thread_per_connection.unwrap_or(true),
         };
         let engine = EngineSettings {
-            cell_pool_size: positive("engine.cell_pool_size", raw.engine.cell_pool_size, 1024)?,
+            cell_pool_size: positive(
+                "engine.cell_pool_size",
+                raw.engine.cell_pool_size,
+                engine::DEFAULT_CELL_POOL_SIZE,
+            )?,
             metadata_cache_blocks: positive(
                 "engine.metadata_cache_blocks",
                 raw.engine.metadata_cache_blocks,
-                16384,
+                crate::pdata::tm::DEFAULT_CACHE_BLOCKS,
             )?,
             mapping_cache_slots: positive(
                 "engine.mapping_cache_slots",
                 raw.engine.mapping_cache_slots,
-                262_144,
+                engine::DEFAULT_MAPPING_CACHE_SLOTS,
             )?,
             data_write_chunk: match c.size(
                 "engine.data_write_chunk",
                 raw.engine.data_write_chunk,
-                "8K",
+                &engine::data::DEFAULT_WRITE_CHUNK.to_string(),
             )? {
                 n if n == 0 || (n % 4096 == 0 && n <= 1 << 30) => n,
                 _ => {

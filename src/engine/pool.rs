@@ -89,20 +89,27 @@ impl PoolConfig {
     }
 }
 
+/// The default bio-prison cells (`engine.cell_pool_size`).
+pub const DEFAULT_CELL_POOL_SIZE: usize = 1024;
+/// The default mapping-cache slots (`engine.mapping_cache_slots`).
+pub const DEFAULT_MAPPING_CACHE_SLOTS: usize = 1 << 18;
+/// The default wait for space under `NoSpacePolicy::Queue` (`pool.no_space_timeout_secs`).
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             no_space_policy: NoSpacePolicy::Queue,
-            queue_timeout: Duration::from_secs(60),
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             low_water_blocks: 0,
             metadata_low_water_percent: 0,
             low_water_percent: 0,
-            cell_pool_size: 1024,
+            cell_pool_size: DEFAULT_CELL_POOL_SIZE,
             zero_new_blocks: true,
             record_events: false,
             commit_delay: Duration::ZERO,
             worker_hold_delay: Duration::ZERO,
-            mapping_cache_slots: 1 << 18,
+            mapping_cache_slots: DEFAULT_MAPPING_CACHE_SLOTS,
             metadata_cache_blocks: crate::pdata::tm::DEFAULT_CACHE_BLOCKS,
             data_write_chunk: super::data::DEFAULT_WRITE_CHUNK,
         }

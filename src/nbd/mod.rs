@@ -14,7 +14,10 @@ pub use backend::{
     extents_at, preferred_block_size, BlockSizes, ExportBackend, ExportInfo, ExportSource, Extent,
     WriteTurns,
 };
-pub use server::{serve, Listener, ServerConfig, DEFAULT_MAX_REQUEST_BYTES};
+pub use server::{
+    serve, Listener, ServerConfig, DEFAULT_BUSY_POLL_MAX, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_INFLIGHT_PER_CONNECTION, DEFAULT_MAX_REQUEST_BYTES,
+};
 
 use crate::error::{Error, ErrorKind};
 

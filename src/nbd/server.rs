@@ -74,7 +74,14 @@ pub const DEFAULT_BUSY_POLL_MAX: Duration = Duration::from_micros(100);
 /// `max_inflight_bytes_per_connection`, not by this.
 pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 64 << 20;
 
-/// Limits of the server. `Default` gives values fit for production.
+/// The default number of clients served at once (`server.max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// The default number of requests a connection may have in flight
+/// (`server.max_inflight_per_connection`).
+pub const DEFAULT_MAX_INFLIGHT_PER_CONNECTION: usize = 64;
+
+/// Limits of the server. `Default` gives the shipped config's values.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Clients served at once; more wait in the listen backlog.
@@ -106,8 +113,8 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            max_connections: 1024,
-            max_inflight_per_connection: 64,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_inflight_per_connection: DEFAULT_MAX_INFLIGHT_PER_CONNECTION,
             max_inflight_bytes_per_connection: 128 << 20,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             handshake_timeout: Duration::from_secs(30),

@@ -34,6 +34,19 @@ pub fn pool_config(config: &Config) -> PoolConfig {
     }
 }
 
+/// The NBD server's limits a config asks for.
+pub fn server_config(config: &Config) -> ServerConfig {
+    ServerConfig {
+        max_connections: config.server.max_connections,
+        max_inflight_per_connection: config.server.max_inflight_per_connection,
+        max_request_bytes: u32::try_from(config.server.max_request_size)
+            .unwrap_or(nbd::DEFAULT_MAX_REQUEST_BYTES),
+        busy_poll_max: config.server.busy_poll,
+        thread_per_connection: config.server.thread_per_connection,
+        ..ServerConfig::default()
+    }
+}
+
 /// Opens the configured pool, creating it (with its default volume) when missing and
 /// `create_if_missing` (which `thinnbd serve` keeps only for the default directory or `--create`).
 pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
@@ -146,15 +159,7 @@ pub async fn run(config: Config) -> Result<()> {
     let names = volumes.volume_names().join(", ");
     let wheres: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
     tracing::info!(pool = %volumes.paths().dir.display(), listen = %wheres.join(" "), volumes = %names, "serving");
-    let server_config = ServerConfig {
-        max_connections: config.server.max_connections,
-        max_inflight_per_connection: config.server.max_inflight_per_connection,
-        max_request_bytes: u32::try_from(config.server.max_request_size)
-            .unwrap_or(nbd::DEFAULT_MAX_REQUEST_BYTES),
-        busy_poll_max: config.server.busy_poll,
-        thread_per_connection: config.server.thread_per_connection,
-        ..ServerConfig::default()
-    };
+    let server_config = server_config(&config);
     let default_export = Some(config.pool.default_volume.clone()).filter(|s| !s.is_empty());
     let source = Arc::new(exports::VolumeExports::new(volumes.clone(), default_export));
     nbd::serve(listeners, source, server_config, shutdown_signal()).await;
@@ -170,4 +175,34 @@ pub async fn run(config: Config) -> Result<()> {
         .map_err(|e| Error::new(crate::ErrorKind::Io, format!("shutting down: {e}")))??;
     tracing::info!("pool closed cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime defaults are the shipped config's: a layer built without a config file
+    /// (a test, an embedder) behaves as `thinnbd serve` with none.
+    #[test]
+    fn default_config_gives_the_runtime_defaults() {
+        let config = Config::default_config();
+        let server = server_config(&config);
+        let built_in = ServerConfig::default();
+        assert_eq!(server.max_connections, built_in.max_connections);
+        assert_eq!(
+            server.max_inflight_per_connection,
+            built_in.max_inflight_per_connection
+        );
+        assert_eq!(server.max_request_bytes, built_in.max_request_bytes);
+        assert_eq!(server.busy_poll_max, built_in.busy_poll_max);
+        assert_eq!(server.thread_per_connection, built_in.thread_per_connection);
+        let pool = pool_config(&config);
+        let built_in = PoolConfig::default();
+        assert_eq!(pool.no_space_policy, built_in.no_space_policy);
+        assert_eq!(pool.queue_timeout, built_in.queue_timeout);
+        assert_eq!(pool.cell_pool_size, built_in.cell_pool_size);
+        assert_eq!(pool.metadata_cache_blocks, built_in.metadata_cache_blocks);
+        assert_eq!(pool.mapping_cache_slots, built_in.mapping_cache_slots);
+        assert_eq!(pool.data_write_chunk, built_in.data_write_chunk);
+    }
 }
