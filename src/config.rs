@@ -215,7 +215,43 @@ impl PoolSettings {
     }
 }
 
+/// What a command line sets on top of the config file: `thinnbd serve`'s flags and the nbdkit
+/// plugin's `key=value` parameters land here, and [`Config::apply`] is the one place where
+/// they change the config.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Overrides {
+    /// `--pool DIR` / `pool=DIR`.
+    pub pool_dir: Option<PathBuf>,
+    /// `--create`: create a missing pool in any directory, not only the default one.
+    pub create: bool,
+    /// `--listen ADDR`, repeated; empty keeps the config's listeners.
+    pub listen: Vec<SocketAddr>,
+    /// `--socket PATH`.
+    pub socket: Option<PathBuf>,
+}
+
 impl Config {
+    /// Applies command-line settings on top of this config.
+    pub fn apply(&mut self, overrides: Overrides) {
+        if let Some(dir) = overrides.pool_dir {
+            self.pool.dir = dir;
+        }
+        // A mistyped --pool (or config dir) must not silently get a new, empty pool.
+        self.pool.create_if_missing =
+            overrides.create || (self.pool.create_if_missing && self.pool.is_default_dir());
+        let listen_given = !overrides.listen.is_empty();
+        if listen_given {
+            self.server.listen = overrides.listen;
+        }
+        if overrides.socket.is_some() {
+            // Like qemu-nbd: a socket given alone replaces the TCP listeners.
+            if !listen_given {
+                self.server.listen.clear();
+            }
+            self.server.socket = overrides.socket;
+        }
+    }
+
     /// The built-in defaults.
     pub fn default_config() -> Config {
         Config::from_toml(DEFAULT_CONFIG_TOML, "<built-in defaults>")
@@ -505,6 +541,43 @@ mod tests {
             Config::default_config().pool.no_space_policy,
             crate::engine::NoSpacePolicy::Queue
         );
+    }
+
+    #[test]
+    fn overrides_land_in_the_config() {
+        let mut c = Config::default_config();
+        c.apply(Overrides::default());
+        assert!(
+            c.pool.create_if_missing,
+            "the default dir keeps create_if_missing"
+        );
+        assert_eq!(c.server, Config::default_config().server);
+
+        let mut c = Config::default_config();
+        c.apply(Overrides {
+            pool_dir: Some("/srv/pool".into()),
+            socket: Some("/run/t.sock".into()),
+            ..Overrides::default()
+        });
+        assert_eq!(c.pool.dir, PathBuf::from("/srv/pool"));
+        assert!(
+            !c.pool.create_if_missing,
+            "a named dir is created only on request"
+        );
+        assert!(c.server.listen.is_empty(), "a socket alone replaces TCP");
+        assert_eq!(c.server.socket, Some(PathBuf::from("/run/t.sock")));
+
+        let addr: SocketAddr = "127.0.0.1:10900".parse().unwrap();
+        let mut c = Config::default_config();
+        c.apply(Overrides {
+            pool_dir: Some("/srv/pool".into()),
+            create: true,
+            listen: vec![addr],
+            socket: Some("/run/t.sock".into()),
+        });
+        assert!(c.pool.create_if_missing);
+        assert_eq!(c.server.listen, vec![addr]);
+        assert_eq!(c.server.socket, Some(PathBuf::from("/run/t.sock")));
     }
 
     #[test]

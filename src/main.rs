@@ -580,22 +580,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(path) => Config::load(path)?,
                 None => Config::default_config(),
             };
-            if let Some(p) = args.pool {
-                config.pool.dir = p;
-            }
-            // A mistyped --pool (or config dir) must not silently get a new, empty pool.
-            config.pool.create_if_missing =
-                args.create || (config.pool.create_if_missing && config.pool.is_default_dir());
-            if !args.listen.is_empty() {
-                config.server.listen = args.listen.iter().flat_map(|a| a.0.clone()).collect();
-            }
-            if args.socket.is_some() {
-                // Like qemu-nbd: a socket given alone replaces the TCP listeners.
-                if args.listen.is_empty() {
-                    config.server.listen.clear();
-                }
-                config.server.socket = args.socket;
-            }
+            config.apply(thinnbd::config::Overrides {
+                pool_dir: args.pool,
+                create: args.create,
+                listen: args.listen.iter().flat_map(|a| a.0.clone()).collect(),
+                socket: args.socket,
+            });
             init_logging(&config.log_level);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -61,7 +61,7 @@ struct Served {
 
 impl Served {
     fn open(s: &Settings) -> Result<Served> {
-        let volumes = Volumes::open(&s.pool_dir, service::pool_config(&s.config))?;
+        let volumes = Volumes::open(s.pool_dir(), service::pool_config(&s.config))?;
         Ok(Served {
             exports: VolumeExports::new(volumes.clone(), s.default_volume.clone()),
             volumes,
@@ -249,7 +249,7 @@ impl Server for ThinExport {
         call("after_fork", || {
             let s = settings()?;
             let served = Served::open(s)?;
-            tracing::info!(pool = %s.pool_dir.display(), "pool open");
+            tracing::info!(pool = %s.pool_dir().display(), "pool open");
             thinnbd::service::log_space(&served.volumes);
             *locked(&SERVED) = Some(Arc::new(served));
             Ok(())

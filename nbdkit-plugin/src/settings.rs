@@ -3,9 +3,9 @@
 //! The rules themselves (block sizes, extents, writes) are the export seam's, shared with
 //! `thinnbd serve`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use thinnbd::config::Config;
+use thinnbd::config::{Config, Overrides};
 use thinnbd::error::{fail, Error, ErrorKind, Result};
 use thinnbd::nbd::{extents_at, Extent};
 use thinnbd::volume::registry::{self, Registry};
@@ -33,9 +33,9 @@ pub struct Keys {
 /// callbacks need to answer.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Absolute: nbdkit changes directory to `/` when it daemonizes.
-    pub pool_dir: PathBuf,
-    /// The config file's settings (or the defaults); its `[pool]` and `[engine]` apply.
+    /// The config file's settings (or the defaults) with `pool=` applied as `thinnbd serve`
+    /// applies `--pool`; its `[pool]` and `[engine]` apply. `pool.dir` is absolute: nbdkit
+    /// changes directory to `/` when it daemonizes.
     pub config: Config,
     /// The config's `pool.default_volume` (empty when none), as `thinnbd serve` uses it.
     pub default_volume: Option<String>,
@@ -88,7 +88,7 @@ impl Keys {
                  --data-size SIZE`",
             ));
         };
-        let config = match &self.config {
+        let mut config = match &self.config {
             Some(file) => Config::load(Path::new(file))?,
             None => Config::default_config(),
         };
@@ -100,8 +100,11 @@ impl Keys {
         if let Some(name) = &self.export {
             registry::validate_name(name).map_err(|e| e.within(format!("export={name}")))?;
         }
+        config.apply(Overrides {
+            pool_dir: Some(pool_dir),
+            ..Overrides::default()
+        });
         Ok(Settings {
-            pool_dir,
             default_volume: Some(config.pool.default_volume.clone()).filter(|s| !s.is_empty()),
             config,
             export: self.export.clone(),
@@ -110,10 +113,15 @@ impl Keys {
 }
 
 impl Settings {
+    /// The pool directory (`pool=`), absolute.
+    pub fn pool_dir(&self) -> &Path {
+        &self.config.pool.dir
+    }
+
     /// The checks worth making before nbdkit forks, while errors still reach the terminal:
     /// the named export exists and no other process holds the pool.
     pub fn preflight(&self) -> Result<()> {
-        let reg = Registry::load(&self.pool_dir)?;
+        let reg = Registry::load(self.pool_dir())?;
         if let Some(name) = &self.export {
             if reg.get(name).is_err() {
                 let names: Vec<&str> = reg.volumes().iter().map(|v| v.name.as_str()).collect();
@@ -132,14 +140,14 @@ impl Settings {
         }
         // The real lock is taken by `Volumes::open` after the fork; this probe only turns a
         // pool in use into a message on the terminal instead of a silent exit.
-        let lock = PoolPaths::new(&self.pool_dir).lock;
+        let lock = PoolPaths::new(self.pool_dir()).lock;
         if let Ok(f) = std::fs::File::open(&lock) {
             if let Err(std::fs::TryLockError::WouldBlock) = f.try_lock() {
                 return fail(
                     ErrorKind::Busy,
                     format!(
                         "pool {} is in use by another process (a running `thinnbd serve`?)",
-                        self.pool_dir.display()
+                        self.pool_dir().display()
                     ),
                 );
             }
@@ -226,7 +234,12 @@ mod tests {
         k.set("pool", dir.path().to_str().unwrap()).unwrap();
         k.set("config", cfg.to_str().unwrap()).unwrap();
         let s = k.finish().unwrap();
-        assert!(s.pool_dir.is_absolute());
+        assert!(s.pool_dir().is_absolute());
+        assert_eq!(
+            s.config.pool.dir,
+            std::path::absolute(dir.path()).unwrap(),
+            "pool= lands in the config as --pool does"
+        );
         assert_eq!(s.default_volume.as_deref(), Some("vm1"));
         assert!(matches!(
             s.config.pool.no_space_policy,
