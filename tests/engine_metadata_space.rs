@@ -124,7 +124,10 @@ fn spawn_overwriting_writer(
             for vb in targets {
                 tag += 1;
                 log.attempted.insert(vb);
-                match log.handle.write(vb * BLOCK, &pattern_at(tag, 0, 4096), false) {
+                match log
+                    .handle
+                    .write(vb * BLOCK, &pattern_at(tag, 0, 4096), false)
+                {
                     Ok(()) => pending.push((vb, tag)),
                     Err(e) => {
                         assert_eq!(e.kind(), ErrorKind::NoSpace, "block {vb}: {e}");
@@ -250,7 +253,8 @@ fn filling_metadata_with_volumes_under_write_load_loses_nothing_flushed() {
     pool.grow(None, Some(meta_now * 2)).unwrap();
     pool.create_thin(refused_id).unwrap();
     for vb in next_new..next_new + 200 {
-        h.write(vb * BLOCK, &pattern_at(vb, 0, 4096), false).unwrap();
+        h.write(vb * BLOCK, &pattern_at(vb, 0, 4096), false)
+            .unwrap();
         expected.insert(vb, vb);
     }
     h.flush().unwrap();
