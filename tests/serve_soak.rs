@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::model::{identify, Model, PIECE};
 use common::nbd_client::Client;
-use common::server::{cli, make_pool, Server};
+use common::server::{cli, make_pool, rss_kib, Server};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -86,16 +86,6 @@ fn conn_loop(port: u16, i: u64, seed: u64, stop: &AtomicBool, counts: &Counts) -
     }
     c.disconnect();
     model
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 #[test]
