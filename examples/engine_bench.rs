@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig};
+use thinnbd::engine::{EngineConfig, NoSpacePolicy, Pool};
 
 const BS: u64 = 64 * 1024;
 const IO: u64 = 4096;
@@ -80,9 +80,9 @@ fn main() {
     let raw_base = nr_blocks / 2 + 512;
     let meta = tmp.path().join("meta");
     let data = tmp.path().join("data");
-    let config = PoolConfig {
+    let config = EngineConfig {
         no_space_policy: NoSpacePolicy::Error,
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     };
     let pool = Pool::create(&meta, &data, nr_blocks * BS, BS, config).expect("create pool");
     pool.create_thin(1).expect("create thin");

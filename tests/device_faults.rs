@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::nbd_client::{Client, NBD_EIO};
-use thinnbd::engine::{DataDevice, DataTap, Pool, PoolConfig, PoolMode};
+use thinnbd::engine::{DataDevice, DataTap, EngineConfig, Pool, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
 use thinnbd::ErrorKind;
 
@@ -60,7 +60,7 @@ fn mem_pool(dir: &std::path::Path, mem: &MemBlockIo) -> Arc<Pool> {
         DataDevice::new(file, true),
         BS,
         256,
-        PoolConfig::default(),
+        EngineConfig::default(),
     )
     .unwrap()
 }
@@ -179,7 +179,7 @@ fn engine_metadata_write_failure_turns_the_pool_read_only() {
                 .unwrap(),
             false,
         ),
-        PoolConfig::default(),
+        EngineConfig::default(),
     )
     .unwrap();
     let h = pool.activate(1, 64 * BS, false).unwrap();
@@ -200,7 +200,7 @@ struct InProcess {
 impl InProcess {
     fn start(dir: &std::path::Path) -> InProcess {
         use thinnbd::volume::{CreateOptions, Volumes};
-        let config = PoolConfig::default();
+        let config = EngineConfig::default();
         let opts = CreateOptions {
             data: None,
             data_size: 64 << 20,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::metadata::{thin_check, verify_meta};
 use common::pattern::pattern_at;
 use common::pool::*;
-use thinnbd::engine::{DataDevice, NoSpacePolicy, Pool, PoolConfig, PoolMode};
+use thinnbd::engine::{DataDevice, EngineConfig, NoSpacePolicy, Pool, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
 use thinnbd::ErrorKind;
 
@@ -18,7 +18,7 @@ const BS: u64 = 64 * KIB;
 
 #[test]
 fn reads_writes_discards_and_zeroes_follow_the_block_rules() {
-    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let tp = temp_pool(16 * MIB, BS, EngineConfig::default());
     let pool = &tp.pool;
     pool.create_thin(1).unwrap();
     let h = pool.activate(1, 4 * MIB, false).unwrap();
@@ -116,7 +116,7 @@ fn origin_and_snapshot(
 
 #[test]
 fn snapshot_of_a_live_origin_keeps_acknowledged_data_and_breaks_sharing() {
-    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let tp = temp_pool(16 * MIB, BS, EngineConfig::default());
     let pool = &tp.pool;
     let (origin, snap, before) = origin_and_snapshot(pool, 3);
     // Partial overwrite of a shared block: the origin copies it first.
@@ -159,7 +159,7 @@ fn snapshot_of_a_live_origin_keeps_acknowledged_data_and_breaks_sharing() {
 
 #[test]
 fn copy_on_write_without_waiting_when_the_source_is_cached() {
-    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let tp = temp_pool(16 * MIB, BS, EngineConfig::default());
     let pool = &tp.pool;
     let (origin, snap, before) = origin_and_snapshot(pool, 2);
     // Just written, so in the page cache: the copy needs no waiting.
@@ -189,9 +189,9 @@ fn concurrent_writes_to_one_unprovisioned_block_provision_it_once() {
     let tp = temp_pool(
         32 * MIB,
         BS,
-        PoolConfig {
+        EngineConfig {
             cell_pool_size: 4,
-            ..PoolConfig::default()
+            ..EngineConfig::default()
         },
     );
     let pool = tp.pool.clone();
@@ -238,9 +238,9 @@ fn concurrent_writes_to_one_unprovisioned_block_provision_it_once() {
 
 #[test]
 fn concurrent_flushes_share_commits() {
-    let config = PoolConfig {
+    let config = EngineConfig {
         commit_delay: Duration::from_millis(20),
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     };
     let tp = temp_pool(16 * MIB, BS, config);
     let pool = tp.pool.clone();
@@ -280,10 +280,10 @@ fn fill_pool(h: &thinnbd::engine::ThinHandle, blocks: u64) {
 
 #[test]
 fn full_pool_with_error_policy_fails_new_blocks_at_once() {
-    let config = PoolConfig {
+    let config = EngineConfig {
         no_space_policy: NoSpacePolicy::Error,
         low_water_blocks: 2,
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     };
     let tp = temp_pool(8 * BS, BS, config);
     let pool = &tp.pool;
@@ -308,10 +308,10 @@ fn full_pool_with_error_policy_fails_new_blocks_at_once() {
 
 #[test]
 fn full_pool_with_queue_policy_waits_for_space_then_times_out() {
-    let config = PoolConfig {
+    let config = EngineConfig {
         no_space_policy: NoSpacePolicy::Queue,
         queue_timeout: Duration::from_secs(30),
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     };
     let tp = temp_pool(8 * BS, BS, config);
     let pool = tp.pool.clone();
@@ -341,10 +341,10 @@ fn full_pool_with_queue_policy_waits_for_space_then_times_out() {
 
     // With a short timeout the queued write gives up with NoSpace, not Io.
     drop(h);
-    let config = PoolConfig {
+    let config = EngineConfig {
         no_space_policy: NoSpacePolicy::Queue,
         queue_timeout: Duration::from_millis(200),
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     };
     let tp2 = temp_pool(4 * BS, BS, config);
     tp2.pool.create_thin(1).unwrap();
@@ -372,7 +372,7 @@ fn metadata_write_failure_turns_the_pool_read_only() {
         DataDevice::new(file, true),
         BS,
         64,
-        PoolConfig::default(),
+        EngineConfig::default(),
     )
     .unwrap();
     pool.create_thin(1).unwrap();
@@ -403,7 +403,7 @@ fn metadata_write_failure_turns_the_pool_read_only() {
 
 #[test]
 fn data_device_errors_fail_only_the_request() {
-    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let tp = temp_pool(16 * MIB, BS, EngineConfig::default());
     let pool = &tp.pool;
     pool.create_thin(1).unwrap();
     let h = pool.activate(1, MIB, false).unwrap();
@@ -440,7 +440,7 @@ fn data_device_errors_fail_only_the_request() {
 
 #[test]
 fn pool_reopens_with_its_data_and_passes_the_checkers() {
-    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let tp = temp_pool(16 * MIB, BS, EngineConfig::default());
     let data = pattern_at(11, 0, 300_000);
     {
         let pool = tp.pool.clone();
@@ -458,7 +458,7 @@ fn pool_reopens_with_its_data_and_passes_the_checkers() {
     let pool = Pool::open(
         &dir.path().join("meta"),
         &dir.path().join("data"),
-        PoolConfig::default(),
+        EngineConfig::default(),
     )
     .unwrap();
     let h1 = pool.activate(1, 4 * MIB, false).unwrap();
@@ -474,10 +474,10 @@ fn pool_reopens_with_its_data_and_passes_the_checkers() {
 
 #[test]
 fn growing_or_deleting_releases_queued_writes() {
-    let config = PoolConfig {
+    let config = EngineConfig {
         no_space_policy: NoSpacePolicy::Queue,
         queue_timeout: Duration::from_secs(30),
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     };
     let tp = temp_pool(6 * BS, BS, config);
     let pool = tp.pool.clone();
@@ -537,7 +537,7 @@ fn partial_writes_zero_the_rest_of_a_block_on_a_used_device() {
         DataDevice::new(file, false),
         BS,
         16,
-        PoolConfig::default(),
+        EngineConfig::default(),
     )
     .unwrap();
     pool.create_thin(1).unwrap();
@@ -556,7 +556,7 @@ fn partial_writes_zero_the_rest_of_a_block_on_a_used_device() {
 #[test]
 fn discarding_a_whole_unshared_block_punches_it_out_of_the_data_file() {
     use std::os::unix::fs::MetadataExt;
-    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let tp = temp_pool(16 * MIB, BS, EngineConfig::default());
     let pool = &tp.pool;
     pool.create_thin(1).unwrap();
     let h = pool.activate(1, 4 * MIB, false).unwrap();
@@ -585,7 +585,7 @@ fn discarding_a_whole_unshared_block_punches_it_out_of_the_data_file() {
 
 #[test]
 fn a_read_in_flight_keeps_the_block_it_looked_up_from_reuse() {
-    let tp = temp_pool(16 * MIB, BS, PoolConfig::default());
+    let tp = temp_pool(16 * MIB, BS, EngineConfig::default());
     let pool = &tp.pool;
     let (origin, snap, before) = origin_and_snapshot(pool, 1);
     let faults = pool.data_device().faults();
@@ -625,7 +625,7 @@ fn a_read_in_flight_keeps_the_block_it_looked_up_from_reuse() {
 
 #[test]
 fn checking_the_last_commit_while_writers_commit_finds_it_clean() {
-    let tp = temp_pool(64 * MIB, BS, PoolConfig::default());
+    let tp = temp_pool(64 * MIB, BS, EngineConfig::default());
     let pool = tp.pool.clone();
     pool.create_thin(1).unwrap();
     let h = pool.activate(1, 32 * MIB, false).unwrap();

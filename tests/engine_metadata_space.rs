@@ -12,16 +12,16 @@ use std::time::Duration;
 use common::metadata::{thin_check, verify_meta};
 use common::pattern::pattern_at;
 use common::pool::*;
-use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, PoolMode, ThinHandle};
+use thinnbd::engine::{EngineConfig, NoSpacePolicy, Pool, PoolMode, ThinHandle};
 use thinnbd::error::ErrorKind;
 
 const BLOCK: u64 = 64 * KIB;
 const GIB: u64 = 1024 * MIB;
 
-fn error_policy() -> PoolConfig {
-    PoolConfig {
+fn error_policy() -> EngineConfig {
+    EngineConfig {
         no_space_policy: NoSpacePolicy::Error,
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     }
 }
 
@@ -373,10 +373,10 @@ fn growing_the_data_online_lets_queued_writes_finish() {
     let tp = temp_pool_fast(
         BLOCK * 16,
         BLOCK,
-        PoolConfig {
+        EngineConfig {
             no_space_policy: NoSpacePolicy::Queue,
             queue_timeout: Duration::from_secs(120),
-            ..PoolConfig::default()
+            ..EngineConfig::default()
         },
     );
     let pool = tp.pool.clone();
@@ -415,7 +415,7 @@ fn growing_the_data_online_lets_queued_writes_finish() {
     pool.teardown(h).unwrap();
     drop(pool);
     let (_dir, meta, data) = tp.close_checked();
-    let pool = Pool::open(&meta, &data, PoolConfig::default()).unwrap();
+    let pool = Pool::open(&meta, &data, EngineConfig::default()).unwrap();
     let h = pool.activate(0, 64 * MIB, false).unwrap();
     let mut buf = vec![0u8; 4096];
     for b in 0..24 {
@@ -428,7 +428,7 @@ fn growing_the_data_online_lets_queued_writes_finish() {
 /// a grow without a size.
 #[test]
 fn a_grow_without_a_size_takes_up_an_enlarged_data_device() {
-    let tp = temp_pool(BLOCK * 16, BLOCK, PoolConfig::default());
+    let tp = temp_pool(BLOCK * 16, BLOCK, EngineConfig::default());
     std::fs::OpenOptions::new()
         .write(true)
         .open(tp.data_path())
@@ -456,7 +456,7 @@ fn the_metadata_low_water_mark_is_reported() {
     let tp = temp_pool_fast(
         64 * MIB,
         BLOCK,
-        PoolConfig {
+        EngineConfig {
             metadata_low_water_percent: 50,
             ..error_policy()
         },

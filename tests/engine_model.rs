@@ -18,7 +18,7 @@ use common::metadata::{thin_check, verify_meta};
 use common::pool::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use thinnbd::engine::{NoSpacePolicy, Pool, PoolConfig, ThinHandle};
+use thinnbd::engine::{EngineConfig, NoSpacePolicy, Pool, ThinHandle};
 
 const BS: u64 = 64 * KIB;
 const THREADS: u64 = 4;
@@ -194,10 +194,10 @@ fn run_thread(pool: Arc<Pool>, shared: ThinHandle, t: u64) -> (Vec<(u32, Vec<u8>
 #[test]
 fn random_operations_match_the_model_and_the_metadata_checks_out() {
     let _wd = watchdog(900, "model test");
-    let config = PoolConfig {
+    let config = EngineConfig {
         no_space_policy: NoSpacePolicy::Error,
         cell_pool_size: 2,
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     };
     let tp = temp_pool(64 * MIB, BS, config);
     let pool = tp.pool.clone();
@@ -248,7 +248,7 @@ fn random_operations_match_the_model_and_the_metadata_checks_out() {
     thin_check(&meta);
     verify_meta(&meta);
 
-    let pool = Pool::open(&meta, &dir.path().join("data"), PoolConfig::default()).unwrap();
+    let pool = Pool::open(&meta, &dir.path().join("data"), EngineConfig::default()).unwrap();
     let h = pool.activate(SHARED_ID, VOL, true).unwrap();
     check_range(&h, &shared_model, 0, VOL, "reopened shared");
     for (id, model) in &own {

@@ -20,7 +20,7 @@ use common::model::{Model, PIECE};
 use common::power::{Power, PowerMeta, VolatileData};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use thinnbd::engine::{DataDevice, NoSpacePolicy, Pool, PoolConfig};
+use thinnbd::engine::{DataDevice, EngineConfig, NoSpacePolicy, Pool};
 use thinnbd::pdata::block_io::BlockIo;
 
 const BS: u64 = 64 << 10;
@@ -30,10 +30,10 @@ const VOL_BYTES: u64 = 4 << 20;
 const NR_PIECES: u64 = VOL_BYTES / PIECE as u64;
 const OPS: usize = 120;
 
-fn config() -> PoolConfig {
-    PoolConfig {
+fn config() -> EngineConfig {
+    EngineConfig {
         no_space_policy: NoSpacePolicy::Error,
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     }
 }
 

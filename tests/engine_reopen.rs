@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::FileExt;
 
-use thinnbd::engine::{Pool, PoolConfig};
+use thinnbd::engine::{EngineConfig, Pool};
 
 const BLOCK: u64 = 64 << 10;
 
@@ -17,7 +17,7 @@ fn allocated_bytes(path: &std::path::Path) -> u64 {
 fn provisioning_after_reopen_skips_zeroing_of_holes_but_not_of_old_data() {
     let dir = tempfile::tempdir().unwrap();
     let (meta, data) = (dir.path().join("metadata"), dir.path().join("data"));
-    let pool = Pool::create(&meta, &data, 64 << 20, BLOCK, PoolConfig::default()).unwrap();
+    let pool = Pool::create(&meta, &data, 64 << 20, BLOCK, EngineConfig::default()).unwrap();
     pool.create_thin(0).unwrap();
     pool.create_thin(1).unwrap();
     // Thin 1 fills eight blocks, then is deleted: the delete gives the blocks back to the file
@@ -42,7 +42,7 @@ fn provisioning_after_reopen_skips_zeroing_of_holes_but_not_of_old_data() {
         .unwrap();
     drop(f);
 
-    let pool = Pool::open(&meta, &data, PoolConfig::default()).unwrap();
+    let pool = Pool::open(&meta, &data, EngineConfig::default()).unwrap();
     let t0 = pool.activate(0, 16 << 20, false).unwrap();
     let before = allocated_bytes(&data);
     // Small writes to many fresh blocks: each provisions a block. Whether the rest of each

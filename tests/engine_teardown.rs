@@ -19,7 +19,7 @@ use common::pattern::pattern_at;
 use common::pool::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use thinnbd::engine::{EngineEvent, PoolConfig, ThinHandle};
+use thinnbd::engine::{EngineConfig, EngineEvent, ThinHandle};
 use thinnbd::ErrorKind;
 
 const BS: u64 = 64 * KIB;
@@ -86,11 +86,11 @@ fn writer(
 #[test]
 fn teardown_during_blocked_worker_never_deadlocks_and_waits_for_the_clone() {
     let _wd = watchdog(240, "teardown stress");
-    let config = PoolConfig {
+    let config = EngineConfig {
         cell_pool_size: 1,
         record_events: true,
         worker_hold_delay: Duration::from_micros(500),
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     };
     let tp = temp_pool_fast(THINS as u64 * VOL_BLOCKS * BS * 2, BS, config);
     let pool = tp.pool.clone();

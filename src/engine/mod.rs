@@ -19,7 +19,7 @@ mod thin_device;
 
 pub use data::{DataDevice, DataFaults, DataTap};
 pub use pool::{
-    EngineEvent, NoSpacePolicy, Pool, PoolConfig, PoolMode, PoolStatus, ThinStatus,
+    EngineConfig, EngineEvent, NoSpacePolicy, Pool, PoolMode, PoolStatus, ThinStatus,
     DEFAULT_CELL_POOL_SIZE, DEFAULT_MAPPING_CACHE_SLOTS, DEFAULT_QUEUE_TIMEOUT,
 };
 pub use thin_device::{ThinHandle, NOWAIT_WRITE_MAX};

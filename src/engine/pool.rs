@@ -43,7 +43,7 @@ pub enum NoSpacePolicy {
 }
 
 #[derive(Debug, Clone)]
-pub struct PoolConfig {
+pub struct EngineConfig {
     pub no_space_policy: NoSpacePolicy,
     pub queue_timeout: Duration,
     /// Free data blocks at or below which the pool reports (and logs once) the low-water mark;
@@ -79,7 +79,7 @@ pub struct PoolConfig {
     pub data_write_chunk: u64,
 }
 
-impl PoolConfig {
+impl EngineConfig {
     /// The low-water mark in blocks for a pool of `data_blocks`.
     pub fn low_water_for(&self, data_blocks: u64) -> u64 {
         match u64::from(self.low_water_percent.min(100)) {
@@ -96,9 +96,9 @@ pub const DEFAULT_MAPPING_CACHE_SLOTS: usize = 1 << 18;
 /// The default wait for space under `NoSpacePolicy::Queue` (`pool.no_space_timeout_secs`).
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
 
-impl Default for PoolConfig {
+impl Default for EngineConfig {
     fn default() -> Self {
-        PoolConfig {
+        EngineConfig {
             no_space_policy: NoSpacePolicy::Queue,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             low_water_blocks: 0,
@@ -164,7 +164,7 @@ pub struct PoolStatus {
     pub teardowns_waited: u64,
 }
 
-/// Worker and teardown events, recorded when `PoolConfig::record_events` is set. `instance`
+/// Worker and teardown events, recorded when `EngineConfig::record_events` is set. `instance`
 /// tells activations of the same thin apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineEvent {
@@ -323,7 +323,7 @@ pub(crate) struct PoolState {
     metadata: RwLock<MetadataState>,
     pub(crate) data: DataDevice,
     pub(crate) block_bytes: u64,
-    pub(crate) config: PoolConfig,
+    pub(crate) config: EngineConfig,
     pub(crate) active: ActiveSet<Thin>,
     pub(crate) prison: Prison<Bio>,
     cache: MapCache,
@@ -336,7 +336,7 @@ pub(crate) struct PoolState {
     space_gen: Mutex<u64>,
     space_cv: Condvar,
     pub(crate) stats: Stats,
-    /// The low-water mark in blocks for the pool's current size (`PoolConfig::low_water_for`).
+    /// The low-water mark in blocks for the pool's current size (`EngineConfig::low_water_for`).
     low_water_blocks: AtomicU64,
     low_water_crossed: AtomicBool,
     metadata_low_water_crossed: AtomicBool,
@@ -1006,7 +1006,7 @@ impl Pool {
         data: &Path,
         data_size_bytes: u64,
         block_size_bytes: u64,
-        config: PoolConfig,
+        config: EngineConfig,
     ) -> Result<std::sync::Arc<Pool>> {
         Pool::create_sized(
             metadata,
@@ -1033,7 +1033,7 @@ impl Pool {
         data_size_bytes: u64,
         block_size_bytes: u64,
         metadata_bytes: Option<u64>,
-        config: PoolConfig,
+        config: EngineConfig,
     ) -> Result<std::sync::Arc<Pool>> {
         data_block_sectors(block_size_bytes)?;
         let nr_blocks = data_size_bytes / block_size_bytes;
@@ -1067,7 +1067,11 @@ impl Pool {
     }
 
     /// Opens an existing pool.
-    pub fn open(metadata: &Path, data: &Path, config: PoolConfig) -> Result<std::sync::Arc<Pool>> {
+    pub fn open(
+        metadata: &Path,
+        data: &Path,
+        config: EngineConfig,
+    ) -> Result<std::sync::Arc<Pool>> {
         let io: std::sync::Arc<dyn BlockIo> =
             std::sync::Arc::new(FileBlockIo::new(open_rw(metadata, false)?)?);
         let dev = DataDevice::new(open_rw(data, false)?, false);
@@ -1080,7 +1084,7 @@ impl Pool {
         data: DataDevice,
         block_size_bytes: u64,
         nr_data_blocks: u64,
-        config: PoolConfig,
+        config: EngineConfig,
     ) -> Result<std::sync::Arc<Pool>> {
         let sectors = data_block_sectors(block_size_bytes)?;
         let md = ThinMetadata::format(metadata, sectors, nr_data_blocks)?;
@@ -1091,7 +1095,7 @@ impl Pool {
     pub fn from_parts(
         metadata: std::sync::Arc<dyn BlockIo>,
         data: DataDevice,
-        config: PoolConfig,
+        config: EngineConfig,
     ) -> Result<std::sync::Arc<Pool>> {
         let md = ThinMetadata::open(metadata)?;
         Pool::start(md, data, config)
@@ -1100,7 +1104,7 @@ impl Pool {
     fn start(
         mut md: ThinMetadata,
         mut data: DataDevice,
-        config: PoolConfig,
+        config: EngineConfig,
     ) -> Result<std::sync::Arc<Pool>> {
         md.set_cache_capacity(config.metadata_cache_blocks);
         data.set_write_chunk(config.data_write_chunk);
@@ -1169,7 +1173,7 @@ impl Pool {
         self.state.block_bytes
     }
 
-    pub fn config(&self) -> &PoolConfig {
+    pub fn config(&self) -> &EngineConfig {
         &self.state.config
     }
 
@@ -1545,7 +1549,7 @@ mod tests {
             data_device(dir, true),
             BS,
             64,
-            PoolConfig::default(),
+            EngineConfig::default(),
         )
         .unwrap();
         pool.create_thin(1).unwrap();
@@ -1561,7 +1565,7 @@ mod tests {
         let pool = Pool::from_parts(
             device.clone() as Arc<dyn BlockIo>,
             data_device(dir, false),
-            PoolConfig::default(),
+            EngineConfig::default(),
         )
         .unwrap();
         let h = active.then(|| pool.activate(1, 16 * BS, false).unwrap());

@@ -850,13 +850,13 @@ impl ThinHandle {
     reason = "test sizes are small constants"
 )]
 mod tests {
-    use crate::engine::{Pool, PoolConfig};
+    use crate::engine::{EngineConfig, Pool};
 
     const BS: u64 = 64 << 10;
 
     fn pool(dir: &std::path::Path) -> std::sync::Arc<Pool> {
         let (meta, data) = (dir.join("meta"), dir.join("data"));
-        Pool::create(&meta, &data, 64 * BS, BS, PoolConfig::default()).unwrap()
+        Pool::create(&meta, &data, 64 * BS, BS, EngineConfig::default()).unwrap()
     }
 
     #[test]
@@ -972,9 +972,9 @@ mod tests {
 
         // A full pool declines; the blocking path applies the no-space policy.
         let small_dir = tempfile::tempdir().unwrap();
-        let cfg = PoolConfig {
+        let cfg = EngineConfig {
             no_space_policy: crate::engine::NoSpacePolicy::Error,
-            ..PoolConfig::default()
+            ..EngineConfig::default()
         };
         let (meta, data) = (small_dir.path().join("meta"), small_dir.path().join("data"));
         let small = Pool::create(&meta, &data, 2 * BS, BS, cfg).unwrap();

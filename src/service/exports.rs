@@ -164,7 +164,7 @@ impl ExportBackend for VolumeExport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::PoolConfig;
+    use crate::engine::EngineConfig;
     use crate::nbd::{extents_at, BlockSizes, WriteTurns};
     use crate::volume::CreateOptions;
 
@@ -179,8 +179,8 @@ mod tests {
             metadata_size: None,
             preallocate: false,
         };
-        Volumes::create_pool(dir.path(), &opts, PoolConfig::default()).unwrap();
-        let volumes = Volumes::open(dir.path(), PoolConfig::default()).unwrap();
+        Volumes::create_pool(dir.path(), &opts, EngineConfig::default()).unwrap();
+        let volumes = Volumes::open(dir.path(), EngineConfig::default()).unwrap();
         volumes.create_volume("v", 4 << 20).unwrap();
         let exports = VolumeExports::new(volumes.clone(), None);
         let export = exports.open("v").unwrap();

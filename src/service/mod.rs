@@ -7,14 +7,14 @@ pub mod exports;
 use std::sync::Arc;
 
 use crate::config::{Config, LowWaterMark};
-use crate::engine::PoolConfig;
+use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::nbd::{self, Listener, ServerConfig};
 use crate::volume::{no_pool_in, CreateOptions, PoolPaths, Volumes};
 
 /// The engine settings a config asks for.
-pub fn pool_config(config: &Config) -> PoolConfig {
-    PoolConfig {
+pub fn pool_config(config: &Config) -> EngineConfig {
+    EngineConfig {
         no_space_policy: config.pool.no_space_policy,
         queue_timeout: config.pool.no_space_timeout,
         metadata_low_water_percent: config.pool.metadata_low_water_percent,
@@ -30,7 +30,7 @@ pub fn pool_config(config: &Config) -> PoolConfig {
         metadata_cache_blocks: config.engine.metadata_cache_blocks,
         mapping_cache_slots: config.engine.mapping_cache_slots,
         data_write_chunk: config.engine.data_write_chunk,
-        ..PoolConfig::default()
+        ..EngineConfig::default()
     }
 }
 
@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(server.busy_poll_max, built_in.busy_poll_max);
         assert_eq!(server.thread_per_connection, built_in.thread_per_connection);
         let pool = pool_config(&config);
-        let built_in = PoolConfig::default();
+        let built_in = EngineConfig::default();
         assert_eq!(pool.no_space_policy, built_in.no_space_policy);
         assert_eq!(pool.queue_timeout, built_in.queue_timeout);
         assert_eq!(pool.cell_pool_size, built_in.cell_pool_size);

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Pool, PoolConfig, PoolMode, PoolStatus, ThinHandle};
+use crate::engine::{EngineConfig, Pool, PoolMode, PoolStatus, ThinHandle};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::thin::metadata::ThinId;
 use registry::{Registry, Volume};
@@ -339,7 +339,7 @@ fn check_volume_size(size: u64) -> Result<()> {
 
 impl Volumes {
     /// Creates an empty pool in `dir` (which may exist but must hold no pool).
-    pub fn create_pool(dir: &Path, opts: &CreateOptions, config: PoolConfig) -> Result<()> {
+    pub fn create_pool(dir: &Path, opts: &CreateOptions, config: EngineConfig) -> Result<()> {
         let paths = PoolPaths::new(dir);
         if paths.exists() {
             return fail(
@@ -372,7 +372,7 @@ impl Volumes {
         file: &PoolFile,
         data_path: &Path,
         opts: &CreateOptions,
-        config: PoolConfig,
+        config: EngineConfig,
     ) -> Result<()> {
         let pool = Pool::create_sized(
             &paths.metadata,
@@ -396,7 +396,7 @@ impl Volumes {
     }
 
     /// Opens a pool directory, taking its exclusive lock.
-    pub fn open(dir: &Path, config: PoolConfig) -> Result<Arc<Volumes>> {
+    pub fn open(dir: &Path, config: EngineConfig) -> Result<Arc<Volumes>> {
         let paths = PoolPaths::new(dir);
         if !paths.exists() {
             return Err(no_pool_in(dir));

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use thinnbd::engine::{Pool, PoolConfig};
+use thinnbd::engine::{EngineConfig, Pool};
 
 use super::metadata::{thin_check, verify_meta};
 
@@ -39,14 +39,14 @@ impl TempPool {
 }
 
 /// A pool on files in a fresh temporary directory.
-pub fn temp_pool(data_bytes: u64, block_bytes: u64, config: PoolConfig) -> TempPool {
+pub fn temp_pool(data_bytes: u64, block_bytes: u64, config: EngineConfig) -> TempPool {
     let dir = tempfile::tempdir().expect("tempdir");
     pool_in(dir, data_bytes, block_bytes, config)
 }
 
 /// Like [`temp_pool`], but on tmpfs (`/dev/shm`) when there is one, for stress tests whose
 /// every round commits: `fdatasync` there costs nothing, so rounds measure the engine.
-pub fn temp_pool_fast(data_bytes: u64, block_bytes: u64, config: PoolConfig) -> TempPool {
+pub fn temp_pool_fast(data_bytes: u64, block_bytes: u64, config: EngineConfig) -> TempPool {
     pool_in(fast_tempdir(), data_bytes, block_bytes, config)
 }
 
@@ -66,7 +66,7 @@ fn pool_in(
     dir: tempfile::TempDir,
     data_bytes: u64,
     block_bytes: u64,
-    config: PoolConfig,
+    config: EngineConfig,
 ) -> TempPool {
     let pool = Pool::create(
         &dir.path().join("meta"),
