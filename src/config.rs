@@ -1,19 +1,57 @@
-//! Configuration: a serde mirror of `config/thinnbd.toml` (every key optional, unknown keys
-//! refused), validated into a runtime `Config`. Errors name the file and the key.
+//! Configuration in one place: `config/thinnbd.toml` is read into a private serde mirror and
+//! validated into [`Config`], which holds the runtime settings of each layer. Errors name the
+//! file and the key.
+//!
+//! Names: the TOML mirror is `Raw*` and private (every key optional, unknown keys refused); a
+//! layer's validated runtime settings are its `XConfig`: [`EngineConfig`] (`[engine]`, and the
+//! space policy and low-water marks of `[pool]`), [`ServerConfig`] (the limits in `[server]`),
+//! [`ListenConfig`] (where `thinnbd serve` listens), [`PoolConfig`] (where the pool lives and
+//! how it is created) and the nbdkit plugin's `PluginConfig`. [`Config`] holds them, so
+//! callers hand `config.engine` and `config.server` to their layers as they are.
+//!
+//! Defaults are written once, in the `Default` impls of those types (from the constants the
+//! layers name): a key missing from the file keeps its default, and the shipped
+//! `config/thinnbd.toml` spells out the same values (a test holds them equal). Command-line
+//! flags and the plugin's `key=value` parameters land in [`Overrides`].
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::engine::EngineConfig;
 use crate::error::{Error, ErrorKind, Result};
+use crate::nbd::ServerConfig;
 use crate::util::parse_size;
-use crate::{engine, nbd};
+
+/// The engine's policy, named here too so the config and the engine share one type.
+pub use crate::engine::NoSpacePolicy;
 
 /// The pool directory when neither the config nor the command line names one; the only one
 /// `serve` creates on first start without `--create` (a mistyped path must not get a new pool).
 pub const DEFAULT_POOL_DIR: &str = "./thinnbd-pool";
+/// `pool.data_size`: the sparse data file of a new pool.
+pub const DEFAULT_DATA_SIZE: u64 = 64 << 30;
+/// `pool.block_size`: the data block size of a new pool.
+pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
+/// `pool.default_volume`: the volume created with a new pool, and the default export.
+pub const DEFAULT_VOLUME: &str = "default";
+/// `pool.default_volume_size`.
+pub const DEFAULT_VOLUME_SIZE: u64 = 10 << 30;
+/// `server.listen`: the NBD port on the loopback address only, so that a first start does
+/// not serve the network.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10809));
+/// `log.level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// `server.max_request_size`: from one page up to 1G, the most the server drains of a
+/// write above the limit (and far above what clients send).
+const MAX_REQUEST_SIZES: RangeInclusive<u32> = 4096..=1 << 30;
+/// `server.busy_poll_us`: polling longer than this costs more CPU than any wake-up saves.
+const LONGEST_BUSY_POLL: Duration = Duration::from_millis(10);
 
 /// The configuration compiled in, identical to `config/thinnbd.toml`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/thinnbd.toml");
@@ -74,41 +112,97 @@ struct RawLog {
     level: Option<String>,
 }
 
-/// The engine's policy, named here too so the config and the engine share one type.
-pub use crate::engine::NoSpacePolicy;
-
+/// Where the pool lives and how `thinnbd serve` creates it when it is missing (`[pool]`; its
+/// space policy and low-water marks are the engine's, in [`EngineConfig`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct PoolSettings {
+pub struct PoolConfig {
+    /// The pool directory.
     pub dir: PathBuf,
+    /// A data file or block device used instead of `DIR/data`.
     pub data: Option<PathBuf>,
+    /// Create the pool on start when `dir` holds none (kept by [`Config::apply`] only for
+    /// [`DEFAULT_POOL_DIR`] or `--create`).
     pub create_if_missing: bool,
+    /// Data size of a pool created on start, in bytes.
     pub data_size: u64,
+    /// Block size of a pool created on start, in bytes.
     pub block_size: u64,
+    /// Volume created with a new pool and served as the default export (empty: none).
     pub default_volume: String,
+    /// Size of `default_volume`, in bytes.
     pub default_volume_size: u64,
-    pub no_space_policy: NoSpacePolicy,
-    pub no_space_timeout: Duration,
-    /// Free metadata, in percent of the metadata device on top of the reserve, at or below
-    /// which a warning is logged and `pool status` flags the pool (0: off).
-    pub metadata_low_water_percent: u64,
-    pub low_water_mark: LowWaterMark,
 }
 
-/// `pool.low_water_mark`: free data space at which the pool warns, as bytes or as a
-/// percentage of the pool's data size (which suits any pool size).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LowWaterMark {
-    Bytes(u64),
-    Percent(u8),
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            dir: PathBuf::from(DEFAULT_POOL_DIR),
+            data: None,
+            create_if_missing: true,
+            data_size: DEFAULT_DATA_SIZE,
+            block_size: DEFAULT_BLOCK_SIZE,
+            default_volume: DEFAULT_VOLUME.to_owned(),
+            default_volume_size: DEFAULT_VOLUME_SIZE,
+        }
+    }
 }
 
-impl LowWaterMark {
-    /// Parses `"10%"` (0 to 100) or a size such as `"1G"`.
-    pub fn parse(text: &str) -> Option<LowWaterMark> {
-        if text.trim().ends_with('%') {
-            parse_percent(text).map(LowWaterMark::Percent)
-        } else {
-            parse_size(text).map(LowWaterMark::Bytes)
+impl PoolConfig {
+    /// True when `dir` is the default pool directory (`./thinnbd-pool`, however spelled).
+    pub fn is_default_dir(&self) -> bool {
+        let plain = |p: &Path| -> PathBuf {
+            p.components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect()
+        };
+        plain(&self.dir) == plain(Path::new(DEFAULT_POOL_DIR))
+    }
+
+    /// The volume a client that names none gets: `default_volume`, unless it is empty.
+    pub fn default_export(&self) -> Option<String> {
+        Some(self.default_volume.clone()).filter(|name| !name.is_empty())
+    }
+}
+
+/// Where `thinnbd serve` listens (`server.listen`, `server.socket`); the NBD server itself
+/// gets the bound listeners.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenConfig {
+    /// TCP addresses, each host name already resolved.
+    pub tcp: Vec<SocketAddr>,
+    /// A unix socket.
+    pub socket: Option<PathBuf>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            tcp: vec![DEFAULT_LISTEN],
+            socket: None,
+        }
+    }
+}
+
+/// The validated configuration: each layer's runtime settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pool: PoolConfig,
+    pub engine: EngineConfig,
+    pub server: ServerConfig,
+    pub listen: ListenConfig,
+    /// `log.level`: error, warn, info, debug or trace.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    /// The built-in defaults, which `config/thinnbd.toml` spells out.
+    fn default() -> Self {
+        Config {
+            pool: PoolConfig::default(),
+            engine: EngineConfig::default(),
+            server: ServerConfig::default(),
+            listen: ListenConfig::default(),
+            log_level: DEFAULT_LOG_LEVEL.to_owned(),
         }
     }
 }
@@ -121,34 +215,27 @@ fn parse_percent(text: &str) -> Option<u8> {
         .filter(|n| *n <= 100)
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerSettings {
-    pub listen: Vec<SocketAddr>,
-    pub socket: Option<PathBuf>,
-    pub max_connections: usize,
-    pub max_inflight_per_connection: usize,
-    pub max_request_size: u64,
-    pub busy_poll: Duration,
-    pub thread_per_connection: bool,
+/// `pool.low_water_mark` in the engine's terms: a percentage of the pool's data (which suits
+/// any pool size and follows a grown pool), or a size, counted in blocks of `block_size`.
+fn set_low_water_mark(engine: &mut EngineConfig, text: &str, block_size: u64) -> Option<()> {
+    if text.trim().ends_with('%') {
+        engine.low_water_percent = parse_percent(text)?;
+        engine.low_water_blocks = 0;
+    } else {
+        engine.low_water_blocks = parse_size(text)? / block_size.max(1);
+        engine.low_water_percent = 0;
+    }
+    Some(())
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct EngineSettings {
-    pub cell_pool_size: usize,
-    pub metadata_cache_blocks: usize,
-    pub mapping_cache_slots: usize,
-    /// Largest single write to the data device; 0 writes each request's part of a block whole.
-    pub data_write_chunk: u64,
+/// Replaces a default with the value the file gives, if any.
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *slot = value;
+    }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub pool: PoolSettings,
-    pub server: ServerSettings,
-    pub engine: EngineSettings,
-    pub log_level: String,
-}
-
+/// Validation of one file: every error names it and the key.
 struct Ctx<'a> {
     file: &'a str,
 }
@@ -162,21 +249,177 @@ impl Ctx<'_> {
     }
 
     /// A percentage written `"20%"`, 0 to 100.
-    fn percent(&self, key: &str, v: Option<String>, default: &str) -> Result<u64> {
-        let text = v.unwrap_or_else(|| default.to_string());
-        parse_percent(&text)
-            .map(u64::from)
-            .ok_or_else(|| self.bad(key, format!("{text:?} is not a percentage (0% to 100%)")))
+    fn percent(&self, key: &str, v: Option<String>) -> Result<Option<u8>> {
+        v.map(|text| {
+            parse_percent(&text)
+                .ok_or_else(|| self.bad(key, format!("{text:?} is not a percentage (0% to 100%)")))
+        })
+        .transpose()
     }
 
-    fn size(&self, key: &str, v: Option<String>, default: &str) -> Result<u64> {
-        let text = v.unwrap_or_else(|| default.to_string());
-        parse_size(&text).ok_or_else(|| {
-            self.bad(
-                key,
-                format!("{text:?} is not a size (e.g. 4096, 64K, 10G, 1GiB)"),
-            )
+    fn size(&self, key: &str, v: Option<String>) -> Result<Option<u64>> {
+        v.map(|text| {
+            parse_size(&text).ok_or_else(|| {
+                self.bad(
+                    key,
+                    format!("{text:?} is not a size (e.g. 4096, 64K, 10G, 1GiB)"),
+                )
+            })
         })
+        .transpose()
+    }
+
+    fn at_least_one(&self, key: &str, v: Option<usize>) -> Result<Option<usize>> {
+        match v {
+            Some(0) => Err(self.bad(key, "must be at least 1")),
+            v => Ok(v),
+        }
+    }
+
+    /// `[pool]`: the pool's place and creation, and the engine's space settings.
+    fn pool(&self, p: RawPool, pool: &mut PoolConfig, engine: &mut EngineConfig) -> Result<()> {
+        set(&mut pool.dir, p.dir);
+        set(&mut pool.data, p.data.map(Some));
+        set(&mut pool.create_if_missing, p.create_if_missing);
+        set(
+            &mut pool.block_size,
+            self.size("pool.block_size", p.block_size)?,
+        );
+        if !(64 << 10..=1 << 30).contains(&pool.block_size)
+            || !pool.block_size.is_multiple_of(64 << 10)
+        {
+            return Err(self.bad("pool.block_size", "must be 64K to 1G and a multiple of 64K"));
+        }
+        set(
+            &mut pool.data_size,
+            self.size("pool.data_size", p.data_size)?,
+        );
+        if pool.data_size < pool.block_size {
+            return Err(self.bad("pool.data_size", "smaller than one block"));
+        }
+        set(&mut pool.default_volume, p.default_volume);
+        if !pool.default_volume.is_empty() {
+            crate::volume::registry::validate_name(&pool.default_volume)
+                .map_err(|e| self.bad("pool.default_volume", e))?;
+        }
+        set(
+            &mut pool.default_volume_size,
+            self.size("pool.default_volume_size", p.default_volume_size)?,
+        );
+        if let Some(policy) = p.no_space_policy {
+            engine.no_space_policy = match policy.as_str() {
+                "queue" => NoSpacePolicy::Queue,
+                "error" => NoSpacePolicy::Error,
+                other => {
+                    return Err(self.bad(
+                        "pool.no_space_policy",
+                        format!("{other:?} is not \"error\" or \"queue\""),
+                    ))
+                }
+            };
+        }
+        set(
+            &mut engine.queue_timeout,
+            p.no_space_timeout_secs.map(Duration::from_secs),
+        );
+        set(
+            &mut engine.metadata_low_water_percent,
+            self.percent("pool.metadata_low_water", p.metadata_low_water)?
+                .map(u64::from),
+        );
+        if let Some(text) = p.low_water_mark {
+            set_low_water_mark(engine, &text, pool.block_size).ok_or_else(|| {
+                self.bad(
+                    "pool.low_water_mark",
+                    format!("{text:?} is not a percentage (0% to 100%) or a size (e.g. 1G)"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `[server]`: where to listen and the NBD server's limits.
+    fn server(
+        &self,
+        s: RawServer,
+        listen: &mut ListenConfig,
+        server: &mut ServerConfig,
+    ) -> Result<()> {
+        if let Some(addrs) = s.listen {
+            listen.tcp.clear();
+            for a in addrs {
+                listen.tcp.extend(
+                    crate::util::resolve_listen_addr(&a)
+                        .map_err(|why| self.bad("server.listen", why))?,
+                );
+            }
+        }
+        if let Some(path) = s.socket {
+            listen.socket = Some(path).filter(|p| !p.as_os_str().is_empty());
+        }
+        set(
+            &mut server.max_connections,
+            self.at_least_one("server.max_connections", s.max_connections)?,
+        );
+        set(
+            &mut server.max_inflight_per_connection,
+            self.at_least_one(
+                "server.max_inflight_per_connection",
+                s.max_inflight_per_connection,
+            )?,
+        );
+        if let Some(bytes) = self.size("server.max_request_size", s.max_request_size)? {
+            server.max_request_bytes = u32::try_from(bytes)
+                .ok()
+                .filter(|n| MAX_REQUEST_SIZES.contains(n))
+                .ok_or_else(|| self.bad("server.max_request_size", "must be 4K to 1G"))?;
+        }
+        if let Some(us) = s.busy_poll_us {
+            let poll = Duration::from_micros(us);
+            if poll > LONGEST_BUSY_POLL {
+                return Err(self.bad("server.busy_poll_us", "must be 0 to 10000"));
+            }
+            server.busy_poll_max = poll;
+        }
+        set(&mut server.thread_per_connection, s.thread_per_connection);
+        Ok(())
+    }
+
+    /// `[engine]`: caches and I/O sizes.
+    fn engine(&self, e: RawEngine, engine: &mut EngineConfig) -> Result<()> {
+        set(
+            &mut engine.cell_pool_size,
+            self.at_least_one("engine.cell_pool_size", e.cell_pool_size)?,
+        );
+        set(
+            &mut engine.metadata_cache_blocks,
+            self.at_least_one("engine.metadata_cache_blocks", e.metadata_cache_blocks)?,
+        );
+        set(
+            &mut engine.mapping_cache_slots,
+            self.at_least_one("engine.mapping_cache_slots", e.mapping_cache_slots)?,
+        );
+        if let Some(chunk) = self.size("engine.data_write_chunk", e.data_write_chunk)? {
+            if chunk != 0 && (!chunk.is_multiple_of(4096) || chunk > 1 << 30) {
+                return Err(self.bad(
+                    "engine.data_write_chunk",
+                    "must be 0 or a multiple of 4K up to 1G",
+                ));
+            }
+            engine.data_write_chunk = chunk;
+        }
+        Ok(())
+    }
+
+    fn log(&self, l: RawLog, level: &mut String) -> Result<()> {
+        set(level, l.level);
+        if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+            return Err(self.bad(
+                "log.level",
+                format!("{level:?} is not error, warn, info, debug or trace"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -201,18 +444,6 @@ fn key_at(text: &str, at: usize) -> Option<String> {
         Some(s) if !s.is_empty() => format!("{s}.{key}"),
         _ => key.to_owned(),
     })
-}
-
-impl PoolSettings {
-    /// True when `dir` is the default pool directory (`./thinnbd-pool`, however spelled).
-    pub fn is_default_dir(&self) -> bool {
-        let plain = |p: &Path| -> PathBuf {
-            p.components()
-                .filter(|c| !matches!(c, std::path::Component::CurDir))
-                .collect()
-        };
-        plain(&self.dir) == plain(Path::new(DEFAULT_POOL_DIR))
-    }
 }
 
 /// What a command line sets on top of the config file: `thinnbd serve`'s flags and the nbdkit
@@ -241,21 +472,15 @@ impl Config {
             overrides.create || (self.pool.create_if_missing && self.pool.is_default_dir());
         let listen_given = !overrides.listen.is_empty();
         if listen_given {
-            self.server.listen = overrides.listen;
+            self.listen.tcp = overrides.listen;
         }
         if overrides.socket.is_some() {
             // Like qemu-nbd: a socket given alone replaces the TCP listeners.
             if !listen_given {
-                self.server.listen.clear();
+                self.listen.tcp.clear();
             }
-            self.server.socket = overrides.socket;
+            self.listen.socket = overrides.socket;
         }
-    }
-
-    /// The built-in defaults.
-    pub fn default_config() -> Config {
-        Config::from_toml(DEFAULT_CONFIG_TOML, "<built-in defaults>")
-            .expect("the shipped config is valid")
     }
 
     pub fn load(path: &Path) -> Result<Config> {
@@ -264,6 +489,7 @@ impl Config {
         Config::from_toml(&text, &path.display().to_string())
     }
 
+    /// The defaults with what `text` sets on top, validated.
     pub fn from_toml(text: &str, file: &str) -> Result<Config> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let at = e
@@ -282,147 +508,12 @@ impl Config {
             )
         })?;
         let c = Ctx { file };
-        let p = raw.pool;
-        let block_size = c.size("pool.block_size", p.block_size, "64K")?;
-        if !(64 << 10..=1 << 30).contains(&block_size) || block_size % (64 << 10) != 0 {
-            return Err(c.bad("pool.block_size", "must be 64K to 1G and a multiple of 64K"));
-        }
-        let data_size = c.size("pool.data_size", p.data_size, "64G")?;
-        if data_size < block_size {
-            return Err(c.bad("pool.data_size", "smaller than one block"));
-        }
-        let default_volume = p.default_volume.unwrap_or_else(|| "default".into());
-        if !default_volume.is_empty() {
-            crate::volume::registry::validate_name(&default_volume)
-                .map_err(|e| c.bad("pool.default_volume", e))?;
-        }
-        let no_space_policy = match p.no_space_policy.as_deref().unwrap_or("queue") {
-            "queue" => NoSpacePolicy::Queue,
-            "error" => NoSpacePolicy::Error,
-            other => {
-                return Err(c.bad(
-                    "pool.no_space_policy",
-                    format!("{other:?} is not \"error\" or \"queue\""),
-                ))
-            }
-        };
-        let pool = PoolSettings {
-            dir: p.dir.unwrap_or_else(|| PathBuf::from(DEFAULT_POOL_DIR)),
-            data: p.data,
-            create_if_missing: p.create_if_missing.unwrap_or(true),
-            data_size,
-            block_size,
-            default_volume,
-            default_volume_size: c.size(
-                "pool.default_volume_size",
-                p.default_volume_size,
-                "10G",
-            )?,
-            no_space_policy,
-            no_space_timeout: p
-                .no_space_timeout_secs
-                .map_or(engine::DEFAULT_QUEUE_TIMEOUT, Duration::from_secs),
-            metadata_low_water_percent: c.percent(
-                "pool.metadata_low_water",
-                p.metadata_low_water,
-                "20%",
-            )?,
-            low_water_mark: {
-                let text = p.low_water_mark.unwrap_or_else(|| "10%".into());
-                LowWaterMark::parse(&text).ok_or_else(|| {
-                    c.bad(
-                        "pool.low_water_mark",
-                        format!("{text:?} is not a percentage (0% to 100%) or a size (e.g. 1G)"),
-                    )
-                })?
-            },
-        };
-        let s = raw.server;
-        let mut listen = Vec::new();
-        for a in s.listen.unwrap_or_else(|| vec!["127.0.0.1:10809".into()]) {
-            listen.extend(
-                crate::util::resolve_listen_addr(&a).map_err(|why| c.bad("server.listen", why))?,
-            );
-        }
-        let default_max_request = nbd::DEFAULT_MAX_REQUEST_BYTES.to_string();
-        let max_request_size = c.size(
-            "server.max_request_size",
-            s.max_request_size,
-            &default_max_request,
-        )?;
-        if !(4096..=1 << 30).contains(&max_request_size) {
-            return Err(c.bad("server.max_request_size", "must be 4K to 1G"));
-        }
-        let positive = |key: &str, v: Option<usize>, d: usize| -> Result<usize> {
-            match v.unwrap_or(d) {
-                0 => Err(c.bad(key, "must be at least 1")),
-                n => Ok(n),
-            }
-        };
-        let server = ServerSettings {
-            listen,
-            socket: s.socket.filter(|p| !p.as_os_str().is_empty()),
-            max_connections: positive(
-                "server.max_connections",
-                s.max_connections,
-                nbd::DEFAULT_MAX_CONNECTIONS,
-            )?,
-            max_inflight_per_connection: positive(
-                "server.max_inflight_per_connection",
-                s.max_inflight_per_connection,
-                nbd::DEFAULT_MAX_INFLIGHT_PER_CONNECTION,
-            )?,
-            max_request_size,
-            busy_poll: match s.busy_poll_us.map(Duration::from_micros) {
-                None => nbd::DEFAULT_BUSY_POLL_MAX,
-                Some(d) if d <= Duration::from_millis(10) => d,
-                Some(_) => return Err(c.bad("server.busy_poll_us", "must be 0 to 10000")),
-            },
-            thread_per_connection: s.thread_per_connection.unwrap_or(true),
-        };
-        let engine = EngineSettings {
-            cell_pool_size: positive(
-                "engine.cell_pool_size",
-                raw.engine.cell_pool_size,
-                engine::DEFAULT_CELL_POOL_SIZE,
-            )?,
-            metadata_cache_blocks: positive(
-                "engine.metadata_cache_blocks",
-                raw.engine.metadata_cache_blocks,
-                crate::pdata::tm::DEFAULT_CACHE_BLOCKS,
-            )?,
-            mapping_cache_slots: positive(
-                "engine.mapping_cache_slots",
-                raw.engine.mapping_cache_slots,
-                engine::DEFAULT_MAPPING_CACHE_SLOTS,
-            )?,
-            data_write_chunk: match c.size(
-                "engine.data_write_chunk",
-                raw.engine.data_write_chunk,
-                &engine::data::DEFAULT_WRITE_CHUNK.to_string(),
-            )? {
-                n if n == 0 || (n % 4096 == 0 && n <= 1 << 30) => n,
-                _ => {
-                    return Err(c.bad(
-                        "engine.data_write_chunk",
-                        "must be 0 or a multiple of 4K up to 1G",
-                    ))
-                }
-            },
-        };
-        let log_level = raw.log.level.unwrap_or_else(|| "info".into());
-        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
-            return Err(c.bad(
-                "log.level",
-                format!("{log_level:?} is not error, warn, info, debug or trace"),
-            ));
-        }
-        Ok(Config {
-            pool,
-            server,
-            engine,
-            log_level,
-        })
+        let mut config = Config::default();
+        c.pool(raw.pool, &mut config.pool, &mut config.engine)?;
+        c.server(raw.server, &mut config.listen, &mut config.server)?;
+        c.engine(raw.engine, &mut config.engine)?;
+        c.log(raw.log, &mut config.log_level)?;
+        Ok(config)
     }
 }
 
@@ -430,36 +521,86 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Compares by the `Debug` text, which shows every field: the layers' configs have no
+    /// `PartialEq`, as nothing but these tests compares them.
+    fn assert_same<T: std::fmt::Debug>(a: &T, b: &T, what: &str) {
+        assert_eq!(format!("{a:#?}"), format!("{b:#?}"), "{what}");
+    }
+
     #[test]
     fn shipped_config_equals_the_built_in_defaults() {
-        let shipped = Config::default_config();
-        let empty = Config::from_toml("", "empty").unwrap();
-        assert_eq!(
-            shipped, empty,
-            "config/thinnbd.toml must spell out exactly the defaults"
+        let shipped = Config::from_toml(DEFAULT_CONFIG_TOML, "config/thinnbd.toml").unwrap();
+        let built_in = Config::default();
+        assert_same(
+            &shipped,
+            &built_in,
+            "config/thinnbd.toml must spell out exactly the defaults",
         );
+        assert_same(
+            &Config::from_toml("", "empty").unwrap(),
+            &built_in,
+            "a missing key keeps its default",
+        );
+        // A layer built without a config file (a test, an embedder) behaves as `thinnbd
+        // serve` with none.
+        assert_same(&shipped.engine, &EngineConfig::default(), "engine defaults");
+        assert_same(&shipped.server, &ServerConfig::default(), "server defaults");
+        assert_eq!(shipped.pool, PoolConfig::default());
+        assert_eq!(shipped.listen, ListenConfig::default());
+        // The values the shipped file's comments and the operator's guide state.
         assert_eq!(shipped.pool.block_size, 64 << 10);
         assert_eq!(shipped.pool.data_size, 64 << 30);
         assert_eq!(
-            shipped.server.listen,
-            vec!["127.0.0.1:10809".parse().unwrap()]
+            shipped.listen.tcp,
+            vec!["127.0.0.1:10809".parse::<SocketAddr>().unwrap()]
         );
+        assert_eq!(shipped.engine.low_water_percent, 10);
+        assert_eq!(shipped.engine.low_water_blocks, 0);
+        assert_eq!(shipped.engine.metadata_low_water_percent, 20);
+        assert_eq!(shipped.engine.no_space_policy, NoSpacePolicy::Queue);
+        assert_eq!(shipped.engine.queue_timeout, Duration::from_secs(60));
+        assert_eq!(shipped.server.busy_poll_max, Duration::from_micros(100));
+        assert_eq!(shipped.log_level, "info");
     }
 
     #[test]
     fn default_max_request_size_is_what_nbd_server_and_nbdkit_accept() {
         let empty = Config::from_toml("", "empty").unwrap();
-        assert_eq!(empty.server.max_request_size, 64 << 20);
+        assert_eq!(empty.server.max_request_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn max_request_size_out_of_range_is_an_error_not_a_default() {
+        for bad in ["1K", "2G", "5G", "16T"] {
+            let e = Config::from_toml(
+                &format!("[server]\nmax_request_size = \"{bad}\"\n"),
+                "f.toml",
+            )
+            .unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("server.max_request_size") && msg.contains("f.toml"),
+                "{bad}: {msg}"
+            );
+        }
+        for (good, bytes) in [("4K", 4096), ("32M", 32 << 20), ("1G", 1 << 30)] {
+            let c = Config::from_toml(
+                &format!("[server]\nmax_request_size = \"{good}\"\n"),
+                "f.toml",
+            )
+            .unwrap();
+            assert_eq!(c.server.max_request_bytes, bytes, "{good}");
+        }
     }
 
     #[test]
     fn only_the_default_pool_dir_counts_as_default() {
         let with_dir = |dir: &str| {
-            let mut c = Config::default_config();
+            let mut c = Config::default();
             c.pool.dir = dir.into();
             c.pool.is_default_dir()
         };
-        assert!(Config::default_config().pool.is_default_dir());
+        assert!(Config::default().pool.is_default_dir());
         for same in [
             "thinnbd-pool",
             "./thinnbd-pool",
@@ -476,6 +617,16 @@ mod tests {
         ] {
             assert!(!with_dir(other), "{other}");
         }
+    }
+
+    #[test]
+    fn the_default_export_is_the_default_volume_unless_empty() {
+        assert_eq!(
+            Config::default().pool.default_export().as_deref(),
+            Some("default")
+        );
+        let none = Config::from_toml("[pool]\ndefault_volume = \"\"\n", "x").unwrap();
+        assert_eq!(none.pool.default_export(), None);
     }
 
     #[test]
@@ -499,12 +650,16 @@ mod tests {
         assert!(e.to_string().contains("pool.create_if_missing"), "{e}");
         let e = Config::from_toml("[server]\nbusy_poll_us = 20000\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("server.busy_poll_us"), "{e}");
+        let e = Config::from_toml("[server]\nmax_connections = 0\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("server.max_connections"), "{e}");
         let e = Config::from_toml("[engine]\ndata_write_chunk = \"6K\"\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("engine.data_write_chunk"), "{e}");
+        let e = Config::from_toml("[log]\nlevel = \"loud\"\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("log.level"), "{e}");
         let whole = Config::from_toml("[engine]\ndata_write_chunk = \"0\"\n", "f.toml").unwrap();
         assert_eq!(whole.engine.data_write_chunk, 0);
         let off = Config::from_toml("[server]\nbusy_poll_us = 0\n", "f.toml").unwrap();
-        assert!(off.server.busy_poll.is_zero());
+        assert!(off.server.busy_poll_max.is_zero());
         assert!(off.server.thread_per_connection, "the default");
         let pooled =
             Config::from_toml("[server]\nthread_per_connection = false\n", "f.toml").unwrap();
@@ -514,13 +669,52 @@ mod tests {
     }
 
     #[test]
+    fn the_file_lands_in_each_layers_config() {
+        let c = Config::from_toml(
+            "[pool]\nno_space_timeout_secs = 5\nmetadata_low_water = \"0%\"\n\
+             [server]\nmax_connections = 3\nmax_inflight_per_connection = 7\n\
+             socket = \"/run/t.sock\"\nlisten = []\n\
+             [engine]\ncell_pool_size = 11\nmetadata_cache_blocks = 12\n\
+             mapping_cache_slots = 13\ndata_write_chunk = \"64K\"\n\
+             [log]\nlevel = \"debug\"\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.engine.queue_timeout, Duration::from_secs(5));
+        assert_eq!(c.engine.metadata_low_water_percent, 0, "0% turns it off");
+        assert_eq!(c.server.max_connections, 3);
+        assert_eq!(c.server.max_inflight_per_connection, 7);
+        assert_eq!(c.listen.tcp, Vec::<SocketAddr>::new());
+        assert_eq!(c.listen.socket, Some(PathBuf::from("/run/t.sock")));
+        assert_eq!(c.engine.cell_pool_size, 11);
+        assert_eq!(c.engine.metadata_cache_blocks, 12);
+        assert_eq!(c.engine.mapping_cache_slots, 13);
+        assert_eq!(c.engine.data_write_chunk, 64 << 10);
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
     fn low_water_mark_is_a_percentage_by_default_and_takes_sizes() {
-        let d = Config::default_config();
-        assert_eq!(d.pool.low_water_mark, LowWaterMark::Percent(10));
+        let d = Config::default();
+        assert_eq!(
+            (d.engine.low_water_percent, d.engine.low_water_blocks),
+            (10, 0)
+        );
         let c = Config::from_toml("[pool]\nlow_water_mark = \"25%\"\n", "x").unwrap();
-        assert_eq!(c.pool.low_water_mark, LowWaterMark::Percent(25));
-        let c = Config::from_toml("[pool]\nlow_water_mark = \"2G\"\n", "x").unwrap();
-        assert_eq!(c.pool.low_water_mark, LowWaterMark::Bytes(2 << 30));
+        assert_eq!(
+            (c.engine.low_water_percent, c.engine.low_water_blocks),
+            (25, 0)
+        );
+        let c = Config::from_toml(
+            "[pool]\nlow_water_mark = \"2G\"\nblock_size = \"1M\"\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.engine.low_water_percent, c.engine.low_water_blocks),
+            (0, 2048),
+            "a size counts in blocks"
+        );
         for bad in ["150%", "-1%", "ten%", "lots"] {
             let e = Config::from_toml(&format!("[pool]\nlow_water_mark = \"{bad}\"\n"), "f.toml")
                 .unwrap_err();
@@ -535,25 +729,25 @@ mod tests {
     #[test]
     fn no_space_policy_is_the_engines_own_type() {
         let c = Config::from_toml("[pool]\nno_space_policy = \"error\"\n", "x").unwrap();
-        let engine_policy: crate::engine::NoSpacePolicy = c.pool.no_space_policy;
+        let engine_policy: crate::engine::NoSpacePolicy = c.engine.no_space_policy;
         assert_eq!(engine_policy, crate::engine::NoSpacePolicy::Error);
         assert_eq!(
-            Config::default_config().pool.no_space_policy,
+            Config::default().engine.no_space_policy,
             crate::engine::NoSpacePolicy::Queue
         );
     }
 
     #[test]
     fn overrides_land_in_the_config() {
-        let mut c = Config::default_config();
+        let mut c = Config::default();
         c.apply(Overrides::default());
         assert!(
             c.pool.create_if_missing,
             "the default dir keeps create_if_missing"
         );
-        assert_eq!(c.server, Config::default_config().server);
+        assert_eq!(c.listen, ListenConfig::default());
 
-        let mut c = Config::default_config();
+        let mut c = Config::default();
         c.apply(Overrides {
             pool_dir: Some("/srv/pool".into()),
             socket: Some("/run/t.sock".into()),
@@ -564,11 +758,11 @@ mod tests {
             !c.pool.create_if_missing,
             "a named dir is created only on request"
         );
-        assert!(c.server.listen.is_empty(), "a socket alone replaces TCP");
-        assert_eq!(c.server.socket, Some(PathBuf::from("/run/t.sock")));
+        assert!(c.listen.tcp.is_empty(), "a socket alone replaces TCP");
+        assert_eq!(c.listen.socket, Some(PathBuf::from("/run/t.sock")));
 
         let addr: SocketAddr = "127.0.0.1:10900".parse().unwrap();
-        let mut c = Config::default_config();
+        let mut c = Config::default();
         c.apply(Overrides {
             pool_dir: Some("/srv/pool".into()),
             create: true,
@@ -576,8 +770,8 @@ mod tests {
             socket: Some("/run/t.sock".into()),
         });
         assert!(c.pool.create_if_missing);
-        assert_eq!(c.server.listen, vec![addr]);
-        assert_eq!(c.server.socket, Some(PathBuf::from("/run/t.sock")));
+        assert_eq!(c.listen.tcp, vec![addr]);
+        assert_eq!(c.listen.socket, Some(PathBuf::from("/run/t.sock")));
     }
 
     #[test]

@@ -325,10 +325,7 @@ fn online_or_local(pool: &Path, req: Request) -> anyhow::Result<serde_json::Valu
     if let Some(v) = control::call(&paths.control_socket, &req)? {
         return Ok(v);
     }
-    let volumes = Volumes::open(
-        pool,
-        thinnbd::service::pool_config(&Config::default_config()),
-    )?;
+    let volumes = Volumes::open(pool, Config::default().engine)?;
     let result = control::execute(&volumes, req);
     volumes.shutdown()?;
     Ok(result?)
@@ -578,7 +575,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let mut config = match &args.config {
                 Some(path) => Config::load(path)?,
-                None => Config::default_config(),
+                None => Config::default(),
             };
             config.apply(thinnbd::config::Overrides {
                 pool_dir: args.pool,
@@ -609,8 +606,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metadata_size,
                 preallocate,
             };
-            let config = thinnbd::service::pool_config(&Config::default_config());
-            Volumes::create_pool(&dir, &opts, config)?;
+            Volumes::create_pool(&dir, &opts, Config::default().engine)?;
             let created = serde_json::json!({
                 "dir": dir,
                 "data_size": opts.data_size,

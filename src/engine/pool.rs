@@ -46,16 +46,17 @@ pub enum NoSpacePolicy {
 pub struct EngineConfig {
     pub no_space_policy: NoSpacePolicy,
     pub queue_timeout: Duration,
-    /// Free data blocks at or below which the pool reports (and logs once) the low-water mark;
-    /// 0 turns the mark off. Used when `low_water_percent` is 0.
+    /// Free data blocks at or below which the pool reports (and logs once) the low-water mark,
+    /// when `low_water_percent` is 0 (`pool.low_water_mark` given as a size); 0 with it turns
+    /// the mark off.
     pub low_water_blocks: u64,
     /// Free metadata blocks, as a percentage of the metadata device above the reserve, at or
-    /// below which the pool reports (and logs once) the metadata low-water mark; 0 turns the
-    /// mark off.
+    /// below which the pool reports (and logs once) the metadata low-water mark
+    /// (`pool.metadata_low_water`, default 20%); 0 turns the mark off.
     pub metadata_low_water_percent: u64,
     /// The low-water mark as a percentage of the pool's data blocks (1-100; 0: use
     /// `low_water_blocks`), so one setting suits a small pool and a large one, and follows a
-    /// grown pool.
+    /// grown pool (`pool.low_water_mark`, default 10%). Set it to 0 with `low_water_blocks`.
     pub low_water_percent: u8,
     /// Cells in the bio prison's pool (blocks being provisioned or copied at once).
     pub cell_pool_size: usize,
@@ -95,15 +96,21 @@ pub const DEFAULT_CELL_POOL_SIZE: usize = 1024;
 pub const DEFAULT_MAPPING_CACHE_SLOTS: usize = 1 << 18;
 /// The default wait for space under `NoSpacePolicy::Queue` (`pool.no_space_timeout_secs`).
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default data low-water mark (`pool.low_water_mark`), in percent of the pool's data.
+const DEFAULT_LOW_WATER_PERCENT: u8 = 10;
+/// The default metadata low-water mark (`pool.metadata_low_water`), in percent.
+const DEFAULT_METADATA_LOW_WATER_PERCENT: u64 = 20;
 
+/// The values of the shipped `config/thinnbd.toml` (the config's tests hold them equal), so
+/// that a pool opened without a config file behaves as `thinnbd serve` with none.
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             no_space_policy: NoSpacePolicy::Queue,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             low_water_blocks: 0,
-            metadata_low_water_percent: 0,
-            low_water_percent: 0,
+            metadata_low_water_percent: DEFAULT_METADATA_LOW_WATER_PERCENT,
+            low_water_percent: DEFAULT_LOW_WATER_PERCENT,
             cell_pool_size: DEFAULT_CELL_POOL_SIZE,
             zero_new_blocks: true,
             record_events: false,

@@ -110,6 +110,8 @@ pub struct ServerConfig {
     pub thread_per_connection: bool,
 }
 
+/// The `[server]` keys at the values of the shipped `config/thinnbd.toml` (the config's tests
+/// hold them equal); the other limits are not in the config file.
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {

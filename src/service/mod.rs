@@ -6,46 +6,10 @@ pub mod exports;
 
 use std::sync::Arc;
 
-use crate::config::{Config, LowWaterMark};
-use crate::engine::EngineConfig;
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::nbd::{self, Listener, ServerConfig};
+use crate::nbd::{self, Listener};
 use crate::volume::{no_pool_in, CreateOptions, PoolPaths, Volumes};
-
-/// The engine settings a config asks for.
-pub fn pool_config(config: &Config) -> EngineConfig {
-    EngineConfig {
-        no_space_policy: config.pool.no_space_policy,
-        queue_timeout: config.pool.no_space_timeout,
-        metadata_low_water_percent: config.pool.metadata_low_water_percent,
-        low_water_blocks: match config.pool.low_water_mark {
-            LowWaterMark::Bytes(n) => n / config.pool.block_size.max(1),
-            LowWaterMark::Percent(_) => 0,
-        },
-        low_water_percent: match config.pool.low_water_mark {
-            LowWaterMark::Bytes(_) => 0,
-            LowWaterMark::Percent(p) => p,
-        },
-        cell_pool_size: config.engine.cell_pool_size,
-        metadata_cache_blocks: config.engine.metadata_cache_blocks,
-        mapping_cache_slots: config.engine.mapping_cache_slots,
-        data_write_chunk: config.engine.data_write_chunk,
-        ..EngineConfig::default()
-    }
-}
-
-/// The NBD server's limits a config asks for.
-pub fn server_config(config: &Config) -> ServerConfig {
-    ServerConfig {
-        max_connections: config.server.max_connections,
-        max_inflight_per_connection: config.server.max_inflight_per_connection,
-        max_request_bytes: u32::try_from(config.server.max_request_size)
-            .unwrap_or(nbd::DEFAULT_MAX_REQUEST_BYTES),
-        busy_poll_max: config.server.busy_poll,
-        thread_per_connection: config.server.thread_per_connection,
-        ..ServerConfig::default()
-    }
-}
 
 /// Opens the configured pool, creating it (with its default volume) when missing and
 /// `create_if_missing` (which `thinnbd serve` keeps only for the default directory or `--create`).
@@ -73,11 +37,11 @@ pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
             metadata_size: None,
             preallocate: false,
         };
-        Volumes::create_pool(&paths.dir, &opts, pool_config(config))?;
+        Volumes::create_pool(&paths.dir, &opts, config.engine.clone())?;
         created = true;
         tracing::info!(pool = %paths.dir.display(), "created pool");
     }
-    let volumes = Volumes::open(&paths.dir, pool_config(config))?;
+    let volumes = Volumes::open(&paths.dir, config.engine.clone())?;
     if created && !config.pool.default_volume.is_empty() {
         volumes.create_volume(&config.pool.default_volume, config.pool.default_volume_size)?;
     }
@@ -125,7 +89,7 @@ async fn shutdown_signal() {
 /// Runs the server until a signal, then finishes in-flight requests, commits and returns.
 pub async fn run(config: Config) -> Result<()> {
     // Before the pool is opened (or created): a path that is not ours to take stops the start.
-    if let Some(path) = &config.server.socket {
+    if let Some(path) = &config.listen.socket {
         crate::util::remove_stale_socket(path)?;
     }
     let cfg = config.clone();
@@ -133,14 +97,14 @@ pub async fn run(config: Config) -> Result<()> {
         .await
         .map_err(|e| Error::new(crate::ErrorKind::Io, format!("opening the pool: {e}")))??;
     let mut listeners = Vec::new();
-    for addr in &config.server.listen {
+    for addr in &config.listen.tcp {
         listeners.push(
             Listener::bind_tcp(addr)
                 .await
                 .map_err(|e| Error::io(format!("listening on {addr}"), e))?,
         );
     }
-    if let Some(path) = &config.server.socket {
+    if let Some(path) = &config.listen.socket {
         listeners.push(
             Listener::bind_unix(path)
                 .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?,
@@ -159,15 +123,14 @@ pub async fn run(config: Config) -> Result<()> {
     let names = volumes.volume_names().join(", ");
     let wheres: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
     tracing::info!(pool = %volumes.paths().dir.display(), listen = %wheres.join(" "), volumes = %names, "serving");
-    let server_config = server_config(&config);
-    let default_export = Some(config.pool.default_volume.clone()).filter(|s| !s.is_empty());
+    let default_export = config.pool.default_export();
     let source = Arc::new(exports::VolumeExports::new(volumes.clone(), default_export));
-    nbd::serve(listeners, source, server_config, shutdown_signal()).await;
+    nbd::serve(listeners, source, config.server, shutdown_signal()).await;
     if let Some(control) = control {
         control.abort();
         let _ = std::fs::remove_file(&control_path);
     }
-    if let Some(path) = &config.server.socket {
+    if let Some(path) = &config.listen.socket {
         let _ = std::fs::remove_file(path);
     }
     tokio::task::spawn_blocking(move || volumes.shutdown())
@@ -175,34 +138,4 @@ pub async fn run(config: Config) -> Result<()> {
         .map_err(|e| Error::new(crate::ErrorKind::Io, format!("shutting down: {e}")))??;
     tracing::info!("pool closed cleanly");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The runtime defaults are the shipped config's: a layer built without a config file
-    /// (a test, an embedder) behaves as `thinnbd serve` with none.
-    #[test]
-    fn default_config_gives_the_runtime_defaults() {
-        let config = Config::default_config();
-        let server = server_config(&config);
-        let built_in = ServerConfig::default();
-        assert_eq!(server.max_connections, built_in.max_connections);
-        assert_eq!(
-            server.max_inflight_per_connection,
-            built_in.max_inflight_per_connection
-        );
-        assert_eq!(server.max_request_bytes, built_in.max_request_bytes);
-        assert_eq!(server.busy_poll_max, built_in.busy_poll_max);
-        assert_eq!(server.thread_per_connection, built_in.thread_per_connection);
-        let pool = pool_config(&config);
-        let built_in = EngineConfig::default();
-        assert_eq!(pool.no_space_policy, built_in.no_space_policy);
-        assert_eq!(pool.queue_timeout, built_in.queue_timeout);
-        assert_eq!(pool.cell_pool_size, built_in.cell_pool_size);
-        assert_eq!(pool.metadata_cache_blocks, built_in.metadata_cache_blocks);
-        assert_eq!(pool.mapping_cache_slots, built_in.mapping_cache_slots);
-        assert_eq!(pool.data_write_chunk, built_in.data_write_chunk);
-    }
 }
