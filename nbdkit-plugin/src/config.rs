@@ -1,13 +1,12 @@
-//! The plugin's `key=value` parameters and the plain computations the callbacks share (errno,
-//! which extents nbdkit gets). Nothing here calls into nbdkit, so all of it is unit-tested.
-//! The rules themselves (block sizes, extents, writes) are the export seam's, shared with
-//! `thinnbd serve`.
+//! The plugin's `key=value` parameters, checked into [`PluginConfig`]: the same
+//! `thinnbd::config::Config` as `thinnbd serve`'s (the TOML file of `config=`, `pool=` applied
+//! as `--pool`), plus what only the plugin has (`export=`). Nothing here calls into nbdkit, so
+//! all of it is unit-tested.
 
 use std::path::Path;
 
 use thinnbd::config::{Config, Overrides};
 use thinnbd::error::{fail, Error, ErrorKind, Result};
-use thinnbd::nbd::{extents_at, Extent};
 use thinnbd::volume::registry::{self, Registry};
 use thinnbd::volume::{no_pool_in, PoolPaths};
 
@@ -32,13 +31,13 @@ pub struct Keys {
 /// The checked parameters: what `after_fork` needs to open the pool and what the export
 /// callbacks need to answer.
 #[derive(Debug, Clone)]
-pub struct Settings {
-    /// The config file's settings (or the defaults) with `pool=` applied as `thinnbd serve`
-    /// applies `--pool`; its `[pool]` and `[engine]` apply. `pool.dir` is absolute: nbdkit
-    /// changes directory to `/` when it daemonizes.
+pub struct PluginConfig {
+    /// `config=FILE` (or the defaults) with `pool=DIR` applied as `thinnbd serve` applies
+    /// `--pool`. The plugin uses `config.pool` (`dir`, absolute because nbdkit changes
+    /// directory to `/` when it daemonizes; `default_volume` as the default export) and
+    /// `config.engine`; nbdkit does the listening and its own limits, so `config.listen` and
+    /// `config.server` go unused.
     pub config: Config,
-    /// The config's `pool.default_volume` (empty when none), as `thinnbd serve` uses it.
-    pub default_volume: Option<String>,
     /// `export=NAME`: the one volume served.
     pub export: Option<String>,
 }
@@ -81,7 +80,7 @@ impl Keys {
 
     /// Checks the keys once they are all in (`config_complete`): reads the config file and
     /// makes sure the pool directory holds a pool. Does not open the pool.
-    pub fn finish(&self) -> Result<Settings> {
+    pub fn finish(&self) -> Result<PluginConfig> {
         let Some(pool) = &self.pool else {
             return Err(bad(
                 "pool=DIR is required: the pool directory made by `thinnbd pool create DIR \
@@ -90,7 +89,7 @@ impl Keys {
         };
         let mut config = match &self.config {
             Some(file) => Config::load(Path::new(file))?,
-            None => Config::default_config(),
+            None => Config::default(),
         };
         let pool_dir = std::path::absolute(pool)
             .map_err(|e| Error::io(format!("pool={pool}: resolving the path"), e))?;
@@ -104,15 +103,14 @@ impl Keys {
             pool_dir: Some(pool_dir),
             ..Overrides::default()
         });
-        Ok(Settings {
-            default_volume: Some(config.pool.default_volume.clone()).filter(|s| !s.is_empty()),
+        Ok(PluginConfig {
             config,
             export: self.export.clone(),
         })
     }
 }
 
-impl Settings {
+impl PluginConfig {
     /// The pool directory (`pool=`), absolute.
     pub fn pool_dir(&self) -> &Path {
         &self.config.pool.dir
@@ -154,27 +152,6 @@ impl Settings {
         }
         Ok(())
     }
-}
-
-/// The Linux errno nbdkit sends for an error kind (one mapping, shared with the NBD server).
-pub fn errno_of(kind: ErrorKind) -> i32 {
-    i32::try_from(thinnbd::nbd::errno_of_kind(kind)).unwrap_or(libc::EIO)
-}
-
-/// Text for C: nbdkit takes NUL-terminated strings, so an inner NUL would cut (or, in the
-/// nbdkit crate's error path, panic); it becomes a visible escape instead.
-pub fn c_text(s: &str) -> std::ffi::CString {
-    std::ffi::CString::new(s.replace('\0', "\\0")).unwrap_or_default()
-}
-
-/// The extents nbdkit gets for a `block_status` answer from `offset`, each with where it
-/// starts; only the first with `req_one`.
-pub fn extents(
-    offset: u64,
-    extents: &[Extent],
-    req_one: bool,
-) -> impl Iterator<Item = (u64, Extent)> + '_ {
-    extents_at(offset, extents).take(if req_one { 1 } else { usize::MAX })
 }
 
 #[cfg(test)]
@@ -222,7 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn settings_take_the_config_file_and_make_the_path_absolute() {
+    fn the_config_file_lands_with_the_path_made_absolute() {
         let dir = make_pool_dir();
         let cfg = dir.path().join("c.toml");
         std::fs::write(
@@ -233,19 +210,19 @@ mod tests {
         let mut k = Keys::new();
         k.set("pool", dir.path().to_str().unwrap()).unwrap();
         k.set("config", cfg.to_str().unwrap()).unwrap();
-        let s = k.finish().unwrap();
-        assert!(s.pool_dir().is_absolute());
+        let plugin = k.finish().unwrap();
+        assert!(plugin.pool_dir().is_absolute());
         assert_eq!(
-            s.config.pool.dir,
+            plugin.config.pool.dir,
             std::path::absolute(dir.path()).unwrap(),
             "pool= lands in the config as --pool does"
         );
-        assert_eq!(s.default_volume.as_deref(), Some("vm1"));
-        assert!(matches!(
-            s.config.pool.no_space_policy,
+        assert_eq!(plugin.config.pool.default_export().as_deref(), Some("vm1"));
+        assert_eq!(
+            plugin.config.engine.no_space_policy,
             thinnbd::config::NoSpacePolicy::Error
-        ));
-        assert_eq!(s.export, None);
+        );
+        assert_eq!(plugin.export, None);
 
         let mut k = Keys::new();
         k.set("pool", dir.path().to_str().unwrap()).unwrap();
@@ -272,17 +249,6 @@ mod tests {
     }
 
     #[test]
-    fn errno_follows_the_nbd_mapping() {
-        assert_eq!(errno_of(ErrorKind::NoSpace), libc::ENOSPC);
-        assert_eq!(errno_of(ErrorKind::OutOfBounds), libc::EINVAL);
-        assert_eq!(errno_of(ErrorKind::NotFound), libc::EINVAL);
-        assert_eq!(errno_of(ErrorKind::ReadOnly), libc::EPERM);
-        assert_eq!(errno_of(ErrorKind::Corrupt), libc::EIO);
-        assert_eq!(errno_of(ErrorKind::Unsupported), libc::ENOTSUP);
-        assert_eq!(errno_of(ErrorKind::Busy), libc::ESHUTDOWN);
-    }
-
-    #[test]
     fn block_sizes_are_powers_of_two_within_limits() {
         let block_sizes = |pool_block| {
             let s = BlockSizes::new(preferred_io_size(pool_block), MAX_REQUEST);
@@ -292,26 +258,5 @@ mod tests {
         assert_eq!(block_sizes(192 << 10), (1, 128 << 10, 64 << 20));
         assert_eq!(block_sizes(1 << 30), (1, 2 << 20, 64 << 20));
         assert_eq!(block_sizes(0), (1, 4096, 64 << 20));
-    }
-
-    #[test]
-    fn extents_follow_the_runs() {
-        let runs = [(4096, true), (0, false), (8192, false), (100, true)]
-            .map(|(length, mapped)| Extent::new(length, mapped));
-        let all: Vec<_> = extents(1000, &runs, false).collect();
-        assert_eq!(
-            all.iter()
-                .map(|&(at, e)| (at, e.length, e.hole))
-                .collect::<Vec<_>>(),
-            vec![(1000, 4096, false), (5096, 8192, true), (13288, 100, false)]
-        );
-        assert_eq!(extents(1000, &runs, true).collect::<Vec<_>>(), all[..1]);
-        assert_eq!(extents(0, &[], false).count(), 0);
-    }
-
-    #[test]
-    fn c_text_never_fails() {
-        assert_eq!(c_text("a\0b").to_str().unwrap(), "a\\0b");
-        assert_eq!(c_text("plain").to_str().unwrap(), "plain");
     }
 }

@@ -12,7 +12,8 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::catch_unwind;
 use std::sync::OnceLock;
 
-use crate::settings::{self, c_text};
+use crate::config::MAX_REQUEST;
+use crate::reply::{c_text, errno_of};
 use crate::{guard, served, shutdown_pool, ThinExport};
 use thinnbd::error::{Error, ErrorKind, Result};
 use thinnbd::nbd::BlockSizes;
@@ -109,7 +110,7 @@ fn report(e: &Error) {
     // NUL-terminated string alive for the call. nbdkit_set_error only stores the number.
     unsafe {
         nbdkit_error(c"%s".as_ptr(), msg.as_ptr());
-        nbdkit_set_error(settings::errno_of(e.kind()));
+        nbdkit_set_error(errno_of(e.kind()));
     }
 }
 
@@ -200,10 +201,7 @@ extern "C" fn block_size(
                 "null block size pointer",
             ));
         }
-        let sizes = BlockSizes::new(
-            served()?.exports.preferred_block_size(),
-            settings::MAX_REQUEST,
-        );
+        let sizes = BlockSizes::new(served()?.exports.preferred_block_size(), MAX_REQUEST);
         // SAFETY: nbdkit passes three valid, aligned, writable u32s (checked non-null above)
         // that outlive the call.
         unsafe {

@@ -23,27 +23,27 @@
 //! cleanup) are appended in [`ffi`]. Each callback runs its body under `catch_unwind`: a panic
 //! becomes EIO instead of unwinding into nbdkit. The crate's own glue around our methods can
 //! only panic on flags nbdkit 1.32 never sends or on error text with a NUL, which
-//! [`settings::c_text`] rules out.
+//! [`reply::c_text`] rules out.
 
+pub mod config;
 mod ffi;
-pub mod settings;
+pub mod reply;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, ThreadModel};
 
-use settings::{Keys, Settings};
+use config::{Keys, PluginConfig};
 use thinnbd::error::{fail, Error, ErrorKind, Result};
 use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, WriteTurns};
-use thinnbd::service;
 use thinnbd::service::exports::VolumeExports;
 use thinnbd::volume::Volumes;
 
 /// Keys as they arrive (`config`).
 static KEYS: Mutex<Keys> = Mutex::new(Keys::new());
 /// Checked keys (`config_complete`).
-static SETTINGS: OnceLock<Settings> = OnceLock::new();
+static CONFIG: OnceLock<PluginConfig> = OnceLock::new();
 /// The open pool, from `after_fork` to `cleanup`.
 static SERVED: Mutex<Option<Arc<Served>>> = Mutex::new(None);
 
@@ -60,12 +60,12 @@ struct Served {
 }
 
 impl Served {
-    fn open(s: &Settings) -> Result<Served> {
-        let volumes = Volumes::open(s.pool_dir(), service::pool_config(&s.config))?;
+    fn open(c: &PluginConfig) -> Result<Served> {
+        let volumes = Volumes::open(c.pool_dir(), c.config.engine.clone())?;
         Ok(Served {
-            exports: VolumeExports::new(volumes.clone(), s.default_volume.clone()),
+            exports: VolumeExports::new(volumes.clone(), c.config.pool.default_export()),
             volumes,
-            only: s.export.clone(),
+            only: c.export.clone(),
         })
     }
 
@@ -123,8 +123,8 @@ fn served() -> Result<Arc<Served>> {
     })
 }
 
-fn settings() -> Result<&'static Settings> {
-    SETTINGS
+fn plugin_config() -> Result<&'static PluginConfig> {
+    CONFIG
         .get()
         .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "the plugin was not configured"))
 }
@@ -159,10 +159,8 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 fn to_nbdkit(e: Error) -> nbdkit::Error {
     nbdkit::Error::new(
-        settings::errno_of(e.kind()),
-        settings::c_text(&e.to_string())
-            .to_string_lossy()
-            .into_owned(),
+        reply::errno_of(e.kind()),
+        reply::c_text(&e.to_string()).to_string_lossy().into_owned(),
     )
 }
 
@@ -204,7 +202,7 @@ impl Server for ThinExport {
     }
 
     fn config_help() -> Option<&'static str> {
-        Some(settings::CONFIG_HELP)
+        Some(config::CONFIG_HELP)
     }
 
     fn config(key: &str, value: &str) -> nbdkit::Result<()> {
@@ -213,9 +211,9 @@ impl Server for ThinExport {
 
     fn config_complete() -> nbdkit::Result<()> {
         call("config_complete", || {
-            let s = locked(&KEYS).finish()?;
-            SETTINGS
-                .set(s)
+            let c = locked(&KEYS).finish()?;
+            CONFIG
+                .set(c)
                 .map_err(|_| Error::new(ErrorKind::Busy, "config_complete ran twice"))
         })
     }
@@ -241,15 +239,15 @@ impl Server for ThinExport {
                     .with_writer(std::io::stderr)
                     .try_init();
             }
-            settings()?.preflight()
+            plugin_config()?.preflight()
         })
     }
 
     fn after_fork() -> nbdkit::Result<()> {
         call("after_fork", || {
-            let s = settings()?;
-            let served = Served::open(s)?;
-            tracing::info!(pool = %s.pool_dir().display(), "pool open");
+            let c = plugin_config()?;
+            let served = Served::open(c)?;
+            tracing::info!(pool = %c.pool_dir().display(), "pool open");
             thinnbd::service::log_space(&served.volumes);
             *locked(&SERVED) = Some(Arc::new(served));
             Ok(())
@@ -374,7 +372,7 @@ impl Server for ThinExport {
         let extents = call("extents", || {
             self.export.block_status(offset, u64_of(count))
         })?;
-        for (at, e) in settings::extents(offset, &extents, flags.contains(Flags::REQ_ONE)) {
+        for (at, e) in reply::extents(offset, &extents, flags.contains(Flags::REQ_ONE)) {
             let kind = match (e.hole, e.zero) {
                 (true, _) => ExtentType::HoleZero,
                 (false, true) => ExtentType::Zero,
@@ -399,9 +397,9 @@ mod tests {
         let e = guard("pread", || -> Result<()> { panic!("boom") }).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Io);
         assert!(e.to_string().contains("pread: internal error: boom"), "{e}");
-        assert_eq!(settings::errno_of(e.kind()), libc::EIO);
+        assert_eq!(reply::errno_of(e.kind()), libc::EIO);
         let e = guard("zero", || fail::<()>(ErrorKind::NoSpace, "full")).unwrap_err();
-        assert_eq!(settings::errno_of(e.kind()), libc::ENOSPC);
+        assert_eq!(reply::errno_of(e.kind()), libc::ENOSPC);
     }
 
     #[test]
