@@ -801,3 +801,292 @@ impl JsonRanges<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pdata::block_io::MemBlockIo;
+    use proptest::prelude::*;
+
+    fn pool(nr_data_blocks: u64) -> ThinMetadata {
+        ThinMetadata::format(Arc::new(MemBlockIo::new(4096)), 128, nr_data_blocks).unwrap()
+    }
+
+    fn map(md: &mut ThinMetadata, dev: ThinId, vblock: u64) -> u64 {
+        let d = md.alloc_data_block().unwrap();
+        md.insert(dev, vblock, d).unwrap();
+        d
+    }
+
+    /// The blocks either device maps, compared from two full listings.
+    fn expected(md: &ThinMetadata, left: ThinId, right: ThinId) -> Vec<BlockDelta> {
+        let mut all = std::collections::BTreeMap::<u64, BlockDelta>::new();
+        for (v, d, _) in md.device_mappings(left).unwrap() {
+            all.insert(
+                v,
+                BlockDelta {
+                    vblock: v,
+                    left: Some(d),
+                    right: None,
+                },
+            );
+        }
+        for (v, d, _) in md.device_mappings(right).unwrap() {
+            all.entry(v)
+                .or_insert(BlockDelta {
+                    vblock: v,
+                    left: None,
+                    right: None,
+                })
+                .right = Some(d);
+        }
+        all.into_values().collect()
+    }
+
+    fn walked(
+        md: &ThinMetadata,
+        left: ThinId,
+        right: ThinId,
+        blocks: Range<u64>,
+        same: SameBlocks,
+    ) -> (Vec<BlockDelta>, WalkStats) {
+        let mut out = Vec::new();
+        let stats = walk(
+            md.tm(),
+            md.device_root(left).unwrap(),
+            md.device_root(right).unwrap(),
+            blocks,
+            same,
+            &mut |b| {
+                out.push(b);
+                Ok(true)
+            },
+        )
+        .unwrap();
+        (out, stats)
+    }
+
+    fn check_all_pairs(md: &ThinMetadata) {
+        let ids = md.thin_ids();
+        for &l in &ids {
+            for &r in &ids {
+                let want = expected(md, l, r);
+                let (got, _) = walked(md, l, r, 0..u64::MAX, SameBlocks::Report);
+                assert_eq!(got, want, "{l} against {r}");
+                let (changed, _) = walked(md, l, r, 0..u64::MAX, SameBlocks::Skip);
+                let want_changed: Vec<_> = want
+                    .iter()
+                    .filter(|b| b.kind().is_changed())
+                    .copied()
+                    .collect();
+                assert_eq!(changed, want_changed, "changes of {l} against {r}");
+            }
+        }
+    }
+
+    /// A device mapping `n` blocks in order: a tree with two levels of internal nodes once
+    /// `n` passes 252 half-full leaves.
+    fn big_device(n: u64) -> ThinMetadata {
+        let mut md = pool(n + 1000);
+        md.create_thin(1).unwrap();
+        for v in 0..n {
+            map(&mut md, 1, v);
+        }
+        md.commit().unwrap();
+        md
+    }
+
+    #[test]
+    fn a_snapshot_with_one_changed_block_reads_a_path_not_the_tree() {
+        let n = 40_000;
+        let mut md = big_device(n);
+        let root = md.device_root(1).unwrap();
+        let mut stats = WalkStats::default();
+        let depth = tree_height(md.tm(), root, &mut stats).unwrap() + 1;
+        assert!(
+            depth >= 3,
+            "the tree should have two internal levels, has {depth} levels"
+        );
+        md.create_snapshot(2, 1).unwrap();
+        md.commit().unwrap();
+        let (nothing, stats) = walked(&md, 1, 2, 0..u64::MAX, SameBlocks::Skip);
+        assert!(nothing.is_empty());
+        assert_eq!(stats.shared_subtrees, 1, "the roots are the same block");
+
+        let changed_at = 23_456;
+        let new_block = map(&mut md, 2, changed_at);
+        md.commit().unwrap();
+        let (changes, stats) = walked(&md, 1, 2, 0..u64::MAX, SameBlocks::Skip);
+        assert_eq!(
+            changes,
+            vec![BlockDelta {
+                vblock: changed_at,
+                left: Some(changed_at),
+                right: Some(new_block),
+            }]
+        );
+        // Per tree: the height probe and the path to the changed leaf, each at most `depth`
+        // nodes, where the whole tree has hundreds of leaves.
+        assert!(
+            stats.nodes_read <= 4 * depth as u64,
+            "{stats:?} for a tree of depth {depth}"
+        );
+        assert!(stats.shared_subtrees >= 2, "{stats:?}");
+
+        let mut extents = Vec::new();
+        changed_extents(&md, 1, 2, 0..n, &mut |b, l| {
+            extents.push((b, l));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(extents, vec![(changed_at, 1)]);
+        let mut outside = Vec::new();
+        changed_extents(&md, 1, 2, 0..changed_at, &mut |b, l| {
+            outside.push((b, l));
+            Ok(true)
+        })
+        .unwrap();
+        assert!(outside.is_empty(), "{outside:?}");
+    }
+
+    #[test]
+    fn a_range_limits_the_walk_and_extents_join_kinds() {
+        let mut md = pool(10_000);
+        md.create_thin(1).unwrap();
+        for v in 0..600 {
+            map(&mut md, 1, v);
+        }
+        md.create_snapshot(2, 1).unwrap();
+        for v in 100..110 {
+            map(&mut md, 2, v);
+        }
+        md.remove(2, 110).unwrap();
+        map(&mut md, 2, 700);
+        map(&mut md, 2, 701);
+        check_all_pairs(&md);
+
+        let mut extents = Vec::new();
+        changed_extents(&md, 1, 2, 0..1000, &mut |b, l| {
+            extents.push((b, l));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(
+            extents,
+            vec![(100, 11), (700, 2)],
+            "different and left-only join"
+        );
+
+        let (part, _) = walked(&md, 1, 2, 105..701, SameBlocks::Report);
+        let want: Vec<_> = expected(&md, 1, 2)
+            .into_iter()
+            .filter(|b| (105..701).contains(&b.vblock))
+            .collect();
+        assert_eq!(part, want);
+
+        let mut first = Vec::new();
+        changed_extents(&md, 1, 2, 0..1000, &mut |b, l| {
+            first.push((b, l));
+            Ok(false)
+        })
+        .unwrap();
+        assert_eq!(first, vec![(100, 11)], "the visitor stops the walk");
+    }
+
+    #[test]
+    fn runs_break_where_thin_delta_verbose_breaks_them() {
+        let blocks = [
+            (0, Some(10), Some(10)),
+            (1, Some(11), Some(11)),
+            (2, Some(12), Some(50)),
+            (3, Some(13), Some(51)),
+            (4, Some(20), Some(52)), // left data jumps: a new different run
+            (6, Some(21), None),     // a gap
+            (7, None, Some(9)),
+        ];
+        let mut runs = Vec::new();
+        let mut m = RunMerger::new(|r| {
+            runs.push((
+                r.kind,
+                r.begin,
+                r.length,
+                r.left_data_begin,
+                r.right_data_begin,
+            ));
+            Ok(())
+        });
+        for (v, l, r) in blocks {
+            m.push(BlockDelta {
+                vblock: v,
+                left: l,
+                right: r,
+            })
+            .unwrap();
+        }
+        m.finish().unwrap();
+        use DeltaKind::*;
+        assert_eq!(
+            runs,
+            vec![
+                (Same, 0, 2, Some(10), Some(10)),
+                (Different, 2, 2, Some(12), Some(50)),
+                (Different, 4, 1, Some(20), Some(52)),
+                (LeftOnly, 6, 1, Some(21), None),
+                (RightOnly, 7, 1, None, Some(9)),
+            ]
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Map { dev: usize, vblock: u64 },
+        Unmap { dev: usize, vblock: u64 },
+        Snapshot { origin: usize },
+        Commit,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0..8usize, 0..3000u64).prop_map(|(dev, vblock)| Op::Map { dev, vblock }),
+            3 => (0..8usize, 0..3000u64).prop_map(|(dev, vblock)| Op::Unmap { dev, vblock }),
+            1 => (0..8usize).prop_map(|origin| Op::Snapshot { origin }),
+            1 => Just(Op::Commit),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn the_walk_matches_a_comparison_of_full_listings(
+            ops in proptest::collection::vec(op(), 1..400),
+            runs in proptest::collection::vec((0..3000u64, 1..400u64), 1..6),
+        ) {
+            let mut md = pool(100_000);
+            md.create_thin(0).unwrap();
+            // Long sequential runs make trees of several leaves that snapshots then share.
+            for (start, len) in runs {
+                for v in start..start + len {
+                    map(&mut md, 0, v);
+                }
+            }
+            for op in ops {
+                let ids = md.thin_ids();
+                let pick = |i: usize| ids[i % ids.len()];
+                match op {
+                    Op::Map { dev, vblock } => {
+                        map(&mut md, pick(dev), vblock);
+                    }
+                    Op::Unmap { dev, vblock } => {
+                        md.remove(pick(dev), vblock).unwrap();
+                    }
+                    Op::Snapshot { origin } => {
+                        let id = ids.iter().max().unwrap() + 1;
+                        md.create_snapshot(id, pick(origin)).unwrap();
+                    }
+                    Op::Commit => md.commit().unwrap(),
+                }
+            }
+            check_all_pairs(&md);
+        }
+    }
+}
