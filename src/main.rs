@@ -126,7 +126,11 @@ struct DeltaArgs {
     #[arg(value_name = "META|A")]
     first: PathBuf,
     /// With --pool: the second volume or snapshot.
-    #[arg(value_name = "B", requires = "pool")]
+    #[arg(
+        value_name = "B",
+        requires = "pool",
+        conflicts_with_all = ["snap1", "snap2", "metadata_snap"]
+    )]
     second: Option<String>,
     /// The pool directory whose volumes A and B are compared (its lock is taken: refused
     /// while the pool is served).
