@@ -205,24 +205,14 @@ impl<'a> Cursor<'a> {
                     f.location, f.range.lo, f.range.last
                 )));
             }
-            if node.is_leaf() {
-                if key < self.first {
-                    f.next += 1;
-                    continue;
-                }
-                if key > self.last {
-                    self.frames.pop();
-                    continue;
-                }
-                let (data, _time) = unpack_block_time(node.value_u64(i));
-                return Ok(Some(Front::Entry { key, data }));
-            }
-            let lo = if i == 0 { f.range.lo } else { key };
-            let last = if i + 1 < node.nr_entries() {
-                // Keys are strictly increasing (checked on read), so this is at least `key`.
-                node.key(i + 1) - 1
+            // The keys the entry covers: itself, or the child's share of the parent's range.
+            let (lo, last) = if node.is_leaf() {
+                (key, key)
             } else {
-                f.range.last
+                // Keys are strictly increasing (checked on read): the next one is above `key`.
+                let below_next = (i + 1 < node.nr_entries()).then(|| node.key(i + 1) - 1);
+                let lo = if i == 0 { f.range.lo } else { key };
+                (lo, below_next.map_or(f.range.last, |b| b.min(f.range.last)))
             };
             if last < self.first {
                 f.next += 1;
@@ -231,6 +221,10 @@ impl<'a> Cursor<'a> {
             if lo > self.last {
                 self.frames.pop();
                 continue;
+            }
+            if node.is_leaf() {
+                let (data, _time) = unpack_block_time(node.value_u64(i));
+                return Ok(Some(Front::Entry { key, data }));
             }
             return Ok(Some(Front::Subtree(Subtree {
                 block: node.value_u64(i),
