@@ -99,6 +99,11 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Print the blocks that differ between two thin devices as thin_delta XML (same,
+    /// different, left_only, right_only): `delta META --snap1 ID --snap2 ID` on a metadata file
+    /// or device, or `delta --pool DIR A B` on two volumes or snapshots of a pool that is not
+    /// being served.
+    Delta(DeltaArgs),
     /// Write a metadata file from thin_dump XML (like thin_restore; the output must already
     /// exist with its final size, e.g. made by `truncate -s 64M`). Refused while the output's
     /// pool is open, and over valid metadata unless --force.
@@ -113,6 +118,38 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Args)]
+struct DeltaArgs {
+    /// The metadata file or device (e.g. POOL/metadata); with --pool, the first volume.
+    #[arg(value_name = "META|A")]
+    first: PathBuf,
+    /// With --pool: the second volume or snapshot.
+    #[arg(
+        value_name = "B",
+        requires = "pool",
+        conflicts_with_all = ["snap1", "snap2", "metadata_snap"]
+    )]
+    second: Option<String>,
+    /// The pool directory whose volumes A and B are compared (its lock is taken: refused
+    /// while the pool is served).
+    #[arg(long, requires = "second", conflicts_with_all = ["snap1", "snap2", "metadata_snap"])]
+    pool: Option<PathBuf>,
+    /// The left thin device id.
+    #[arg(long, visible_alias = "thin1", required_unless_present = "pool")]
+    snap1: Option<u32>,
+    /// The right thin device id.
+    #[arg(long, visible_alias = "thin2", required_unless_present = "pool")]
+    snap2: Option<u32>,
+    /// Read the metadata snapshot instead of the live metadata.
+    #[arg(short = 'm', long)]
+    metadata_snap: bool,
+    /// Every run with its data blocks, grouped by kind (as thin_delta --verbose).
+    #[arg(long)]
+    verbose: bool,
+    #[command(flatten)]
+    output: JsonOutput,
 }
 
 #[derive(Args)]
@@ -570,6 +607,62 @@ fn check_unserved(meta: &Path) -> anyhow::Result<check::Report> {
     Ok(check::check(open_meta(meta, false)?))
 }
 
+/// `thinnbd delta`: by thin ids on a metadata file, or by volume names on an unserved pool.
+fn delta(args: DeltaArgs) -> anyhow::Result<()> {
+    use thinnbd::thin::delta::{write_delta, DeltaFormat, DeltaSource};
+    let format = match (args.output.json, args.verbose) {
+        (true, verbose) => DeltaFormat::Json { verbose },
+        (false, true) => DeltaFormat::XmlVerbose,
+        (false, false) => DeltaFormat::Xml,
+    };
+    let (_lock, meta, left, right) = match (&args.pool, &args.second) {
+        (Some(dir), Some(b)) => {
+            let paths = PoolPaths::new(dir);
+            if !paths.exists() {
+                return Err(thinnbd::volume::no_pool_in(dir).into());
+            }
+            // A served pool rewrites its metadata file: hold the lock while reading it.
+            let lock = take_lock(&paths).with_context(|| {
+                format!(
+                    "not compared: stop the server first, or compare a metadata snapshot with \
+                     `thinnbd delta {} -m --snap1 ID --snap2 ID`",
+                    paths.metadata.display()
+                )
+            })?;
+            let registry = thinnbd::volume::registry::Registry::load(dir)?;
+            let a = args.first.to_string_lossy();
+            let thin_of = |name: &str| {
+                registry.get(name).map(|v| v.thin_id).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e} in pool {} (`thinnbd volume list --pool {}` lists the volumes)",
+                        dir.display(),
+                        dir.display()
+                    )
+                })
+            };
+            (Some(lock), paths.metadata, thin_of(&a)?, thin_of(b)?)
+        }
+        // clap requires --snap1 and --snap2 without --pool.
+        _ => (
+            None,
+            args.first.clone(),
+            args.snap1.context("--snap1 is required")?,
+            args.snap2.context("--snap2 is required")?,
+        ),
+    };
+    let source = DeltaSource::open(open_meta(&meta, false)?, args.metadata_snap)
+        .with_context(|| format!("reading {}", meta.display()))?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    write_delta(&source, left, right, format, &mut out).with_context(|| {
+        format!(
+            "comparing thin devices {left} and {right} of {}",
+            meta.display()
+        )
+    })?;
+    out.flush()?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
@@ -758,6 +851,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             out.flush()?;
         }
+        Command::Delta(args) => delta(args)?,
         Command::Restore {
             input,
             output,

@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod damage;
+pub mod delta;
 pub mod metadata;
 pub mod superblock;
 pub mod xml;
