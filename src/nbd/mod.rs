@@ -1,5 +1,6 @@
 //! The NBD protocol: the wire codec (`codec`, no I/O), the backend seam (`backend`), an
-//! in-memory backend for tests (`memory`) and the tokio server (`server`, `connection`).
+//! in-memory backend for tests (`memory`) and the tokio server: `server` accepts clients,
+//! `connection` serves each, and both read `shared` (limits, export source, shutdown).
 //!
 //! `errno_of` is the one place where an error kind becomes an NBD errno.
 

@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::reader::validate;
-use super::writer::{backend_error_reply, error_reply, Outgoing};
+use super::writer::{backend_error_reply, error_reply, simple_reply, Outgoing};
 use super::{Ctx, BASE_ALLOCATION_ID};
 use crate::error::{Error, ErrorKind};
 use crate::nbd::backend::{ExportBackend, Extent};
@@ -93,12 +93,7 @@ fn execute(ctx: &Ctx, req: &Request, payload: &[u8]) -> Vec<u8> {
         Command::Disc | Command::Other(_) => Err(Error::new(ErrorKind::InvalidInput, "command")),
     };
     match result {
-        Ok(()) => SimpleReply {
-            error: 0,
-            cookie: req.cookie,
-        }
-        .encode()
-        .to_vec(),
+        Ok(()) => simple_reply(req, 0),
         Err(e) => backend_error_reply(ctx, req, &e),
     }
 }
@@ -114,14 +109,7 @@ pub(super) fn write_nowait(ctx: &Ctx, req: &Request, payload: &[u8]) -> Option<V
         return None;
     }
     ctx.backend.try_write_nowait(req.offset, payload)?;
-    Some(
-        SimpleReply {
-            error: 0,
-            cookie: req.cookie,
-        }
-        .encode()
-        .to_vec(),
-    )
+    Some(simple_reply(req, 0))
 }
 
 /// The reply to a read the backend can serve without waiting

@@ -57,11 +57,16 @@ pub(super) fn error_reply(ctx: &Ctx, req: &Request, errno: u32, message: &str) -
         .encode_into(req.cookie, true, &mut out);
         out
     } else {
-        SimpleReply {
-            error: errno,
-            cookie: req.cookie,
-        }
-        .encode()
-        .to_vec()
+        simple_reply(req, errno)
     }
+}
+
+/// The simple reply to `req` (for a read that succeeded, its data follows).
+pub(super) fn simple_reply(req: &Request, errno: u32) -> Vec<u8> {
+    SimpleReply {
+        error: errno,
+        cookie: req.cookie,
+    }
+    .encode()
+    .to_vec()
 }
