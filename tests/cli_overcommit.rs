@@ -43,7 +43,7 @@ fn sizes_beyond_the_pool_warn_offline_and_online() {
     let w = pool_status(&pool)["warnings"].to_string();
     assert!(w.contains("sum of all thin volume sizes"), "{w}");
 
-    let mut server = Server::start(&pool, None, &dir.path().join("log"));
+    let mut server = Server::start_on_pool(&pool, None, &dir.path().join("log"));
     let err = stderr_ok(&["snapshot", "--pool", p, "huge", "huge-snap"]);
     assert!(err.contains(OVERCOMMIT), "online snapshot: {err}");
     let err = stderr_ok(&["volume", "create", "--pool", p, "more", "--size", "1T"]);
@@ -55,7 +55,7 @@ fn sizes_beyond_the_pool_warn_offline_and_online() {
         "the server does not log the over-commit:\n{}",
         server.log_text()
     );
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
 
     // Once the volumes fit again, the warning goes away.
     for name in ["huge-snap", "huge", "more"] {
@@ -97,7 +97,7 @@ fn a_percentage_mark_is_logged_in_bytes_when_set_and_when_crossed() {
         "[pool]\nlow_water_mark = \"50%\"\ncreate_if_missing = false\n",
     )
     .unwrap();
-    let mut server = Server::start(&pool, Some(&config), &dir.path().join("log"));
+    let mut server = Server::start_on_pool(&pool, Some(&config), &dir.path().join("log"));
     assert!(
         server
             .log_text()
@@ -107,7 +107,7 @@ fn a_percentage_mark_is_logged_in_bytes_when_set_and_when_crossed() {
     );
     qemu_io_ok(server.port, "a", &["write -P 0x5a 0 40M", "flush"]);
     assert_eq!(pool_status(&pool)["low_water_crossed"], true);
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
     let log = server.log_text();
     let line = log
         .lines()

@@ -7,7 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::serve::*;
+use common::nbd_client::{Client, Command as NbdCommand};
+use common::server::*;
 
 /// `thinnbd ARGS...` to completion, whatever its exit status.
 fn thinnbd_output(args: &[&str]) -> Output {
@@ -35,8 +36,8 @@ fn pool_with_data() -> TestPool {
     let pool = TestPool::create("1G");
     pool.create_volume("vm1", "64M");
     let server = pool.serve();
-    let (mut c, _, _) = RawClient::open(server.port, "vm1");
-    assert_eq!(c.write(1, 1 << 20, &[0x5a; 64 << 10]), 0);
+    let (mut c, _, _) = Client::open(server.port, "vm1");
+    assert_eq!(c.write_at(1, 1 << 20, &[0x5a; 64 << 10]), 0);
     c.disconnect();
     server.stop();
     pool
@@ -45,8 +46,8 @@ fn pool_with_data() -> TestPool {
 /// The 64 KiB at 1 MiB of `vm1` read back through a fresh server.
 fn assert_data_intact(pool: &TestPool) {
     let server = pool.serve();
-    let (mut c, _, _) = RawClient::open(server.port, "vm1");
-    let data = c.read(2, 1 << 20, 64 << 10).expect("read vm1");
+    let (mut c, _, _) = Client::open(server.port, "vm1");
+    let data = c.read_at(2, 1 << 20, 64 << 10).expect("read vm1");
     assert!(data.iter().all(|&b| b == 0x5a), "vm1 lost its data");
     c.disconnect();
     server.stop();
@@ -89,7 +90,7 @@ fn pool_with_a_dump() -> (TestPool, PathBuf, PathBuf) {
     let pool = pool_with_data();
     let meta = pool.dir.join("metadata");
     let saved = pool.tmp.path().join("saved.xml");
-    thinnbd(&[
+    cli_ok(&[
         "dump",
         meta.to_str().unwrap(),
         "-o",
@@ -190,11 +191,11 @@ fn a_missing_pool_gives_the_pool_create_command() {
 fn check_of_a_served_pool_checks_the_last_commit() {
     let pool = pool_with_data();
     let server = pool.serve();
-    let (mut c, _, _) = RawClient::open(server.port, "vm1");
+    let (mut c, _, _) = Client::open(server.port, "vm1");
     for i in 0..4u64 {
-        assert_eq!(c.write(10 + i, (8 + i * 2) << 20, &[0x33; 4096]), 0);
+        assert_eq!(c.write_at(10 + i, (8 + i * 2) << 20, &[0x33; 4096]), 0);
     }
-    c.request(NbdCommand::Flush, 20, 0, 0);
+    c.request(NbdCommand::Flush, 0, 20, 0, 0);
     assert_eq!(c.simple_reply(), (0, 20), "flush");
     c.disconnect();
 

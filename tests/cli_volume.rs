@@ -8,9 +8,10 @@ mod common;
 
 use std::process::Command;
 
+use common::nbd_client::Client;
 use common::pattern::pattern;
 use common::process::free_port;
-use common::serve::*;
+use common::server::*;
 use common::tools::*;
 
 const MIB: u64 = 1 << 20;
@@ -39,7 +40,7 @@ fn json(text: &str) -> serde_json::Value {
 
 /// `volume list --json` of a pool, as an array.
 fn list(pool: &TestPool) -> Vec<serde_json::Value> {
-    let v = json(&thinnbd(&[
+    let v = json(&cli_ok(&[
         "volume",
         "list",
         "--pool",
@@ -66,29 +67,29 @@ fn resize_plus_grows_and_keeps_the_data() {
     pool.create_volume("vm1", "1536M");
     let data = pattern(1, 64 << 10);
     let server = pool.serve();
-    let (mut c, size, _) = RawClient::open(server.port, "vm1");
+    let (mut c, size, _) = Client::open(server.port, "vm1");
     assert_eq!(size, 1536 * MIB);
-    assert_eq!(c.write(1, 1200 * MIB, &data), 0);
+    assert_eq!(c.write_at(1, 1200 * MIB, &data), 0);
     c.disconnect();
 
     // Online: `+512M` grows by 512 MiB (it used to set the size to 512 MiB).
-    let out = thinnbd(&["volume", "resize", "--pool", p, "vm1", "--size", "+512M"]);
+    let out = cli_ok(&["volume", "resize", "--pool", p, "vm1", "--size", "+512M"]);
     assert!(out.contains("2147483648"), "{out}");
     assert_eq!(size_of(&pool, "vm1"), 2048 * MIB);
-    let (mut c, size, _) = RawClient::open(server.port, "vm1");
+    let (mut c, size, _) = Client::open(server.port, "vm1");
     assert_eq!(size, 2048 * MIB);
-    assert_eq!(c.read(2, 1200 * MIB, 64 << 10), Ok(data.clone()));
+    assert_eq!(c.read_at(2, 1200 * MIB, 64 << 10), Ok(data.clone()));
     c.disconnect();
     server.stop();
 
     // Offline, and the other spellings: `+1g`, an absolute size that grows.
-    thinnbd(&["volume", "resize", "--pool", p, "vm1", "--size", "+1g"]);
+    cli_ok(&["volume", "resize", "--pool", p, "vm1", "--size", "+1g"]);
     assert_eq!(size_of(&pool, "vm1"), 3072 * MIB);
-    thinnbd(&["volume", "resize", "--pool", p, "vm1", "--size", "4G"]);
+    cli_ok(&["volume", "resize", "--pool", p, "vm1", "--size", "4G"]);
     assert_eq!(size_of(&pool, "vm1"), 4096 * MIB);
     let server = pool.serve();
-    let (mut c, _, _) = RawClient::open(server.port, "vm1");
-    assert_eq!(c.read(3, 1200 * MIB, 64 << 10), Ok(data));
+    let (mut c, _, _) = Client::open(server.port, "vm1");
+    assert_eq!(c.read_at(3, 1200 * MIB, 64 << 10), Ok(data));
     c.disconnect();
     server.stop();
     assert_pool_clean(&pool.dir);
@@ -112,8 +113,8 @@ fn shrink_needs_force_and_no_client() {
     }
 
     let server = pool.serve();
-    let (mut c, _, _) = RawClient::open(server.port, "vm1");
-    assert_eq!(c.write(1, 1200 * MIB, &data), 0);
+    let (mut c, _, _) = Client::open(server.port, "vm1");
+    assert_eq!(c.write_at(1, 1200 * MIB, &data), 0);
     // Online, without --force: refused.
     let err = failing_with(
         EXIT_FAILED,
@@ -132,11 +133,11 @@ fn shrink_needs_force_and_no_client() {
         "names the volume and the fix: {err}"
     );
     assert_eq!(size_of(&pool, "vm1"), 1536 * MIB);
-    assert_eq!(c.read(2, 1200 * MIB, 64 << 10), Ok(data.clone()));
+    assert_eq!(c.read_at(2, 1200 * MIB, 64 << 10), Ok(data.clone()));
     c.disconnect();
 
     // Once the client has gone, --force shrinks.
-    thinnbd_when_idle(&[
+    cli_ok_when_idle(&[
         "volume", "resize", "--pool", p, "vm1", "--size", "-512M", "--force",
     ]);
     assert_eq!(size_of(&pool, "vm1"), 1024 * MIB);
@@ -204,7 +205,7 @@ fn every_subcommand_and_flag_has_help() {
     while let Some(path) = todo.pop() {
         let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
         args.push("--help");
-        let help = thinnbd(&args);
+        let help = cli_ok(&args);
         seen += 1;
         // The line after "Usage:" is the command's own description (clap prints it first).
         if !path.is_empty() && help.starts_with("Usage:") {
@@ -221,7 +222,7 @@ fn every_subcommand_and_flag_has_help() {
     }
     assert!(seen >= 15, "walked only {seen} commands");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-    let top = thinnbd(&["--help"]);
+    let top = cli_ok(&["--help"]);
     assert!(top.contains("Exit status"), "exit codes documented: {top}");
 }
 
@@ -231,16 +232,16 @@ fn list_shows_sizes_use_sharing_and_deleted_origins() {
     let p = pool.dir_str();
     pool.create_volume("vm1", "1G");
     let server = pool.serve();
-    let (mut c, _, _) = RawClient::open(server.port, "vm1");
-    assert_eq!(c.write(1, 0, &pattern(1, BLOCK as usize)), 0);
-    assert_eq!(c.write(2, MIB, &pattern(2, BLOCK as usize)), 0);
+    let (mut c, _, _) = Client::open(server.port, "vm1");
+    assert_eq!(c.write_at(1, 0, &pattern(1, BLOCK as usize)), 0);
+    assert_eq!(c.write_at(2, MIB, &pattern(2, BLOCK as usize)), 0);
     c.disconnect();
-    thinnbd(&["snapshot", "--pool", p, "vm1", "s1"]);
+    cli_ok(&["snapshot", "--pool", p, "vm1", "s1"]);
     // vm1 overwrites block 0 (copied away from s1) and writes a new block: three mapped
     // blocks, two its own; s1 keeps the old block 0 alone and shares the one at 1 MiB.
-    let (mut c, _, _) = RawClient::open(server.port, "vm1");
-    assert_eq!(c.write(3, 0, &pattern(3, BLOCK as usize)), 0);
-    assert_eq!(c.write(4, 2 * MIB, &pattern(4, BLOCK as usize)), 0);
+    let (mut c, _, _) = Client::open(server.port, "vm1");
+    assert_eq!(c.write_at(3, 0, &pattern(3, BLOCK as usize)), 0);
+    assert_eq!(c.write_at(4, 2 * MIB, &pattern(4, BLOCK as usize)), 0);
     c.disconnect();
 
     let l = list(&pool);
@@ -254,7 +255,7 @@ fn list_shows_sizes_use_sharing_and_deleted_origins() {
     assert_eq!(s1["shared_bytes"], BLOCK);
     assert_eq!(s1["origin"], "vm1");
 
-    let text = thinnbd(&["volume", "list", "--pool", p]);
+    let text = cli_ok(&["volume", "list", "--pool", p]);
     let header = text.lines().next().expect("a header");
     for col in ["NAME", "SIZE", "USED%", "EXCLUSIVE", "SHARED", "ORIGIN"] {
         assert!(header.contains(col), "no {col} column: {text}");
@@ -266,7 +267,7 @@ fn list_shows_sizes_use_sharing_and_deleted_origins() {
     let cells: Vec<&str> = row.split_whitespace().collect();
     // NAME THIN SIZE USED% MAPPED EXCLUSIVE SHARED MODE ORIGIN
     assert_eq!(&cells[2..7], ["1G", "0.02", "192K", "128K", "64K"], "{row}");
-    let bytes = thinnbd(&["volume", "list", "--pool", p, "--bytes"]);
+    let bytes = cli_ok(&["volume", "list", "--pool", p, "--bytes"]);
     let row = bytes.lines().find(|l| l.starts_with("vm1 ")).expect("vm1");
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(
@@ -276,7 +277,7 @@ fn list_shows_sizes_use_sharing_and_deleted_origins() {
 
     // The origin goes; a new volume takes its name (and its thin id): s1 shows the origin as
     // deleted, never the newcomer.
-    thinnbd_when_idle(&["volume", "delete", "--pool", p, "vm1"]);
+    cli_ok_when_idle(&["volume", "delete", "--pool", p, "vm1"]);
     pool.create_volume("vm1", "1G");
     let l = list(&pool);
     let s1 = volume(&l, "s1");
@@ -287,13 +288,13 @@ fn list_shows_sizes_use_sharing_and_deleted_origins() {
         2 * BLOCK,
         "alone with its blocks now"
     );
-    let text = thinnbd(&["volume", "list", "--pool", p]);
+    let text = cli_ok(&["volume", "list", "--pool", p]);
     let row = text.lines().find(|l| l.starts_with("s1 ")).expect("s1 row");
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(cells[8], "(deleted)", "ORIGIN: {row}");
     server.stop();
     // Offline, too.
-    let row_offline = thinnbd(&["volume", "list", "--pool", p]);
+    let row_offline = cli_ok(&["volume", "list", "--pool", p]);
     assert!(row_offline.contains("(deleted)"), "{row_offline}");
 }
 
@@ -301,7 +302,7 @@ fn list_shows_sizes_use_sharing_and_deleted_origins() {
 fn rename_and_description() {
     let pool = TestPool::create("1G");
     let p = pool.dir_str();
-    thinnbd(&[
+    cli_ok(&[
         "volume",
         "create",
         "--pool",
@@ -312,7 +313,7 @@ fn rename_and_description() {
         "--description",
         "web server disk",
     ]);
-    thinnbd(&[
+    cli_ok(&[
         "snapshot",
         "--pool",
         p,
@@ -324,11 +325,11 @@ fn rename_and_description() {
     let l = list(&pool);
     assert_eq!(volume(&l, "vm1")["description"], "web server disk");
     assert_eq!(volume(&l, "s1")["description"], "before the upgrade");
-    let text = thinnbd(&["volume", "list", "--pool", p]);
+    let text = cli_ok(&["volume", "list", "--pool", p]);
     assert!(text.contains("web server disk"), "{text}");
 
     // Offline rename; the snapshot follows its origin's new name.
-    thinnbd(&["volume", "rename", "--pool", p, "vm1", "web1"]);
+    cli_ok(&["volume", "rename", "--pool", p, "vm1", "web1"]);
     let l = list(&pool);
     assert!(l.iter().all(|v| v["name"] != "vm1"), "{l:?}");
     assert_eq!(volume(&l, "web1")["description"], "web server disk");
@@ -336,7 +337,7 @@ fn rename_and_description() {
 
     // Online: the export takes the new name; refused while a client has the volume open.
     let server = pool.serve();
-    let (c, _, _) = RawClient::open(server.port, "web1");
+    let (c, _, _) = Client::open(server.port, "web1");
     let err = failing_with(
         EXIT_FAILED,
         &["volume", "rename", "--pool", p, "web1", "web2"],
@@ -346,8 +347,8 @@ fn rename_and_description() {
         "{err}"
     );
     c.disconnect();
-    thinnbd_when_idle(&["volume", "rename", "--pool", p, "web1", "web2"]);
-    let (c, size, _) = RawClient::open(server.port, "web2");
+    cli_ok_when_idle(&["volume", "rename", "--pool", p, "web1", "web2"]);
+    let (c, size, _) = Client::open(server.port, "web2");
     assert_eq!(size, 1 << 30);
     c.disconnect();
     let err = failing_with(
@@ -363,7 +364,7 @@ fn every_printing_command_speaks_json() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pool");
     let p = dir.to_str().unwrap();
-    let v = json(&thinnbd(&[
+    let v = json(&cli_ok(&[
         "pool",
         "create",
         p,
@@ -372,34 +373,34 @@ fn every_printing_command_speaks_json() {
         "--json",
     ]));
     assert_eq!(v["data_size"], 1u64 << 30);
-    let v = json(&thinnbd(&[
+    let v = json(&cli_ok(&[
         "volume", "create", "--pool", p, "vm1", "--size", "1G", "--json",
     ]));
     assert_eq!(
         (v["name"].as_str(), v["size"].as_u64()),
         (Some("vm1"), Some(1 << 30))
     );
-    let v = json(&thinnbd(&[
+    let v = json(&cli_ok(&[
         "volume", "resize", "--pool", p, "vm1", "--size", "+1G", "--json",
     ]));
     assert_eq!(v["size"], 2u64 << 30);
-    let v = json(&thinnbd(&["snapshot", "--pool", p, "vm1", "s1", "--json"]));
+    let v = json(&cli_ok(&["snapshot", "--pool", p, "vm1", "s1", "--json"]));
     assert_eq!(
         (v["name"].as_str(), v["origin"].as_str()),
         (Some("s1"), Some("vm1"))
     );
-    let v = json(&thinnbd(&[
+    let v = json(&cli_ok(&[
         "volume", "rename", "--pool", p, "s1", "s2", "--json",
     ]));
     assert_eq!(v["name"], "s2");
-    let v = json(&thinnbd(&["volume", "list", "--pool", p, "--json"]));
+    let v = json(&cli_ok(&["volume", "list", "--pool", p, "--json"]));
     assert_eq!(v.as_array().map(Vec::len), Some(2));
-    let v = json(&thinnbd(&["pool", "status", p, "--json"]));
+    let v = json(&cli_ok(&["pool", "status", p, "--json"]));
     assert_eq!(v["volumes"].as_array().map(Vec::len), Some(2));
-    let v = json(&thinnbd(&["check", p, "--json"]));
+    let v = json(&cli_ok(&["check", p, "--json"]));
     assert_eq!(v["clean"], true, "{v}");
     assert_eq!(v["problems"].as_array().map(Vec::len), Some(0));
-    let v = json(&thinnbd(&["volume", "delete", "--pool", p, "s2", "--json"]));
+    let v = json(&cli_ok(&["volume", "delete", "--pool", p, "s2", "--json"]));
     assert_eq!(v["deleted"], "s2");
 }
 
@@ -518,7 +519,7 @@ fn listen_takes_a_host_name() {
         None,
         Some(pool.dir.join("control.sock")),
     );
-    let (c, size, _) = RawClient::open(port, "vm1");
+    let (c, size, _) = Client::open(port, "vm1");
     assert_eq!(size, 1 << 30);
     c.disconnect();
     server.stop();
@@ -541,7 +542,7 @@ fn log_file_has_no_colour_codes() {
     let pool = TestPool::create("1G");
     let server = serve_without_no_color(&pool);
     pool.create_volume("vm1", "1G");
-    let (c, _, _) = RawClient::open(server.port, "vm1");
+    let (c, _, _) = Client::open(server.port, "vm1");
     c.disconnect();
     server.stop();
     let log = std::fs::read_to_string(pool.tmp.path().join("serve-0.log")).unwrap();
@@ -557,16 +558,16 @@ fn log_has_a_line_per_change() {
     let pool = TestPool::create("1G");
     let p = pool.dir_str();
     let server = serve_without_no_color(&pool);
-    thinnbd(&["volume", "create", "--pool", p, "vm1", "--size", "1G"]);
-    thinnbd(&["snapshot", "--pool", p, "vm1", "s1"]);
-    thinnbd(&["volume", "resize", "--pool", p, "vm1", "--size", "+1G"]);
-    thinnbd(&["volume", "rename", "--pool", p, "s1", "s2"]);
-    thinnbd(&["volume", "delete", "--pool", p, "s2"]);
+    cli_ok(&["volume", "create", "--pool", p, "vm1", "--size", "1G"]);
+    cli_ok(&["snapshot", "--pool", p, "vm1", "s1"]);
+    cli_ok(&["volume", "resize", "--pool", p, "vm1", "--size", "+1G"]);
+    cli_ok(&["volume", "rename", "--pool", p, "s1", "s2"]);
+    cli_ok(&["volume", "delete", "--pool", p, "s2"]);
     failing_with(
         EXIT_FAILED,
         &["volume", "resize", "--pool", p, "vm1", "--size", "1G"],
     );
-    thinnbd(&["volume", "list", "--pool", p]);
+    cli_ok(&["volume", "list", "--pool", p]);
     server.stop();
     let log = std::fs::read_to_string(pool.tmp.path().join("serve-0.log")).unwrap();
     assert!(

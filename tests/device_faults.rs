@@ -290,7 +290,7 @@ fn nbd_eio_reaches_the_client_for_that_request_only() {
         let (err, cookie) = a.reply(&mut []).unwrap();
         if err == 0 {
             let mut data = vec![0u8; 4096];
-            std::io::Read::read_exact(&mut a.stream(), &mut data).unwrap();
+            a.s.read_exact(&mut data).unwrap();
             assert_eq!(data, vec![0x11u8; 4096]);
         }
         errs.insert(cookie, err);
@@ -380,7 +380,7 @@ fn real_server_metadata_write_failure_shows_read_only_in_pool_status() {
     assert_eq!(c.read(0, &mut buf).unwrap(), 0, "reads keep working");
     assert_eq!(buf, block[..4096]);
     c.disconnect();
-    let st = server.stop();
+    let st = server.terminate();
     assert_ne!(
         st.code(),
         Some(101),
@@ -389,11 +389,11 @@ fn real_server_metadata_write_failure_shows_read_only_in_pool_status() {
     );
     // Without the limit the pool opens at its last commit, clean, and writable.
     common::assert_metadata_clean(&pool.join("metadata"));
-    let mut server = Server::start(&pool, None, &log);
+    let mut server = Server::start_on_pool(&pool, None, &log);
     assert_eq!(pool_status(&pool)["mode"], "write");
     let mut c = Client::connect(server.port, "vol").unwrap();
     assert_eq!(c.write(4096, &block[..4096], true).unwrap(), 0);
     c.disconnect();
-    assert!(server.stop().success());
+    assert!(server.terminate().success());
     println!("metadata failure: mode after the failure: {mode}");
 }

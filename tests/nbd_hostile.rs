@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::memory_server::*;
+use common::nbd_client::Client;
 use common::pattern::pattern;
 use thinnbd::nbd::codec::*;
 use thinnbd::nbd::ServerConfig;
@@ -20,14 +21,14 @@ const ENOSPC: u32 = 28;
 /// A normal client still gets correct data.
 fn assert_healthy(server: &TestServer) {
     assert!(server.is_running(), "server task ended");
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("small", true);
     let data = pattern(99, 4096);
-    c.write(1, 8192, &data);
+    c.request_write(1, 8192, &data);
     assert_eq!(c.any_reply(0).error(), 0);
-    c.send(Command::Read, 0, 2, 8192, 4096);
+    c.request(Command::Read, 0, 2, 8192, 4096);
     assert_eq!(c.any_reply(0).read_data(8192, 4096), data);
-    c.send(Command::Disc, 0, 3, 0, 0);
+    c.request(Command::Disc, 0, 3, 0, 0);
 }
 
 /// Reads until the server closes the connection (or 30 s pass, which fails the test).
@@ -64,14 +65,14 @@ fn random_bytes_in_every_phase() {
             }
             // Junk instead of an option.
             1 => {
-                let mut c = RawClient::connect_tcp(server.port);
+                let mut c = Client::connect_tcp(server.port);
                 let _ = c.s.write_all(&junk);
                 c.s.half_close();
                 assert_closed(&mut c.s);
             }
             // Junk instead of a request.
             _ => {
-                let mut c = RawClient::connect_tcp(server.port);
+                let mut c = Client::connect_tcp(server.port);
                 c.go("small", seed % 2 == 0);
                 let _ = c.s.write_all(&junk);
                 c.s.half_close();
@@ -100,12 +101,12 @@ fn truncated_handshakes_and_bad_magic() {
     assert_closed(&mut s);
 
     // Half an option header, then gone.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.s.write_all(&OptionRequest::List.encode()[..10]).unwrap();
     drop(c);
 
     // Option announcing more data than it sends.
-    let mut c = RawClient::connect_unix(&server.socket);
+    let mut c = Client::connect_unix(&server.socket);
     let mut opt = OptionHeader {
         option: OPT_GO,
         length: 100,
@@ -117,14 +118,14 @@ fn truncated_handshakes_and_bad_magic() {
     drop(c);
 
     // Bad option magic.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     let mut opt = OptionRequest::List.encode();
     opt[0] ^= 0x55;
     c.s.write_all(&opt).unwrap();
     assert_closed(&mut c.s);
 
     // Huge option length.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.s.write_all(
         &OptionHeader {
             option: OPT_GO,
@@ -136,7 +137,7 @@ fn truncated_handshakes_and_bad_magic() {
     assert_closed(&mut c.s);
 
     // Bad request magic after a good handshake.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("small", false);
     let mut req = Request {
         flags: 0,
@@ -151,15 +152,15 @@ fn truncated_handshakes_and_bad_magic() {
     assert_closed(&mut c.s);
 
     // A request header cut short.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("small", false);
     c.s.write_all(&req[..13]).unwrap();
     drop(c);
 
     // A write that announces more payload than it sends, then leaves.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("small", false);
-    c.send(Command::Write, 0, 1, 0, 65536);
+    c.request(Command::Write, 0, 1, 0, 65536);
     c.s.write_all(&[1u8; 1000]).unwrap();
     drop(c);
 
@@ -170,24 +171,24 @@ fn truncated_handshakes_and_bad_magic() {
 fn huge_lengths() {
     let server = TestServer::start(standard_source());
     // A write too large even to drain closes the connection without reading it.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("disk", false);
-    c.send(Command::Write, 0, 1, 0, u32::MAX);
+    c.request(Command::Write, 0, 1, 0, u32::MAX);
     assert_closed(&mut c.s);
 
     // A huge read gets EINVAL; the connection goes on.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("disk", true);
-    c.send(Command::Read, 0, 1, 0, u32::MAX);
+    c.request(Command::Read, 0, 1, 0, u32::MAX);
     assert_eq!(c.any_reply(0).error(), EINVAL);
     // Huge trims, zeroes and block status are range-checked, not size-limited.
-    c.send(Command::Trim, 0, 2, u64::MAX - 5, u32::MAX);
+    c.request(Command::Trim, 0, 2, u64::MAX - 5, u32::MAX);
     assert_eq!(c.any_reply(0).error(), EINVAL);
-    c.send(Command::BlockStatus, 0, 3, 0, u32::MAX);
+    c.request(Command::BlockStatus, 0, 3, 0, u32::MAX);
     assert_eq!(c.any_reply(0).error(), EINVAL);
-    c.send(Command::WriteZeroes, 0, 4, 0, (64 << 20) - 4096);
+    c.request(Command::WriteZeroes, 0, 4, 0, (64 << 20) - 4096);
     assert_eq!(c.any_reply(0).error(), 0);
-    c.send(Command::Read, 0, 5, 0, 4096);
+    c.request(Command::Read, 0, 5, 0, 4096);
     assert_eq!(c.any_reply(0).read_data(0, 4096), vec![0u8; 4096]);
     assert_healthy(&server);
 }
@@ -195,26 +196,26 @@ fn huge_lengths() {
 #[test]
 fn requests_past_the_end_are_refused_and_the_connection_stays() {
     let server = TestServer::start(standard_source());
-    let mut c = RawClient::connect_unix(&server.socket);
+    let mut c = Client::connect_unix(&server.socket);
     let (size, _) = c.go("small", true);
     for (i, off) in [size, size + 1, u64::MAX, u64::MAX - 511]
         .into_iter()
         .enumerate()
     {
         let cookie = 10 * i as u64;
-        c.send(Command::Read, 0, cookie, off, 512);
+        c.request(Command::Read, 0, cookie, off, 512);
         assert_eq!(c.any_reply(0).error(), EINVAL);
-        c.write(cookie + 1, off, &[9u8; 512]);
+        c.request_write(cookie + 1, off, &[9u8; 512]);
         assert_eq!(c.any_reply(0).error(), ENOSPC);
-        c.send(Command::Cache, 0, cookie + 2, off, 512);
+        c.request(Command::Cache, 0, cookie + 2, off, 512);
         assert_eq!(c.any_reply(0).error(), EINVAL);
-        c.send(Command::BlockStatus, 0, cookie + 3, off, 512);
+        c.request(Command::BlockStatus, 0, cookie + 3, off, 512);
         assert_eq!(c.any_reply(0).error(), EINVAL);
     }
     // The last 512 bytes are fine.
-    c.write(100, size - 512, &[9u8; 512]);
+    c.request_write(100, size - 512, &[9u8; 512]);
     assert_eq!(c.any_reply(0).error(), 0);
-    c.send(Command::Read, 0, 101, size - 512, 512);
+    c.request(Command::Read, 0, 101, size - 512, 512);
     assert_eq!(c.any_reply(0).read_data(size - 512, 512), vec![9u8; 512]);
     assert_healthy(&server);
 }
@@ -246,7 +247,7 @@ fn ten_thousand_connections_opened_and_dropped() {
             }
             // Finish the handshake, then vanish without NBD_CMD_DISC.
             _ => {
-                let mut c = RawClient::connect_tcp(server.port);
+                let mut c = Client::connect_tcp(server.port);
                 c.s.write_all(&OptionRequest::ExportName("small".into()).encode())
                     .unwrap();
                 let mut r = [0u8; 10];
@@ -285,7 +286,7 @@ fn shutdown_is_not_held_up_by_a_client_that_never_reads_replies() {
         ..ServerConfig::default()
     };
     let mut server = TestServer::start_with(standard_source(), config);
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("disk", false);
     // 64 reads of 1 MiB: far more than the socket buffers hold. The sends themselves may
     // block once the server stops reading, so they run on their own thread.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::memory_server::*;
+use common::nbd_client::{Client, Reply};
 use common::pattern::pattern;
 use thinnbd::error::Result;
 use thinnbd::nbd::codec::*;
@@ -23,7 +24,7 @@ const ENOTSUP: u32 = 95;
 #[test]
 fn list_info_and_option_errors() {
     let server = TestServer::start(standard_source());
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     assert_eq!(c.handshake_flags, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
 
     let list = c.option(&OptionRequest::List);
@@ -194,7 +195,7 @@ fn list_info_and_option_errors() {
     // Still usable after all that: the default export via "".
     let (size, _) = c.go("", true);
     assert_eq!(size, 64 << 20);
-    c.send(Command::Disc, 0, 0, 0, 0);
+    c.request(Command::Disc, 0, 0, 0, 0);
     assert!(server.is_running());
 }
 
@@ -202,20 +203,20 @@ fn list_info_and_option_errors() {
 fn export_name_option() {
     let server = TestServer::start(standard_source());
     // Unknown name: the only possible answer is closing the connection.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.s.write_all(&OptionRequest::ExportName("nope".into()).encode())
         .unwrap();
     let mut b = [0u8; 1];
     assert_eq!(c.s.read(&mut b).unwrap_or(0), 0);
 
-    let mut c = RawClient::connect_unix(&server.socket);
+    let mut c = Client::connect_unix(&server.socket);
     let (size, flags) = c.export_name("small");
     assert_eq!(size, 1 << 20);
     assert_ne!(flags & TFLAG_HAS_FLAGS, 0);
     assert_eq!(flags & TFLAG_READ_ONLY, 0);
-    c.write(1, 0, &[7u8; 512]);
+    c.request_write(1, 0, &[7u8; 512]);
     assert_eq!(c.simple_reply(), (0, 1));
-    c.send(Command::Read, 0, 2, 0, 512);
+    c.request(Command::Read, 0, 2, 0, 512);
     match c.any_reply(512) {
         Reply::Simple {
             error: 0,
@@ -231,12 +232,12 @@ use std::io::Write;
 #[test]
 fn simple_replies_and_error_replies_keep_the_connection() {
     let server = TestServer::start(standard_source());
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     let (size, _) = c.go("small", false);
     let data = pattern(1, 12_345);
-    c.write(10, 777, &data);
+    c.request_write(10, 777, &data);
     assert_eq!(c.simple_reply(), (0, 10));
-    c.send(Command::Read, 0, 11, 777, data.len() as u32);
+    c.request(Command::Read, 0, 11, 777, data.len() as u32);
     match c.any_reply(data.len()) {
         Reply::Simple {
             error: 0,
@@ -264,18 +265,18 @@ fn simple_replies_and_error_replies_keep_the_connection() {
     for (i, (cmd, off, len)) in bad.into_iter().enumerate() {
         let cookie = 100 + i as u64;
         if cmd == Command::Write {
-            c.write(cookie, off, &[]);
+            c.request_write(cookie, off, &[]);
         } else {
-            c.send(cmd, 0, cookie, off, len);
+            c.request(cmd, 0, cookie, off, len);
         }
         assert_eq!(c.simple_reply(), (EINVAL, cookie), "{cmd:?} {off} {len}");
     }
     // A write whose range is invalid still has its payload consumed.
-    c.write(200, size - 10, &[1u8; 20]);
+    c.request_write(200, size - 10, &[1u8; 20]);
     assert_eq!(c.simple_reply(), (ENOSPC, 200));
-    c.send(Command::Flush, 0, 201, 0, 0);
+    c.request(Command::Flush, 0, 201, 0, 0);
     assert_eq!(c.simple_reply(), (0, 201));
-    c.send(Command::Read, 0, 202, 777, 16);
+    c.request(Command::Read, 0, 202, 777, 16);
     match c.any_reply(16) {
         Reply::Simple {
             error: 0,
@@ -286,15 +287,15 @@ fn simple_replies_and_error_replies_keep_the_connection() {
     }
 
     // Writes of every kind to a read-only export: EPERM; reads work.
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("ro", false);
-    c.write(1, 0, &[1u8; 512]);
+    c.request_write(1, 0, &[1u8; 512]);
     assert_eq!(c.simple_reply(), (EPERM, 1));
-    c.send(Command::Trim, 0, 2, 0, 4096);
+    c.request(Command::Trim, 0, 2, 0, 4096);
     assert_eq!(c.simple_reply(), (EPERM, 2));
-    c.send(Command::WriteZeroes, 0, 3, 0, 4096);
+    c.request(Command::WriteZeroes, 0, 3, 0, 4096);
     assert_eq!(c.simple_reply(), (EPERM, 3));
-    c.send(Command::Read, 0, 4, 0, 4096);
+    c.request(Command::Read, 0, 4, 0, 4096);
     assert_eq!(c.any_reply(4096).error(), 0);
 }
 
@@ -302,7 +303,7 @@ fn simple_replies_and_error_replies_keep_the_connection() {
 fn writes_past_the_end_get_enospc_reads_and_trims_einval() {
     let server = TestServer::start(standard_source());
     for structured in [false, true] {
-        let mut c = RawClient::connect_unix(&server.socket);
+        let mut c = Client::connect_unix(&server.socket);
         let (size, _) = c.go("small", structured);
         // Straddling the end, at the end, and an offset whose end overflows.
         let cases = [
@@ -320,9 +321,9 @@ fn writes_past_the_end_get_enospc_reads_and_trims_einval() {
         for (i, (cmd, off, len, want)) in cases.into_iter().enumerate() {
             let cookie = i as u64;
             if cmd == Command::Write {
-                c.write(cookie, off, &vec![9u8; len as usize]);
+                c.request_write(cookie, off, &vec![9u8; len as usize]);
             } else {
-                c.send(cmd, 0, cookie, off, len);
+                c.request(cmd, 0, cookie, off, len);
             }
             let r = c.any_reply(0);
             assert_eq!(
@@ -332,7 +333,7 @@ fn writes_past_the_end_get_enospc_reads_and_trims_einval() {
             );
         }
         // Nothing was written, and the connection goes on.
-        c.send(Command::Read, 0, 99, size - 4096, 4096);
+        c.request(Command::Read, 0, 99, size - 4096, 4096);
         let r = c.any_reply(4096);
         assert_eq!(r.error(), 0);
         assert_eq!(r.read_data(size - 4096, 4096), vec![0u8; 4096]);
@@ -344,14 +345,14 @@ fn requests_of_48_mib_are_served_on_the_default_config() {
     // As nbd-tester-client's `integrityhuge`: a client that opens with EXPORT_NAME never
     // hears the maximum and sends what nbd-server and nbdkit take.
     let server = TestServer::start(standard_source());
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     let (size, _) = c.export_name("disk");
     let len = 48 << 20;
     assert!(size >= 4096 + len as u64);
     let data = pattern(48, len);
-    c.write(1, 4096, &data);
+    c.request_write(1, 4096, &data);
     assert_eq!(c.simple_reply(), (0, 1));
-    c.send(Command::Read, 0, 2, 4096, len as u32);
+    c.request(Command::Read, 0, 2, 4096, len as u32);
     match c.any_reply(len) {
         Reply::Simple {
             error: 0,
@@ -390,27 +391,27 @@ fn a_write_over_the_maximum_is_drained_and_refused_and_the_connection_goes_on() 
     for structured in [false, true] {
         // Each round on a fresh region of the export.
         let base = if structured { 8 << 20 } else { 0 };
-        let mut c = RawClient::connect_tcp(server.port);
+        let mut c = Client::connect_tcp(server.port);
         c.go("disk", structured);
         let next = pattern(2, 4096);
         // Sent back to back: the next request follows the oversized payload at once.
-        c.send(Command::Write, 0, 1, base, oversized.len() as u32);
+        c.request(Command::Write, 0, 1, base, oversized.len() as u32);
         c.s.write_all(&oversized).unwrap();
-        c.write(2, base + 4096, &next);
+        c.request_write(2, base + 4096, &next);
         let mut got = [c.any_reply(0), c.any_reply(0)].map(|r| (r.cookie(), r.error()));
         got.sort_unstable();
         assert_eq!(got, [(1, EINVAL), (2, 0)], "structured={structured}");
         // The refused write wrote nothing; the one after it landed.
-        c.send(Command::Read, 0, 3, base, 8192);
+        c.request(Command::Read, 0, 3, base, 8192);
         let r = c.any_reply(8192);
         assert_eq!(r.error(), 0);
         let back = r.read_data(base, 8192);
         assert_eq!(back[..4096], [0u8; 4096]);
         assert_eq!(back[4096..], next[..]);
         // A write of exactly the maximum is taken.
-        c.write(4, base, &vec![7u8; max as usize]);
+        c.request_write(4, base, &vec![7u8; max as usize]);
         assert_eq!(c.any_reply(0).error(), 0);
-        c.send(Command::Disc, 0, 5, 0, 0);
+        c.request(Command::Disc, 0, 5, 0, 0);
     }
     assert!(server.is_running());
 }
@@ -418,15 +419,15 @@ fn a_write_over_the_maximum_is_drained_and_refused_and_the_connection_goes_on() 
 #[test]
 fn structured_reads_and_block_status() {
     let server = TestServer::start(standard_source());
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     let (_, flags) = c.go("disk", true);
     assert_ne!(flags & TFLAG_SEND_DF, 0);
     let data = pattern(2, 8192);
-    c.write(1, 65536, &data);
+    c.request_write(1, 65536, &data);
     assert_eq!(c.simple_reply(), (0, 1));
 
     // [0, 64K) hole, [64K, 72K) data, [72K, 128K) hole.
-    c.send(Command::Read, 0, 2, 0, 128 << 10);
+    c.request(Command::Read, 0, 2, 0, 128 << 10);
     let reply = c.any_reply(0);
     let Reply::Structured { cookie: 2, chunks } = &reply else {
         panic!("{reply:?}")
@@ -451,7 +452,7 @@ fn structured_reads_and_block_status() {
     assert_eq!(&all[65536..73728], &data[..]);
 
     // DF: one data chunk.
-    c.send(Command::Read, CMD_FLAG_DF, 3, 60000, 10000);
+    c.request(Command::Read, CMD_FLAG_DF, 3, 60000, 10000);
     let reply = c.any_reply(0);
     let Reply::Structured { chunks, .. } = &reply else {
         panic!("{reply:?}")
@@ -463,7 +464,7 @@ fn structured_reads_and_block_status() {
     );
 
     // Block status, also with REQ_ONE.
-    c.send(Command::BlockStatus, 0, 4, 0, 128 << 10);
+    c.request(Command::BlockStatus, 0, 4, 0, 128 << 10);
     let expect = vec![
         BlockDescriptor {
             length: 65536,
@@ -488,7 +489,7 @@ fn structured_reads_and_block_status() {
         ),
         other => panic!("{other:?}"),
     }
-    c.send(Command::BlockStatus, CMD_FLAG_REQ_ONE, 5, 0, 128 << 10);
+    c.request(Command::BlockStatus, CMD_FLAG_REQ_ONE, 5, 0, 128 << 10);
     match c.any_reply(0) {
         Reply::Structured { chunks, .. } => assert_eq!(
             chunks[0].1,
@@ -501,10 +502,10 @@ fn structured_reads_and_block_status() {
     }
 
     // Trim the data: everything is a hole again; NO_HOLE zeroing allocates.
-    c.send(Command::Trim, 0, 6, 65536, 8192);
+    c.request(Command::Trim, 0, 6, 65536, 8192);
     assert_eq!(c.simple_reply(), (0, 6));
     assert_eq!(server.export("disk").allocated_pages(), 0);
-    c.send(
+    c.request(
         Command::WriteZeroes,
         CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
         7,
@@ -513,7 +514,7 @@ fn structured_reads_and_block_status() {
     );
     assert_eq!(c.simple_reply(), (0, 7));
     assert_eq!(server.export("disk").allocated_pages(), 2);
-    c.send(Command::BlockStatus, 0, 8, 0, 16384);
+    c.request(Command::BlockStatus, 0, 8, 0, 16384);
     match c.any_reply(0) {
         Reply::Structured { chunks, .. } => assert_eq!(
             chunks[0].1,
@@ -534,7 +535,7 @@ fn structured_reads_and_block_status() {
         other => panic!("{other:?}"),
     }
     // Structured read errors are error chunks.
-    c.send(Command::Read, 0, 9, 64 << 20, 1);
+    c.request(Command::Read, 0, 9, 64 << 20, 1);
     let r = c.any_reply(0);
     assert!(matches!(r, Reply::Structured { cookie: 9, .. }), "{r:?}");
     assert_eq!(r.error(), EINVAL);
@@ -545,11 +546,11 @@ fn fast_zero_that_would_be_slow_is_enotsup() {
     let source = standard_source();
     source.add("slowzero", "", MemoryExport::new(1 << 20).fast_zero(false));
     let server = TestServer::start(source);
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("slowzero", false);
-    c.send(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 1, 0, 4096);
+    c.request(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 1, 0, 4096);
     assert_eq!(c.simple_reply(), (ENOTSUP, 1));
-    c.send(Command::WriteZeroes, 0, 2, 0, 4096);
+    c.request(Command::WriteZeroes, 0, 2, 0, 4096);
     assert_eq!(c.simple_reply(), (0, 2));
 }
 
@@ -578,12 +579,12 @@ fn pipelined_requests_from_two_clients_at_once(config: ServerConfig) {
 }
 
 fn pipelined_requests(socket: &std::path::Path, base: u64) {
-    let mut c = RawClient::connect_unix(socket);
+    let mut c = Client::connect_unix(socket);
     c.go("disk", true);
     const N: u64 = 300;
     // Everything is sent before any reply is read.
     for i in 0..N {
-        c.write(i, base + i * 70_000, &pattern(i, 5000 + i as usize));
+        c.request_write(i, base + i * 70_000, &pattern(i, 5000 + i as usize));
     }
     let mut seen = vec![false; N as usize];
     for _ in 0..N {
@@ -595,7 +596,7 @@ fn pipelined_requests(socket: &std::path::Path, base: u64) {
         );
     }
     for i in 0..N {
-        c.send(
+        c.request(
             Command::Read,
             0,
             1000 + i,
@@ -715,11 +716,11 @@ fn shutdown_lets_in_flight_requests_finish_and_reply() {
         },
     ));
 
-    let mut c = RawClient::connect_tcp(port);
+    let mut c = Client::connect_tcp(port);
     c.go("gated", false);
     const N: usize = 8;
     for i in 0..N {
-        c.write(i as u64, (i * 4096) as u64, &[i as u8 + 1; 4096]);
+        c.request_write(i as u64, (i * 4096) as u64, &[i as u8 + 1; 4096]);
     }
     // Wait (bounded) until every write is inside the backend.
     let mut waited = 0;

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::memory_server::*;
+use common::nbd_client::Client;
 use common::nbdsh::nbdsh;
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
@@ -49,11 +50,11 @@ fn nbdinfo_lists_exports_and_maps_holes() {
 
     // 0..1 MiB written, then 256 KiB..512 KiB trimmed.
     let disk = server.export("disk");
-    let mut c = RawClient::connect_tcp(server.port);
+    let mut c = Client::connect_tcp(server.port);
     c.go("disk", false);
-    c.write(1, 0, &pattern(5, 1 << 20));
+    c.request_write(1, 0, &pattern(5, 1 << 20));
     assert_eq!(c.simple_reply(), (0, 1));
-    c.send(
+    c.request(
         thinnbd::nbd::codec::Command::Trim,
         0,
         2,

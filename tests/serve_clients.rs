@@ -5,11 +5,12 @@ mod common;
 
 use std::process::Command;
 
+use common::nbd_client::Client;
 use common::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
 use common::qemu::{nbdinfo_map, qemu_io_at};
-use common::serve::*;
+use common::server::*;
 use common::tools::*;
 
 const MIB: u64 = 1 << 20;
@@ -23,7 +24,7 @@ fn nbdinfo_lists_every_volume_with_its_description() {
     pool.create_volume("alpha", "512M");
     pool.create_volume("beta", "64M");
     pool.create_volume("gamma", "1G");
-    thinnbd(&[
+    cli_ok(&[
         "snapshot",
         "--pool",
         pool.dir_str(),
@@ -122,9 +123,9 @@ fn qemu_io_patterns_including_unaligned_io_across_block_boundaries() {
         ],
     );
     // And so does a raw client, byte for byte.
-    let (mut c, size, _) = RawClient::open(server.port, "vol");
+    let (mut c, size, _) = Client::open(server.port, "vol");
     assert_eq!(size, 64 * MIB);
-    let got = c.read(1, 65024 - 512, 2048).expect("read");
+    let got = c.read_at(1, 65024 - 512, 2048).expect("read");
     assert_eq!(&got[..512], &[0xab; 512][..]);
     assert_eq!(&got[512..1536], &[0x22; 1024][..]);
     assert_eq!(&got[1536..], &[0xab; 512][..]);
@@ -423,7 +424,7 @@ fn connect_and_disconnect_log_lines_name_the_export() {
     let server = pool.serve();
     let log = server.log.clone();
     for export in ["alpha", "beta"] {
-        let (c, _, _) = RawClient::open(server.port, export);
+        let (c, _, _) = Client::open(server.port, export);
         c.disconnect();
     }
     // The stop waits for every connection to end, so both lines of both clients are written.

@@ -157,7 +157,7 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
     let mut tally = Tally::default();
     let mut tally2 = Tally::default();
     for cycle in 0..cycles {
-        let mut server = Server::start(&pool, None, &log);
+        let mut server = Server::start_on_pool(&pool, None, &log);
         if cycle > 0 {
             verify(server.port, 0, &mut model, cycle, seed);
             verify(server.port, REGION, &mut model2, cycle, seed);
@@ -221,10 +221,10 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         common::assert_metadata_clean(&pool.join("metadata"));
     }
     // Last start: the server comes up, the data checks, and a graceful stop is clean.
-    let mut server = Server::start(&pool, None, &log);
+    let mut server = Server::start_on_pool(&pool, None, &log);
     verify(server.port, 0, &mut model, cycles, seed);
     verify(server.port, REGION, &mut model2, cycles, seed);
-    let st = server.stop();
+    let st = server.terminate();
     assert!(
         st.success(),
         "graceful stop failed: {st}\n{}",

@@ -89,7 +89,7 @@ fn serve_with_full_metadata(
     ]);
     cli_ok(&["volume", "create", "--pool", p, "a", "--size", data_size]);
     let cfg = config(dir, policy);
-    let server = Server::start(&pool, Some(&cfg), &dir.join("log"));
+    let server = Server::start_on_pool(&pool, Some(&cfg), &dir.join("log"));
     qemu_io_ok(server.port, "a", &["write -P 0x11 0 1M"]);
     let refused = fill_metadata_with_volumes(&pool);
     (pool, cfg, server, refused)
@@ -124,7 +124,7 @@ fn error_policy_gives_enospc_not_eio_and_provisioned_writes_still_work() {
     // 64 blocks of 64 KiB behind a 16 MiB volume.
     make_pool(&pool, "4M", &[("a", "16M")]);
     let cfg = config(dir.path(), "error");
-    let mut server = Server::start(&pool, Some(&cfg), &dir.path().join("log"));
+    let mut server = Server::start_on_pool(&pool, Some(&cfg), &dir.path().join("log"));
     let port = server.port;
     qemu_io_ok(port, "a", &["write -P 0x11 0 1M"]);
     let out = qemu_io(port, "a", &["write -P 0x22 1M 8M"]);
@@ -140,7 +140,7 @@ fn error_policy_gives_enospc_not_eio_and_provisioned_writes_still_work() {
     qemu_io_ok(port, "a", &["write -P 0x33 0 1M", "read -P 0x33 0 1M"]);
     let out = qemu_io(port, "a", &["write -P 0x44 12M 64k"]);
     assert!(out.contains("No space left on device"), "{out}");
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
 }
 
@@ -153,7 +153,7 @@ fn queue_policy_completes_after_an_online_delete_or_a_discard() {
     let pool = dir.path().join("pool");
     make_pool(&pool, "4M", &[("a", "16M"), ("b", "4M")]);
     let cfg = config(dir.path(), "queue");
-    let mut server = Server::start(&pool, Some(&cfg), &dir.path().join("log"));
+    let mut server = Server::start_on_pool(&pool, Some(&cfg), &dir.path().join("log"));
     let port = server.port;
     qemu_io_ok(port, "b", &["write -P 0x0b 0 1M"]);
     qemu_io_ok(port, "a", &["write -P 0x0a 0 3M"]);
@@ -199,7 +199,7 @@ fn queue_policy_completes_after_an_online_delete_or_a_discard() {
         ],
     );
     assert_eq!(pool_status(&pool)["mode"], "write");
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
 }
 
@@ -213,7 +213,7 @@ fn queue_policy_completes_after_an_online_pool_grow() {
     let p = pool.to_str().unwrap();
     make_pool(&pool, "4M", &[("a", "32M")]);
     let cfg = config(dir.path(), "queue");
-    let mut server = Server::start(&pool, Some(&cfg), &dir.path().join("log"));
+    let mut server = Server::start_on_pool(&pool, Some(&cfg), &dir.path().join("log"));
     let port = server.port;
     qemu_io_ok(port, "a", &["write -P 0x0a 0 4M"]);
     assert_eq!(pool_status(&pool)["data_used_bytes"], 4 << 20);
@@ -252,7 +252,7 @@ fn queue_policy_completes_after_an_online_pool_grow() {
     let st = pool_status(&pool);
     assert_eq!(st["data_total_bytes"], 16 << 20);
     assert_eq!(st["mode"], "write");
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
     // The new size is durable.
     assert_eq!(pool_status(&pool)["data_total_bytes"], 16 << 20);
@@ -311,9 +311,9 @@ fn full_metadata_refuses_with_enospc_and_a_metadata_grow_brings_it_back() {
         "a",
         &["write -P 0x44 32M 16M", "read -P 0x44 32M 16M"],
     );
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
-    let server = Server::start(&pool, Some(&cfg), &dir.path().join("log2"));
+    let server = Server::start_on_pool(&pool, Some(&cfg), &dir.path().join("log2"));
     qemu_io_ok(
         server.port,
         "a",
@@ -375,9 +375,9 @@ fn queue_policy_completes_writes_queued_on_full_metadata_after_a_metadata_grow()
     let st = pool_status(&pool);
     assert_eq!(st["metadata_total_blocks"], 2048, "{st}");
     assert_eq!(st["mode"], "write", "{st}");
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
-    let server = Server::start(&pool, Some(&cfg), &dir.path().join("log2"));
+    let server = Server::start_on_pool(&pool, Some(&cfg), &dir.path().join("log2"));
     qemu_io_ok(
         server.port,
         "a",

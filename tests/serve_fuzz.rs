@@ -135,9 +135,7 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
                         vec![],
                     ),
                 };
-            if c.stream()
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .is_err()
+            if c.set_read_timeout(Some(Duration::from_secs(30))).is_err()
                 || c.send_raw(cmd, flags, cookie, off, len, &payload).is_err()
             {
                 t.closed_by_server += 1;
@@ -181,7 +179,7 @@ fn random_client_never_crashes_the_real_server() {
     let dir = tempfile::tempdir().unwrap();
     let pool = dir.path().join("pool");
     make_pool(&pool, "256M", &[("vol", "16M")]);
-    let mut server = Server::start(&pool, None, &dir.path().join("log"));
+    let mut server = Server::start_on_pool(&pool, None, &dir.path().join("log"));
     let mut c = Client::connect(server.port, "vol").unwrap();
     assert_eq!(c.write(0, &canary(), true).unwrap(), 0);
     c.disconnect();
@@ -191,14 +189,18 @@ fn random_client_never_crashes_the_real_server() {
     while t.requests < total && Instant::now() < deadline {
         let budget = rng.gen_range(1..80).min(total - t.requests);
         session(server.port, &mut rng, &mut t, budget);
-        assert!(server.alive(), "the server died:\n{}", server.log_text());
+        assert!(
+            server.is_running(),
+            "the server died:\n{}",
+            server.log_text()
+        );
     }
     let mut c = Client::connect(server.port, "vol").unwrap();
     let mut back = vec![0u8; CANARY as usize];
     assert_eq!(c.read(0, &mut back).unwrap(), 0);
     assert!(back == canary(), "data outside the requests' range changed");
     c.disconnect();
-    let st = server.stop();
+    let st = server.terminate();
     assert!(st.success(), "{st}:\n{}", server.log_text());
     assert!(
         !server.log_text().contains("panicked"),
@@ -294,7 +296,7 @@ fn damaged_metadata_fails_cleanly_without_panics() {
     let pool = dir.path().join("pool");
     make_pool(&pool, "256M", &[("vol", "16M"), ("other", "8M")]);
     let log = dir.path().join("log");
-    let mut server = Server::start(&pool, None, &log);
+    let mut server = Server::start_on_pool(&pool, None, &log);
     let mut c = Client::connect(server.port, "vol").unwrap();
     for i in 0..200u64 {
         let data = common::model::piece_bytes(1, i, 1);
@@ -302,7 +304,7 @@ fn damaged_metadata_fails_cleanly_without_panics() {
     }
     assert_eq!(c.flush().unwrap(), 0);
     c.disconnect();
-    assert!(server.stop().success());
+    assert!(server.terminate().success());
     let meta = pool.join("metadata");
     let pristine = std::fs::read(&meta).unwrap();
     let p = pool.to_str().unwrap();
@@ -365,7 +367,7 @@ fn damaged_metadata_fails_cleanly_without_panics() {
         opened += 1;
         // It opened: serve it and read everything; damage may surface as EIO, never a crash.
         std::fs::write(&meta, &img).unwrap();
-        let mut server = Server::start(&pool, None, &log);
+        let mut server = Server::start_on_pool(&pool, None, &log);
         for vol in ["vol", "other"] {
             let mut c = Client::connect(server.port, vol).unwrap();
             let mut buf = vec![0u8; 1 << 20];
@@ -379,11 +381,11 @@ fn damaged_metadata_fails_cleanly_without_panics() {
             c.disconnect();
         }
         assert!(
-            server.alive(),
+            server.is_running(),
             "block {block}: server died:\n{}",
             server.log_text()
         );
-        let st = server.stop();
+        let st = server.terminate();
         assert_ne!(st.code(), Some(101), "block {block}: {}", server.log_text());
         assert!(
             !server.log_text().contains("panicked"),

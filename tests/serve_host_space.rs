@@ -45,7 +45,7 @@ fn a_full_host_file_system_gives_the_client_enospc_and_the_pool_stays_consistent
     // The log lives off the small file system, which the test fills.
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("log");
-    let mut server = Server::start(&pool, None, &log);
+    let mut server = Server::start_on_pool(&pool, None, &log);
     let port = server.port;
     assert!(
         server.log_text().contains(HOST_WARNING),
@@ -83,7 +83,7 @@ fn a_full_host_file_system_gives_the_client_enospc_and_the_pool_stays_consistent
             "read -P 0x11 64k 960k",
         ],
     );
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
 }
 
@@ -152,7 +152,7 @@ fn a_preallocated_pool_on_a_full_host_provisions_and_commits() {
     // The log lives off the small file system, which the test fills.
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("log");
-    let mut server = Server::start(&pool, None, &log);
+    let mut server = Server::start_on_pool(&pool, None, &log);
     // Every new block and each flush's commit must do without host space: the data file was
     // allocated by --preallocate, the metadata file at creation.
     for i in 0..6u32 {
@@ -169,7 +169,7 @@ fn a_preallocated_pool_on_a_full_host_provisions_and_commits() {
         "a",
         &["read -P 0x15 20M 4M", "read -P 0x10 0 4M"],
     );
-    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(server.terminate().success(), "{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
 }
 

@@ -8,12 +8,17 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::nbd_client::{Client, Command as NbdCommand, NBD_EINVAL, NBD_ENOSPC};
 use common::pattern::pattern;
 use common::qemu::qemu_io_at;
-use common::serve::*;
+use common::server::*;
 use common::tools::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use thinnbd::nbd::codec::{
+    decode_greeting, OptionHeader, OptionReplyKind, OptionRequest, Request, CLIENT_FIXED_NEWSTYLE,
+    CLIENT_NO_ZEROES, GREETING_LEN, IHAVEOPT, OPT_GO,
+};
 
 const SIZE: u64 = 64 << 20;
 
@@ -28,7 +33,7 @@ fn connect(port: u16) -> TcpStream {
 
 /// Reads until the server closes the connection. False if it is still open after the read
 /// timeout (a hang detector, 60 s).
-fn closed_by_server(s: &mut TcpStream) -> bool {
+fn closed_by_server(s: &mut dyn Read) -> bool {
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
@@ -43,23 +48,23 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 }
 
 fn read_greeting(s: &mut TcpStream) {
-    let mut g = [0u8; 18];
+    let mut g = [0u8; GREETING_LEN];
     s.read_exact(&mut g).expect("greeting");
-    assert_eq!(&g[..8], b"NBDMAGIC");
+    decode_greeting(&g).expect("a fixed newstyle greeting");
 }
 
-fn option_header(magic: u64, opt: u32, len: u32) -> Vec<u8> {
-    let mut m = magic.to_be_bytes().to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m
+/// The client flags a well-behaved client answers the greeting with.
+const CLIENT_FLAGS: [u8; 4] = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes();
+
+fn option_header(option: u32, length: u32) -> [u8; 16] {
+    OptionHeader { option, length }.encode()
 }
 
 /// The well-behaved client: data written before the attack must read back.
 fn good_client_reads(server: &Server, with_qemu: bool) {
-    let (mut c, size, _) = RawClient::open(server.port, "vol");
+    let (mut c, size, _) = Client::open(server.port, "vol");
     assert_eq!(size, SIZE);
-    assert_eq!(c.read(7, 1 << 20, 4096).expect("read"), pattern(3, 4096));
+    assert_eq!(c.read_at(7, 1 << 20, 4096).expect("read"), pattern(3, 4096));
     c.disconnect();
     if with_qemu {
         qemu_io_at(
@@ -81,8 +86,8 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
     let port = server.port;
     qemu_io_at(&server.uri("vol"), false, &["write -P 0x77 0 1M", "flush"]);
     {
-        let (mut c, _, _) = RawClient::open(port, "vol");
-        assert_eq!(c.write(1, 1 << 20, &pattern(3, 4096)), 0);
+        let (mut c, _, _) = Client::open(port, "vol");
+        assert_eq!(c.write_at(1, 1 << 20, &pattern(3, 4096)), 0);
         c.disconnect();
     }
     good_client_reads(&server, true);
@@ -125,25 +130,26 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
                 }
                 3 => {
                     read_greeting(&mut s);
-                    let _ = s.write_all(&3u32.to_be_bytes());
+                    let _ = s.write_all(&CLIENT_FLAGS);
                     let _ = s.write_all(&IHAVEOPT.to_be_bytes()[..6]);
                 }
                 4 => {
                     // An option announcing 100 bytes and sending 10.
                     read_greeting(&mut s);
-                    let _ = s.write_all(&3u32.to_be_bytes());
-                    let _ = s.write_all(&option_header(IHAVEOPT, OPT_GO, 100));
+                    let _ = s.write_all(&CLIENT_FLAGS);
+                    let _ = s.write_all(&option_header(OPT_GO, 100));
                     let _ = s.write_all(&[0u8; 10]);
                 }
                 _ => {
                     // A GO naming the export, then gone before reading the replies.
                     read_greeting(&mut s);
-                    let _ = s.write_all(&3u32.to_be_bytes());
-                    let mut data = 3u32.to_be_bytes().to_vec();
-                    data.extend_from_slice(b"vol");
-                    data.extend_from_slice(&0u16.to_be_bytes());
-                    let _ = s.write_all(&option_header(IHAVEOPT, OPT_GO, 9));
-                    let _ = s.write_all(&data);
+                    let _ = s.write_all(&CLIENT_FLAGS);
+                    let go = OptionRequest::Info {
+                        go: true,
+                        name: "vol".into(),
+                        requests: vec![],
+                    };
+                    let _ = s.write_all(&go.encode());
                 }
             }
         }
@@ -154,13 +160,22 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
     for _ in 0..20 {
         let mut s = connect(port);
         read_greeting(&mut s);
-        let _ = s.write_all(&3u32.to_be_bytes());
-        let _ = s.write_all(&option_header(0x4241_444d_4147_4943, OPT_GO, 0));
+        let _ = s.write_all(&CLIENT_FLAGS);
+        let mut bad_magic = option_header(OPT_GO, 0);
+        bad_magic[..8].copy_from_slice(b"BADMAGIC");
+        let _ = s.write_all(&bad_magic);
         assert!(closed_by_server(&mut s), "bad option magic: not closed");
 
-        let (mut c, _, _) = RawClient::open(port, "vol");
-        let mut req = 0xdead_beefu32.to_be_bytes().to_vec();
-        req.extend_from_slice(&[0u8; 24]);
+        let (mut c, _, _) = Client::open(port, "vol");
+        let mut req = Request {
+            flags: 0,
+            command: NbdCommand::Read,
+            cookie: 1,
+            offset: 0,
+            length: 512,
+        }
+        .encode();
+        req[..4].copy_from_slice(&0xdead_beefu32.to_be_bytes());
         let _ = c.s.write_all(&req);
         assert!(closed_by_server(&mut c.s), "bad request magic: not closed");
     }
@@ -170,47 +185,52 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
     for _ in 0..10 {
         let mut s = connect(port);
         read_greeting(&mut s);
-        let _ = s.write_all(&3u32.to_be_bytes());
-        let _ = s.write_all(&option_header(IHAVEOPT, OPT_GO, u32::MAX));
+        let _ = s.write_all(&CLIENT_FLAGS);
+        let _ = s.write_all(&option_header(OPT_GO, u32::MAX));
         let _ = s.write_all(&[0u8; 4096]);
         assert!(closed_by_server(&mut s), "4 GiB option: not closed");
 
-        let (mut c, _, _) = RawClient::open(port, "vol");
-        c.request(NbdCommand::Write, 1, 0, u32::MAX);
+        let (mut c, _, _) = Client::open(port, "vol");
+        c.request(NbdCommand::Write, 0, 1, 0, u32::MAX);
         let _ = c.s.write_all(&[0u8; 65536]);
         assert!(closed_by_server(&mut c.s), "4 GiB write: not closed");
 
-        let (mut c, _, _) = RawClient::open(port, "vol");
-        assert_eq!(c.read(2, 0, u32::MAX), Err(NBD_EINVAL));
-        assert_eq!(c.read(3, 1 << 20, 4096).expect("read"), pattern(3, 4096));
+        let (mut c, _, _) = Client::open(port, "vol");
+        assert_eq!(c.read_at(2, 0, u32::MAX), Err(NBD_EINVAL));
+        assert_eq!(c.read_at(3, 1 << 20, 4096).expect("read"), pattern(3, 4096));
         c.disconnect();
     }
 
     // Requests past the end: EINVAL (ENOSPC for writes), the data untouched, the connection
     // usable.
     {
-        let (mut c, size, _) = RawClient::open(port, "vol");
-        assert_eq!(c.read(1, size - 512, 1024), Err(NBD_EINVAL));
-        assert_eq!(c.read(2, size, 512), Err(NBD_EINVAL));
-        assert_eq!(c.read(3, u64::MAX - 100, 512), Err(NBD_EINVAL));
-        assert_eq!(c.write(4, size - 512, &[1u8; 1024]), NBD_ENOSPC);
-        assert_eq!(c.write(5, u64::MAX - 511, &[1u8; 512]), NBD_ENOSPC);
-        c.request(NbdCommand::Trim, 6, size - 65536, 1 << 20);
+        let (mut c, size, _) = Client::open(port, "vol");
+        assert_eq!(c.read_at(1, size - 512, 1024), Err(NBD_EINVAL));
+        assert_eq!(c.read_at(2, size, 512), Err(NBD_EINVAL));
+        assert_eq!(c.read_at(3, u64::MAX - 100, 512), Err(NBD_EINVAL));
+        assert_eq!(c.write_at(4, size - 512, &[1u8; 1024]), NBD_ENOSPC);
+        assert_eq!(c.write_at(5, u64::MAX - 511, &[1u8; 512]), NBD_ENOSPC);
+        c.request(NbdCommand::Trim, 0, 6, size - 65536, 1 << 20);
         assert_eq!(c.simple_reply(), (NBD_EINVAL, 6));
-        assert_eq!(c.read(7, size - 1024, 1024).expect("read"), vec![0u8; 1024]);
-        assert_eq!(c.read(8, 1 << 20, 4096).expect("read"), pattern(3, 4096));
+        assert_eq!(
+            c.read_at(7, size - 1024, 1024).expect("read"),
+            vec![0u8; 1024]
+        );
+        assert_eq!(c.read_at(8, 1 << 20, 4096).expect("read"), pattern(3, 4096));
         c.disconnect();
     }
     // Asking for a volume that does not exist is an option error, not a crash.
     {
-        let mut c = RawClient::connect(port);
-        c.s.write_all(&3u32.to_be_bytes()).expect("flags");
-        let mut data = 6u32.to_be_bytes().to_vec();
-        data.extend_from_slice(b"nosuch");
-        data.extend_from_slice(&0u16.to_be_bytes());
-        c.send_option(OPT_GO, &data);
-        let (_, kind, _) = c.option_reply();
-        assert!(kind & (1 << 31) != 0, "GO nosuch: reply {kind:#x}");
+        let mut c = Client::connect_tcp(port);
+        let replies = c.option(&OptionRequest::Info {
+            go: true,
+            name: "nosuch".into(),
+            requests: vec![],
+        });
+        assert!(
+            matches!(replies[..], [ref r] if matches!(r.kind, OptionReplyKind::Error { .. })),
+            "GO nosuch: {replies:?}"
+        );
     }
 
     // 100 idle half-open connections held while a real client works.
@@ -234,7 +254,7 @@ fn hostile_clients_do_not_crash_hang_or_bloat_the_server() {
                         1 => read_greeting(&mut s),
                         _ => {
                             read_greeting(&mut s);
-                            let _ = s.write_all(&3u32.to_be_bytes());
+                            let _ = s.write_all(&CLIENT_FLAGS);
                         }
                     }
                 }

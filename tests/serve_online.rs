@@ -8,9 +8,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::nbd_client::Client;
 use common::process::{run, run_failing, stdout_of};
 use common::qemu::qemu_io_at;
-use common::serve::*;
+use common::server::*;
 use common::tools::*;
 
 const MIB: u64 = 1 << 20;
@@ -66,10 +67,10 @@ fn snapshot_while_fio_writes_to_the_origin() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // A connection opened before the snapshot and used after it must break the sharing too.
-    let (mut early, _, _) = RawClient::open(server.port, "origin");
-    assert_eq!(early.read(1, 0, 4096).expect("read"), vec![0x6d; 4096]);
+    let (mut early, _, _) = Client::open(server.port, "origin");
+    assert_eq!(early.read_at(1, 0, 4096).expect("read"), vec![0x6d; 4096]);
     assert!(fio.try_wait().expect("try_wait").is_none());
-    let out = thinnbd(&["snapshot", "--pool", pool.dir_str(), "origin", "snap"]);
+    let out = cli_ok(&["snapshot", "--pool", pool.dir_str(), "origin", "snap"]);
     assert!(out.contains("created snapshot snap of origin"), "{out}");
     let fio_ran_past_snapshot = fio.try_wait().expect("try_wait").is_none();
 
@@ -77,9 +78,9 @@ fn snapshot_while_fio_writes_to_the_origin() {
     // the whole snapshot, one taken while fio still runs and one after, are identical.
     let snap_uri = server.uri("snap");
     qemu_io_at(&snap_uri, true, &["read -P 0x6d 0 8M"]);
-    assert_eq!(early.write(2, 4 << 20, &[0x5e; 4096]), 0);
+    assert_eq!(early.write_at(2, 4 << 20, &[0x5e; 4096]), 0);
     assert_eq!(
-        early.read(3, 4 << 20, 4096).expect("read"),
+        early.read_at(3, 4 << 20, 4096).expect("read"),
         vec![0x5e; 4096]
     );
     early.disconnect();
@@ -131,7 +132,7 @@ fn snapshot_while_fio_writes_to_the_origin() {
 /// `thinnbd volume delete`, retried while the server still counts a client that has just
 /// disconnected.
 fn delete_when_idle(pool: &str, name: &str) {
-    thinnbd_when_idle(&["volume", "delete", "--pool", pool, name]);
+    cli_ok_when_idle(&["volume", "delete", "--pool", pool, name]);
 }
 
 /// Export names from `nbdinfo --list`.
@@ -162,7 +163,7 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
     assert_eq!(exports(&server.uri("")), ["keep"]);
 
     // Create: a new export at once, usable by clients.
-    let out = thinnbd(&["volume", "create", "--pool", dir, "extra", "--size", "32M"]);
+    let out = cli_ok(&["volume", "create", "--pool", dir, "extra", "--size", "32M"]);
     assert!(out.contains("created volume extra"), "{out}");
     assert_eq!(exports(&server.uri("")), ["keep", "extra"]);
     qemu_io_at(
@@ -172,7 +173,7 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
     );
 
     // Resize: new connections see the new size, and the data stays.
-    thinnbd(&["volume", "resize", "--pool", dir, "extra", "--size", "96M"]);
+    cli_ok(&["volume", "resize", "--pool", dir, "extra", "--size", "96M"]);
     assert_eq!(nbdinfo_size(&server.uri("extra")), 96 * MIB);
     qemu_io_at(
         &server.uri("extra"),
@@ -184,7 +185,7 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
         ],
     );
     let list: serde_json::Value =
-        serde_json::from_str(&thinnbd(&["volume", "list", "--pool", dir, "--json"])).unwrap();
+        serde_json::from_str(&cli_ok(&["volume", "list", "--pool", dir, "--json"])).unwrap();
     let extra = list
         .as_array()
         .unwrap()
@@ -194,8 +195,11 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
     assert_eq!(extra["size"], 96 * MIB);
     // Shrinking: refused without --force, and refused even with it while a client has the
     // volume open (the client would lose data under it); the client reads on undisturbed.
-    let (mut held, _, _) = RawClient::open(server.port, "extra");
-    assert_eq!(held.read(1, 95 * MIB, 512).expect("read"), vec![0x43; 512]);
+    let (mut held, _, _) = Client::open(server.port, "extra");
+    assert_eq!(
+        held.read_at(1, 95 * MIB, 512).expect("read"),
+        vec![0x43; 512]
+    );
     let err = run_failing(
         Command::new(BIN).args(["volume", "resize", "--pool", dir, "extra", "--size", "16M"]),
     );
@@ -208,29 +212,32 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
         "{err}"
     );
     assert_eq!(nbdinfo_size(&server.unix_uri("extra")), 96 * MIB);
-    assert_eq!(held.read(2, 95 * MIB, 512).expect("read"), vec![0x43; 512]);
+    assert_eq!(
+        held.read_at(2, 95 * MIB, 512).expect("read"),
+        vec![0x43; 512]
+    );
     held.disconnect();
     // With the client gone, --force shrinks, and the cut-off data is gone (growing again shows
     // zeros there).
-    thinnbd_when_idle(&[
+    cli_ok_when_idle(&[
         "volume", "resize", "--pool", dir, "extra", "--size", "16M", "--force",
     ]);
     assert_eq!(nbdinfo_size(&server.unix_uri("extra")), 16 * MIB);
     qemu_io_at(&server.uri("extra"), true, &["read -P 0x42 0 1M"]);
-    thinnbd(&["volume", "resize", "--pool", dir, "extra", "--size", "96M"]);
+    cli_ok(&["volume", "resize", "--pool", dir, "extra", "--size", "96M"]);
     qemu_io_at(&server.uri("extra"), true, &["read -P 0 16M 80M"]);
-    thinnbd_when_idle(&[
+    cli_ok_when_idle(&[
         "volume", "resize", "--pool", dir, "extra", "--size", "-80M", "--force",
     ]);
 
     // Delete with a client connected: refused as busy, nothing changes.
-    let (mut client, size, _) = RawClient::open(server.port, "extra");
+    let (mut client, size, _) = Client::open(server.port, "extra");
     assert_eq!(size, 16 * MIB);
-    assert_eq!(client.read(1, 0, 512).expect("read"), vec![0x42; 512]);
+    assert_eq!(client.read_at(1, 0, 512).expect("read"), vec![0x42; 512]);
     let err = run_failing(Command::new(BIN).args(["volume", "delete", "--pool", dir, "extra"]));
     assert!(err.contains("in use"), "{err}");
     assert_eq!(exports(&server.uri("")), ["keep", "extra"]);
-    assert_eq!(client.read(2, 512, 512).expect("read"), vec![0x42; 512]);
+    assert_eq!(client.read_at(2, 512, 512).expect("read"), vec![0x42; 512]);
 
     // The client leaves: the delete goes through (once the server has seen the disconnect).
     client.disconnect();
@@ -240,12 +247,12 @@ fn volume_commands_act_online_and_delete_waits_for_clients() {
     assert!(!gone.is_empty());
 
     // A name can be reused, and the new volume starts empty.
-    thinnbd(&["volume", "create", "--pool", dir, "extra", "--size", "8M"]);
+    cli_ok(&["volume", "create", "--pool", dir, "extra", "--size", "8M"]);
     qemu_io_at(&server.uri("extra"), true, &["read -P 0 0 8M"]);
     server.stop();
     assert_pool_clean(&pool.dir);
     // Offline, the same commands work on the pool directly.
-    let list = thinnbd(&["volume", "list", "--pool", dir]);
+    let list = cli_ok(&["volume", "list", "--pool", dir]);
     assert!(list.contains("keep") && list.contains("extra"), "{list}");
 }
 
@@ -257,7 +264,7 @@ fn pool_is_clean_after_a_graceful_stop_under_load() {
     let pool = TestPool::create("1G");
     pool.create_volume("a", "64M");
     pool.create_volume("b", "64M");
-    thinnbd(&["snapshot", "--pool", pool.dir_str(), "a", "a-snap"]);
+    cli_ok(&["snapshot", "--pool", pool.dir_str(), "a", "a-snap"]);
     let server = pool.serve();
     let work = pool.tmp.path().join("fio");
     std::fs::create_dir(&work).expect("mkdir");
@@ -275,14 +282,14 @@ fn pool_is_clean_after_a_graceful_stop_under_load() {
         ]));
     }
     // Leave a client connected over the stop: the server must still close the pool cleanly.
-    let (mut c, _, _) = RawClient::open(server.port, "b");
-    assert_eq!(c.write(1, 0, &[7u8; 4096]), 0);
+    let (mut c, _, _) = Client::open(server.port, "b");
+    assert_eq!(c.write_at(1, 0, &[7u8; 4096]), 0);
     server.stop();
     assert_pool_clean(&pool.dir);
     // And the pool serves again with the data in place.
     let server = pool.serve();
-    let (mut c, _, _) = RawClient::open(server.port, "b");
-    assert_eq!(c.read(1, 0, 4096).expect("read"), vec![7u8; 4096]);
+    let (mut c, _, _) = Client::open(server.port, "b");
+    assert_eq!(c.read_at(1, 0, 4096).expect("read"), vec![7u8; 4096]);
     c.disconnect();
     server.stop();
     assert_pool_clean(&pool.dir);
@@ -337,7 +344,7 @@ fn nbdcopy_snapshot_backup_example() {
     assert!(img[40 << 20..43 << 20].iter().all(|&b| b == 0x32));
     assert!(img[43 << 20..].iter().all(|&b| b == 0));
     // The temporary snapshot is gone again; only the volume is left.
-    let list = thinnbd(&["volume", "list", "--pool", pool.dir_str(), "--json"]);
+    let list = cli_ok(&["volume", "list", "--pool", pool.dir_str(), "--json"]);
     let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&list)
         .unwrap()
         .as_array()

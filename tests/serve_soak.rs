@@ -95,7 +95,7 @@ fn soak_mixed_load_with_online_snapshots_keeps_rss_flat() {
     let dir = tempfile::tempdir().unwrap();
     let pool = dir.path().join("pool");
     make_pool(&pool, "1G", &[("disk", "256M")]);
-    let mut server = Server::start(&pool, None, &dir.path().join("log"));
+    let mut server = Server::start_on_pool(&pool, None, &dir.path().join("log"));
     let port = server.port;
     let pid = server.pid();
     let stop = Arc::new(AtomicBool::new(false));
@@ -146,7 +146,11 @@ fn soak_mixed_load_with_online_snapshots_keeps_rss_flat() {
             );
             deletes += 1;
         }
-        assert!(server.alive(), "the server died:\n{}", server.log_text());
+        assert!(
+            server.is_running(),
+            "the server died:\n{}",
+            server.log_text()
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let models: Vec<Model> = workers
@@ -174,7 +178,7 @@ fn soak_mixed_load_with_online_snapshots_keeps_rss_flat() {
     }
     c.disconnect();
 
-    let st = server.stop();
+    let st = server.terminate();
     assert!(st.success(), "{st}\n{}", server.log_text());
     common::assert_metadata_clean(&pool.join("metadata"));
 

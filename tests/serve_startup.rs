@@ -9,9 +9,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::nbd_client::Client;
 use common::process::{free_port, stdout_of};
 use common::qemu::qemu_io_at;
-use common::serve::*;
+use common::server::*;
 use common::tools::*;
 
 const GIB: u64 = 1 << 30;
@@ -54,7 +55,7 @@ fn default_start_creates_the_pool_and_default_volume() {
     let size = stdout_of(Command::new("nbdinfo").args(["--size", &server.uri("")]));
     assert_eq!(size.trim(), (10 * GIB).to_string());
 
-    let status: serde_json::Value = serde_json::from_str(&thinnbd(&[
+    let status: serde_json::Value = serde_json::from_str(&cli_ok(&[
         "pool",
         "status",
         dir.to_str().unwrap(),
@@ -164,7 +165,7 @@ fn bad_config_files_are_refused_naming_key_and_file() {
         None,
         Some(tmp.path().join("custom-pool/control.sock")),
     );
-    let list = thinnbd(&[
+    let list = cli_ok(&[
         "volume",
         "list",
         "--bytes",
@@ -200,9 +201,9 @@ fn a_second_server_on_the_same_pool_is_refused_and_sigint_stops_cleanly() {
         "the error does not name the server holding the pool:\n{err}"
     );
     // The first one is unharmed, and SIGINT (Ctrl-C) is as graceful as SIGTERM.
-    let (mut c, size, _) = RawClient::open(first.port, "default");
+    let (mut c, size, _) = Client::open(first.port, "default");
     assert_eq!(size, 10 * GIB);
-    assert_eq!(c.write(1, 0, &[3u8; 4096]), 0);
+    assert_eq!(c.write_at(1, 0, &[3u8; 4096]), 0);
     c.disconnect();
     first.stop_with(libc::SIGINT);
     assert!(!tmp.path().join("thinnbd-pool/control.sock").exists());
@@ -243,7 +244,7 @@ fn a_missing_pool_other_than_the_default_is_not_created() {
         None,
         Some(typo.join("control.sock")),
     );
-    let list = thinnbd(&["volume", "list", "--pool", typo.to_str().unwrap()]);
+    let list = cli_ok(&["volume", "list", "--pool", typo.to_str().unwrap()]);
     assert!(list.contains("default"), "{list}");
     server.stop();
     assert_pool_clean(&typo);

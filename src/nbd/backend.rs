@@ -209,6 +209,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::nbd::memory::MemoryExport;
+    use crate::util::usize_from_u64;
 
     #[test]
     fn preferred_block_size_is_a_power_of_two_within_limits() {
@@ -232,6 +233,12 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(extents_at(0, &[]).count(), 0);
+    }
+
+    /// The byte the `i`th of a few test writes fills its range with (never 0, the unwritten
+    /// value).
+    pub(crate) fn fill_byte(i: u64) -> u8 {
+        u8::try_from(i + 1).expect("fewer than 255 test writes")
     }
 
     /// The quick-path limit [`Overlapping`] reports, like the engine's.
@@ -307,7 +314,7 @@ pub(crate) mod tests {
             for i in 0..THREADS {
                 let (b, turns) = (&b, &turns);
                 s.spawn(move || {
-                    let data = vec![i as u8 + 1; large as usize];
+                    let data = vec![fill_byte(i); usize_from_u64(large)];
                     turns.write(b, i * large, &data, false).unwrap();
                 });
             }
@@ -318,10 +325,10 @@ pub(crate) mod tests {
             "large writes never go the quick way"
         );
         assert_eq!(b.most.load(SeqCst), 1, "large writes at once");
-        let mut all = vec![0u8; (THREADS * large) as usize];
+        let mut all = vec![0u8; usize_from_u64(THREADS * large)];
         b.read(0, &mut all).unwrap();
-        for (i, chunk) in all.chunks(large as usize).enumerate() {
-            assert!(chunk.iter().all(|&v| v == i as u8 + 1), "write {i}");
+        for (i, chunk) in (0..).zip(all.chunks(usize_from_u64(large))) {
+            assert!(chunk.iter().all(|&v| v == fill_byte(i)), "write {i}");
         }
 
         turns.write(&b, 0, &[9; 4096], false).unwrap();

@@ -9,8 +9,10 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use super::backend::{ExportBackend, ExportInfo, ExportSource, Extent};
 use crate::error::{fail, ErrorKind, Result};
 
-pub const PAGE_SIZE: usize = 4096;
-const PAGE: u64 = PAGE_SIZE as u64;
+/// The page size as the backend seam tells it (the preferred block size); the others follow.
+const PAGE_SIZE_U32: u32 = 4096;
+pub const PAGE_SIZE: usize = PAGE_SIZE_U32 as usize;
+const PAGE: u64 = PAGE_SIZE_U32 as u64;
 
 type Pages = BTreeMap<u64, Box<[u8]>>;
 
@@ -116,7 +118,7 @@ impl ExportBackend for MemoryExport {
     }
 
     fn preferred_block_size(&self) -> u32 {
-        PAGE_SIZE as u32
+        PAGE_SIZE_U32
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

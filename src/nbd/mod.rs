@@ -1,7 +1,12 @@
 //! The NBD protocol: the wire codec (`codec`, no I/O), the backend seam (`backend`), an
-//! in-memory backend for tests (`memory`) and the tokio server (`server`, `connection`).
+//! in-memory backend for tests (`memory`) and the tokio server: `server` accepts clients,
+//! `connection` serves each, and both read `shared` (limits, export source, shutdown).
 //!
 //! `errno_of` is the one place where an error kind becomes an NBD errno.
+
+// A length or count from a peer must never wrap silently: a lossy cast needs `try_from` with an
+// error, or a reason why it cannot lose anything.
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 pub mod backend;
 mod busy_poll;
@@ -9,13 +14,15 @@ pub mod codec;
 mod connection;
 pub mod memory;
 pub mod server;
+mod shared;
 
 pub use backend::{
     extents_at, preferred_block_size, BlockSizes, ExportBackend, ExportInfo, ExportSource, Extent,
     WriteTurns,
 };
-pub use server::{
-    serve, Listener, ServerConfig, DEFAULT_BUSY_POLL_MAX, DEFAULT_MAX_CONNECTIONS,
+pub use server::{serve, Listener};
+pub use shared::{
+    ServerConfig, DEFAULT_BUSY_POLL_MAX, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT_PER_CONNECTION, DEFAULT_MAX_REQUEST_BYTES,
 };
 

@@ -15,7 +15,6 @@ pub mod pool;
 pub mod power;
 pub mod process;
 pub mod qemu;
-pub mod serve;
 pub mod server;
 pub mod small_fs;
 pub mod tools;

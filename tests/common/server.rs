@@ -1,19 +1,28 @@
-//! The real `thinnbd` binary in tests: pool and volume creation through the CLI, a server
-//! process on 127.0.0.1 with a port the kernel picks (read back from its log), SIGKILL and
-//! SIGTERM, and its resident set size from /proc.
+//! The real `thinnbd` binary in tests: the CLI (pool and volume creation, status), a pool in a
+//! temp dir, and the one wrapper of a `thinnbd serve` process (on 127.0.0.1, optionally a unix
+//! socket; stopped with SIGTERM or SIGINT, killed if a test panics; its resident set size from
+//! /proc). Raw NBD clients for it: `super::nbd_client`.
 
 use std::fs::File;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_thinnbd")
-}
+use super::process::{exit_within, free_port};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_thinnbd");
+
+/// How long a server may take to listen, and to stop after a signal.
+const START_LIMIT: Duration = Duration::from_secs(120);
+const STOP_LIMIT: Duration = Duration::from_secs(60);
+
+// === The CLI =====================================================================================
 
 /// Runs the CLI and returns its output whatever the exit status.
 pub fn cli(args: &[&str]) -> Output {
-    Command::new(bin())
+    Command::new(BIN)
         .args(args)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -34,9 +43,32 @@ pub fn cli_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `thinnbd ARGS...` for a change that needs an idle volume, retried (bounded, 60 s) while the
+/// server still counts a client that has just disconnected; any error other than "in use"
+/// fails at once. Returns stdout.
+pub fn cli_ok_when_idle(args: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cli(args);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("in use"),
+            "thinnbd {args:?}: unexpected failure: {err}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "thinnbd {args:?}: still busy 60 s after the clients left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Creates a pool in `dir` with `volumes` (name, size) in it.
 pub fn make_pool(dir: &Path, data_size: &str, volumes: &[(&str, &str)]) {
-    let d = dir.to_str().unwrap();
+    let d = dir.to_str().expect("utf-8 pool path");
     cli_ok(&["pool", "create", d, "--data-size", data_size]);
     for (name, size) in volumes {
         cli_ok(&["volume", "create", "--pool", d, name, "--size", size]);
@@ -45,38 +77,166 @@ pub fn make_pool(dir: &Path, data_size: &str, volumes: &[(&str, &str)]) {
 
 /// `pool status --json` as JSON.
 pub fn pool_status(dir: &Path) -> serde_json::Value {
-    let out = cli_ok(&["pool", "status", dir.to_str().unwrap(), "--json"]);
+    let out = cli_ok(&[
+        "pool",
+        "status",
+        dir.to_str().expect("utf-8 pool path"),
+        "--json",
+    ]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
 }
 
+/// For a pool whose server has stopped: `thinnbd check DIR`, Debian's `thin_check` and
+/// `verify_meta.py check` on its metadata all exit 0.
+pub fn assert_pool_clean(dir: &Path) {
+    let text = cli_ok(&["check", dir.to_str().expect("utf-8 pool path")]);
+    assert!(text.contains("clean"), "thinnbd check:\n{text}");
+    super::metadata::assert_metadata_clean(&dir.join("metadata"));
+}
+
+/// A temp dir holding a pool at `dir/pool`.
+pub struct TestPool {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+}
+
+impl TestPool {
+    /// A new pool with a sparse data file of `data_size` and 64 KiB blocks.
+    pub fn create(data_size: &str) -> TestPool {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("pool");
+        make_pool(&dir, data_size, &[]);
+        TestPool { tmp, dir }
+    }
+
+    pub fn dir_str(&self) -> &str {
+        self.dir.to_str().expect("utf-8 temp path")
+    }
+
+    /// `thinnbd volume create --pool DIR NAME --size SIZE`.
+    pub fn create_volume(&self, name: &str, size: &str) {
+        let pool = self.dir_str();
+        cli_ok(&["volume", "create", "--pool", pool, name, "--size", size]);
+    }
+
+    /// `thinnbd pool status DIR --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        pool_status(&self.dir)
+    }
+
+    /// Mapped bytes of one volume from `pool status --json`.
+    pub fn mapped_bytes(&self, volume: &str) -> u64 {
+        let s = self.status();
+        s["volumes"]
+            .as_array()
+            .expect("volumes array")
+            .iter()
+            .find(|v| v["name"] == volume)
+            .unwrap_or_else(|| panic!("no volume {volume} in {s}"))["mapped_bytes"]
+            .as_u64()
+            .expect("mapped_bytes")
+    }
+
+    /// Starts `thinnbd serve --pool DIR` on a free port and a unix socket in the temp dir.
+    pub fn serve(&self) -> Server {
+        let socket = self.tmp.path().join("nbd.sock");
+        Server::start(
+            |cmd| {
+                cmd.arg("--pool").arg(&self.dir);
+            },
+            self.tmp.path(),
+            Some(socket),
+            Some(self.dir.join("control.sock")),
+        )
+    }
+}
+
+// === The server ==================================================================================
+
+/// Runs `thinnbd serve --listen 127.0.0.1:PORT` plus what `args` adds, in `cwd`, for a start
+/// that must fail; returns its exit status and stderr. Bounded: a server that starts instead is
+/// killed after 60 s and the test fails.
+pub fn serve_refused(cwd: &Path, args: impl FnOnce(&mut Command)) -> (ExitStatus, String) {
+    let log = cwd.join("refused-start.log");
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())]);
+    args(&mut cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).expect("log"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let Some(status) = exit_within(&mut child, Duration::from_secs(60)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{cmd:?} did not exit: the server started\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// A running `thinnbd serve`, its stdout and stderr in `log`. Dropping it kills the process
+/// (and prints the log if the test is failing); `stop` is the graceful way.
 pub struct Server {
     child: Option<Child>,
     pub port: u16,
+    pub socket: Option<PathBuf>,
     pub log: PathBuf,
-    pub pool: PathBuf,
 }
 
 impl Server {
-    /// Starts `thinnbd serve` on the pool (optionally with a config file) and waits until it
-    /// listens. Panics with the server's log when it exits or does not come up in 60 s.
-    pub fn start(pool: &Path, config: Option<&Path>, log: &Path) -> Server {
+    /// Spawns `thinnbd serve --listen 127.0.0.1:PORT [--socket S]` plus what `args` adds, in
+    /// `cwd`, its log in `cwd/serve-N.log`; waits until the port, the socket and (when given)
+    /// the control socket accept connections.
+    pub fn start(
+        args: impl FnOnce(&mut Command),
+        cwd: &Path,
+        socket: Option<PathBuf>,
+        control: Option<PathBuf>,
+    ) -> Server {
+        let log = (0..)
+            .map(|n| cwd.join(format!("serve-{n}.log")))
+            .find(|p| !p.exists())
+            .expect("a free log name");
+        let port = free_port();
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(cwd)
+            .env("NO_COLOR", "1")
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
+        if let Some(s) = &socket {
+            cmd.arg("--socket").arg(s);
+        }
+        args(&mut cmd);
+        Server::spawn(cmd, log, port, socket, control.as_deref())
+    }
+
+    /// Starts `thinnbd serve --pool POOL [--config CONFIG]` on a port the kernel picks (read
+    /// back from the log, which is at `info`).
+    pub fn start_on_pool(pool: &Path, config: Option<&Path>, log: &Path) -> Server {
         Server::start_limited(pool, config, log, None)
     }
 
-    /// Like [`Server::start`]; with `fsize_limit`, the server's writes past that file offset
-    /// fail with EFBIG (RLIMIT_FSIZE, with SIGXFSZ ignored): a failing device, made real.
+    /// Like [`Server::start_on_pool`]; with `fsize_limit`, the server's writes past that file
+    /// offset fail with EFBIG (RLIMIT_FSIZE, with SIGXFSZ ignored): a failing device, made real.
     pub fn start_limited(
         pool: &Path,
         config: Option<&Path>,
         log: &Path,
         fsize_limit: Option<u64>,
     ) -> Server {
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(BIN);
         if let Some(limit) = fsize_limit {
             use std::os::unix::process::CommandExt;
             let lim = libc::rlimit {
-                rlim_cur: limit as libc::rlim_t,
-                rlim_max: limit as libc::rlim_t,
+                rlim_cur: limit,
+                rlim_max: limit,
             };
             // SAFETY: runs in the forked child before exec; signal() and setrlimit() are
             // async-signal-safe and touch only the child's own state.
@@ -98,47 +258,103 @@ impl Server {
             .arg(pool)
             .args(["--listen", "127.0.0.1:0"])
             .env("NO_COLOR", "1")
-            .env("THINNBD_LOG", "thinnbd=info,warn")
+            .env("THINNBD_LOG", "thinnbd=info,warn");
+        Server::spawn(cmd, log.to_path_buf(), 0, None, None)
+    }
+
+    /// Spawns `cmd` with its output in `log` and waits until it serves. Port 0: the port is
+    /// read from the log's "serving" line.
+    fn spawn(
+        mut cmd: Command,
+        log: PathBuf,
+        port: u16,
+        socket: Option<PathBuf>,
+        control: Option<&Path>,
+    ) -> Server {
+        let out = File::create(&log).expect("server log");
+        let err = out.try_clone().expect("server log");
+        let child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::from(File::create(log).expect("server log")))
-            .stderr(Stdio::from(
-                File::options().append(true).open(log).expect("server log"),
-            ));
-        let child = cmd.spawn().expect("spawn thinnbd serve");
-        let mut s = Server {
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut server = Server {
             child: Some(child),
-            port: 0,
-            log: log.to_path_buf(),
-            pool: pool.to_path_buf(),
+            port,
+            socket,
+            log,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        server.wait_ready(control);
+        server
+    }
+
+    fn wait_ready(&mut self, control: Option<&Path>) {
+        let deadline = Instant::now() + START_LIMIT;
         loop {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            if let Some(port) = listening_port(&text) {
-                s.port = port;
-                return s;
+            let tcp = if self.port == 0 {
+                // The line is logged once the listener is bound.
+                self.port = listening_port(&self.log_text()).unwrap_or(0);
+                self.port != 0
+            } else {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            };
+            let unix = self
+                .socket
+                .as_ref()
+                .is_none_or(|s| UnixStream::connect(s).is_ok());
+            let ctl = control.is_none_or(|c| UnixStream::connect(c).is_ok());
+            if tcp && unix && ctl {
+                return;
             }
-            if let Some(st) = s.child.as_mut().unwrap().try_wait().expect("try_wait") {
-                s.child = None;
-                panic!("thinnbd serve exited with {st} before listening:\n{text}");
+            if let Some(status) = self.child_mut().try_wait().expect("try_wait") {
+                self.child = None;
+                panic!(
+                    "thinnbd serve exited during start-up ({status}):\n{}",
+                    self.log_text()
+                );
             }
-            if Instant::now() > deadline {
-                panic!("thinnbd serve did not listen within 60 s:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+            assert!(
+                Instant::now() < deadline,
+                "thinnbd serve not ready after {START_LIMIT:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("server running")
     }
 
-    /// True while the process has not exited.
-    pub fn alive(&mut self) -> bool {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.port)
+    }
+
+    pub fn unix_uri(&self, export: &str) -> String {
+        let s = self.socket.as_ref().expect("server has a unix socket");
+        format!("nbd+unix:///{export}?socket={}", s.display())
+    }
+
+    /// Still running (not exited, crashed or killed).
+    pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => c.try_wait().expect("try_wait").is_none(),
             None => false,
         }
+    }
+
+    /// Resident memory of the server in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_kib(self.pid()).expect("VmRSS of the server") * 1024
     }
 
     /// SIGKILL, then reap.
@@ -149,33 +365,54 @@ impl Server {
         }
     }
 
-    /// SIGTERM (graceful stop) and wait up to 60 s; returns the exit status.
-    pub fn stop(&mut self) -> ExitStatus {
-        let mut c = self.child.take().expect("running");
-        let pid = i32::try_from(c.id()).expect("pid");
-        // SAFETY: kill(2) with a pid of a child we spawned and have not reaped yet.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = c.try_wait().expect("try_wait") {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!(
-                    "thinnbd serve did not stop within 60 s of SIGTERM:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// Sends `signal` and waits (bounded) for the exit; returns how the server exited.
+    pub fn signal(&mut self, signal: libc::c_int) -> ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+        let r = unsafe { libc::kill(pid, signal) };
+        assert_eq!(r, 0, "kill({signal}) failed");
+        let Some(status) = exit_within(&mut child, STOP_LIMIT) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "thinnbd serve did not stop within {STOP_LIMIT:?} of signal {signal}:\n{}",
+                self.log_text()
+            );
+        };
+        status
     }
 
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    /// SIGTERM (the graceful stop); returns how the server exited.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// SIGTERM; asserts a clean exit 0.
+    pub fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// Sends `signal` (SIGTERM or SIGINT); asserts a clean exit 0.
+    pub fn stop_with(mut self, signal: libc::c_int) {
+        let status = self.signal(signal);
+        assert!(
+            status.success(),
+            "thinnbd serve exited with {status} after signal {signal}:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            if std::thread::panicking() {
+                eprintln!("--- thinnbd serve log ---\n{}", self.log_text());
+            }
+        }
     }
 }
 
@@ -189,12 +426,6 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// The TCP port in the server's "serving ... listen=tcp:127.0.0.1:PORT" log line.

@@ -1,0 +1,294 @@
+//! Option negotiation (the fixed newstyle handshake): the greeting, then options until the
+//! client picks an export (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`) or gives up.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::debug;
+
+use super::{io_err, protocol_error, BASE_ALLOCATION_ID};
+use crate::error::{Error, ErrorKind, Result};
+use crate::nbd::backend::{BlockSizes, ExportBackend};
+use crate::nbd::codec::*;
+use crate::nbd::shared::Shared;
+
+/// Option data larger than this is not a real client; the connection is closed.
+const MAX_OPTION_DATA: u32 = 64 << 10;
+
+/// What option negotiation settled on.
+pub(super) struct Negotiated {
+    pub(super) name: String,
+    pub(super) backend: Arc<dyn ExportBackend>,
+    pub(super) flags: u16,
+    pub(super) structured: bool,
+    pub(super) base_allocation: bool,
+}
+
+/// Negotiation state across options.
+struct Options<'a> {
+    shared: &'a Shared,
+    structured: bool,
+    /// The export `base:allocation` was selected for by SET_META_CONTEXT, if any.
+    meta_export: Option<String>,
+}
+
+impl Options<'_> {
+    /// The export a client name refers to ("" means the default export).
+    fn resolve(&self, name: &str) -> Result<(String, Arc<dyn ExportBackend>)> {
+        let name = if name.is_empty() {
+            match self.shared.source.default_export() {
+                Some(d) => d,
+                None => return Err(Error::new(ErrorKind::NotFound, "no default export")),
+            }
+        } else {
+            name.to_owned()
+        };
+        let backend = self.shared.source.open(&name)?;
+        Ok((name, backend))
+    }
+
+    fn transmission_flags(&self, backend: &dyn ExportBackend) -> u16 {
+        let mut flags = TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_SEND_FAST_ZERO
+            | TFLAG_CAN_MULTI_CONN
+            | TFLAG_SEND_CACHE;
+        if backend.read_only() {
+            flags |= TFLAG_READ_ONLY;
+        }
+        if self.structured {
+            flags |= TFLAG_SEND_DF;
+        }
+        flags
+    }
+
+    fn negotiated(&self, name: String, backend: Arc<dyn ExportBackend>) -> Negotiated {
+        let flags = self.transmission_flags(backend.as_ref());
+        let base_allocation = self.structured && self.meta_export.as_deref() == Some(name.as_str());
+        Negotiated {
+            name,
+            backend,
+            flags,
+            structured: self.structured,
+            base_allocation,
+        }
+    }
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, reply: OptionReply) -> Result<()> {
+    stream
+        .write_all(&reply.encode())
+        .await
+        .map_err(io_err("sending option reply"))
+}
+
+/// Fixed newstyle negotiation. `None` when the client ends it without choosing an export.
+pub(super) async fn handshake<S>(
+    stream: &mut S,
+    peer: &str,
+    shared: &Shared,
+) -> Result<Option<Negotiated>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream
+        .write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        .await
+        .map_err(io_err("sending greeting"))?;
+    let mut buf = [0u8; 4];
+    stream
+        .read_exact(&mut buf)
+        .await
+        .map_err(io_err("reading client flags"))?;
+    let client_flags = decode_client_flags(&buf)?;
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return protocol_error(format!("unknown client flags {client_flags:#x}"));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let mut opts = Options {
+        shared,
+        structured: false,
+        meta_export: None,
+    };
+
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
+        stream
+            .read_exact(&mut hdr)
+            .await
+            .map_err(io_err("reading option"))?;
+        let header = OptionHeader::decode(&hdr)?;
+        if header.length > MAX_OPTION_DATA {
+            return protocol_error(format!("option data of {} bytes", header.length));
+        }
+        let mut data = vec![0u8; header.length as usize];
+        stream
+            .read_exact(&mut data)
+            .await
+            .map_err(io_err("reading option data"))?;
+        let option = header.option;
+        let request = match OptionRequest::decode(option, &data) {
+            Ok(r) => r,
+            Err(e) if option == OPT_EXPORT_NAME => return Err(e),
+            Err(e) => {
+                debug!(%peer, option, error = %e, "malformed option");
+                send(
+                    stream,
+                    OptionReply::error(option, REP_ERR_INVALID, e.context()),
+                )
+                .await?;
+                continue;
+            }
+        };
+        debug!(%peer, ?request, "option");
+        match request {
+            OptionRequest::ExportName(name) => {
+                // This option has no error reply: an unknown name can only be a hang-up.
+                let (name, backend) = match opts.resolve(&name) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        debug!(%peer, error = %e, "EXPORT_NAME for unknown export");
+                        return Ok(None);
+                    }
+                };
+                let n = opts.negotiated(name, backend);
+                let reply = encode_export_name_reply(n.backend.size(), n.flags, no_zeroes);
+                stream
+                    .write_all(&reply)
+                    .await
+                    .map_err(io_err("sending export info"))?;
+                return Ok(Some(n));
+            }
+            OptionRequest::Abort => {
+                // The client may already be gone; the ACK is a courtesy.
+                let _ = send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await;
+                return Ok(None);
+            }
+            OptionRequest::List => {
+                for e in shared.source.list() {
+                    let kind = OptionReplyKind::Server {
+                        name: e.name,
+                        description: e.description,
+                    };
+                    send(stream, OptionReply::new(option, kind)).await?;
+                }
+                send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+            }
+            OptionRequest::StructuredReply => {
+                opts.structured = true;
+                send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+            }
+            OptionRequest::Info { go, name, requests } => {
+                let (name, backend) = match opts.resolve(&name) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        let code = match e.kind() {
+                            ErrorKind::NotFound => REP_ERR_UNKNOWN,
+                            _ => REP_ERR_PLATFORM,
+                        };
+                        send(stream, OptionReply::error(option, code, e.to_string())).await?;
+                        continue;
+                    }
+                };
+                for info in info_replies(&opts, &name, backend.as_ref(), &requests) {
+                    send(
+                        stream,
+                        OptionReply::new(option, OptionReplyKind::Info(info)),
+                    )
+                    .await?;
+                }
+                send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+                if go {
+                    return Ok(Some(opts.negotiated(name, backend)));
+                }
+            }
+            OptionRequest::MetaContext {
+                set,
+                export,
+                queries,
+            } => {
+                if set && !opts.structured {
+                    let msg = "SET_META_CONTEXT needs structured replies first";
+                    send(stream, OptionReply::error(option, REP_ERR_INVALID, msg)).await?;
+                    continue;
+                }
+                let name = match opts.resolve(&export) {
+                    Ok((name, _)) => name,
+                    Err(e) => {
+                        send(
+                            stream,
+                            OptionReply::error(option, REP_ERR_UNKNOWN, e.to_string()),
+                        )
+                        .await?;
+                        continue;
+                    }
+                };
+                // An empty query list means "all" for LIST and "none" for SET.
+                let selected = if queries.is_empty() {
+                    !set
+                } else {
+                    queries.iter().any(|q| {
+                        q == META_BASE_ALLOCATION || (!set && (q == "base:" || q == "base"))
+                    })
+                };
+                if selected {
+                    let kind = OptionReplyKind::MetaContext {
+                        id: BASE_ALLOCATION_ID,
+                        name: META_BASE_ALLOCATION.to_owned(),
+                    };
+                    send(stream, OptionReply::new(option, kind)).await?;
+                }
+                if set {
+                    opts.meta_export = selected.then_some(name);
+                }
+                send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+            }
+            OptionRequest::Unknown { option, .. } => {
+                let msg = format!("option {option} is not supported");
+                send(stream, OptionReply::error(option, REP_ERR_UNSUP, msg)).await?;
+            }
+        }
+    }
+}
+
+fn info_replies(
+    opts: &Options<'_>,
+    name: &str,
+    backend: &dyn ExportBackend,
+    requests: &[u16],
+) -> Vec<InfoReply> {
+    let mut out = vec![InfoReply::Export {
+        size: backend.size(),
+        flags: opts.transmission_flags(backend),
+    }];
+    if requests.contains(&INFO_NAME) {
+        out.push(InfoReply::Name(name.to_owned()));
+    }
+    if requests.contains(&INFO_DESCRIPTION) {
+        let description = opts
+            .shared
+            .source
+            .list()
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| e.description)
+            .unwrap_or_default();
+        if !description.is_empty() {
+            out.push(InfoReply::Description(description));
+        }
+    }
+    // Sent even unasked: a minimum of 1 constrains nothing and tells the limits.
+    let sizes = BlockSizes::new(
+        backend.preferred_block_size(),
+        opts.shared.config.max_request_bytes,
+    );
+    out.push(InfoReply::BlockSize {
+        minimum: sizes.minimum,
+        preferred: sizes.preferred,
+        maximum: sizes.maximum,
+    });
+    out
+}
