@@ -4,7 +4,7 @@
 //! unshared blocks themselves, under a read lock on the metadata for the lookup and no lock at
 //! all around the data I/O. Writes that must provision or break sharing lock their virtual block
 //! in the [`prison`]; when no cell is free at once they go to their thin's deferred list, which
-//! one pool worker thread drains (see [`worker`]). Flushes are group commits ([`commit`]):
+//! one pool worker thread drains (see `worker`). Flushes are group commits (`commit`):
 //! concurrent flushes share one sync of the data store plus one metadata commit.
 //!
 //! Modules by responsibility, top down; each imports only modules below it in this list, so
@@ -32,7 +32,7 @@
 //! a teardown; the worker holds only counted thin references ([`active::Ref`]) while it blocks.
 //!
 //! Fail-stop: every fallible metadata operation runs through a metadata guard's `run` (see
-//! [`state`]), which turns the pool read-only on the first checksum or I/O failure.
+//! `state`), which turns the pool read-only on the first checksum or I/O failure.
 
 #![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 

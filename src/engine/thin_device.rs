@@ -1,7 +1,7 @@
 //! A handle on an active thin volume ([`ThinHandle`]): the I/O API callers use. It splits
 //! requests into blocks, serves reads and overwrites of provisioned, unshared blocks itself
 //! (under the metadata read lock for the lookup, no lock around the data I/O), hands writes
-//! that must provision or copy to [`provision`](super::provision) under the block's prison
+//! that must provision or copy to [`provision`] under the block's prison
 //! cell (or defers them to the worker), applies the no-space policy, and zeroes, discards and
 //! reports mapping status.
 

@@ -1,7 +1,7 @@
 //! Where a pool's data blocks live: [`DataStore`], what the engine asks of a data device, beside
 //! [`BlockIo`](crate::pdata::block_io::BlockIo), what the metadata asks of its device.
 //!
-//! The engine addresses a store in bytes and holds it as `Arc<dyn DataStore>`. [`file`] is the
+//! The engine addresses a store in bytes and holds it as `Arc<dyn DataStore>`. [`file`](mod@file) is the
 //! backend of today (a data file or a block device). A new backend (an object store, say) is
 //! one new module here and its arm in [`open`], which picks a backend from the pool's location.
 
