@@ -244,6 +244,17 @@ pub fn remove_stale_socket(path: &Path) -> Result<()> {
     }
 }
 
+/// Opens `path` for reading and writing (creating it when `create`), never truncating it.
+pub fn open_read_write(path: &Path, create: bool) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{format_size, hole_ranges, parse_size, resolve_listen_addr};

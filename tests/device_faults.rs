@@ -7,13 +7,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::nbd_client::{Client, NBD_EIO};
-use thinnbd::engine::{DataDevice, DataTap, EngineConfig, Pool, PoolMode};
+use thinnbd::engine::{DataStore, DataTap, EngineConfig, FileStore, Pool, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
 use thinnbd::ErrorKind;
 
@@ -27,7 +26,7 @@ struct Recorder {
 }
 
 impl DataTap for Recorder {
-    fn before_change(&self, _file: &File, offset: u64, _len: u64) -> io::Result<()> {
+    fn before_change(&self, _data: &dyn DataStore, offset: u64, _len: u64) -> io::Result<()> {
         *self.last_block.lock().unwrap() = Some(offset / BS);
         Ok(())
     }
@@ -57,7 +56,7 @@ fn mem_pool(dir: &std::path::Path, mem: &MemBlockIo) -> Arc<Pool> {
     file.set_len(256 * BS).unwrap();
     Pool::create_from_parts(
         Arc::new(mem.clone()) as Arc<dyn BlockIo>,
-        DataDevice::new(file, true),
+        Arc::new(FileStore::new(file, true)),
         BS,
         256,
         EngineConfig::default(),
@@ -70,7 +69,7 @@ fn engine_eio_on_chosen_blocks_fails_only_those_requests() {
     let dir = common::pool::fast_tempdir();
     let pool = mem_pool(dir.path(), &MemBlockIo::new(1024));
     let rec = Arc::new(Recorder::default());
-    pool.data_device().faults().set_tap(Some(rec.clone()));
+    pool.data_faults().set_tap(Some(rec.clone()));
     pool.create_thin(1).unwrap();
     pool.create_thin(2).unwrap();
     let a = pool.activate(1, 64 * BS, false).unwrap();
@@ -82,7 +81,7 @@ fn engine_eio_on_chosen_blocks_fails_only_those_requests() {
         blocks.insert((name, vb), rec.take());
     }
     a.flush().unwrap();
-    let faults = pool.data_device().faults();
+    let faults = pool.data_faults();
     let before = faults.injected();
 
     // A read fault on a's block 0 fails reads of it, and nothing else.
@@ -171,14 +170,14 @@ fn engine_metadata_write_failure_turns_the_pool_read_only() {
     // What was committed before the failure is what the metadata reopens to.
     let pool = Pool::from_parts(
         Arc::new(mem.crash()) as Arc<dyn BlockIo>,
-        DataDevice::new(
+        Arc::new(FileStore::new(
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(dir.path().join("data"))
                 .unwrap(),
             false,
-        ),
+        )),
         EngineConfig::default(),
     )
     .unwrap();
@@ -259,7 +258,7 @@ impl InProcess {
 fn nbd_eio_reaches_the_client_for_that_request_only() {
     let dir = common::pool::fast_tempdir();
     let mut srv = InProcess::start(&dir.path().join("pool"));
-    let faults = srv.volumes.pool().data_device().faults();
+    let faults = srv.volumes.pool().data_faults();
     let rec = Arc::new(Recorder::default());
     faults.set_tap(Some(rec.clone()));
     let mut a = Client::connect(srv.port, "a").unwrap();

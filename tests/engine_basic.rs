@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::metadata::{thin_check, verify_meta};
 use common::pattern::pattern_at;
 use common::pool::*;
-use thinnbd::engine::{DataDevice, EngineConfig, NoSpacePolicy, Pool, PoolMode};
+use thinnbd::engine::{EngineConfig, FileStore, NoSpacePolicy, Pool, PoolMode};
 use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
 use thinnbd::ErrorKind;
 
@@ -371,7 +371,7 @@ fn metadata_write_failure_turns_the_pool_read_only() {
     file.set_len(64 * BS).unwrap();
     let pool = Pool::create_from_parts(
         io,
-        DataDevice::new(file, true),
+        Arc::new(FileStore::new(file, true)),
         BS,
         64,
         EngineConfig::default(),
@@ -410,7 +410,7 @@ fn data_device_errors_fail_only_the_request() {
     pool.create_thin(1).unwrap();
     let h = pool.activate(1, MIB, false).unwrap();
     h.write(0, &[7; 4096], false).unwrap();
-    let faults = pool.data_device().faults();
+    let faults = pool.data_faults();
     faults.fail_all_writes(true);
     assert_eq!(
         h.write(0, &[8; 10], false).unwrap_err().kind(),
@@ -536,7 +536,7 @@ fn partial_writes_zero_the_rest_of_a_block_on_a_used_device() {
     let io: Arc<dyn BlockIo> = Arc::new(MemBlockIo::new(1024));
     let pool = Pool::create_from_parts(
         io,
-        DataDevice::new(file, false),
+        Arc::new(FileStore::new(file, false)),
         BS,
         16,
         EngineConfig::default(),
@@ -590,7 +590,7 @@ fn a_read_in_flight_keeps_the_block_it_looked_up_from_reuse() {
     let tp = temp_pool(16 * MIB, BS, EngineConfig::default());
     let pool = &tp.pool;
     let (origin, snap, before) = origin_and_snapshot(pool, 1);
-    let faults = pool.data_device().faults();
+    let faults = pool.data_faults();
     // The read looks block 0's mapping up (the block shared with the snapshot), then stalls.
     faults.set_read_delay(Duration::from_millis(400));
     let reader = {

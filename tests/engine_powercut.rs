@@ -20,7 +20,7 @@ use common::model::{Model, PIECE};
 use common::power::{Power, PowerMeta, VolatileData};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use thinnbd::engine::{DataDevice, EngineConfig, NoSpacePolicy, Pool};
+use thinnbd::engine::{EngineConfig, FileStore, NoSpacePolicy, Pool};
 use thinnbd::pdata::block_io::BlockIo;
 
 const BS: u64 = 64 << 10;
@@ -169,9 +169,8 @@ fn build(
 ) -> (Arc<Power>, Arc<PowerMeta>, Arc<VolatileData>, Outcome) {
     let power = Power::new();
     let meta = Arc::new(PowerMeta::new(META_BLOCKS, power.clone()));
-    let dev = DataDevice::new(open_data(&dir.join("data"), true), true);
+    let dev = Arc::new(FileStore::new(open_data(&dir.join("data"), true), true));
     let tap = VolatileData::new(power.clone());
-    dev.faults().set_tap(Some(tap.clone()));
     let pool = Pool::create_from_parts(
         meta.clone() as Arc<dyn BlockIo>,
         dev,
@@ -180,6 +179,8 @@ fn build(
         config(),
     )
     .expect("create pool");
+    // Opening the pool touches no data, so the tap sees every data operation all the same.
+    pool.data_faults().set_tap(Some(tap.clone()));
     pool.create_thin(1).expect("create thin 1");
     let base = power.ops_done();
     if let Some(c) = cut {
@@ -217,7 +218,7 @@ fn one_cut(dir: &Path, seed: u64, run_checkers: bool) -> Run {
 
     let pool = Pool::from_parts(
         Arc::new(meta_after) as Arc<dyn BlockIo>,
-        DataDevice::new(open_data(&dir.join("data"), false), false),
+        Arc::new(FileStore::new(open_data(&dir.join("data"), false), false)),
         config(),
     )
     .unwrap_or_else(|e| {

@@ -97,8 +97,7 @@ fn teardown_during_blocked_worker_never_deadlocks_and_waits_for_the_clone() {
     let vol = VOL_BLOCKS * BS;
     // A slow data device keeps the single cell held long enough for writers to be deferred
     // and for the worker to block on the cell pool while it holds a thin's clone.
-    pool.data_device()
-        .faults()
+    pool.data_faults()
         .set_write_delay(Duration::from_micros(300));
     let slots: Vec<Arc<Slot>> = (1..=THINS)
         .map(|id| {
@@ -207,7 +206,7 @@ fn teardown_during_blocked_worker_never_deadlocks_and_waits_for_the_clone() {
         "no teardown overlapped a worker clone: the scenario was not exercised"
     );
 
-    pool.data_device().faults().clear();
+    pool.data_faults().clear();
     // Re-activate and read every acknowledged write back.
     for (w, acked) in acked.iter().enumerate() {
         let slot = &slots[w % THINS as usize];

@@ -1,194 +1,23 @@
-//! An active thin and its handle: request splitting, the read and overwrite fast paths, the
-//! provisioning and copy-on-write slow path, discard and write-zeroes, the quiesce gate and the
-//! deferred list.
-//!
-//! The quiesce gate is a per-thin reader-writer lock. Every request holds it shared for its whole
-//! life; snapshots of the thin, discards (which free blocks a concurrent fast-path request might
-//! still touch) and teardown take it exclusively, which waits for requests in flight and holds
-//! new ones back briefly. Requests parked on a full pool let go of it while they wait.
+//! A handle on an active thin volume ([`ThinHandle`]): the I/O API callers use. It splits
+//! requests into blocks, serves reads and overwrites of provisioned, unshared blocks itself
+//! (under the metadata read lock for the lookup, no lock around the data I/O), hands writes
+//! that must provision or copy to [`provision`] under the block's prison
+//! cell (or defers them to the worker), applies the no-space policy, and zeroes, discards and
+//! reports mapping status.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::RwLockReadGuard;
+use std::time::Instant;
 
-use crate::error::{fail, Error, ErrorKind, Result};
+use crate::error::{fail, ErrorKind, Result};
 use crate::thin::metadata::ThinId;
 use crate::util::usize_from_u64;
 
-use super::active::{Life, Member};
-use super::pool::{Claim, NoSpacePolicy, PoolState};
+use super::active_thin::{Bio, Thin};
+use super::pool::NoSpacePolicy;
 use super::prison::Detain;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// One-shot reply slot for a bio served by another thread.
-struct Completion {
-    result: Mutex<Option<Result<()>>>,
-    cv: Condvar,
-}
-
-impl Completion {
-    fn wait(&self) -> Result<()> {
-        let mut r = lock(&self.result);
-        loop {
-            if let Some(done) = r.take() {
-                return done;
-            }
-            r = self.cv.wait(r).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-/// A write of part of one virtual block that must provision it or break its sharing.
-pub(crate) struct Bio {
-    pub(crate) vblock: u64,
-    pub(crate) offset: usize,
-    pub(crate) data: Vec<u8>,
-    done: std::sync::Arc<Completion>,
-}
-
-impl Bio {
-    fn new(vblock: u64, offset: usize, data: &[u8]) -> Self {
-        Bio {
-            vblock,
-            offset,
-            data: data.to_vec(),
-            done: std::sync::Arc::new(Completion {
-                result: Mutex::new(None),
-                cv: Condvar::new(),
-            }),
-        }
-    }
-
-    pub(crate) fn complete(self, r: Result<()>) {
-        *lock(&self.done.result) = Some(r);
-        self.done.cv.notify_all();
-    }
-}
-
-pub(crate) struct Thin {
-    id: ThinId,
-    instance: u64,
-    size: AtomicU64,
-    read_only: bool,
-    life: Life,
-    gate: RwLock<()>,
-    closing: AtomicBool,
-    deferred: Mutex<VecDeque<Bio>>,
-    deferred_len: AtomicUsize,
-    deferred_cv: Condvar,
-}
-
-impl Member for Thin {
-    fn life(&self) -> &Life {
-        &self.life
-    }
-
-    fn key(&self) -> u64 {
-        u64::from(self.id)
-    }
-}
-
-impl Thin {
-    pub(crate) fn new(id: ThinId, instance: u64, size: u64, read_only: bool) -> Self {
-        Thin {
-            id,
-            instance,
-            size: AtomicU64::new(size),
-            read_only,
-            life: Life::new(),
-            gate: RwLock::new(()),
-            closing: AtomicBool::new(false),
-            deferred: Mutex::new(VecDeque::new()),
-            deferred_len: AtomicUsize::new(0),
-            deferred_cv: Condvar::new(),
-        }
-    }
-
-    pub(crate) fn id(&self) -> ThinId {
-        self.id
-    }
-
-    pub(crate) fn instance(&self) -> u64 {
-        self.instance
-    }
-
-    pub(crate) fn has_deferred(&self) -> bool {
-        self.deferred_len.load(Ordering::Acquire) > 0
-    }
-
-    pub(crate) fn defer(&self, bio: Bio) {
-        let mut q = lock(&self.deferred);
-        q.push_back(bio);
-        self.deferred_len.store(q.len(), Ordering::Release);
-        self.deferred_cv.notify_all();
-    }
-
-    pub(crate) fn pop_deferred(&self) -> Option<Bio> {
-        let mut q = lock(&self.deferred);
-        let bio = q.pop_front();
-        self.deferred_len.store(q.len(), Ordering::Release);
-        bio
-    }
-
-    pub(crate) fn wait_deferred(&self, timeout: Duration) {
-        let q = lock(&self.deferred);
-        if q.is_empty() {
-            drop(self.deferred_cv.wait_timeout(q, timeout));
-        }
-    }
-
-    pub(crate) fn set_closing(&self) {
-        self.closing.store(true, Ordering::Release);
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.closing.load(Ordering::Acquire) {
-            return fail(
-                ErrorKind::NotFound,
-                format!("thin {} is no longer active", self.id),
-            );
-        }
-        Ok(())
-    }
-
-    /// Enters the gate shared, as every request does.
-    fn enter(&self) -> Result<RwLockReadGuard<'_, ()>> {
-        let g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        self.check_open()?;
-        Ok(g)
-    }
-
-    /// Enters the gate shared if that needs no waiting (no snapshot, discard or teardown
-    /// holding or waiting for it), as the non-blocking read path must.
-    fn try_enter(&self) -> Option<RwLockReadGuard<'_, ()>> {
-        let g = match self.gate.try_read() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
-        if self.closing.load(Ordering::Acquire) {
-            return None;
-        }
-        Some(g)
-    }
-
-    /// Waits for requests in flight and holds new ones back.
-    pub(crate) fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn try_quiesce(&self) -> Option<RwLockWriteGuard<'_, ()>> {
-        match self.gate.try_write() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
-    }
-}
+use super::provision;
+use super::state::PoolState;
 
 /// Splits `[off, off + len)` into (virtual block, offset in block, length) pieces.
 fn pieces(off: u64, len: usize, bs: u64) -> impl Iterator<Item = (u64, usize, usize)> {
@@ -207,225 +36,6 @@ fn pieces(off: u64, len: usize, bs: u64) -> impl Iterator<Item = (u64, usize, us
     })
 }
 
-fn byte_offset(block: u64, bs: u64, within: usize) -> Result<u64> {
-    block
-        .checked_mul(bs)
-        .and_then(|b| b.checked_add(within as u64))
-        .ok_or_else(|| Error::corrupt(format!("data block {block} is past any addressable offset")))
-}
-
-impl PoolState {
-    /// The slow path of a write, with the virtual block's cell held.
-    pub(crate) fn process_write(&self, thin: &Thin, bio: &Bio) -> Result<()> {
-        let bs = self.block_bytes;
-        let bs_len =
-            usize::try_from(bs).map_err(|_| Error::new(ErrorKind::Unsupported, "block size"))?;
-        let id = thin.id();
-        let mapping = {
-            let core = self.read_metadata();
-            self.check_writable(&core)?;
-            core.run(|c| c.md.lookup(id, bio.vblock))?
-        };
-        let end = bio.offset + bio.data.len();
-        match mapping {
-            Some(m) if !m.shared => self.data.write_at(
-                m.data_block,
-                &bio.data,
-                byte_offset(m.data_block, bs, bio.offset)?,
-            ),
-            Some(m) => {
-                let (nb, _) = self.alloc_block()?;
-                let copied = (|| {
-                    let mut buf = vec![0u8; bs_len];
-                    if bio.data.len() < bs_len {
-                        self.data.read_at(
-                            m.data_block,
-                            &mut buf,
-                            byte_offset(m.data_block, bs, 0)?,
-                        )?;
-                    }
-                    buf[bio.offset..end].copy_from_slice(&bio.data);
-                    self.data.write_at(nb, &buf, byte_offset(nb, bs, 0)?)
-                })();
-                if let Err(e) = copied {
-                    self.release_block(nb);
-                    return Err(e);
-                }
-                self.insert_mapping(id, bio.vblock, nb)?;
-                self.stats.copied.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            None => {
-                let (nb, zeroed) = self.alloc_block()?;
-                self.provision(id, bio.vblock, nb, zeroed, bio.offset, &bio.data)
-            }
-        }
-    }
-
-    /// Writes a new block's data, then maps it: data first, so a reader that finds the mapping
-    /// finds the bytes. The rest of the block is zeroed unless it is known to read zeros. On
-    /// failure the block goes back to the allocator.
-    fn provision(
-        &self,
-        thin: ThinId,
-        vblock: u64,
-        nb: u64,
-        zeroed: bool,
-        inb: usize,
-        data: &[u8],
-    ) -> Result<()> {
-        let bs = self.block_bytes;
-        let whole = data.len() as u64 == bs;
-        let written = if whole || zeroed || !self.config.zero_new_blocks {
-            byte_offset(nb, bs, inb).and_then(|at| self.data.write_at(nb, data, at))
-        } else {
-            // `inb + data.len()` is within the block: `pieces` never crosses one.
-            let bs_len = usize::try_from(bs)
-                .map_err(|_| Error::new(ErrorKind::Unsupported, "block size"))?;
-            let mut buf = vec![0u8; bs_len];
-            buf[inb..inb + data.len()].copy_from_slice(data);
-            byte_offset(nb, bs, 0).and_then(|at| self.data.write_at(nb, &buf, at))
-        };
-        if let Err(e) = written {
-            self.release_block(nb);
-            return Err(e);
-        }
-        self.insert_mapping(thin, vblock, nb)?;
-        self.stats.provisioned.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// A write of `data` at `inb` into `vblock`, which the mapping cache does not know as
-    /// mapped and unshared, if it can be done without waiting: the block's cell and the
-    /// metadata lock free at once, no commit running, a data block free, no fault injection
-    /// armed. Then it provisions the block, copies it if it is shared and the source is in the
-    /// page cache, or writes in place when it turns out mapped and unshared.
-    /// `None` means nothing was changed that a retry would not redo: call the blocking path,
-    /// which also reports any error and applies the no-space policy.
-    ///
-    /// The only wait left is for the metadata write lock to map the block, held briefly by
-    /// other writers; a commit that starts in between can make that one wait longer (rare).
-    pub(crate) fn try_write_unmapped(
-        &self,
-        thin: &Thin,
-        vblock: u64,
-        inb: usize,
-        data: &[u8],
-    ) -> Option<()> {
-        if self.failed() || self.committing.load(Ordering::Acquire) || self.data.faults_armed() {
-            return None;
-        }
-        let held = self.prison.try_lock((thin.id(), vblock))?;
-        let r = self.try_write_held(thin.id(), vblock, inb, data);
-        self.release_cell(thin, held);
-        r
-    }
-
-    /// Provisions whole blocks `[vblock, vblock + n)` with `data` (`n` blocks of bytes, at
-    /// least two) together when every one of them is unmapped, their cells are free at once
-    /// and the pool has room for all: one allocation under one metadata lock, the data
-    /// written, then every block mapped under one lock. `None`: nothing was changed; write block by block instead (that path also handles
-    /// mapped and shared blocks, a full pool and its policy).
-    pub(crate) fn try_provision_run(
-        &self,
-        thin: &Thin,
-        vblock: u64,
-        data: &[u8],
-    ) -> Option<Result<()>> {
-        let bs = self.block_bytes;
-        let n = data.len() as u64 / bs;
-        if n < 2 || self.failed() || self.data.faults_armed() {
-            return None;
-        }
-        let mut cells = Vec::with_capacity(usize_from_u64(n));
-        for vb in vblock..vblock + n {
-            match self.prison.try_lock((thin.id(), vb)) {
-                Some(held) => cells.push(held),
-                None => break,
-            }
-        }
-        let r = if cells.len() as u64 == n {
-            self.provision_run_held(thin.id(), vblock, n, data)
-        } else {
-            None
-        };
-        for held in cells {
-            self.release_cell(thin, held);
-        }
-        r
-    }
-
-    fn provision_run_held(
-        &self,
-        thin: ThinId,
-        vblock: u64,
-        n: u64,
-        data: &[u8],
-    ) -> Option<Result<()>> {
-        let bs = self.block_bytes;
-        let bs_len = usize::try_from(bs).ok()?;
-        let blocks = self.alloc_run(thin, vblock, n)?;
-        // One write per block even where blocks are consecutive: the page cache sizes its
-        // folios by the write, and a 4 KiB overwrite inside a 1 MiB folio costs ext4 a walk
-        // over all of its buffers. The data device splits further (`data_write_chunk`); this
-        // keeps folios within a block when that is turned off.
-        for (&b, chunk) in blocks.iter().zip(data.chunks(bs_len)) {
-            let written = byte_offset(b, bs, 0).and_then(|at| self.data.write_at(b, chunk, at));
-            if let Err(e) = written {
-                for &b in &blocks {
-                    self.release_block(b);
-                }
-                return Some(Err(e));
-            }
-        }
-        Some(self.insert_mappings(thin, vblock, &blocks).map(|()| {
-            self.stats
-                .provisioned
-                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
-            self.stats.provisioned_runs.fetch_add(1, Ordering::Relaxed);
-        }))
-    }
-
-    fn try_write_held(&self, thin: ThinId, vblock: u64, inb: usize, data: &[u8]) -> Option<()> {
-        match self.try_claim(thin, vblock)? {
-            Claim::Mapped(m) => {
-                let at = byte_offset(m.data_block, self.block_bytes, inb).ok()?;
-                self.data.write_at(m.data_block, data, at).ok()
-            }
-            // A failure here is recorded (a metadata failure makes the pool read-only); the
-            // blocking retry then reports it.
-            Claim::New { block, zeroed } => {
-                self.provision(thin, vblock, block, zeroed, inb, data).ok()
-            }
-            Claim::Copy { from, block } => {
-                if self.try_copy_cached(from, block, inb, data).is_none() {
-                    self.release_block(block);
-                    return None;
-                }
-                self.insert_mapping(thin, vblock, block).ok()?;
-                self.stats.copied.fetch_add(1, Ordering::Relaxed);
-                Some(())
-            }
-        }
-    }
-
-    /// Copy-on-write of block `from` into `to` with `data` at `inb` laid over it, if the part
-    /// of `from` that survives is in the page cache (`None` otherwise, or on any error).
-    /// `from` cannot change meanwhile: a shared block is never written in place.
-    fn try_copy_cached(&self, from: u64, to: u64, inb: usize, data: &[u8]) -> Option<()> {
-        let bs = self.block_bytes;
-        let mut buf = vec![0u8; usize::try_from(bs).ok()?];
-        if data.len() < buf.len() {
-            self.data
-                .try_read_cached(&mut buf, byte_offset(from, bs, 0).ok()?)?;
-        }
-        buf.get_mut(inb..inb + data.len())?.copy_from_slice(data);
-        self.data
-            .write_at(to, &buf, byte_offset(to, bs, 0).ok()?)
-            .ok()
-    }
-}
-
 /// Largest write worth trying [`ThinHandle::try_write_nowait`] for. Longer writes go to
 /// [`ThinHandle::write`]: it provisions a run of new blocks together, and the copy is long
 /// enough that a hand-off to a blocking thread costs little next to it.
@@ -441,8 +51,8 @@ pub struct ThinHandle {
 impl std::fmt::Debug for ThinHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ThinHandle")
-            .field("id", &self.thin.id)
-            .field("instance", &self.thin.instance)
+            .field("id", &self.thin.id())
+            .field("instance", &self.thin.instance())
             .field("size", &self.size())
             .finish()
     }
@@ -460,20 +70,20 @@ impl ThinHandle {
     }
 
     pub fn id(&self) -> ThinId {
-        self.thin.id
+        self.thin.id()
     }
 
     pub fn size(&self) -> u64 {
-        self.thin.size.load(Ordering::Acquire)
+        self.thin.size()
     }
 
     /// Changes the volume's size (blocks past a smaller size stay mapped until discarded).
     pub fn set_size(&self, bytes: u64) {
-        self.thin.size.store(bytes, Ordering::Release);
+        self.thin.set_size(bytes);
     }
 
     pub fn is_read_only(&self) -> bool {
-        self.thin.read_only
+        self.thin.is_read_only()
     }
 
     pub fn block_size(&self) -> u64 {
@@ -483,7 +93,7 @@ impl ThinHandle {
     pub fn mapped_blocks(&self) -> Result<u64> {
         self.state
             .read_metadata()
-            .run(|c| c.md.mapped_blocks(self.thin.id))
+            .run(|c| c.md.mapped_blocks(self.thin.id()))
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
@@ -494,17 +104,17 @@ impl ThinHandle {
                 ErrorKind::OutOfBounds,
                 format!(
                     "request of {len} bytes at {off} is past the end of thin {} ({size} bytes)",
-                    self.thin.id
+                    self.thin.id()
                 ),
             ),
         }
     }
 
     fn check_volume_writable(&self) -> Result<()> {
-        if self.thin.read_only {
+        if self.thin.is_read_only() {
             return fail(
                 ErrorKind::ReadOnly,
-                format!("thin {} is activated read-only", self.thin.id),
+                format!("thin {} is activated read-only", self.thin.id()),
             );
         }
         Ok(())
@@ -521,33 +131,33 @@ impl ThinHandle {
         // Runs of consecutive data blocks are read with one call: with no readahead on the
         // data device, that is what makes a cold sequential read one large disk read.
         // Armed test faults are per block, so then every block is read on its own.
-        // (position in buf, first data block, byte offset in the data device, length).
-        let coalesce = !data.faults_armed();
-        let mut run: Option<(usize, u64, u64, usize)> = None;
+        // (position in buf, byte offset in the data device, length) of the pending run.
+        let coalesce = !self.state.data_faults_armed();
+        let mut run: Option<(usize, u64, usize)> = None;
         let mut pos = 0usize;
         for (vb, inb, n) in pieces(off, buf.len(), bs) {
-            let at = match self.state.lookup(self.thin.id, vb)? {
+            let at = match self.state.lookup(self.thin.id(), vb)? {
                 None => {
                     buf[pos..pos + n].fill(0);
                     None
                 }
-                Some(m) => Some((m.data_block, byte_offset(m.data_block, bs, inb)?)),
+                Some(m) => Some(self.state.data_offset(m.data_block, inb)?),
             };
             run = match (run, at) {
-                (Some((p, b, a, l)), Some((_, at))) if coalesce && a + l as u64 == at => {
-                    Some((p, b, a, l + n))
+                (Some((p, a, l)), Some(at)) if coalesce && a + l as u64 == at => {
+                    Some((p, a, l + n))
                 }
                 (prev, next) => {
-                    if let Some((p, b, a, l)) = prev {
-                        data.read_at(b, &mut buf[p..p + l], a)?;
+                    if let Some((p, a, l)) = prev {
+                        data.read_at(&mut buf[p..p + l], a)?;
                     }
-                    next.map(|(b, at)| (pos, b, at, n))
+                    next.map(|at| (pos, at, n))
                 }
             };
             pos += n;
         }
-        if let Some((p, b, a, l)) = run {
-            data.read_at(b, &mut buf[p..p + l], a)?;
+        if let Some((p, a, l)) = run {
+            data.read_at(&mut buf[p..p + l], a)?;
         }
         Ok(())
     }
@@ -569,8 +179,8 @@ impl ThinHandle {
         let mut run: Option<(usize, u64, usize)> = None;
         let mut pos = 0usize;
         for (vb, inb, n) in pieces(off, buf.len(), bs) {
-            let m = state.cached_mapping(self.thin.id, vb)?;
-            let at = byte_offset(m.data_block, bs, inb).ok()?;
+            let m = state.cached_mapping(self.thin.id(), vb)?;
+            let at = self.state.data_offset(m.data_block, inb).ok()?;
             run = match run {
                 Some((p, a, l)) if a.checked_add(l as u64) == Some(at) => Some((p, a, l + n)),
                 Some((p, a, l)) => {
@@ -596,7 +206,7 @@ impl ThinHandle {
     /// for buffered writes, so there is no cheaper way to know.
     pub fn try_write_nowait(&self, off: u64, buf: &[u8]) -> Option<()> {
         let end = off.checked_add(buf.len() as u64)?;
-        if self.thin.read_only || self.state.failed() || buf.is_empty() || end > self.size() {
+        if self.thin.is_read_only() || self.state.failed() || buf.is_empty() || end > self.size() {
             return None;
         }
         let _gate = self.thin.try_enter()?;
@@ -605,18 +215,18 @@ impl ThinHandle {
         for (vb, inb, n) in pieces(off, buf.len(), state.block_bytes) {
             let data = &buf[pos..pos + n];
             pos += n;
-            match state.cached_mapping(self.thin.id, vb) {
+            match state.cached_mapping(self.thin.id(), vb) {
                 Some(m) if !m.shared => {
-                    if state.data.faults_armed() {
+                    if state.data_faults_armed() {
                         return None;
                     }
-                    let at = byte_offset(m.data_block, state.block_bytes, inb).ok()?;
-                    state.data.write_at(m.data_block, data, at).ok()?;
+                    let at = state.data_offset(m.data_block, inb).ok()?;
+                    state.data.write_at(data, at).ok()?;
                 }
                 // Unmapped, unknown or shared: provisioning or copy-on-write, if the cell,
                 // the metadata lock, a free block (and for a copy the cached source) are all
                 // there at once.
-                _ => state.try_write_unmapped(&self.thin, vb, inb, data)?,
+                _ => provision::try_write_unmapped(state, &self.thin, vb, inb, data)?,
             }
         }
         Some(())
@@ -638,7 +248,7 @@ impl ThinHandle {
             self.write_pieces(off, &buf[..head], &mut gate)?;
             let mid = &buf[head..mid_end];
             let mid_off = off + head as u64;
-            match self.state.try_provision_run(&self.thin, mid_off / bs, mid) {
+            match provision::try_provision_run(&self.state, &self.thin, mid_off / bs, mid) {
                 Some(r) => r?,
                 None => self.write_pieces(mid_off, mid, &mut gate)?,
             }
@@ -701,16 +311,16 @@ impl ThinHandle {
     fn write_once(&self, vb: u64, inb: usize, data: &[u8]) -> Result<()> {
         let state = &self.state;
         if !state.failed() {
-            if let Some(m) = state.lookup(self.thin.id, vb)?.filter(|m| !m.shared) {
-                let at = byte_offset(m.data_block, state.block_bytes, inb)?;
-                return state.data.write_at(m.data_block, data, at);
+            if let Some(m) = state.lookup(self.thin.id(), vb)?.filter(|m| !m.shared) {
+                let at = state.data_offset(m.data_block, inb)?;
+                return state.data.write_at(data, at);
             }
         }
         let bio = Bio::new(vb, inb, data);
-        let done = bio.done.clone();
-        match state.prison.try_detain((self.thin.id, vb), bio) {
+        let done = bio.completion();
+        match state.prison.try_detain((self.thin.id(), vb), bio) {
             Detain::Held(held, bio) => {
-                let r = state.process_write(&self.thin, &bio);
+                let r = provision::write_held(state, &self.thin, &bio);
                 state.release_cell(&self.thin, held);
                 r
             }
@@ -739,7 +349,7 @@ impl ThinHandle {
                 let head = first_whole * bs - off;
                 self.zero_mapped(off, head, &mut None, false)?;
                 self.state
-                    .unmap_range(self.thin.id, first_whole, end_whole)?;
+                    .unmap_range(self.thin.id(), first_whole, end_whole)?;
                 self.zero_mapped(end_whole * bs, end - end_whole * bs, &mut None, false)?;
             } else {
                 self.zero_mapped(off, len, &mut None, false)?;
@@ -790,7 +400,7 @@ impl ThinHandle {
             let mapped = self
                 .state
                 .read_metadata()
-                .run(|c| c.md.lookup(self.thin.id, vb))?
+                .run(|c| c.md.lookup(self.thin.id(), vb))?
                 .is_some();
             if mapped {
                 let n_us = usize_from_u64(n);
@@ -814,7 +424,7 @@ impl ThinHandle {
         let mapped = self
             .state
             .read_metadata()
-            .run(|c| c.md.mappings_in(self.thin.id, off / bs, end.div_ceil(bs)))?;
+            .run(|c| c.md.mappings_in(self.thin.id(), off / bs, end.div_ceil(bs)))?;
         let mut push = |n: u64, m: bool| match out.last_mut() {
             Some(last) if last.1 == m => last.0 += n,
             _ => out.push((n, m)),
@@ -904,9 +514,9 @@ mod tests {
         assert_eq!(pool.status().blocks_copied, copied + 1);
 
         // Armed faults always go the blocking way, where they are injected and reported.
-        h.state.data.faults().fail_reads_of(1000);
+        h.state.faults.fail_reads_of(1000);
         assert_eq!(h.try_read_cached(BS, &mut one), None);
-        h.state.data.faults().clear();
+        h.state.faults.clear();
         assert!(h.read(BS, &mut one).is_ok());
     }
 
@@ -955,17 +565,13 @@ mod tests {
             let _core = h.state.write_metadata();
             assert_eq!(h.try_write_nowait(8 * BS, &a), None);
         }
-        h.state
-            .committing
-            .store(true, std::sync::atomic::Ordering::Release);
+        h.state.commits.set_committing(true);
         assert_eq!(h.try_write_nowait(8 * BS, &a), None);
-        h.state
-            .committing
-            .store(false, std::sync::atomic::Ordering::Release);
-        h.state.data.faults().fail_reads_of(1000);
+        h.state.commits.set_committing(false);
+        h.state.faults.fail_reads_of(1000);
         assert_eq!(h.try_write_nowait(BS, &a), None);
         assert_eq!(h.try_write_nowait(9 * BS, &a), None);
-        h.state.data.faults().clear();
+        h.state.faults.clear();
         assert_eq!(h.mapped_blocks().unwrap(), 3);
 
         assert_eq!(pool.status().blocks_provisioned, 3);

@@ -305,22 +305,6 @@ pub fn take_lock(paths: &PoolPaths) -> Result<File> {
     }
 }
 
-/// Allocates a data file in full on the host; block devices need nothing.
-fn preallocate_data(file: &File, path: &Path, bytes: u64) -> Result<()> {
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::io(format!("inspecting {}", path.display()), e))?;
-    if !meta.file_type().is_file() {
-        return Ok(());
-    }
-    crate::util::allocate(file, bytes).map_err(|e| {
-        Error::data_io(
-            format!("preallocating {bytes} bytes for {}", path.display()),
-            e,
-        )
-    })
-}
-
 fn check_volume_size(size: u64) -> Result<()> {
     if size == 0 || !size.is_multiple_of(512) {
         return fail(
@@ -383,7 +367,9 @@ impl Volumes {
             config,
         )?;
         let preallocated = if opts.preallocate {
-            preallocate_data(pool.data_device().file(), data_path, opts.data_size)
+            pool.data_store()
+                .preallocate(opts.data_size)
+                .map_err(|e| e.within(data_path.display()))
         } else {
             Ok(())
         };
@@ -809,20 +795,12 @@ impl Volumes {
     /// The data file's host file system: its free space and what the pool may still need
     /// there. `None` for a block device or when the host cannot tell.
     fn host_space(&self) -> Option<HostSpace> {
-        let file = self.pool.data_device().file();
-        let meta = file.metadata().ok()?;
-        if !meta.file_type().is_file() {
-            return None;
-        }
-        let free = crate::util::host_free_bytes(file).ok()?;
-        let unallocated = meta
-            .len()
-            .saturating_sub(crate::util::allocated_bytes(file).ok()?);
+        let host = self.pool.data_store().host_space()?;
         let s = self.pool.status();
         let pool_free = s.data_free.saturating_mul(self.pool.block_size());
         Some(HostSpace {
-            free,
-            needed: pool_free.min(unallocated),
+            free: host.free_bytes,
+            needed: pool_free.min(host.unallocated_bytes),
         })
     }
 

@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::Rng;
-use thinnbd::engine::DataTap;
+use thinnbd::engine::{DataStore, DataTap};
 use thinnbd::pdata::block_io::{zeroed_block, Block, BlockIo, BLOCK_SIZE};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,7 +218,7 @@ impl VolatileData {
 }
 
 impl DataTap for VolatileData {
-    fn before_change(&self, file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fn before_change(&self, data: &dyn DataStore, offset: u64, len: u64) -> io::Result<()> {
         self.power.take_op()?;
         let mut undo = lock(&self.undo);
         let first = offset / PAGE;
@@ -228,14 +228,8 @@ impl DataTap for VolatileData {
                 continue;
             }
             let mut old = vec![0u8; PAGE as usize];
-            let mut got = 0usize;
-            // A short read past the end of the file leaves zeros, which is what it holds.
-            while got < old.len() {
-                match file.read_at(&mut old[got..], page * PAGE + got as u64)? {
-                    0 => break,
-                    n => got += n,
-                }
-            }
+            data.read_at(&mut old, page * PAGE)
+                .map_err(io::Error::other)?;
             undo.insert(page, old);
         }
         Ok(())
