@@ -237,7 +237,7 @@ fn metadata_snapshot_and_live_metadata_match_thin_delta() {
 /// A pool directory with volumes made through the library, as `thinnbd` commands make them.
 fn pool_dir_with_snapshots(dir: &Path) -> Vec<(String, u32)> {
     const BS: u64 = 64 * KIB;
-    let config = thinnbd::service::pool_config(&thinnbd::config::Config::default_config());
+    let config = thinnbd::config::Config::default().engine;
     let opts = CreateOptions {
         data: None,
         data_size: 32 * MIB,
