@@ -14,6 +14,7 @@ use common::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 use common::pattern::pattern;
 use common::process::{free_port, run, stdout_of};
 use common::qemu::{nbdinfo_map, qemu_io_at};
+use common::server::{cli_ok, TestPool};
 use common::tools::*;
 use thinnbd::service::exports::describe;
 
@@ -26,12 +27,15 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
     if !require_tools(&["nbdkit", "nbdinfo", "qemu-io", "nbdcopy", "thin_check"]) {
         return;
     }
-    let pool = TestPool::new(&[("disk", "64M"), ("copy", "16M")]);
-    run(thinnbd().args(["snapshot", "--pool"]).arg(&pool.dir).args([
+    let pool = TestPool::with_volumes(&[("disk", "64M"), ("copy", "16M")]);
+    cli_ok(&[
+        "snapshot",
+        "--pool",
+        pool.dir_str(),
         "disk",
         "snap",
         "--read-only",
-    ]));
+    ]);
     let stats = pool.path("stats.txt");
     let mut nbdkit = Nbdkit::start_unix(
         &pool,
@@ -161,7 +165,7 @@ fn export_key_serves_one_volume_as_the_default() {
     if !require_tools(&["nbdkit", "nbdinfo", "qemu-io"]) {
         return;
     }
-    let pool = TestPool::new(&[("a", "16M"), ("b", "32M")]);
+    let pool = TestPool::with_volumes(&[("a", "16M"), ("b", "32M")]);
     let mut nbdkit = Nbdkit::start_tcp(&pool, &[], &["export=b"]);
     let list = stdout_of(Command::new("nbdinfo").args(["--list", &nbdkit.uri("")]));
     assert!(list.contains("export=\"b\""), "{list}");
@@ -213,7 +217,7 @@ fn bad_parameters_fail_at_start_with_a_message() {
     if !require_tools(&["nbdkit"]) {
         return;
     }
-    let pool = TestPool::new(&[("disk", "16M")]);
+    let pool = TestPool::with_volumes(&[("disk", "16M")]);
     let p = pool.pool_arg();
     let missing_config = format!("config={}", pool.path("none.toml").display());
     let empty = pool.path("empty");
@@ -274,7 +278,7 @@ fn daemonized_nbdkit_opens_the_pool_after_the_fork() {
     if !require_tools(&["nbdkit", "qemu-io", "thin_check"]) {
         return;
     }
-    let pool = TestPool::new(&[("disk", "16M")]);
+    let pool = TestPool::with_volumes(&[("disk", "16M")]);
     let sock = pool.path("daemon.sock");
     let pidfile = pool.path("daemon.pid");
     // nbdkit returns once the daemon is ready (after after_fork) and has written the pid file.
@@ -315,7 +319,7 @@ fn example_script_serves_a_pool() {
     if !require_tools(&["nbdkit", "nbdinfo"]) {
         return;
     }
-    let pool = TestPool::new(&[("vm1", "16M"), ("vm2", "16M")]);
+    let pool = TestPool::with_volumes(&[("vm1", "16M"), ("vm2", "16M")]);
     let sock = pool.path("example.sock");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nbdkit-serve.sh");
     let mut cmd = Command::new("bash");
@@ -437,7 +441,7 @@ fn readme_plugin_examples_work_as_written() {
         Some("cargo build --release -p thinnbd-nbdkit"),
         "{block:#?}"
     );
-    let pool = TestPool::named("thinnbd-pool", &[("default", "16M"), ("vm2", "16M")]);
+    let pool = TestPool::named("thinnbd-pool", "1G", &[("default", "16M"), ("vm2", "16M")]);
     let work = pool.tmp.path();
     std::fs::create_dir(work.join("config")).unwrap();
     std::fs::copy(
@@ -514,7 +518,7 @@ fn readme_plugin_examples_work_as_written() {
 /// that build leaves, in CARGO_TARGET_DIR when that is set.
 #[test]
 fn example_script_builds_and_serves_the_plugin_package() {
-    let pool = TestPool::new(&[("vm1", "16M")]);
+    let pool = TestPool::with_volumes(&[("vm1", "16M")]);
     let root = env!("CARGO_MANIFEST_DIR");
     let elsewhere = pool.path("target");
     for (target_dir, plugin_at) in [
@@ -562,7 +566,7 @@ fn past_the_end_and_large_requests_answer_as_under_thinnbd_serve() {
     let Some(_) = nbdsh() else {
         return;
     };
-    let pool = TestPool::new(&[("vol", "64M")]);
+    let pool = TestPool::with_volumes(&[("vol", "64M")]);
     let mut nbdkit = Nbdkit::start_unix(&pool, &[], &[]);
     let mut cmd = nbdsh().expect("nbdsh");
     let out = stdout_of(

@@ -1,21 +1,17 @@
-//! Helpers for the nbdkit plugin tests: the built plugin, pools made with the `thinnbd` CLI,
-//! nbdkit and `thinnbd serve` as child processes (unix socket or 127.0.0.1 on a free port,
-//! stopped with SIGTERM by the test), and the external clients.
+//! Helpers for the nbdkit plugin tests: the built plugin, nbdkit and `thinnbd serve` as child
+//! processes (unix socket or 127.0.0.1 on a free port, stopped with SIGTERM by the test), and
+//! the external clients. Pools come from `server::TestPool`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::process::{exit_within, free_port, run};
-use super::server::Server;
+use super::process::{exit_within, free_port};
+use super::server::{Server, TestPool};
 
 /// How long a server may take to start or stop before the test gives up.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-pub fn thinnbd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_thinnbd"))
-}
 
 /// The plugin's file name, as `cargo build --release -p thinnbd-nbdkit` leaves it in
 /// target/release.
@@ -42,44 +38,6 @@ pub fn plugin() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     so
-}
-
-/// A pool in a temp dir: 1 GiB data, the given (name, size) volumes.
-pub struct TestPool {
-    pub tmp: tempfile::TempDir,
-    pub dir: PathBuf,
-}
-
-impl TestPool {
-    /// The pool in `TMP/pool`.
-    pub fn new(volumes: &[(&str, &str)]) -> TestPool {
-        TestPool::named("pool", volumes)
-    }
-
-    /// The pool in `TMP/NAME`, for command lines that name it as the docs do.
-    pub fn named(name: &str, volumes: &[(&str, &str)]) -> TestPool {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().join(name);
-        run(thinnbd()
-            .args(["pool", "create"])
-            .arg(&dir)
-            .args(["--data-size", "1G"]));
-        for (name, size) in volumes {
-            run(thinnbd()
-                .args(["volume", "create", "--pool"])
-                .arg(&dir)
-                .args([name, "--size", size]));
-        }
-        TestPool { tmp, dir }
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    pub fn pool_arg(&self) -> String {
-        format!("pool={}", self.dir.display())
-    }
 }
 
 fn sigterm(child: &Child) {

@@ -103,10 +103,30 @@ pub struct TestPool {
 impl TestPool {
     /// A new pool with a sparse data file of `data_size` and 64 KiB blocks.
     pub fn create(data_size: &str) -> TestPool {
+        TestPool::named("pool", data_size, &[])
+    }
+
+    /// A 1 GiB pool holding the given `(name, size)` volumes.
+    pub fn with_volumes(volumes: &[(&str, &str)]) -> TestPool {
+        TestPool::named("pool", "1G", volumes)
+    }
+
+    /// The pool in `TMP/NAME`, for command lines that name it as the docs do.
+    pub fn named(name: &str, data_size: &str, volumes: &[(&str, &str)]) -> TestPool {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().join("pool");
-        make_pool(&dir, data_size, &[]);
+        let dir = tmp.path().join(name);
+        make_pool(&dir, data_size, volumes);
         TestPool { tmp, dir }
+    }
+
+    /// A path in the pool's temp dir, beside the pool.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// The nbdkit plugin's `pool=DIR` parameter.
+    pub fn pool_arg(&self) -> String {
+        format!("pool={}", self.dir.display())
     }
 
     pub fn dir_str(&self) -> &str {
