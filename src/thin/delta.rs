@@ -542,7 +542,10 @@ impl DeltaSource {
     /// Reads the committed superblock, or the metadata snapshot it names when
     /// `use_metadata_snap` (an error when it names none).
     pub fn open(io: Arc<dyn BlockIo>, use_metadata_snap: bool) -> Result<Self> {
-        let tm = TransactionManager::new(io, SpaceMap::new(0), SpaceMap::new(0));
+        let mut tm = TransactionManager::new(io, SpaceMap::new(0), SpaceMap::new(0));
+        // One pass reads each node once: a cache as large as the pool's would only fill memory
+        // (page faults and allocation for every node read) without a hit.
+        tm.set_cache_capacity(256);
         let mut sb = Superblock::decode(&*tm.read(SUPERBLOCK_LOCATION, BlockKind::Superblock)?)?;
         if use_metadata_snap {
             if sb.metadata_snap == 0 {
