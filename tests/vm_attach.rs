@@ -1,4 +1,4 @@
-//! Real-kernel NBD tests in a QEMU guest (issue 8): the Linux NBD driver attaching a volume
+//! Real-kernel NBD tests in a QEMU guest: the Linux NBD driver attaching a volume
 //! (`nbd-client`, ext4, fstrim, re-attach) and QEMU's own NBD client using a volume as a virtio
 //! disk. The build machine's kernel has no NBD driver, so a Debian kernel boots under QEMU with an
 //! initramfs built by `tests/vm/build-initramfs.sh`; the guest half is `tests/vm/guest-init.sh`.
