@@ -5,6 +5,10 @@
 //! and server) -> the CLI (src/main.rs) and the nbdkit plugin (the `thinnbd-nbdkit` package in
 //! nbdkit-plugin/, built on this library).
 
+// Sizes, block numbers and lengths come from disk and from peers: a cast that can lose data must
+// be a `try_from` with an error, or say (an `#[expect]` with its reason) why it cannot.
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 pub mod config;
 pub mod engine;
 pub mod error;

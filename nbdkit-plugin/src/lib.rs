@@ -25,6 +25,10 @@
 //! only panic on flags nbdkit 1.32 never sends or on error text with a NUL, which
 //! [`reply::c_text`] rules out.
 
+// Offsets and lengths cross the C boundary: a cast that can lose data needs `try_from` or a
+// reason why it cannot.
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 pub mod config;
 mod ffi;
 pub mod reply;

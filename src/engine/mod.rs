@@ -34,8 +34,6 @@
 //! Fail-stop: every fallible metadata operation runs through a metadata guard's `run` (see
 //! `state`), which turns the pool read-only on the first checksum or I/O failure.
 
-#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-
 pub mod active;
 mod active_thin;
 mod admin;
