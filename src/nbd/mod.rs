@@ -1,6 +1,7 @@
 //! The NBD protocol: the wire codec (`codec`, no I/O), the backend seam (`backend`), an
-//! in-memory backend for tests (`memory`) and the tokio server: `server` accepts clients,
-//! `connection` serves each, and both read `shared` (limits, export source, shutdown).
+//! in-memory backend for tests (`memory`, built only for tests and the `testing` feature) and
+//! the tokio server: `server` accepts clients, `connection` serves each, and both read `shared`
+//! (limits, export source, shutdown).
 //!
 //! `errno_of` is the one place where an error kind becomes an NBD errno.
 
@@ -8,6 +9,7 @@ pub mod backend;
 mod busy_poll;
 pub mod codec;
 mod connection;
+#[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod server;
 mod shared;

@@ -4,5 +4,7 @@
 pub mod block_io;
 pub mod btree;
 pub mod checksum;
+#[cfg(any(test, feature = "testing"))]
+mod mem_block_io;
 pub mod space_map;
 pub mod tm;
