@@ -82,40 +82,53 @@ pub struct Node<'a> {
     b: &'a [u8],
 }
 
+// The tree operations are compiled once per value type, often into another codegen unit than
+// this one: without `#[inline]` these one-line accessors would be calls on every key and value.
 impl<'a> Node<'a> {
+    #[inline]
     pub fn new(b: &'a [u8]) -> Self {
         Node { b }
     }
+    #[inline]
     pub fn flags(&self) -> u32 {
         read_u32(self.b, 4)
     }
+    #[inline]
     pub fn is_leaf(&self) -> bool {
         self.flags() == LEAF_NODE
     }
+    #[inline]
     pub fn nr_entries(&self) -> usize {
         read_u32(self.b, 16) as usize
     }
+    #[inline]
     pub fn max_entries(&self) -> usize {
         read_u32(self.b, 20) as usize
     }
+    #[inline]
     pub fn value_size(&self) -> usize {
         read_u32(self.b, 24) as usize
     }
+    #[inline]
     pub fn key(&self, i: usize) -> u64 {
         read_u64(self.b, HEADER + 8 * i)
     }
+    #[inline]
     fn value_offset(&self, i: usize) -> usize {
         HEADER + 8 * self.max_entries() + i * self.value_size()
     }
+    #[inline]
     pub fn value(&self, i: usize) -> &'a [u8] {
         let off = self.value_offset(i);
         &self.b[off..off + self.value_size()]
     }
+    #[inline]
     pub fn value_u64(&self, i: usize) -> u64 {
         read_u64(self.b, self.value_offset(i))
     }
 
     /// Index of the first key >= `key`, and whether it is equal.
+    #[inline]
     pub fn search(&self, key: u64) -> (usize, bool) {
         let (mut lo, mut hi) = (0usize, self.nr_entries());
         while lo < hi {
@@ -134,6 +147,7 @@ impl<'a> Node<'a> {
     }
 
     /// Child to descend into for `key`: the last key <= `key`, or the first child.
+    #[inline]
     pub fn child_index(&self, key: u64) -> usize {
         match self.search(key) {
             (i, true) => i,
@@ -188,6 +202,7 @@ struct NodeMut<'a> {
 }
 
 impl NodeMut<'_> {
+    #[inline]
     fn view(&self) -> Node<'_> {
         Node { b: self.b }
     }
@@ -210,9 +225,11 @@ impl NodeMut<'_> {
         )]
         write_u32(self.b, offset, size as u32);
     }
+    #[inline]
     fn set_key(&mut self, i: usize, k: u64) {
         write_u64(self.b, HEADER + 8 * i, k);
     }
+    #[inline]
     fn set_value(&mut self, i: usize, v: &[u8]) {
         let off = self.view().value_offset(i);
         self.b[off..off + v.len()].copy_from_slice(v);
