@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use thinnbd::pdata::block_io::{BlockIo, FileBlockIo, MemBlockIo};
+use thinnbd::pdata::block_io::{BlockIo, FileBlockIo};
+use thinnbd::pdata::mem_block_io::MemBlockIo;
 use thinnbd::thin::{xml, ThinMetadata};
 
 const META_BYTES: u64 = 256 << 20;

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use common::nbd_client::{Client, NBD_EIO};
 use thinnbd::engine::{DataStore, DataTap, EngineConfig, FileStore, Pool, PoolMode};
-use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
+use thinnbd::pdata::block_io::BlockIo;
+use thinnbd::pdata::mem_block_io::MemBlockIo;
 use thinnbd::ErrorKind;
 
 const BS: u64 = 64 << 10;

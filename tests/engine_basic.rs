@@ -11,7 +11,8 @@ use common::metadata::{thin_check, verify_meta};
 use common::pattern::pattern_at;
 use common::pool::*;
 use thinnbd::engine::{EngineConfig, FileStore, NoSpacePolicy, Pool, PoolMode};
-use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
+use thinnbd::pdata::block_io::BlockIo;
+use thinnbd::pdata::mem_block_io::MemBlockIo;
 use thinnbd::ErrorKind;
 
 const BS: u64 = 64 * KIB;

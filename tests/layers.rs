@@ -1,7 +1,8 @@
 //! The layers docs/architecture.md draws, checked on the sources: the protocol (`src/nbd/`)
 //! and the nbdkit plugin serve through the export seam and never reach the engine themselves;
-//! the one adapter over the engine is `src/service/exports.rs`. Inside the engine, each module
-//! imports only the modules below it in the list in `src/engine/mod.rs`.
+//! the one adapter over the engine is `src/service/exports.rs`. Inside the engine and inside
+//! pdata, each module imports only the modules below it in the list in its `mod.rs`; pdata
+//! imports no layer above it.
 
 use std::path::{Path, PathBuf};
 
@@ -40,16 +41,16 @@ fn frontends_never_import_the_engine() {
     }
 }
 
-/// The engine's modules, top down, as `src/engine/mod.rs` lists them (modules on one line are
-/// one level).
-fn engine_levels(root: &Path) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(root.join("src/engine/mod.rs")).unwrap();
+/// A layer's modules, top down, as its `mod.rs` lists them in a text block after "Modules by
+/// responsibility" (modules on one line are one level).
+fn module_levels(root: &Path, layer: &str) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(root.join(format!("src/{layer}/mod.rs"))).unwrap();
     let list = text
         .split("//! Modules by responsibility")
         .nth(1)
         .and_then(|rest| rest.split("//! ```text\n").nth(1))
         .and_then(|rest| rest.split("//! ```").next())
-        .expect("src/engine/mod.rs lists its modules in a text block");
+        .unwrap_or_else(|| panic!("src/{layer}/mod.rs lists its modules in a text block"));
     list.lines()
         .map(|line| {
             let line = line.trim_start_matches("//!").trim();
@@ -59,25 +60,38 @@ fn engine_levels(root: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-#[test]
-fn engine_modules_import_only_those_below_them() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let levels = engine_levels(root);
-    let level_of = |name: &str| levels.iter().position(|l| l.iter().any(|n| n == name));
+/// The non-test code of each top-level module file of `src/{layer}/` (not `mod.rs`), by name.
+fn layer_sources(root: &Path, layer: &str) -> Vec<(String, String)> {
+    let dir = root.join("src").join(layer);
     let mut files = Vec::new();
-    rust_files(&root.join("src/engine"), &mut files);
+    rust_files(&dir, &mut files);
+    files
+        .into_iter()
+        .filter(|f| f.parent() == Some(&dir))
+        .map(|f| (f.file_stem().unwrap().to_str().unwrap().to_string(), f))
+        .filter(|(name, _)| name != "mod")
+        .map(|(name, f)| {
+            let text = std::fs::read_to_string(&f).unwrap();
+            // Unit tests may use the whole layer.
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            (name, code.to_string())
+        })
+        .collect()
+}
+
+/// Checks that each module of `src/{layer}/` imports only modules below it in its `mod.rs`
+/// list; returns how many imports were checked.
+fn check_layer_imports_downward(layer: &str) -> usize {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let levels = module_levels(root, layer);
+    let level_of = |name: &str| levels.iter().position(|l| l.iter().any(|n| n == name));
+    let crate_prefix = format!("crate::{layer}::");
     let mut checked = 0;
-    for f in files {
-        let name = f.file_stem().unwrap().to_str().unwrap().to_string();
-        if f.parent() != Some(&root.join("src/engine")) || name == "mod" {
-            continue;
-        }
-        let mine = level_of(&name).unwrap_or_else(|| panic!("{name} is not in the engine's list"));
-        let text = std::fs::read_to_string(&f).unwrap();
-        // Unit tests may use the whole engine.
-        let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+    for (name, code) in layer_sources(root, layer) {
+        let mine = level_of(&name)
+            .unwrap_or_else(|| panic!("{name} is not in the list in src/{layer}/mod.rs"));
         for (n, line) in code.lines().enumerate() {
-            for prefix in ["super::", "crate::engine::"] {
+            for prefix in ["super::", crate_prefix.as_str()] {
                 for used in line.split(prefix).skip(1) {
                     let module: String = used
                         .chars()
@@ -88,7 +102,7 @@ fn engine_modules_import_only_those_below_them() {
                     };
                     assert!(
                         theirs > mine,
-                        "src/engine/{name}.rs:{}: uses {module}, which is not below it",
+                        "src/{layer}/{name}.rs:{}: uses {module}, which is not below it",
                         n + 1
                     );
                     checked += 1;
@@ -96,5 +110,46 @@ fn engine_modules_import_only_those_below_them() {
             }
         }
     }
+    checked
+}
+
+#[test]
+fn engine_modules_import_only_those_below_them() {
+    let checked = check_layer_imports_downward("engine");
     assert!(checked > 20, "only {checked} engine imports found");
+}
+
+#[test]
+fn pdata_modules_import_only_those_below_them() {
+    let checked = check_layer_imports_downward("pdata");
+    assert!(checked > 10, "only {checked} pdata imports found");
+}
+
+/// pdata is the bottom layer: it reaches none above it, and what the thin layer stores in its
+/// trees is told to it through a value type, never spelt in pdata.
+#[test]
+fn pdata_knows_nothing_of_the_layers_above() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src/pdata"), &mut files);
+    assert!(files.len() > 5, "too few sources under src/pdata");
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            for above in [
+                "crate::thin",
+                "crate::engine",
+                "crate::service",
+                "crate::nbd",
+                "block_time",
+            ] {
+                assert!(
+                    !line.contains(above),
+                    "{}:{}: {above} in pdata",
+                    f.display(),
+                    n + 1
+                );
+            }
+        }
+    }
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use thinnbd::pdata::block_io::{BlockIo, MemBlockIo};
+use thinnbd::pdata::block_io::BlockIo;
+use thinnbd::pdata::mem_block_io::MemBlockIo;
 use thinnbd::thin::ThinMetadata;
 
 type State = BTreeMap<u32, Vec<(u64, u64, u32)>>;

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use common::metadata::*;
 use common::tools::*;
-use thinnbd::pdata::block_io::{BlockIo, FileBlockIo, MemBlockIo};
+use thinnbd::pdata::block_io::{BlockIo, FileBlockIo};
+use thinnbd::pdata::mem_block_io::MemBlockIo;
 use thinnbd::thin::{check, xml, ThinMetadata};
 
 const META_BYTES: u64 = 16 << 20;

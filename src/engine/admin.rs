@@ -437,7 +437,8 @@ mod tests {
     use super::*;
     use crate::engine::data::FileStore;
     use crate::engine::PoolMode;
-    use crate::pdata::block_io::{Block, MemBlockIo};
+    use crate::pdata::block_io::Block;
+    use crate::pdata::mem_block_io::MemBlockIo;
     use std::sync::atomic::AtomicBool;
 
     const BS: u64 = 64 << 10;

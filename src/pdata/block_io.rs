@@ -118,36 +118,3 @@ impl BlockIo for FileBlockIo {
         Ok(())
     }
 }
-
-#[cfg(any(test, feature = "testing"))]
-pub use super::mem_block_io::MemBlockIo;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unsynced_writes_are_lost_in_a_crash() {
-        let io = MemBlockIo::new(4);
-        let mut b = zeroed_block();
-        b[0] = 1;
-        io.write_block(1, &b).unwrap();
-        io.sync().unwrap();
-        b[0] = 2;
-        io.write_block(1, &b).unwrap();
-        io.write_block(2, &b).unwrap();
-        let after = io.crash();
-        assert_eq!(after.read_block(1).unwrap()[0], 1);
-        assert_eq!(after.read_block(2).unwrap()[0], 0);
-    }
-
-    #[test]
-    fn cut_point_fails_later_operations() {
-        let io = MemBlockIo::new(4);
-        io.cut_after(1);
-        let b = zeroed_block();
-        io.write_block(0, &b).unwrap();
-        assert!(io.sync().is_err());
-        assert!(io.read_block(4).is_err());
-    }
-}

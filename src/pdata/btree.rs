@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 pub const INTERNAL_NODE: u32 = 1;
 pub const LEAF_NODE: u32 = 2;
 const HEADER: usize = 32;
-/// Largest value any tree here stores (device details).
+/// Largest value a tree may hold: values are returned in buffers of this size.
 pub const MAX_VALUE_SIZE: usize = 24;
 /// No valid tree is deeper: with non-root nodes at least a third full, 16 levels would hold
 /// more than 2^64 keys. Deeper means a loop in damaged metadata.
@@ -29,48 +29,47 @@ fn check_depth(depth: usize, b: u64) -> Result<()> {
     Ok(())
 }
 
-/// What the values of a tree's leaves are, which decides how sharing is accounted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ValueKind {
-    /// Level-2 mapping leaves: block_time; the data block is referenced in the data space map.
-    Mapping,
-    /// Level-1 mapping leaves: roots of per-device trees, referenced in the metadata space map.
-    DeviceRoot,
-    /// Device details (24 bytes), no references.
-    Details,
-    /// Data space map index entries (16 bytes), no references.
-    Index,
-    /// Overflow reference counts (u32), no references.
-    RefCount,
-}
+/// What a tree's leaf values are: their size, and the references they hold on other blocks.
+/// When a shared leaf is copied every value in it gains a holder (`inc`); when a leaf is
+/// released its values lose one (`dec`). Implemented by zero-sized markers, so each tree
+/// operation is compiled for its value type and the callbacks inline.
+pub trait ValueType: Copy {
+    /// Bytes per value; at most [`MAX_VALUE_SIZE`].
+    const SIZE: usize;
 
-impl ValueKind {
-    pub fn size(self) -> usize {
-        match self {
-            ValueKind::Mapping | ValueKind::DeviceRoot => 8,
-            ValueKind::Details => 24,
-            ValueKind::Index => 16,
-            ValueKind::RefCount => 4,
-        }
+    fn size(self) -> usize {
+        Self::SIZE
     }
 
     /// Takes a reference on what a value points at (a shared leaf was copied).
-    fn inc(self, tm: &mut TransactionManager, value: &[u8]) -> Result<()> {
-        match self {
-            ValueKind::Mapping => tm.data_sm.inc(read_u64(value, 0) >> 24),
-            ValueKind::DeviceRoot => tm.meta_sm.inc(read_u64(value, 0)),
-            _ => Ok(()),
-        }
+    fn inc(self, tm: &mut TransactionManager, value: &[u8]) -> Result<()>;
+
+    /// Drops a reference on what a value points at, releasing what reaches zero.
+    fn dec(self, tm: &mut TransactionManager, value: &[u8]) -> Result<()>;
+}
+
+/// Values of `SIZE` bytes that reference nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Plain<const SIZE: usize>;
+
+impl<const SIZE: usize> ValueType for Plain<SIZE> {
+    const SIZE: usize = SIZE;
+
+    fn inc(self, _: &mut TransactionManager, _: &[u8]) -> Result<()> {
+        Ok(())
     }
 
-    /// Drops a reference on what a value points at, releasing whole subtrees that reach zero.
-    pub fn dec(self, tm: &mut TransactionManager, value: &[u8]) -> Result<()> {
-        match self {
-            ValueKind::Mapping => tm.data_sm.dec(read_u64(value, 0) >> 24).map(drop),
-            ValueKind::DeviceRoot => delete_tree(tm, read_u64(value, 0), ValueKind::Mapping),
-            _ => Ok(()),
-        }
+    fn dec(self, _: &mut TransactionManager, _: &[u8]) -> Result<()> {
+        Ok(())
     }
+}
+
+/// Copies a leaf value out into the fixed-size buffer lookups and removals return.
+fn copy_value<V: ValueType>(value: &[u8]) -> [u8; MAX_VALUE_SIZE] {
+    const { assert!(V::SIZE <= MAX_VALUE_SIZE) };
+    let mut out = [0u8; MAX_VALUE_SIZE];
+    out[..V::SIZE].copy_from_slice(value);
+    out
 }
 
 pub fn max_entries(value_size: usize) -> usize {
@@ -83,40 +82,53 @@ pub struct Node<'a> {
     b: &'a [u8],
 }
 
+// The tree operations are compiled once per value type, often into another codegen unit than
+// this one: without `#[inline]` these one-line accessors would be calls on every key and value.
 impl<'a> Node<'a> {
+    #[inline]
     pub fn new(b: &'a [u8]) -> Self {
         Node { b }
     }
+    #[inline]
     pub fn flags(&self) -> u32 {
         read_u32(self.b, 4)
     }
+    #[inline]
     pub fn is_leaf(&self) -> bool {
         self.flags() == LEAF_NODE
     }
+    #[inline]
     pub fn nr_entries(&self) -> usize {
         read_u32(self.b, 16) as usize
     }
+    #[inline]
     pub fn max_entries(&self) -> usize {
         read_u32(self.b, 20) as usize
     }
+    #[inline]
     pub fn value_size(&self) -> usize {
         read_u32(self.b, 24) as usize
     }
+    #[inline]
     pub fn key(&self, i: usize) -> u64 {
         read_u64(self.b, HEADER + 8 * i)
     }
+    #[inline]
     fn value_offset(&self, i: usize) -> usize {
         HEADER + 8 * self.max_entries() + i * self.value_size()
     }
+    #[inline]
     pub fn value(&self, i: usize) -> &'a [u8] {
         let off = self.value_offset(i);
         &self.b[off..off + self.value_size()]
     }
+    #[inline]
     pub fn value_u64(&self, i: usize) -> u64 {
         read_u64(self.b, self.value_offset(i))
     }
 
     /// Index of the first key >= `key`, and whether it is equal.
+    #[inline]
     pub fn search(&self, key: u64) -> (usize, bool) {
         let (mut lo, mut hi) = (0usize, self.nr_entries());
         while lo < hi {
@@ -135,6 +147,7 @@ impl<'a> Node<'a> {
     }
 
     /// Child to descend into for `key`: the last key <= `key`, or the first child.
+    #[inline]
     pub fn child_index(&self, key: u64) -> usize {
         match self.search(key) {
             (i, true) => i,
@@ -189,6 +202,7 @@ struct NodeMut<'a> {
 }
 
 impl NodeMut<'_> {
+    #[inline]
     fn view(&self) -> Node<'_> {
         Node { b: self.b }
     }
@@ -211,9 +225,11 @@ impl NodeMut<'_> {
         )]
         write_u32(self.b, offset, size as u32);
     }
+    #[inline]
     fn set_key(&mut self, i: usize, k: u64) {
         write_u64(self.b, HEADER + 8 * i, k);
     }
+    #[inline]
     fn set_value(&mut self, i: usize, v: &[u8]) {
         let off = self.view().value_offset(i);
         self.b[off..off + v.len()].copy_from_slice(v);
@@ -268,33 +284,25 @@ fn write_entries(block: &mut [u8], flags: u32, value_size: usize, keys: &[u64], 
     node.set_nr_entries(keys.len());
 }
 
-fn leaf_value_size(flags: u32, kind: ValueKind) -> usize {
-    if flags == INTERNAL_NODE {
-        8
-    } else {
-        kind.size()
-    }
-}
-
 /// Reads a node and checks its structure.
-pub fn read_node(
+pub fn read_node<V: ValueType>(
     tm: &TransactionManager,
     b: u64,
-    kind: ValueKind,
+    _: V,
 ) -> Result<super::tm::BlockRef<'_>> {
     let block = tm.read_checked(b, BlockKind::Node, &|blk| {
         Node::new(&blk[..]).validate_keys(b)
     })?;
-    Node::new(&block[..]).validate_header(b, kind.size())?;
+    Node::new(&block[..]).validate_header(b, V::SIZE)?;
     Ok(block)
 }
 
 /// Looks up `key`; returns a copy of its value.
-pub fn lookup(
+pub fn lookup<V: ValueType>(
     tm: &TransactionManager,
     root: u64,
     key: u64,
-    kind: ValueKind,
+    kind: V,
 ) -> Result<Option<[u8; MAX_VALUE_SIZE]>> {
     let mut b = root;
     for _ in 0..=MAX_DEPTH {
@@ -302,11 +310,7 @@ pub fn lookup(
         let node = Node::new(&block[..]);
         if node.is_leaf() {
             return Ok(match node.search(key) {
-                (i, true) => {
-                    let mut out = [0u8; MAX_VALUE_SIZE];
-                    out[..kind.size()].copy_from_slice(node.value(i));
-                    Some(out)
-                }
+                (i, true) => Some(copy_value::<V>(node.value(i))),
                 _ => None,
             });
         }
@@ -318,17 +322,17 @@ pub fn lookup(
     check_depth(MAX_DEPTH + 1, b).map(|_| None)
 }
 
-pub fn lookup_u64(
+pub fn lookup_u64<V: ValueType>(
     tm: &TransactionManager,
     root: u64,
     key: u64,
-    kind: ValueKind,
+    kind: V,
 ) -> Result<Option<u64>> {
     Ok(lookup(tm, root, key, kind)?.map(|v| read_u64(&v, 0)))
 }
 
 /// Shadows a node; if it was shared, takes references on everything it points at.
-fn shadow_node(tm: &mut TransactionManager, b: u64, kind: ValueKind) -> Result<u64> {
+fn shadow_node<V: ValueType>(tm: &mut TransactionManager, b: u64, kind: V) -> Result<u64> {
     // Validate before copying: a shadow must never spread a damaged node.
     drop(read_node(tm, b, kind)?);
     let (nb, was_shared) = tm.shadow(b, BlockKind::Node)?;
@@ -340,7 +344,7 @@ fn shadow_node(tm: &mut TransactionManager, b: u64, kind: ValueKind) -> Result<u
         drop(block);
         for i in 0..keys.len() {
             if leaf {
-                kind.inc(tm, &values[i * kind.size()..(i + 1) * kind.size()])?;
+                kind.inc(tm, &values[i * V::SIZE..(i + 1) * V::SIZE])?;
             } else {
                 tm.meta_sm.inc(read_u64(&values, i * 8))?;
             }
@@ -356,9 +360,9 @@ fn node_mut(tm: &mut TransactionManager, b: u64) -> Result<NodeMut<'_>> {
 }
 
 /// An empty tree: one leaf with no entries.
-pub fn empty_tree(tm: &mut TransactionManager, kind: ValueKind) -> Result<u64> {
+pub fn empty_tree<V: ValueType>(tm: &mut TransactionManager, _: V) -> Result<u64> {
     let b = tm.new_block(BlockKind::Node)?;
-    node_mut(tm, b)?.init(LEAF_NODE, kind.size());
+    node_mut(tm, b)?.init(LEAF_NODE, V::SIZE);
     Ok(b)
 }
 
@@ -373,14 +377,14 @@ enum Inserted {
 
 /// Inserts or replaces `key`. Returns the new root and the replaced value, if any. The caller
 /// owns the reference the old value held (drop it with `kind.dec` unless it is carried over).
-pub fn insert(
+pub fn insert<V: ValueType>(
     tm: &mut TransactionManager,
     root: u64,
     key: u64,
     value: &[u8],
-    kind: ValueKind,
+    kind: V,
 ) -> Result<(u64, Option<[u8; MAX_VALUE_SIZE]>)> {
-    debug_assert_eq!(value.len(), kind.size());
+    debug_assert_eq!(value.len(), V::SIZE);
     let mut old = None;
     match insert_rec(tm, root, key, value, kind, &mut old, 0)? {
         Inserted::One(b) => Ok((b, old)),
@@ -406,12 +410,12 @@ pub fn insert(
     }
 }
 
-fn insert_rec(
+fn insert_rec<V: ValueType>(
     tm: &mut TransactionManager,
     b: u64,
     key: u64,
     value: &[u8],
-    kind: ValueKind,
+    kind: V,
     old: &mut Option<[u8; MAX_VALUE_SIZE]>,
     depth: usize,
 ) -> Result<Inserted> {
@@ -431,9 +435,7 @@ fn insert_rec(
     if leaf {
         let mut node = node_mut(tm, nb)?;
         if found {
-            let mut prev = [0u8; MAX_VALUE_SIZE];
-            prev[..kind.size()].copy_from_slice(node.view().value(pos));
-            *old = Some(prev);
+            *old = Some(copy_value::<V>(node.view().value(pos)));
             node.set_value(pos, value);
             return Ok(Inserted::One(nb));
         }
@@ -503,11 +505,11 @@ fn insert_entry(
 
 /// Removes `key`. Returns the new root and the removed value (whose reference the caller now
 /// owns), or the unchanged root and None when the key is absent.
-pub fn remove(
+pub fn remove<V: ValueType>(
     tm: &mut TransactionManager,
     root: u64,
     key: u64,
-    kind: ValueKind,
+    kind: V,
 ) -> Result<(u64, Option<[u8; MAX_VALUE_SIZE]>)> {
     if lookup(tm, root, key, kind)?.is_none() {
         return Ok((root, None));
@@ -534,11 +536,11 @@ pub fn remove(
     Ok((new_root, Some(removed)))
 }
 
-fn remove_rec(
+fn remove_rec<V: ValueType>(
     tm: &mut TransactionManager,
     b: u64,
     key: u64,
-    kind: ValueKind,
+    kind: V,
     depth: usize,
 ) -> Result<(u64, [u8; MAX_VALUE_SIZE])> {
     check_depth(depth, b)?;
@@ -561,8 +563,7 @@ fn remove_rec(
     };
     if leaf {
         let mut node = node_mut(tm, nb)?;
-        let mut removed = [0u8; MAX_VALUE_SIZE];
-        removed[..kind.size()].copy_from_slice(node.view().value(pos));
+        let removed = copy_value::<V>(node.view().value(pos));
         node.remove_at(pos);
         return Ok((nb, removed));
     }
@@ -580,7 +581,12 @@ fn remove_rec(
 }
 
 /// Merges child `pos` of the exclusive node `parent` with a sibling, or evens out their entries.
-fn rebalance(tm: &mut TransactionManager, parent: u64, pos: usize, kind: ValueKind) -> Result<()> {
+fn rebalance<V: ValueType>(
+    tm: &mut TransactionManager,
+    parent: u64,
+    pos: usize,
+    kind: V,
+) -> Result<()> {
     let n = node_mut(tm, parent)?.view().nr_entries();
     if n < 2 {
         return Ok(());
@@ -612,7 +618,6 @@ fn rebalance(tm: &mut TransactionManager, parent: u64, pos: usize, kind: ValueKi
         keys.extend(rk);
         values.extend(rv);
     }
-    let _ = leaf_value_size(flags, kind);
     if keys.len() <= max {
         write_entries(&mut tm.get_mut(left)?[..], flags, vs, &keys, &values);
         let mut p = node_mut(tm, parent)?;
@@ -645,10 +650,10 @@ fn rebalance(tm: &mut TransactionManager, parent: u64, pos: usize, kind: ValueKi
 }
 
 /// Visits entries with `begin <= key < end` in key order; the visitor returns false to stop.
-pub fn iterate(
+pub fn iterate<V: ValueType>(
     tm: &TransactionManager,
     root: u64,
-    kind: ValueKind,
+    kind: V,
     begin: u64,
     end: u64,
     visit: &mut dyn FnMut(u64, &[u8]) -> Result<bool>,
@@ -656,10 +661,10 @@ pub fn iterate(
     iterate_at(tm, root, kind, begin, end, visit, 0)
 }
 
-fn iterate_at(
+fn iterate_at<V: ValueType>(
     tm: &TransactionManager,
     root: u64,
-    kind: ValueKind,
+    kind: V,
     begin: u64,
     end: u64,
     visit: &mut dyn FnMut(u64, &[u8]) -> Result<bool>,
@@ -695,7 +700,11 @@ fn iterate_at(
 }
 
 /// Every entry of a tree, in order (small trees and tools).
-pub fn entries(tm: &TransactionManager, root: u64, kind: ValueKind) -> Result<Vec<(u64, Vec<u8>)>> {
+pub fn entries<V: ValueType>(
+    tm: &TransactionManager,
+    root: u64,
+    kind: V,
+) -> Result<Vec<(u64, Vec<u8>)>> {
     let mut out = Vec::new();
     iterate(tm, root, kind, 0, u64::MAX, &mut |k, v| {
         out.push((k, v.to_vec()));
@@ -716,13 +725,13 @@ pub fn bulk_build_blocks(entries: u64, value_size: usize) -> u64 {
     total
 }
 
-pub fn bulk_build(
+pub fn bulk_build<V: ValueType>(
     tm: &mut TransactionManager,
-    kind: ValueKind,
+    kind: V,
     keys: &[u64],
     values: &[u8],
 ) -> Result<u64> {
-    let vs = kind.size();
+    let vs = V::SIZE;
     if keys.is_empty() {
         return empty_tree(tm, kind);
     }
@@ -788,14 +797,14 @@ fn free_tree_at(tm: &mut TransactionManager, root: u64, depth: usize) -> Result<
 }
 
 /// Drops one reference to a tree; nodes that reach zero release their children and values.
-pub fn delete_tree(tm: &mut TransactionManager, root: u64, kind: ValueKind) -> Result<()> {
+pub fn delete_tree<V: ValueType>(tm: &mut TransactionManager, root: u64, kind: V) -> Result<()> {
     delete_tree_at(tm, root, kind, 0)
 }
 
-fn delete_tree_at(
+fn delete_tree_at<V: ValueType>(
     tm: &mut TransactionManager,
     root: u64,
-    kind: ValueKind,
+    kind: V,
     depth: usize,
 ) -> Result<()> {
     check_depth(depth, root)?;
@@ -809,7 +818,7 @@ fn delete_tree_at(
         return Ok(());
     }
     if leaf {
-        for v in values.chunks(kind.size()) {
+        for v in values.chunks(V::SIZE) {
             kind.dec(tm, v)?;
         }
     } else {
@@ -821,19 +830,19 @@ fn delete_tree_at(
 }
 
 /// Calls `visit` on every node block of a tree (each node once per reference path).
-pub fn walk_nodes(
+pub fn walk_nodes<V: ValueType>(
     tm: &TransactionManager,
     root: u64,
-    kind: ValueKind,
+    kind: V,
     visit: &mut dyn FnMut(u64, Node<'_>) -> Result<()>,
 ) -> Result<()> {
     walk_nodes_at(tm, root, kind, visit, 0)
 }
 
-fn walk_nodes_at(
+fn walk_nodes_at<V: ValueType>(
     tm: &TransactionManager,
     root: u64,
-    kind: ValueKind,
+    kind: V,
     visit: &mut dyn FnMut(u64, Node<'_>) -> Result<()>,
     depth: usize,
 ) -> Result<()> {

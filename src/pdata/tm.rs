@@ -1,5 +1,6 @@
 //! The transaction manager: shadowing (copy-on-write) of metadata blocks, the bounded block
-//! cache, both space maps, and the commit that makes a transaction durable.
+//! cache, both space maps, and the flush that makes a transaction durable (the space maps'
+//! on-disk form is written before it by `sm_disk`).
 //!
 //! Every block reachable from the last committed superblock is immutable. Changing one means
 //! shadowing it: a copy at a newly allocated location. A block that is already a shadow made in
@@ -14,10 +15,9 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use super::block_io::{zeroed_block, Block, BlockIo};
-use super::checksum::{self, read_u64, seal, verify, write_u32, write_u64, BlockKind};
+use super::checksum::{seal, verify, BlockKind};
 use super::space_map::{SpaceMap, ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::util::usize_from_u64;
 
 /// A block as read: borrowed from this transaction's dirty set, or shared from the cache.
 pub enum BlockRef<'a> {
@@ -83,33 +83,6 @@ pub struct TransactionManager {
     fresh: HashSet<u64>,
     pub meta_sm: SpaceMap,
     pub data_sm: SpaceMap,
-}
-
-/// The 32 bytes of a space map root as stored in the superblock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SmRoot {
-    pub nr_blocks: u64,
-    pub nr_allocated: u64,
-    pub bitmap_root: u64,
-    pub ref_count_root: u64,
-}
-
-impl SmRoot {
-    pub fn encode(&self, out: &mut [u8]) {
-        write_u64(out, 0, self.nr_blocks);
-        write_u64(out, 8, self.nr_allocated);
-        write_u64(out, 16, self.bitmap_root);
-        write_u64(out, 24, self.ref_count_root);
-    }
-
-    pub fn decode(b: &[u8]) -> Self {
-        SmRoot {
-            nr_blocks: read_u64(b, 0),
-            nr_allocated: read_u64(b, 8),
-            bitmap_root: read_u64(b, 16),
-            ref_count_root: read_u64(b, 24),
-        }
-    }
 }
 
 pub const DEFAULT_CACHE_BLOCKS: usize = 16 * 1024;
@@ -237,142 +210,6 @@ impl TransactionManager {
         self.fresh.contains(&b) && self.meta_sm.get(b).unwrap_or(0) == 1
     }
 
-    /// Writes both space maps into metadata blocks; returns (data root, metadata root).
-    pub fn write_space_maps(&mut self) -> Result<(SmRoot, SmRoot)> {
-        let data_root = self.write_data_sm()?;
-        let meta_root = self.write_meta_sm()?;
-        Ok((data_root, meta_root))
-    }
-
-    fn encode_index_entry(out: &mut [u8], location: u64, nr_free: u32, none_free_before: u32) {
-        write_u64(out, 0, location);
-        write_u32(out, 8, nr_free);
-        write_u32(out, 12, none_free_before);
-    }
-
-    fn write_data_sm(&mut self) -> Result<SmRoot> {
-        use super::btree::{self, ValueKind};
-        let dirty = self.data_sm.take_dirty_bitmaps();
-        if !dirty.is_empty() || self.data_sm.index_root == 0 {
-            for &i in &dirty {
-                let old = self.data_sm.bitmap_locations[usize_from_u64(i)];
-                let nb = self.new_block(BlockKind::Bitmap)?;
-                if old != 0 {
-                    self.meta_sm.dec(old)?;
-                }
-                self.data_sm.bitmap_locations[usize_from_u64(i)] = nb;
-            }
-            for &i in &dirty {
-                let loc = self.data_sm.bitmap_locations[usize_from_u64(i)];
-                let (_, buf) = self.dirty.get_mut(&loc).expect("allocated above");
-                let stats = self.data_sm.encode_bitmap(i, &mut buf[..]);
-                self.data_sm.bitmap_stats[usize_from_u64(i)] = stats;
-            }
-            let nr = self.data_sm.bitmap_locations.len();
-            let keys: Vec<u64> = (0..nr as u64).collect();
-            let mut values = vec![0u8; nr * 16];
-            for i in 0..nr {
-                let (nr_free, nfb) = self.data_sm.bitmap_stats[i];
-                let loc = self.data_sm.bitmap_locations[i];
-                Self::encode_index_entry(&mut values[i * 16..], loc, nr_free, nfb);
-            }
-            if self.data_sm.index_root != 0 {
-                btree::free_tree(self, self.data_sm.index_root)?;
-            }
-            self.data_sm.index_root = btree::bulk_build(self, ValueKind::Index, &keys, &values)?;
-        }
-        if self.data_sm.take_overflow_dirty() || self.data_sm.ref_count_root == 0 {
-            let entries = self.data_sm.overflow_entries();
-            self.data_sm.ref_count_root =
-                self.rebuild_ref_tree(self.data_sm.ref_count_root, &entries)?;
-        }
-        Ok(SmRoot {
-            nr_blocks: self.data_sm.nr_blocks(),
-            nr_allocated: self.data_sm.nr_allocated(),
-            bitmap_root: self.data_sm.index_root,
-            ref_count_root: self.data_sm.ref_count_root,
-        })
-    }
-
-    fn rebuild_ref_tree(&mut self, old_root: u64, entries: &[(u64, u32)]) -> Result<u64> {
-        use super::btree::{self, ValueKind};
-        if old_root != 0 {
-            btree::free_tree(self, old_root)?;
-        }
-        let keys: Vec<u64> = entries.iter().map(|e| e.0).collect();
-        let values: Vec<u8> = entries.iter().flat_map(|e| e.1.to_le_bytes()).collect();
-        btree::bulk_build(self, ValueKind::RefCount, &keys, &values)
-    }
-
-    fn write_meta_sm(&mut self) -> Result<SmRoot> {
-        if self.meta_sm.bitmap_locations.len() as u64 > MAX_METADATA_BITMAPS {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "metadata device larger than 255 bitmaps",
-            ));
-        }
-        // Blocks allocated below only go 0 -> 1 and old ones 1 -> 0, so the overflow tree
-        // built first stays right; bitmaps are relocated until no new one turns dirty.
-        if self.meta_sm.take_overflow_dirty() || self.meta_sm.ref_count_root == 0 {
-            let entries = self.meta_sm.overflow_entries();
-            self.meta_sm.ref_count_root =
-                self.rebuild_ref_tree(self.meta_sm.ref_count_root, &entries)?;
-        }
-        let old_index = self.meta_sm.index_root;
-        let new_index = self.new_block(BlockKind::Index)?;
-        if old_index != 0 {
-            self.meta_sm.dec(old_index)?;
-        }
-        self.meta_sm.index_root = new_index;
-        let mut relocated = std::collections::BTreeSet::new();
-        loop {
-            let pending: Vec<u64> = self
-                .meta_sm
-                .dirty_bitmaps()
-                .iter()
-                .copied()
-                .filter(|i| !relocated.contains(i))
-                .collect();
-            if pending.is_empty() {
-                break;
-            }
-            for i in pending {
-                let old = self.meta_sm.bitmap_locations[usize_from_u64(i)];
-                let nb = self.new_block(BlockKind::Bitmap)?;
-                if old != 0 {
-                    self.meta_sm.dec(old)?;
-                }
-                self.meta_sm.bitmap_locations[usize_from_u64(i)] = nb;
-                relocated.insert(i);
-            }
-        }
-        self.meta_sm.take_dirty_bitmaps();
-        if self.meta_sm.take_overflow_dirty() {
-            return Err(Error::corrupt(
-                "metadata overflow counts changed while writing bitmaps",
-            ));
-        }
-        let mut index = zeroed_block();
-        for &i in &relocated {
-            let loc = self.meta_sm.bitmap_locations[usize_from_u64(i)];
-            let (_, buf) = self.dirty.get_mut(&loc).expect("allocated above");
-            let stats = self.meta_sm.encode_bitmap(i, &mut buf[..]);
-            self.meta_sm.bitmap_stats[usize_from_u64(i)] = stats;
-        }
-        for i in 0..self.meta_sm.bitmap_locations.len() {
-            let (nr_free, nfb) = self.meta_sm.bitmap_stats[i];
-            let loc = self.meta_sm.bitmap_locations[i];
-            Self::encode_index_entry(&mut index[16 + i * 16..], loc, nr_free, nfb);
-        }
-        *self.get_mut(new_index)? = *index;
-        Ok(SmRoot {
-            nr_blocks: self.meta_sm.nr_blocks(),
-            nr_allocated: self.meta_sm.nr_allocated(),
-            bitmap_root: new_index,
-            ref_count_root: self.meta_sm.ref_count_root,
-        })
-    }
-
     /// Writes every dirty block, syncs, writes the superblock, syncs again.
     pub fn flush_with_superblock(&mut self, mut superblock: Box<Block>) -> Result<()> {
         let mut locations: Vec<u64> = self.dirty.keys().copied().collect();
@@ -421,23 +258,4 @@ impl TransactionManager {
     pub fn entries_per_bitmap() -> u64 {
         ENTRIES_PER_BITMAP
     }
-}
-
-/// Loads a space map's bitmaps listed by `entries` (location per bitmap) into `sm`.
-pub fn load_bitmaps(tm: &TransactionManager, sm: &mut SpaceMap, locations: &[u64]) -> Result<()> {
-    for (i, &loc) in locations.iter().enumerate() {
-        let block = tm.read(loc, BlockKind::Bitmap)?;
-        sm.decode_bitmap(i as u64, &block[..])?;
-    }
-    sm.bitmap_locations = locations.to_vec();
-    let mut scratch = zeroed_block();
-    for i in 0..locations.len() {
-        sm.bitmap_stats[i] = sm.encode_bitmap(i as u64, &mut scratch[..]);
-    }
-    Ok(())
-}
-
-/// Index entry decoding shared by the metadata index block and the data index btree.
-pub fn decode_index_location(entry: &[u8]) -> u64 {
-    checksum::read_u64(entry, 0)
 }

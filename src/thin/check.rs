@@ -13,16 +13,15 @@ use std::sync::Arc;
 use crate::pdata::block_io::{Block, BlockIo, BLOCK_SIZE};
 use crate::pdata::btree::{max_entries, INTERNAL_NODE, LEAF_NODE};
 use crate::pdata::checksum::{checksum, read_u32, read_u64, BlockKind};
+use crate::pdata::sm_disk::SmRoot;
 use crate::pdata::space_map::{
     nr_bitmaps, ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, MAX_METADATA_BLOCKS,
 };
-use crate::pdata::tm::SmRoot;
 use crate::util::usize_from_u64;
 
-use super::metadata::{
-    unpack_block_time, DeviceDetails, MAX_DATA_BLOCK_SECTORS, MIN_DATA_BLOCK_SECTORS,
-};
+use super::metadata::{DeviceDetails, MAX_DATA_BLOCK_SECTORS, MIN_DATA_BLOCK_SECTORS};
 use super::superblock::{METADATA_BLOCK_SECTORS, THIN_MAGIC};
+use super::values::unpack_block_time;
 
 /// Problems kept in full; beyond this only the count grows, so a wrecked device cannot make the
 /// report unbounded.
@@ -871,8 +870,8 @@ pub fn check(io: Arc<dyn BlockIo>) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pdata::block_io::MemBlockIo;
     use crate::pdata::checksum::{seal, write_u32, write_u64};
+    use crate::pdata::mem_block_io::MemBlockIo;
     use crate::thin::ThinMetadata;
 
     fn pool() -> (MemBlockIo, ThinMetadata) {

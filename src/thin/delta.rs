@@ -21,13 +21,14 @@ use serde::Serialize;
 
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::pdata::block_io::BlockIo;
-use crate::pdata::btree::{self, Node, ValueKind, MAX_DEPTH};
+use crate::pdata::btree::{self, Node, MAX_DEPTH};
 use crate::pdata::checksum::BlockKind;
 use crate::pdata::space_map::SpaceMap;
 use crate::pdata::tm::{BlockRef, TransactionManager};
 
-use super::metadata::{unpack_block_time, ThinId, ThinMetadata};
+use super::metadata::{ThinId, ThinMetadata};
 use super::superblock::{Superblock, SUPERBLOCK_LOCATION};
+use super::values::{unpack_block_time, BlockTime, DeviceRoot};
 
 /// How a virtual block compares between the left and the right device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -254,7 +255,7 @@ impl<'a> Cursor<'a> {
                 subtree.block
             )));
         }
-        let block = btree::read_node(self.tm, subtree.block, ValueKind::Mapping)?;
+        let block = btree::read_node(self.tm, subtree.block, BlockTime)?;
         stats.nodes_read += 1;
         let node = Node::new(&block[..]);
         let next = if node.is_leaf() {
@@ -277,7 +278,7 @@ impl<'a> Cursor<'a> {
 fn tree_height(tm: &TransactionManager, root: u64, stats: &mut WalkStats) -> Result<usize> {
     let mut b = root;
     for height in 0..=MAX_DEPTH {
-        let block = btree::read_node(tm, b, ValueKind::Mapping)?;
+        let block = btree::read_node(tm, b, BlockTime)?;
         stats.nodes_read += 1;
         let node = Node::new(&block[..]);
         if node.is_leaf() {
@@ -421,25 +422,18 @@ fn report_shared(
     visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
 ) -> Result<bool> {
     let mut go_on = true;
-    btree::iterate(
-        tm,
-        root,
-        ValueKind::Mapping,
-        first,
-        u64::MAX,
-        &mut |k, v| {
-            if k > last {
-                return Ok(false);
-            }
-            let (data, _time) = unpack_block_time(crate::pdata::checksum::read_u64(v, 0));
-            go_on = visit(BlockDelta {
-                vblock: k,
-                left: Some(data),
-                right: Some(data),
-            })?;
-            Ok(go_on)
-        },
-    )?;
+    btree::iterate(tm, root, BlockTime, first, u64::MAX, &mut |k, v| {
+        if k > last {
+            return Ok(false);
+        }
+        let (data, _time) = unpack_block_time(crate::pdata::checksum::read_u64(v, 0));
+        go_on = visit(BlockDelta {
+            vblock: k,
+            left: Some(data),
+            right: Some(data),
+        })?;
+        Ok(go_on)
+    })?;
     Ok(go_on)
 }
 
@@ -577,18 +571,14 @@ impl DeltaSource {
 
     /// The root of a thin device's mapping tree; NotFound names the device.
     pub fn device_root(&self, dev: ThinId) -> Result<u64> {
-        btree::lookup_u64(
-            &self.tm,
-            self.mapping_root,
-            u64::from(dev),
-            ValueKind::DeviceRoot,
-        )?
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("thin device {dev} does not exist"),
-            )
-        })
+        btree::lookup_u64(&self.tm, self.mapping_root, u64::from(dev), DeviceRoot)?.ok_or_else(
+            || {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("thin device {dev} does not exist"),
+                )
+            },
+        )
     }
 
     /// Calls `emit` with every run of blocks either device maps, in order, same ones included.
@@ -802,7 +792,7 @@ impl JsonRanges<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pdata::block_io::MemBlockIo;
+    use crate::pdata::mem_block_io::MemBlockIo;
     use proptest::prelude::*;
 
     fn pool(nr_data_blocks: u64) -> ThinMetadata {

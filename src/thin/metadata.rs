@@ -10,13 +10,19 @@ use std::sync::Arc;
 
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::pdata::block_io::BlockIo;
-use crate::pdata::btree::{self, ValueKind};
+use crate::pdata::btree::{self, ValueType};
 use crate::pdata::checksum::{read_u32, read_u64, write_u32, write_u64, BlockKind};
+use crate::pdata::sm_disk::{
+    self, load_bitmaps, INDEX_ENTRY, INDEX_ENTRY_SIZE, REF_COUNT, REF_COUNT_SIZE,
+};
 use crate::pdata::space_map::{nr_bitmaps, SpaceMap, MAX_METADATA_BLOCKS};
-use crate::pdata::tm::{load_bitmaps, CacheStats, TransactionManager};
+use crate::pdata::tm::{CacheStats, TransactionManager};
 use crate::util::usize_from_u64;
 
 use super::superblock::Superblock;
+use super::values::{
+    pack_block_time, unpack_block_time, BlockTime, DeviceRoot, DETAILS, DEVICE_DETAILS_SIZE,
+};
 
 /// A thin device id; the kernel limits them to 24 bits.
 pub type ThinId = u32;
@@ -36,8 +42,8 @@ pub struct DeviceDetails {
 }
 
 impl DeviceDetails {
-    pub fn encode(&self) -> [u8; 24] {
-        let mut v = [0u8; 24];
+    pub fn encode(&self) -> [u8; DEVICE_DETAILS_SIZE] {
+        let mut v = [0u8; DEVICE_DETAILS_SIZE];
         write_u64(&mut v, 0, self.mapped_blocks);
         write_u64(&mut v, 8, self.transaction_id);
         write_u32(&mut v, 16, self.creation_time);
@@ -53,15 +59,6 @@ impl DeviceDetails {
             snapshotted_time: read_u32(v, 20),
         }
     }
-}
-
-/// Packs a mapping value: 40-bit data block, 24-bit time.
-pub fn pack_block_time(data_block: u64, time: u32) -> u64 {
-    (data_block << 24) | u64::from(time & 0xff_ffff)
-}
-
-pub fn unpack_block_time(v: u64) -> (u64, u32) {
-    (v >> 24, (v & 0xff_ffff) as u32)
 }
 
 /// Result of looking up a virtual block.
@@ -216,9 +213,9 @@ fn commit_blocks_bound(
 ) -> u64 {
     let data_bitmaps = nr_bitmaps(nr_data_blocks);
     data_bitmaps
-        + btree::bulk_build_blocks(data_bitmaps, ValueKind::Index.size())
-        + btree::bulk_build_blocks(data_overflow, ValueKind::RefCount.size())
-        + btree::bulk_build_blocks(metadata_overflow, ValueKind::RefCount.size())
+        + btree::bulk_build_blocks(data_bitmaps, INDEX_ENTRY_SIZE)
+        + btree::bulk_build_blocks(data_overflow, REF_COUNT_SIZE)
+        + btree::bulk_build_blocks(metadata_overflow, REF_COUNT_SIZE)
         + nr_bitmaps(nr_metadata_blocks)
         + 1
         + COMMIT_SLACK_BLOCKS
@@ -265,8 +262,8 @@ impl ThinMetadata {
         meta_sm.set(0, 1)?;
         let data_sm = SpaceMap::new(nr_data_blocks);
         let mut tm = TransactionManager::new(io, meta_sm, data_sm);
-        let details_root = btree::empty_tree(&mut tm, ValueKind::Details)?;
-        let mapping_root = btree::empty_tree(&mut tm, ValueKind::DeviceRoot)?;
+        let details_root = btree::empty_tree(&mut tm, DETAILS)?;
+        let mapping_root = btree::empty_tree(&mut tm, DeviceRoot)?;
         let sb = Superblock {
             version: 2,
             data_block_size: data_block_sectors,
@@ -329,12 +326,12 @@ impl ThinMetadata {
                 .collect()
         };
         load_bitmaps(&probe, &mut meta_sm, &meta_locations)?;
-        for (b, v) in btree::entries(&probe, meta_root.ref_count_root, ValueKind::RefCount)? {
+        for (b, v) in btree::entries(&probe, meta_root.ref_count_root, REF_COUNT)? {
             meta_sm.set(b, read_u32(&v, 0))?;
         }
         // Data space map: an index btree of bitmaps, checked against nr_blocks before sizing.
         let data_root = sb.data_sm_root;
-        let index = btree::entries(&probe, data_root.bitmap_root, ValueKind::Index)?;
+        let index = btree::entries(&probe, data_root.bitmap_root, INDEX_ENTRY)?;
         if index.len() as u64 != nr_bitmaps(data_root.nr_blocks) {
             return fail(
                 ErrorKind::Corrupt,
@@ -348,7 +345,7 @@ impl ThinMetadata {
         let mut data_sm = SpaceMap::new(data_root.nr_blocks);
         let data_locations: Vec<u64> = index.iter().map(|(_, v)| read_u64(v, 0)).collect();
         load_bitmaps(&probe, &mut data_sm, &data_locations)?;
-        for (b, v) in btree::entries(&probe, data_root.ref_count_root, ValueKind::RefCount)? {
+        for (b, v) in btree::entries(&probe, data_root.ref_count_root, REF_COUNT)? {
             data_sm.set(b, read_u32(&v, 0))?;
         }
         meta_sm.index_root = meta_root.bitmap_root;
@@ -359,12 +356,12 @@ impl ThinMetadata {
         data_sm.mark_clean();
         let tm = TransactionManager::new(io, meta_sm, data_sm);
         let mut md = ThinMetadata::with_state(tm, sb);
-        for (dev, v) in btree::entries(&md.tm, md.sb.details_root, ValueKind::Details)? {
+        for (dev, v) in btree::entries(&md.tm, md.sb.details_root, DETAILS)? {
             let dev = ThinId::try_from(dev)
                 .map_err(|_| Error::corrupt(format!("device details: id {dev} is not 32-bit")))?;
             md.details.insert(dev, DeviceDetails::decode(&v));
         }
-        for (dev, v) in btree::entries(&md.tm, md.sb.mapping_root, ValueKind::DeviceRoot)? {
+        for (dev, v) in btree::entries(&md.tm, md.sb.mapping_root, DeviceRoot)? {
             let dev = ThinId::try_from(dev).map_err(|_| {
                 Error::corrupt(format!("mapping tree: device id {dev} is not 32-bit"))
             })?;
@@ -540,7 +537,7 @@ impl ThinMetadata {
         }
         self.room(Room::Growth, self.costs().device)?;
         self.mutate(|md| {
-            let root = btree::empty_tree(&mut md.tm, ValueKind::Mapping)?;
+            let root = btree::empty_tree(&mut md.tm, BlockTime)?;
             md.add_device(dev, root, 0)
         })
     }
@@ -551,7 +548,7 @@ impl ThinMetadata {
             self.sb.mapping_root,
             u64::from(dev),
             &root.to_le_bytes(),
-            ValueKind::DeviceRoot,
+            DeviceRoot,
         )?;
         if old.is_some() {
             return fail(
@@ -604,20 +601,12 @@ impl ThinMetadata {
         let root = self.root(dev)?;
         self.room(Room::Freeing, self.costs().device)?;
         self.mutate(|md| {
-            let (top, _stale) = btree::remove(
-                &mut md.tm,
-                md.sb.mapping_root,
-                u64::from(dev),
-                ValueKind::DeviceRoot,
-            )?;
+            let (top, _stale) =
+                btree::remove(&mut md.tm, md.sb.mapping_root, u64::from(dev), DeviceRoot)?;
             md.sb.mapping_root = top;
-            btree::delete_tree(&mut md.tm, root, ValueKind::Mapping)?;
-            let (details_root, _) = btree::remove(
-                &mut md.tm,
-                md.sb.details_root,
-                u64::from(dev),
-                ValueKind::Details,
-            )?;
+            btree::delete_tree(&mut md.tm, root, BlockTime)?;
+            let (details_root, _) =
+                btree::remove(&mut md.tm, md.sb.details_root, u64::from(dev), DETAILS)?;
             md.sb.details_root = details_root;
             md.superblock_changed = true;
             md.roots.remove(&dev);
@@ -634,7 +623,7 @@ impl ThinMetadata {
         let details = self.device_details(dev)?;
         let root = self.root(dev)?;
         Ok(
-            btree::lookup_u64(&self.tm, root, vblock, ValueKind::Mapping)?.map(|v| {
+            btree::lookup_u64(&self.tm, root, vblock, BlockTime)?.map(|v| {
                 let (data_block, time) = unpack_block_time(v);
                 Mapping {
                     data_block,
@@ -649,24 +638,17 @@ impl ThinMetadata {
         let details = self.device_details(dev)?;
         let root = self.root(dev)?;
         let mut out = Vec::new();
-        btree::iterate(
-            &self.tm,
-            root,
-            ValueKind::Mapping,
-            begin,
-            end,
-            &mut |k, v| {
-                let (data_block, time) = unpack_block_time(read_u64(v, 0));
-                out.push((
-                    k,
-                    Mapping {
-                        data_block,
-                        shared: details.snapshotted_time > time,
-                    },
-                ));
-                Ok(true)
-            },
-        )?;
+        btree::iterate(&self.tm, root, BlockTime, begin, end, &mut |k, v| {
+            let (data_block, time) = unpack_block_time(read_u64(v, 0));
+            out.push((
+                k,
+                Mapping {
+                    data_block,
+                    shared: details.snapshotted_time > time,
+                },
+            ));
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -690,7 +672,7 @@ impl ThinMetadata {
             self.sb.mapping_root,
             u64::from(dev),
             &root.to_le_bytes(),
-            ValueKind::DeviceRoot,
+            DeviceRoot,
         )?;
         self.sb.mapping_root = top;
         Ok(())
@@ -717,17 +699,12 @@ impl ThinMetadata {
         self.mutate(|md| {
             let root = md.prepare_device(dev)?;
             let value = pack_block_time(data_block, md.sb.time);
-            let (new_root, old) = btree::insert(
-                &mut md.tm,
-                root,
-                vblock,
-                &value.to_le_bytes(),
-                ValueKind::Mapping,
-            )?;
+            let (new_root, old) =
+                btree::insert(&mut md.tm, root, vblock, &value.to_le_bytes(), BlockTime)?;
             md.set_root(dev, new_root);
             md.unmapped_allocs.remove(&data_block);
             match old {
-                Some(old) => ValueKind::Mapping.dec(&mut md.tm, &old)?,
+                Some(old) => BlockTime.dec(&mut md.tm, &old)?,
                 None => {
                     if let Some(d) = md.details.get_mut(&dev) {
                         d.mapped_blocks += 1;
@@ -748,11 +725,11 @@ impl ThinMetadata {
 
     fn remove_one(&mut self, dev: ThinId, vblock: u64) -> Result<Option<Unmapped>> {
         let root = self.root(dev)?;
-        if btree::lookup(&self.tm, root, vblock, ValueKind::Mapping)?.is_none() {
+        if btree::lookup(&self.tm, root, vblock, BlockTime)?.is_none() {
             return Ok(None);
         }
         let root = self.prepare_device(dev)?;
-        let (new_root, removed) = btree::remove(&mut self.tm, root, vblock, ValueKind::Mapping)?;
+        let (new_root, removed) = btree::remove(&mut self.tm, root, vblock, BlockTime)?;
         self.set_root(dev, new_root);
         let Some(v) = removed else { return Ok(None) };
         let (data_block, _) = unpack_block_time(read_u64(&v, 0));
@@ -945,7 +922,7 @@ impl ThinMetadata {
                     self.sb.details_root,
                     u64::from(dev),
                     &d.encode(),
-                    ValueKind::Details,
+                    DETAILS,
                 )?;
                 self.sb.details_root = root;
             }
@@ -961,7 +938,7 @@ impl ThinMetadata {
         for &b in &hidden {
             self.tm.data_sm.dec(b)?;
         }
-        let written = self.tm.write_space_maps();
+        let written = sm_disk::write_space_maps(&mut self.tm);
         for &b in &hidden {
             self.tm.data_sm.inc(b)?;
         }
@@ -1013,8 +990,8 @@ impl ThinMetadata {
         }
         self.mutate(|md| {
             let snap = Superblock::decode(&*md.tm.read(s, BlockKind::Superblock)?)?;
-            btree::delete_tree(&mut md.tm, snap.mapping_root, ValueKind::DeviceRoot)?;
-            btree::delete_tree(&mut md.tm, snap.details_root, ValueKind::Details)?;
+            btree::delete_tree(&mut md.tm, snap.mapping_root, DeviceRoot)?;
+            btree::delete_tree(&mut md.tm, snap.details_root, DETAILS)?;
             md.tm.meta_sm.dec(s)?;
             md.sb.metadata_snap = 0;
             md.superblock_changed = true;
@@ -1055,21 +1032,14 @@ impl ThinMetadata {
     /// Calls `visit` with the data block of every mapping of a device.
     fn for_each_data_block(&self, dev: ThinId, visit: &mut dyn FnMut(usize)) -> Result<()> {
         let root = self.root(dev)?;
-        btree::iterate(
-            &self.tm,
-            root,
-            ValueKind::Mapping,
-            0,
-            u64::MAX,
-            &mut |_, v| {
-                let (b, _) = unpack_block_time(read_u64(v, 0));
-                // A block past the address space cannot index the count; check reports it.
-                if let Ok(b) = usize::try_from(b) {
-                    visit(b);
-                }
-                Ok(true)
-            },
-        )?;
+        btree::iterate(&self.tm, root, BlockTime, 0, u64::MAX, &mut |_, v| {
+            let (b, _) = unpack_block_time(read_u64(v, 0));
+            // A block past the address space cannot index the count; check reports it.
+            if let Ok(b) = usize::try_from(b) {
+                visit(b);
+            }
+            Ok(true)
+        })?;
         Ok(())
     }
 
@@ -1077,18 +1047,11 @@ impl ThinMetadata {
     pub fn device_mappings(&self, dev: ThinId) -> Result<Vec<(u64, u64, u32)>> {
         let root = self.root(dev)?;
         let mut out = Vec::new();
-        btree::iterate(
-            &self.tm,
-            root,
-            ValueKind::Mapping,
-            0,
-            u64::MAX,
-            &mut |k, v| {
-                let (b, t) = unpack_block_time(read_u64(v, 0));
-                out.push((k, b, t));
-                Ok(true)
-            },
-        )?;
+        btree::iterate(&self.tm, root, BlockTime, 0, u64::MAX, &mut |k, v| {
+            let (b, t) = unpack_block_time(read_u64(v, 0));
+            out.push((k, b, t));
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -1131,7 +1094,7 @@ impl ThinMetadata {
                 md.tm.data_sm.inc(data_block)?;
                 values.extend_from_slice(&pack_block_time(data_block, time).to_le_bytes());
             }
-            let root = btree::bulk_build(&mut md.tm, ValueKind::Mapping, &keys, &values)?;
+            let root = btree::bulk_build(&mut md.tm, BlockTime, &keys, &values)?;
             md.add_device(dev, root, mappings.len() as u64)?;
             let d = md.details.get_mut(&dev).expect("just added");
             *d = DeviceDetails {
@@ -1168,7 +1131,7 @@ impl ThinMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pdata::block_io::MemBlockIo;
+    use crate::pdata::mem_block_io::MemBlockIo;
 
     fn pool() -> ThinMetadata {
         ThinMetadata::format(Arc::new(MemBlockIo::new(512)), 128, 10_000).unwrap()

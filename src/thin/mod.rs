@@ -6,6 +6,7 @@ pub mod damage;
 pub mod delta;
 pub mod metadata;
 pub mod superblock;
+pub mod values;
 pub mod xml;
 
 pub use metadata::{DeviceDetails, Mapping, MetadataStatus, ThinId, ThinMetadata, Unmapped};

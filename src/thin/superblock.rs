@@ -3,7 +3,7 @@
 use super::super::pdata::block_io::{zeroed_block, Block, BlockIo};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pdata::checksum::{read_u32, read_u64, verify, write_u32, write_u64, BlockKind};
-use crate::pdata::tm::SmRoot;
+use crate::pdata::sm_disk::SmRoot;
 
 pub const THIN_MAGIC: u64 = 27_022_010;
 pub const SUPERBLOCK_LOCATION: u64 = 0;

@@ -14,13 +14,14 @@ use quick_xml::Reader;
 
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::pdata::block_io::BlockIo;
-use crate::pdata::btree::{self, ValueKind};
+use crate::pdata::btree;
 use crate::pdata::checksum::{read_u64, BlockKind};
 use crate::pdata::space_map::SpaceMap;
 use crate::pdata::tm::TransactionManager;
 
-use super::metadata::{unpack_block_time, DeviceDetails, ThinId, ThinMetadata};
+use super::metadata::{DeviceDetails, ThinId, ThinMetadata};
 use super::superblock::Superblock;
+use super::values::{unpack_block_time, BlockTime, DeviceRoot, DETAILS};
 
 fn write_err(e: std::io::Error) -> Error {
     Error::io("writing XML", e)
@@ -96,7 +97,7 @@ fn dump_devices(
             out: &mut *out,
             run: None,
         };
-        btree::iterate(tm, *root, ValueKind::Mapping, 0, u64::MAX, &mut |k, v| {
+        btree::iterate(tm, *root, BlockTime, 0, u64::MAX, &mut |k, v| {
             let (data, time) = unpack_block_time(read_u64(v, 0));
             runs.push(k, data, time).map_err(write_err)?;
             Ok(true)
@@ -141,11 +142,11 @@ pub fn dump_metadata_snap(io: Arc<dyn BlockIo>, out: &mut impl Write) -> Result<
     }
     let sb = Superblock::decode(&*tm.read(live.metadata_snap, BlockKind::Superblock)?)?;
     let mut details = std::collections::BTreeMap::new();
-    for (dev, v) in btree::entries(&tm, sb.details_root, ValueKind::Details)? {
+    for (dev, v) in btree::entries(&tm, sb.details_root, DETAILS)? {
         details.insert(dev, DeviceDetails::decode(&v));
     }
     let mut devices = Vec::new();
-    for (dev, v) in btree::entries(&tm, sb.mapping_root, ValueKind::DeviceRoot)? {
+    for (dev, v) in btree::entries(&tm, sb.mapping_root, DeviceRoot)? {
         let d = details.get(&dev).copied().ok_or_else(|| {
             Error::corrupt(format!(
                 "metadata snapshot: mapping tree has device {dev} with no details"
@@ -534,7 +535,7 @@ pub fn restore(xml: &mut impl BufRead, io: Arc<dyn BlockIo>) -> Result<ThinMetad
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pdata::block_io::MemBlockIo;
+    use crate::pdata::mem_block_io::MemBlockIo;
 
     const SAMPLE: &str = r#"<superblock uuid="" time="1" transaction="5" flags="0" version="2" data_block_size="128" nr_data_blocks="1000">
   <device dev_id="1" mapped_blocks="4" transaction="0" creation_time="0" snap_time="1">

@@ -7,7 +7,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use thinnbd::pdata::block_io::{Block, BlockIo, MemBlockIo, BLOCK_SIZE};
+use thinnbd::pdata::block_io::{Block, BlockIo, BLOCK_SIZE};
+use thinnbd::pdata::mem_block_io::MemBlockIo;
 use thinnbd::thin::ThinMetadata;
 use thinnbd::{Error, ErrorKind, Result};
 
