@@ -407,8 +407,12 @@ impl Ctx<'_> {
         set(&mut tls.certificates, s.tls_certificates.map(non_empty));
         set(&mut tls.verify_peer, s.tls_verify_peer);
         set(&mut tls.psk, s.tls_psk.map(non_empty));
-        tls.validate()
-            .map_err(|(key, why)| self.bad(&format!("server.{key}"), why))?;
+        // Credentials may still come from the command line (`serve` checks the end result);
+        // once the file names some, they must make sense together.
+        if tls.certificates.is_some() || tls.psk.is_some() {
+            tls.validate()
+                .map_err(|(key, why)| self.bad(&format!("server.{key}"), why))?;
+        }
         Ok(())
     }
 
@@ -830,9 +834,11 @@ mod tests {
         assert_eq!(c.server.tls.certificates, Some(PathBuf::from("/etc/t")));
         assert!(c.server.tls.verify_peer);
         assert_eq!(c.server.handshake_timeout, Duration::from_secs(5));
+        // Credentials may come with the command line.
+        let on = Config::from_toml("[server]\ntls = \"on\"\n", "f.toml").unwrap();
+        assert_eq!(on.server.tls.mode, TlsMode::On);
         for (text, key) in [
             ("tls = \"yes\"", "server.tls"),
-            ("tls = \"on\"", "server.tls"),
             (
                 "tls_verify_peer = true\ntls_psk = \"k\"",
                 "server.tls_verify_peer",

@@ -21,7 +21,7 @@ use openssl::ssl::{
 };
 use openssl::x509::store::X509Lookup;
 use openssl::x509::verify::X509VerifyFlags;
-use openssl::x509::{X509Name, X509NameRef, X509Ref};
+use openssl::x509::{X509Name, X509NameRef, X509Ref, X509VerifyResult};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_openssl::SslStream;
 
@@ -158,16 +158,21 @@ impl TlsCredentials {
         let ssl = Ssl::new(&context).map_err(|e| tls_error("starting a TLS session", e))?;
         let mut tls =
             SslStream::new(ssl, stream).map_err(|e| tls_error("starting a TLS session", e))?;
-        Pin::new(&mut tls).accept().await.map_err(|e| {
-            let why = match e.ssl_error() {
+        if let Err(e) = Pin::new(&mut tls).accept().await {
+            let mut why = match e.ssl_error() {
                 Some(stack) => stack.to_string(),
                 None => e.to_string(),
             };
-            Error::new(
+            // The error stack says only "certificate verify failed"; this says why.
+            let verified = tls.ssl().verify_result();
+            if verified != X509VerifyResult::OK {
+                why = format!("client certificate: {verified} ({why})");
+            }
+            return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!("TLS handshake failed: {why}"),
-            )
-        })?;
+            ));
+        }
         let ssl = tls.ssl();
         let peer = match ssl.ex_data(psk_user_index()?) {
             Some(user) => PeerIdentity::Psk(user.clone()),

@@ -117,20 +117,23 @@ where
     match established {
         Established::Ended(how) => Ok(how),
         Established::Plain(stream, n) => {
-            started(peer, &n, export);
+            started(peer, &n, None, export);
             transmission(stream, n, shared, stop).await
         }
         Established::Tls(stream, n) => {
-            started(peer, &n, export);
+            started(peer, &n, Some(stream.ssl().version_str()), export);
             transmission(stream, n, shared, stop).await
         }
     }
 }
 
-/// Logs the start of transmission.
-fn started(peer: &str, n: &Negotiated, export: &mut Option<String>) {
-    let tls = n.identity.as_ref().map(|i| i.to_string());
-    info!(%peer, export = %n.name, tls = tls.as_deref().unwrap_or("off"), "client connected");
+/// Logs the start of transmission, with the TLS version and peer when TLS is on.
+fn started(peer: &str, n: &Negotiated, tls_version: Option<&str>, export: &mut Option<String>) {
+    let tls = match (&n.identity, tls_version) {
+        (Some(identity), Some(version)) => format!("{version} {identity}"),
+        _ => "off".to_owned(),
+    };
+    info!(%peer, export = %n.name, %tls, "client connected");
     debug!(%peer, export = %n.name, structured = n.structured, "transmission started");
     *export = Some(n.name.clone());
 }
