@@ -34,7 +34,7 @@ pub const DEFAULT_MAX_INFLIGHT_PER_CONNECTION: usize = 64;
 /// Limits of the server. `Default` gives the shipped config's values.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Clients served at once; more wait in the listen backlog.
+    /// Clients served at once; more wait (within `handshake_timeout`) after their handshake.
     pub max_connections: usize,
     /// Requests being executed per connection; the connection stops reading past it.
     pub max_inflight_per_connection: usize,
