@@ -53,6 +53,18 @@ fn serve(pool: &TestPool, config: &str, args: &[&str]) -> Server {
     )
 }
 
+/// A server that requires TLS and client certificates.
+fn verify_peer_server(pool: &TestPool, creds: &Credentials, config: &str) -> Server {
+    let args = [
+        "--tls",
+        "require",
+        "--tls-certificates",
+        p(&creds.server),
+        "--tls-verify-peer",
+    ];
+    serve(pool, config, &args)
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
 }
@@ -165,17 +177,7 @@ fn x509_clients_with_verified_certificates_read_and_write() {
         return;
     };
     let (pool, creds) = pool_and_credentials();
-    let server = serve(
-        &pool,
-        "",
-        &[
-            "--tls",
-            "require",
-            "--tls-certificates",
-            p(&creds.server),
-            "--tls-verify-peer",
-        ],
-    );
+    let server = verify_peer_server(&pool, &creds, "");
     let certs = format!("tls-certificates={}", creds.client.display());
     nbdinfo_over_tls(&nbds(&server, "", "v", &certs));
     nbdinfo_over_tls(&nbds_unix(&server, "", "v", &certs));
@@ -250,17 +252,7 @@ fn bad_x509_clients_are_turned_away_with_a_reason_and_the_server_goes_on() {
         return;
     }
     let (pool, creds) = pool_and_credentials();
-    let server = serve(
-        &pool,
-        "handshake_timeout_secs = 2",
-        &[
-            "--tls",
-            "require",
-            "--tls-certificates",
-            p(&creds.server),
-            "--tls-verify-peer",
-        ],
-    );
+    let server = verify_peer_server(&pool, &creds, "handshake_timeout_secs = 2");
     let good = nbds(
         &server,
         "",

@@ -63,6 +63,21 @@ fn openssl(dir: &Path, args: &[&str]) {
     run(Command::new("openssl").current_dir(dir).args(args));
 }
 
+/// `openssl req` with a new P-256 key (fast to make), and `args`.
+fn new_key_and_request(dir: &Path, args: &[&str]) {
+    let req = [
+        "req",
+        "-config",
+        "ca.cnf",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(dir, &req.iter().chain(args).copied().collect::<Vec<_>>());
+}
+
 impl Ca {
     /// A new CA (P-256 keys, fast to make) named `name` in `dir`.
     pub fn new(dir: &Path, name: &str) -> Ca {
@@ -71,32 +86,21 @@ impl Ca {
         fs::write(dir.join("index.txt"), "").unwrap();
         fs::write(dir.join("serial"), "1000\n").unwrap();
         fs::write(dir.join("crlnumber"), "1000\n").unwrap();
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-config",
-                "ca.cnf",
-                "-extensions",
-                "ca_ext",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca-key.pem",
-                "-out",
-                "ca-cert.pem",
-                "-days",
-                "30",
-                "-subj",
-            ]
-            .into_iter()
-            .chain([format!("/CN={name}").as_str()])
-            .collect::<Vec<_>>(),
-        );
+        let subject = format!("/CN={name}");
+        let self_signed = [
+            "-x509",
+            "-extensions",
+            "ca_ext",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "30",
+            "-subj",
+            &subject,
+        ];
+        new_key_and_request(dir, &self_signed);
         Ca {
             dir: dir.to_path_buf(),
         }
@@ -115,35 +119,17 @@ impl Ca {
     ) {
         let csr = self.dir.join(format!("{cn}.csr"));
         let subject = format!("/CN={cn}");
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-new",
-                "-config",
-                "ca.cnf",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                path(key),
-                "-out",
-                path(&csr),
-                "-subj",
-                &subject,
-            ],
-        );
+        let request = [
+            "-new",
+            "-keyout",
+            path(key),
+            "-out",
+            path(&csr),
+            "-subj",
+            &subject,
+        ];
+        new_key_and_request(&self.dir, &request);
         let mut args = vec![
-            "ca",
-            "-batch",
-            "-config",
-            "ca.cnf",
-            "-cert",
-            "ca-cert.pem",
-            "-keyfile",
-            "ca-key.pem",
             "-extfile",
             "ca.cnf",
             "-extensions",
@@ -156,44 +142,35 @@ impl Ca {
         if let Some((start, end)) = dates {
             args.extend(["-startdate", start, "-enddate", end]);
         }
-        openssl(&self.dir, &args);
+        self.ca(&args);
     }
 
     /// Revokes `cert` and writes the CRL to `crl`.
     pub fn revoke(&self, cert: &Path, crl: &Path) {
-        openssl(
-            &self.dir,
-            &[
-                "ca",
-                "-config",
-                "ca.cnf",
-                "-cert",
-                "ca-cert.pem",
-                "-keyfile",
-                "ca-key.pem",
-                "-revoke",
-                path(cert),
-            ],
-        );
+        self.ca(&["-revoke", path(cert)]);
         self.write_crl(crl);
     }
 
     /// Writes the current CRL to `crl`.
     pub fn write_crl(&self, crl: &Path) {
+        self.ca(&["-gencrl", "-out", path(crl)]);
+    }
+
+    /// `openssl ca` as this CA, with `args`.
+    fn ca(&self, args: &[&str]) {
+        let ca = [
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca-cert.pem",
+            "-keyfile",
+            "ca-key.pem",
+        ];
         openssl(
             &self.dir,
-            &[
-                "ca",
-                "-config",
-                "ca.cnf",
-                "-cert",
-                "ca-cert.pem",
-                "-keyfile",
-                "ca-key.pem",
-                "-gencrl",
-                "-out",
-                path(crl),
-            ],
+            &ca.iter().chain(args).copied().collect::<Vec<_>>(),
         );
     }
 
