@@ -200,3 +200,42 @@ impl Drop for HandshakeSlot {
 pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_handshake_table_drops_its_oldest_entry_and_frees_places_on_drop() {
+        let slots = Arc::new(HandshakeSlots::new(2));
+        let mut first = slots.enter("a");
+        let mut second = slots.enter("b");
+        let empty = Err(oneshot::error::TryRecvError::Empty);
+        assert_eq!(first.evicted.try_recv(), empty);
+        let mut third = slots.enter("c");
+        // The oldest gave way; the others keep their places.
+        assert_eq!(
+            first.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(
+            second.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        // A place given up is free again: nobody is pushed out by the next one.
+        drop(second);
+        let mut fourth = slots.enter("d");
+        assert_eq!(
+            third.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        assert_eq!(
+            fourth.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        drop(first);
+        let waiting = slots.waiting.lock().unwrap();
+        let peers: Vec<&str> = waiting.iter().map(|w| w.peer.as_str()).collect();
+        assert_eq!(peers, ["c", "d"]);
+    }
+}
