@@ -23,6 +23,7 @@ use serde::Deserialize;
 
 use crate::engine::EngineConfig;
 use crate::error::{Error, ErrorKind, Result};
+use crate::nbd::tls::TlsMode;
 use crate::nbd::ServerConfig;
 use crate::util::parse_size;
 
@@ -95,6 +96,11 @@ struct RawServer {
     max_request_size: Option<String>,
     busy_poll_us: Option<u64>,
     thread_per_connection: Option<bool>,
+    handshake_timeout_secs: Option<u64>,
+    tls: Option<String>,
+    tls_certificates: Option<PathBuf>,
+    tls_verify_peer: Option<bool>,
+    tls_psk: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -382,6 +388,31 @@ impl Ctx<'_> {
             server.busy_poll_max = poll;
         }
         set(&mut server.thread_per_connection, s.thread_per_connection);
+        if let Some(secs) = s.handshake_timeout_secs {
+            if secs == 0 {
+                return Err(self.bad("server.handshake_timeout_secs", "must be at least 1"));
+            }
+            server.handshake_timeout = Duration::from_secs(secs);
+        }
+        let tls = &mut server.tls;
+        if let Some(mode) = s.tls {
+            tls.mode = TlsMode::parse(&mode).ok_or_else(|| {
+                self.bad(
+                    "server.tls",
+                    format!("{mode:?} is not \"off\", \"on\" or \"require\""),
+                )
+            })?;
+        }
+        let non_empty = |p: PathBuf| Some(p).filter(|p| !p.as_os_str().is_empty());
+        set(&mut tls.certificates, s.tls_certificates.map(non_empty));
+        set(&mut tls.verify_peer, s.tls_verify_peer);
+        set(&mut tls.psk, s.tls_psk.map(non_empty));
+        // Credentials may still come from the command line (`serve` checks the end result);
+        // once the file names some, they must make sense together.
+        if tls.certificates.is_some() || tls.psk.is_some() {
+            tls.validate()
+                .map_err(|(key, why)| self.bad(&format!("server.{key}"), why))?;
+        }
         Ok(())
     }
 
@@ -459,6 +490,14 @@ pub struct Overrides {
     pub listen: Vec<SocketAddr>,
     /// `--socket PATH`.
     pub socket: Option<PathBuf>,
+    /// `--tls off|on|require`.
+    pub tls: Option<TlsMode>,
+    /// `--tls-certificates DIR`.
+    pub tls_certificates: Option<PathBuf>,
+    /// `--tls-verify-peer`.
+    pub tls_verify_peer: bool,
+    /// `--tls-psk FILE`.
+    pub tls_psk: Option<PathBuf>,
 }
 
 impl Config {
@@ -481,6 +520,14 @@ impl Config {
             }
             self.listen.socket = overrides.socket;
         }
+        let tls = &mut self.server.tls;
+        set(&mut tls.mode, overrides.tls);
+        // Credentials given on the command line replace the config's, of either kind.
+        if overrides.tls_certificates.is_some() || overrides.tls_psk.is_some() {
+            tls.certificates = overrides.tls_certificates;
+            tls.psk = overrides.tls_psk;
+        }
+        tls.verify_peer |= overrides.tls_verify_peer;
     }
 
     pub fn load(path: &Path) -> Result<Config> {
@@ -768,10 +815,64 @@ mod tests {
             create: true,
             listen: vec![addr],
             socket: Some("/run/t.sock".into()),
+            ..Overrides::default()
         });
         assert!(c.pool.create_if_missing);
         assert_eq!(c.listen.tcp, vec![addr]);
         assert_eq!(c.listen.socket, Some(PathBuf::from("/run/t.sock")));
+    }
+
+    #[test]
+    fn tls_keys_name_themselves_when_wrong() {
+        let c = Config::from_toml(
+            "[server]\ntls = \"require\"\ntls_certificates = \"/etc/t\"\n\
+             tls_verify_peer = true\nhandshake_timeout_secs = 5\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(c.server.tls.mode, TlsMode::Require);
+        assert_eq!(c.server.tls.certificates, Some(PathBuf::from("/etc/t")));
+        assert!(c.server.tls.verify_peer);
+        assert_eq!(c.server.handshake_timeout, Duration::from_secs(5));
+        // Credentials may come with the command line.
+        let on = Config::from_toml("[server]\ntls = \"on\"\n", "f.toml").unwrap();
+        assert_eq!(on.server.tls.mode, TlsMode::On);
+        for (text, key) in [
+            ("tls = \"yes\"", "server.tls"),
+            (
+                "tls_verify_peer = true\ntls_psk = \"k\"",
+                "server.tls_verify_peer",
+            ),
+            (
+                "tls_psk = \"k\"\ntls_certificates = \"d\"",
+                "server.tls_psk",
+            ),
+            (
+                "handshake_timeout_secs = 0",
+                "server.handshake_timeout_secs",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("[server]\n{text}\n"), "f.toml").unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(key) && msg.contains("f.toml"), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn tls_flags_replace_the_configs_credentials() {
+        let mut c =
+            Config::from_toml("[server]\ntls = \"on\"\ntls_psk = \"/k\"\n", "f.toml").unwrap();
+        c.apply(Overrides {
+            tls: Some(TlsMode::Require),
+            tls_certificates: Some("/d".into()),
+            tls_verify_peer: true,
+            ..Overrides::default()
+        });
+        assert_eq!(c.server.tls.mode, TlsMode::Require);
+        assert_eq!(c.server.tls.certificates, Some(PathBuf::from("/d")));
+        assert_eq!(c.server.tls.psk, None);
+        assert!(c.server.tls.verify_peer);
+        assert!(c.server.tls.validate().is_ok());
     }
 
     #[test]

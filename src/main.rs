@@ -171,6 +171,22 @@ struct ServeArgs {
     /// ./thinnbd-pool is created on first start).
     #[arg(long)]
     create: bool,
+    /// TLS: off, on (clients choose) or require (overrides server.tls).
+    #[arg(long, value_name = "off|on|require", value_parser = tls_mode_value)]
+    tls: Option<thinnbd::nbd::tls::TlsMode>,
+    /// A directory with ca-cert.pem, server-cert.pem, server-key.pem and optionally ca-crl.pem.
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// Require client certificates, checked against ca-cert.pem and ca-crl.pem.
+    #[arg(long)]
+    tls_verify_peer: bool,
+    /// A file of username:hexkey lines (the keys.psk of nbdkit and qemu).
+    #[arg(long, value_name = "FILE")]
+    tls_psk: Option<PathBuf>,
+}
+
+fn tls_mode_value(text: &str) -> Result<thinnbd::nbd::tls::TlsMode, String> {
+    thinnbd::nbd::tls::TlsMode::parse(text).ok_or_else(|| "must be off, on or require".to_owned())
 }
 
 #[derive(Subcommand)]
@@ -675,6 +691,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 create: args.create,
                 listen: args.listen.iter().flat_map(|a| a.0.clone()).collect(),
                 socket: args.socket,
+                tls: args.tls,
+                tls_certificates: args.tls_certificates,
+                tls_verify_peer: args.tls_verify_peer,
+                tls_psk: args.tls_psk,
             });
             init_logging(&config.log_level);
             let rt = tokio::runtime::Builder::new_multi_thread()

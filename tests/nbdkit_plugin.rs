@@ -581,3 +581,48 @@ fn past_the_end_and_large_requests_answer_as_under_thinnbd_serve() {
         nbdkit.proc.log()
     );
 }
+
+/// nbdkit does the TLS (`--tls=require` with X.509 certificates, or with a PSK file) in front of
+/// the plugin; nbdinfo reads the pool through it, and a client without TLS gets nothing.
+#[test]
+fn the_plugin_under_nbdkits_tls() {
+    if !require_tools(&["nbdkit", "nbdinfo", "openssl"]) {
+        return;
+    }
+    let pool = TestPool::with_volumes(&[("disk", "16M")]);
+    let creds = common::tls::Credentials::make(&pool.path("creds"));
+    let server_dir = creds.server.display().to_string();
+    let psk_file = creds.psk.display().to_string();
+    for (nbdkit_args, query, user) in [
+        (
+            ["--tls=require", "--tls-certificates", &server_dir],
+            format!("tls-certificates={}", creds.client.display()),
+            "",
+        ),
+        (
+            ["--tls=require", "--tls-psk", &psk_file],
+            format!("tls-psk-file={psk_file}"),
+            "alice@",
+        ),
+    ] {
+        let mut nbdkit = Nbdkit::start_tcp(&pool, &nbdkit_args, &[]);
+        let Endpoint::Tcp(port) = nbdkit.endpoint else {
+            unreachable!("started on TCP")
+        };
+        let uri = format!("nbds://{user}localhost:{port}/disk?{query}");
+        let info = stdout_of(Command::new("nbdinfo").arg(&uri));
+        assert!(info.contains("with TLS"), "{info}");
+        assert!(info.contains("export-size: 16777216"), "{info}");
+        let plain = Command::new("nbdinfo")
+            .arg(nbdkit.uri("disk"))
+            .output()
+            .unwrap();
+        assert!(!plain.status.success(), "a client without TLS was served");
+        let status = nbdkit.proc.stop();
+        assert!(
+            status.success(),
+            "nbdkit exit: {status}\n{}",
+            nbdkit.proc.log()
+        );
+    }
+}

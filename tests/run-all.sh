@@ -12,6 +12,10 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdsh >/dev/null || need+=(python3-libnbd)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v fio >/dev/null || need+=(fio)
+command -v openssl >/dev/null || need+=(openssl)
+# The openssl crate (TLS) builds against the system's OpenSSL, found by pkg-config.
+command -v pkg-config >/dev/null || need+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -1,7 +1,8 @@
 //! The NBD protocol: the wire codec (`codec`, no I/O), the backend seam (`backend`), an
 //! in-memory backend for tests (`memory`, built only for tests and the `testing` feature) and
 //! the tokio server: `server` accepts clients, `connection` serves each, and both read `shared`
-//! (limits, export source, shutdown).
+//! (limits, export source, TLS credentials, connection slots, shutdown). `tls` holds the TLS
+//! settings, credentials and handshake.
 //!
 //! `errno_of` is the one place where an error kind becomes an NBD errno.
 
@@ -13,12 +14,13 @@ mod connection;
 pub mod memory;
 pub mod server;
 mod shared;
+pub mod tls;
 
 pub use backend::{
     extents_at, preferred_block_size, BlockSizes, ExportBackend, ExportInfo, ExportSource, Extent,
     WriteTurns,
 };
-pub use server::{serve, Listener};
+pub use server::{serve, serve_with_tls, Listener};
 pub use shared::{
     ServerConfig, DEFAULT_BUSY_POLL_MAX, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT_PER_CONNECTION, DEFAULT_MAX_REQUEST_BYTES,

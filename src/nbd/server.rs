@@ -1,8 +1,9 @@
 //! The NBD server: listeners, the connection cap, and graceful shutdown.
 //!
-//! One accept task per listener; each accepted client becomes a connection (`connection`)
-//! holding a permit of the connection semaphore, on a thread of its own by default (see
-//! `ServerConfig::thread_per_connection`). Shutdown is a watch channel
+//! One accept task per listener; each accepted client becomes a connection (`connection`) on a
+//! thread of its own by default (see `ServerConfig::thread_per_connection`). It holds a place
+//! among the connections in their handshake until it has taken a slot under
+//! `max_connections` (see `shared::HandshakeSlots`). Shutdown is a watch channel
 //! every task listens to; `serve` returns once every connection task has dropped its handle on
 //! the `done` channel (the mini-redis pattern).
 
@@ -13,13 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::backend::ExportSource;
 use super::connection;
-use super::shared::{stopped, ServerConfig, Shared};
+use super::shared::{stopped, HandshakeSlot, ServerConfig, Shared};
+use super::tls::TlsCredentials;
 
 /// A bound socket the server accepts clients on.
 pub enum Listener {
@@ -73,11 +75,22 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_with_tls(listeners, source, config, None, shutdown).await
+}
+
+/// `serve` with TLS credentials (`None`: TLS off); their mode says whether TLS is optional or
+/// required.
+pub async fn serve_with_tls(
+    listeners: Vec<Listener>,
+    source: Arc<dyn ExportSource>,
+    config: ServerConfig,
+    tls: Option<Arc<TlsCredentials>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let config = config.sane();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let connections = Arc::new(Semaphore::new(config.max_connections));
-    let shared = Arc::new(Shared { source, config });
+    let shared = Arc::new(Shared::new(source, config, tls));
 
     let mut accepters = JoinSet::new();
     for listener in listeners {
@@ -85,7 +98,6 @@ pub async fn serve(
         accepters.spawn(accept_loop(
             listener,
             Arc::clone(&shared),
-            Arc::clone(&connections),
             stop_rx.clone(),
             done_tx.clone(),
         ));
@@ -105,16 +117,12 @@ pub async fn serve(
 async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
-    connections: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
     // Unix peers have no address; a number tells their log lines apart.
     let mut unix_clients = 0u64;
     loop {
-        // Accept first, then wait for a slot: with several listeners sharing the cap, a loop
-        // that held a permit while waiting in accept() would starve the others. At most one
-        // accepted client per listener waits for a slot; the rest wait in the backlog.
         let accepted = tokio::select! {
             _ = stopped(&mut stop) => return,
             a = accept(&listener) => a,
@@ -132,40 +140,43 @@ async fn accept_loop(
                 continue;
             }
         };
-        let permit = tokio::select! {
-            _ = stopped(&mut stop) => return,
-            p = Arc::clone(&connections).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+        // Its slot under `max_connections` the connection takes after its handshake.
+        let entry = Entry {
+            slot: shared.handshakes.enter(&peer),
+            peer,
+            shared: Arc::clone(&shared),
+            stop: stop.clone(),
         };
-        let finished = (permit, done.clone());
+        let finished = done.clone();
         if shared.config.thread_per_connection {
-            spawn_on_own_thread(stream, peer, Arc::clone(&shared), stop.clone(), finished);
+            spawn_on_own_thread(stream, entry, finished);
         } else {
-            let (shared, stop) = (Arc::clone(&shared), stop.clone());
             tokio::spawn(async move {
-                run_accepted(stream, peer, shared, stop).await;
+                let permit = run_accepted(stream, entry).await;
+                drop(permit);
                 drop(finished);
             });
         }
     }
 }
 
-/// What a connection holds until it ends: its slot under the connection cap, and its handle
-/// on the channel `serve` waits on for every connection to finish.
-type Finished = (OwnedSemaphorePermit, mpsc::Sender<()>);
+/// What a connection holds until it ends: its handle on the channel `serve` waits on for
+/// every connection to finish.
+type Finished = mpsc::Sender<()>;
+
+/// What an accepted connection starts with.
+struct Entry {
+    peer: String,
+    slot: HandshakeSlot,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+}
 
 /// Runs the connection on a new thread with a current-thread runtime. The socket moves to
 /// that runtime's I/O driver (through the std type), so its wake-ups land on the same thread
 /// as the tasks they wake.
-fn spawn_on_own_thread(
-    stream: Accepted,
-    peer: String,
-    shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
-    finished: Finished,
-) {
+fn spawn_on_own_thread(stream: Accepted, entry: Entry, finished: Finished) {
+    let peer = entry.peer.clone();
     let detached = match stream.into_std() {
         Ok(s) => s,
         Err(e) => {
@@ -177,7 +188,7 @@ fn spawn_on_own_thread(
         .name("nbd-conn".to_owned())
         .spawn(move || {
             // A connection never runs more blocking requests at once than it has in flight.
-            let blocking_threads = shared.config.max_inflight_per_connection;
+            let blocking_threads = entry.shared.config.max_inflight_per_connection;
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .max_blocking_threads(blocking_threads)
@@ -189,15 +200,19 @@ fn spawn_on_own_thread(
                     return;
                 }
             };
-            runtime.block_on(async move {
+            let permit = runtime.block_on(async move {
                 match detached.into_tokio() {
-                    Ok(stream) => run_accepted(stream, peer, shared, stop).await,
-                    Err(e) => warn!(%peer, error = %e, "could not register the connection"),
+                    Ok(stream) => run_accepted(stream, entry).await,
+                    Err(e) => {
+                        warn!(%peer, error = %e, "could not register the connection");
+                        None
+                    }
                 }
             });
             // The runtime's blocking threads finish the requests they run before it drops,
             // so the connection's slot is given back only after its last request.
             drop(runtime);
+            drop(permit);
             drop(finished);
         });
     if let Err(e) = spawned {
@@ -206,22 +221,19 @@ fn spawn_on_own_thread(
     }
 }
 
-async fn run_accepted(
-    stream: Accepted,
-    peer: String,
-    shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
-) {
+/// Runs the connection; its slot under `max_connections` comes back, for the caller to
+/// give up once nothing of the connection runs any more.
+async fn run_accepted(stream: Accepted, e: Entry) -> Option<connection::Slot> {
     match stream {
         Accepted::Tcp(s) => {
             // Replies are whole frames; Nagle would only add latency.
             let _ = s.set_nodelay(true);
-            connection::run(s, peer, shared, stop).await;
+            connection::run(s, e.peer, e.slot, e.shared, e.stop).await
         }
         Accepted::Unix(s) => {
             // Best effort: the kernel caps it at net.core.wmem_max.
             let _ = socket2::SockRef::from(&s).set_send_buffer_size(UNIX_SEND_BUFFER);
-            connection::run(s, peer, shared, stop).await
+            connection::run(s, e.peer, e.slot, e.shared, e.stop).await
         }
     }
 }

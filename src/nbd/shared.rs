@@ -1,13 +1,18 @@
 //! What the server and each of its connections share: the limits (`ServerConfig`), the export
-//! source, and the shutdown switch every task listens to. Its own module so that the server
-//! depends on the connection and both on this, never the connection on the server.
+//! source, the TLS credentials, the connection slots (established ones and those still in
+//! their handshake, counted apart) and the shutdown switch every task listens to. Its own module
+//! so that the server depends on the connection and both on this, never the connection on the
+//! server.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use super::backend::ExportSource;
+use super::tls::{TlsCredentials, TlsSettings};
 
 /// Longest busy-poll window: above the wake-up latency of an idle virtual CPU (tens of
 /// microseconds), so that a one-request-at-a-time client is caught by the poll.
@@ -29,7 +34,7 @@ pub const DEFAULT_MAX_INFLIGHT_PER_CONNECTION: usize = 64;
 /// Limits of the server. `Default` gives the shipped config's values.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Clients served at once; more wait in the listen backlog.
+    /// Clients served at once; more wait (within `handshake_timeout`) after their handshake.
     pub max_connections: usize,
     /// Requests being executed per connection; the connection stops reading past it.
     pub max_inflight_per_connection: usize,
@@ -39,7 +44,8 @@ pub struct ServerConfig {
     pub max_inflight_bytes_per_connection: usize,
     /// Largest read or write one request may carry; advertised as the maximum block size.
     pub max_request_bytes: u32,
-    /// Time a client has to finish option negotiation.
+    /// Time a client has to finish its handshake (option negotiation, the TLS handshake, and
+    /// waiting for a slot under `max_connections`).
     pub handshake_timeout: Duration,
     /// On shutdown, how long a connection may take to send the replies of requests already
     /// accepted (a client that does not read them would otherwise hold shutdown up forever).
@@ -53,6 +59,8 @@ pub struct ServerConfig {
     /// sending one request at a time, the shared pool's workers traded their tasks and ran
     /// 2-3x slower. Costs a thread (and its blocking pool) per client.
     pub thread_per_connection: bool,
+    /// TLS: off, on or required, and where the credentials are.
+    pub tls: TlsSettings,
 }
 
 /// The `[server]` keys at the values of the shipped `config/thinnbd.toml` (the config's tests
@@ -68,6 +76,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             busy_poll_max: DEFAULT_BUSY_POLL_MAX,
             thread_per_connection: true,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -90,9 +99,143 @@ impl ServerConfig {
 pub(super) struct Shared {
     pub source: Arc<dyn ExportSource>,
     pub config: ServerConfig,
+    /// `None` when TLS is off.
+    pub tls: Option<Arc<TlsCredentials>>,
+    /// Slots of established connections (`max_connections`); a connection takes one once its
+    /// handshake is done.
+    pub connections: Arc<Semaphore>,
+    /// Connections still in their handshake, counted apart so that clients that connect and
+    /// say nothing cannot take the slots of the ones being served.
+    pub handshakes: Arc<HandshakeSlots>,
+}
+
+impl Shared {
+    pub fn new(
+        source: Arc<dyn ExportSource>,
+        config: ServerConfig,
+        tls: Option<Arc<TlsCredentials>>,
+    ) -> Shared {
+        Shared {
+            source,
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            handshakes: Arc::new(HandshakeSlots::new(config.max_connections)),
+            config,
+            tls,
+        }
+    }
+}
+
+/// Connections in their handshake, oldest first. When all slots are taken, a new connection
+/// takes the slot of the oldest: a client that opens a connection and says nothing is cut off
+/// (at the latest) when `limit` newer connections came after it, instead of keeping honest
+/// clients from their greeting until `handshake_timeout`. An honest handshake takes a few
+/// round trips, so it is rarely the oldest.
+pub(super) struct HandshakeSlots {
+    limit: usize,
+    next_id: AtomicU64,
+    waiting: Mutex<VecDeque<InHandshake>>,
+}
+
+struct InHandshake {
+    id: u64,
+    peer: String,
+    /// Dropped to tell the connection it gave way.
+    _evict: oneshot::Sender<()>,
+}
+
+/// A connection's place among those in their handshake; `evicted` resolves when it gave way
+/// to a newer one. Dropping it frees the place.
+pub(super) struct HandshakeSlot {
+    slots: Arc<HandshakeSlots>,
+    id: u64,
+    pub evicted: oneshot::Receiver<()>,
+}
+
+impl HandshakeSlots {
+    fn new(limit: usize) -> HandshakeSlots {
+        HandshakeSlots {
+            limit: limit.max(1),
+            next_id: AtomicU64::new(0),
+            waiting: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// A place for `peer`'s handshake, taken from the oldest one when none is free.
+    pub fn enter(self: &Arc<Self>, peer: &str) -> HandshakeSlot {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (evict, evicted) = oneshot::channel();
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting.len() >= self.limit {
+            if let Some(oldest) = waiting.pop_front() {
+                tracing::warn!(
+                    peer = %oldest.peer,
+                    limit = self.limit,
+                    "too many connections in their handshake: dropping the oldest"
+                );
+            }
+        }
+        waiting.push_back(InHandshake {
+            id,
+            peer: peer.to_owned(),
+            _evict: evict,
+        });
+        HandshakeSlot {
+            slots: Arc::clone(self),
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut waiting = self.slots.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = waiting.iter().position(|w| w.id == self.id) {
+            waiting.remove(at);
+        }
+    }
 }
 
 /// Resolves once shutdown is requested (or the server is gone).
 pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_handshake_table_drops_its_oldest_entry_and_frees_places_on_drop() {
+        let slots = Arc::new(HandshakeSlots::new(2));
+        let mut first = slots.enter("a");
+        let mut second = slots.enter("b");
+        let empty = Err(oneshot::error::TryRecvError::Empty);
+        assert_eq!(first.evicted.try_recv(), empty);
+        let mut third = slots.enter("c");
+        // The oldest gave way; the others keep their places.
+        assert_eq!(
+            first.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(
+            second.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        // A place given up is free again: nobody is pushed out by the next one.
+        drop(second);
+        let mut fourth = slots.enter("d");
+        assert_eq!(
+            third.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        assert_eq!(
+            fourth.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        drop(first);
+        let waiting = slots.waiting.lock().unwrap();
+        let peers: Vec<&str> = waiting.iter().map(|w| w.peer.as_str()).collect();
+        assert_eq!(peers, ["c", "d"]);
+    }
 }

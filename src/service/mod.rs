@@ -1,5 +1,6 @@
 //! `thinnbd serve`: opens (or creates) the pool directory, serves every volume over NBD on the
-//! configured listeners and the control socket, and shuts down cleanly on SIGINT/SIGTERM.
+//! configured listeners and the control socket, reloads its TLS credentials on SIGHUP, and shuts
+//! down cleanly on SIGINT/SIGTERM.
 
 pub mod control;
 pub mod exports;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::nbd::tls::{TlsCredentials, TlsMode};
 use crate::nbd::{self, Listener};
 use crate::volume::{no_pool_in, CreateOptions, PoolPaths, Volumes};
 
@@ -86,12 +88,72 @@ async fn shutdown_signal() {
     }
 }
 
+fn load_tls(config: &Config) -> Result<Option<Arc<TlsCredentials>>> {
+    let settings = &config.server.tls;
+    if let Err((key, why)) = settings.validate() {
+        return Err(Error::new(
+            crate::ErrorKind::InvalidInput,
+            format!("server.{key} (--{}): {why}", key.replace('_', "-")),
+        ));
+    }
+    let tls = TlsCredentials::load(settings)?;
+    if let Some(t) = &tls {
+        tracing::info!(mode = ?t.mode(), "TLS credentials loaded");
+    }
+    Ok(tls)
+}
+
+/// A listener others than this host can reach, serving clients that may not use TLS, is
+/// worth a warning: their data crosses the network in clear.
+fn warn_clear_listeners(listeners: &[Listener], mode: Option<TlsMode>) {
+    if mode == Some(TlsMode::Require) {
+        return;
+    }
+    for l in listeners {
+        if let Listener::Tcp(tcp) = l {
+            if tcp.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+                tracing::warn!(
+                    listener = %l.describe(),
+                    "serving beyond this host without --tls=require: clients may send data in clear"
+                );
+            }
+        }
+    }
+}
+
+/// SIGHUP reads the TLS credentials again; connections already up keep theirs, and a file that
+/// does not load leaves the old credentials in use. The handler is in place when this returns.
+fn reload_on_sighup(tls: Arc<TlsCredentials>) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| Error::io("installing the SIGHUP handler".to_owned(), e))?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            reload(&tls).await;
+        }
+    }))
+}
+
+async fn reload(tls: &Arc<TlsCredentials>) {
+    let t = Arc::clone(tls);
+    match tokio::task::spawn_blocking(move || t.reload()).await {
+        Ok(Ok(())) => tracing::info!("SIGHUP: TLS credentials reloaded"),
+        Ok(Err(e)) => tracing::error!(
+            error = %e,
+            "SIGHUP: TLS credentials not reloaded, the old ones stay in use"
+        ),
+        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed"),
+    }
+}
+
 /// Runs the server until a signal, then finishes in-flight requests, commits and returns.
 pub async fn run(config: Config) -> Result<()> {
     // Before the pool is opened (or created): a path that is not ours to take stops the start.
     if let Some(path) = &config.listen.socket {
         crate::util::remove_stale_socket(path)?;
     }
+    // Before the pool is opened: bad TLS settings or files stop the start.
+    let tls = load_tls(&config)?;
     let cfg = config.clone();
     let volumes = tokio::task::spawn_blocking(move || open_or_create(&cfg))
         .await
@@ -125,7 +187,15 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!(pool = %volumes.paths().dir.display(), listen = %wheres.join(" "), volumes = %names, "serving");
     let default_export = config.pool.default_export();
     let source = Arc::new(exports::VolumeExports::new(volumes.clone(), default_export));
-    nbd::serve(listeners, source, config.server, shutdown_signal()).await;
+    warn_clear_listeners(&listeners, tls.as_ref().map(|t| t.mode()));
+    let reloader = match &tls {
+        Some(t) => Some(reload_on_sighup(Arc::clone(t))?),
+        None => None,
+    };
+    nbd::serve_with_tls(listeners, source, config.server, tls, shutdown_signal()).await;
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     if let Some(control) = control {
         control.abort();
         let _ = std::fs::remove_file(&control_path);

@@ -17,6 +17,7 @@ pub mod process;
 pub mod qemu;
 pub mod server;
 pub mod small_fs;
+pub mod tls;
 pub mod tools;
 
 // The helpers most test crates use, by their short names.

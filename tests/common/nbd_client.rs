@@ -79,7 +79,7 @@ impl Client {
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         s.set_nodelay(true)?;
-        Client::greeted(Box::new(s))
+        Client::greet(Box::new(s))
     }
 
     /// [`Client::connect_tcp`] over a unix socket.
@@ -87,10 +87,11 @@ impl Client {
         let s = UnixStream::connect(path).expect("connect unix");
         s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-        Client::greeted(Box::new(s)).expect("greet over unix")
+        Client::greet(Box::new(s)).expect("greet over unix")
     }
 
-    fn greeted(mut s: Box<dyn Stream>) -> io::Result<Client> {
+    /// Reads the greeting on `s` and answers it; the client is then in option negotiation.
+    pub fn greet(mut s: Box<dyn Stream>) -> io::Result<Client> {
         let mut g = [0u8; GREETING_LEN];
         s.read_exact(&mut g)?;
         let handshake_flags =

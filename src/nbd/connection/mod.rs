@@ -1,5 +1,9 @@
 //! One client connection, from handshake to hang-up: `negotiation` (the fixed newstyle
-//! handshake), then the transmission phase, which this module sets up and winds down.
+//! handshake, with the TLS handshake in it when the client starts TLS), then the transmission
+//! phase, which this module sets up and winds down. The handshake is bounded in time and holds
+//! a place among the connections in their handshake (`shared::HandshakeSlots`); the slot under
+//! `max_connections` is taken at its end. Transmission is generic over the stream, so a plain
+//! connection pays nothing for TLS.
 //!
 //! In transmission the connection's task only reads (`reader`): it decodes a request, takes
 //! permits (requests in flight, payload bytes in flight), reads a write payload and dispatches
@@ -20,69 +24,152 @@ mod writer;
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::backend::{ExportBackend, WriteTurns};
-use super::shared::{stopped, Shared};
+use super::shared::{stopped, HandshakeSlot, Shared};
 use crate::error::{Error, ErrorKind, Result};
 use buffers::Buffers;
-use negotiation::{handshake, Negotiated};
+use negotiation::{greet, negotiate, Negotiated, Outcome};
 use writer::Outgoing;
 
 /// The id of `base:allocation`, the only metadata context.
 const BASE_ALLOCATION_ID: u32 = 1;
 
+/// A connection's slot under `max_connections`.
+pub(super) type Slot = OwnedSemaphorePermit;
+
 /// Runs a connection to its end; never fails (errors are logged). The connect line waits for
 /// the handshake so that it can name the export; connect and disconnect lines both name it,
-/// so an operator can tell which volume a client was using.
+/// so an operator can tell which volume a client was using. The connection's slot comes back
+/// for the caller to give up once nothing of the connection runs any more.
 pub(super) async fn run<S>(
     stream: S,
     peer: String,
+    handshake_slot: HandshakeSlot,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-) where
+) -> Option<Slot>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut export = None;
-    let outcome = serve(stream, &peer, shared, stop, &mut export).await;
+    let mut slot = None;
+    let outcome = serve(
+        stream,
+        &peer,
+        handshake_slot,
+        shared,
+        stop,
+        &mut export,
+        &mut slot,
+    )
+    .await;
     let export = export.as_deref().unwrap_or(NO_EXPORT);
     match outcome {
         Ok(how) => info!(%peer, %export, "client disconnected ({how})"),
         Err(e) => info!(%peer, %export, error = %e, "client disconnected"),
     }
+    slot
 }
 
 /// The export named on the disconnect line of a client that never chose one.
 const NO_EXPORT: &str = "(none)";
 
 async fn serve<S>(
-    mut stream: S,
+    stream: S,
     peer: &str,
+    mut handshake_slot: HandshakeSlot,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     export: &mut Option<String>,
+    slot: &mut Option<Slot>,
 ) -> Result<&'static str>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = shared.config.handshake_timeout;
-    let negotiated = tokio::select! {
+    let handshake = async {
+        let established = establish(stream, peer, &shared).await?;
+        if matches!(established, Established::Ended(_)) {
+            return Ok((established, None));
+        }
+        // Waiting for a slot is part of the handshake: bounded by its timeout, and a waiting
+        // client gives way like any other in its handshake.
+        let taken = Arc::clone(&shared.connections).acquire_owned().await;
+        Ok::<_, Error>((established, taken.ok()))
+    };
+    let (established, taken) = tokio::select! {
         _ = stopped(&mut stop) => return Ok("server shutting down during handshake"),
-        r = tokio::time::timeout(timeout, handshake(&mut stream, peer, &shared)) => match r {
+        _ = &mut handshake_slot.evicted => {
+            return Ok("dropped in its handshake: too many connections in their handshake")
+        }
+        r = tokio::time::timeout(timeout, handshake) => match r {
             Err(_) => return Ok("handshake timed out"),
             Ok(r) => r?,
         },
     };
-    let Some(n) = negotiated else {
-        return Ok("no export chosen");
+    drop(handshake_slot);
+    *slot = taken;
+    match established {
+        Established::Ended(how) => Ok(how),
+        Established::Plain(stream, n) => {
+            started(peer, &n, None, export);
+            transmission(stream, n, shared, stop).await
+        }
+        Established::Tls(stream, n) => {
+            started(peer, &n, Some(stream.ssl().version_str()), export);
+            transmission(stream, n, shared, stop).await
+        }
+    }
+}
+
+/// Logs the start of transmission, with the TLS version and peer when TLS is on.
+fn started(peer: &str, n: &Negotiated, tls_version: Option<&str>, export: &mut Option<String>) {
+    let tls = match (&n.identity, tls_version) {
+        (Some(identity), Some(version)) => format!("{version} {identity}"),
+        _ => "off".to_owned(),
     };
-    info!(%peer, export = %n.name, "client connected");
+    info!(%peer, export = %n.name, %tls, "client connected");
     debug!(%peer, export = %n.name, structured = n.structured, "transmission started");
     *export = Some(n.name.clone());
-    transmission(stream, n, shared, stop).await
+}
+
+/// How a handshake ended: an export chosen over the plain stream or over TLS, or nothing.
+enum Established<S> {
+    Plain(S, Negotiated),
+    Tls(tokio_openssl::SslStream<S>, Negotiated),
+    Ended(&'static str),
+}
+
+/// The greeting, options, and when the client starts TLS, the TLS handshake and options again.
+async fn establish<S>(mut stream: S, peer: &str, shared: &Shared) -> Result<Established<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = greet(&mut stream).await?;
+    match negotiate(&mut stream, peer, shared, no_zeroes, None).await? {
+        Outcome::Export(n) => return Ok(Established::Plain(stream, n)),
+        Outcome::NoExport => return Ok(Established::Ended("no export chosen")),
+        Outcome::StartTls => {}
+    }
+    let Some(tls) = &shared.tls else {
+        return protocol_error("STARTTLS without TLS credentials");
+    };
+    let (mut stream, identity) = tls.accept(stream).await?;
+    debug!(%peer, %identity, version = stream.ssl().version_str(), "TLS handshake done");
+    match negotiate(&mut stream, peer, shared, no_zeroes, Some(&identity)).await? {
+        Outcome::Export(n) => Ok(Established::Tls(stream, n)),
+        Outcome::NoExport => {
+            // close_notify, so that the client sees a clean end of the TLS session.
+            let _ = stream.shutdown().await;
+            Ok(Established::Ended("no export chosen"))
+        }
+        Outcome::StartTls => protocol_error("STARTTLS over TLS"),
+    }
 }
 
 fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -237,10 +324,11 @@ mod tests {
         tokio::task::JoinHandle<Result<&'static str>>,
         watch::Sender<bool>,
     ) {
-        let shared = Arc::new(Shared {
-            source: Arc::new(crate::nbd::memory::MemorySource::new()),
-            config: crate::nbd::ServerConfig::default(),
-        });
+        let shared = Arc::new(Shared::new(
+            Arc::new(crate::nbd::memory::MemorySource::new()),
+            crate::nbd::ServerConfig::default(),
+            None,
+        ));
         let (client, server) = tokio::io::duplex(4 << 20);
         let (stop_tx, stop_rx) = watch::channel(false);
         let n = Negotiated {
@@ -249,6 +337,7 @@ mod tests {
             flags: 0,
             structured: false,
             base_allocation: false,
+            identity: None,
         };
         (
             client,

@@ -1,5 +1,7 @@
 //! Option negotiation (the fixed newstyle handshake): the greeting, then options until the
-//! client picks an export (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`) or gives up.
+//! client picks an export (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`), gives up, or starts TLS
+//! (`NBD_OPT_STARTTLS`: the caller wraps the stream and negotiates again from scratch, over
+//! TLS). With TLS required, nothing but STARTTLS and ABORT is answered in clear.
 
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::backend::{BlockSizes, ExportBackend};
 use crate::nbd::codec::*;
 use crate::nbd::shared::Shared;
+use crate::nbd::tls::{PeerIdentity, TlsMode};
 
 /// Option data larger than this is not a real client; the connection is closed.
 const MAX_OPTION_DATA: u32 = 64 << 10;
@@ -22,6 +25,17 @@ pub(super) struct Negotiated {
     pub(super) flags: u16,
     pub(super) structured: bool,
     pub(super) base_allocation: bool,
+    /// Who the client proved to be over TLS (`None`: in clear).
+    pub(super) identity: Option<PeerIdentity>,
+}
+
+/// How a round of option negotiation ended.
+pub(super) enum Outcome {
+    Export(Negotiated),
+    /// The client ended negotiation without choosing an export.
+    NoExport,
+    /// STARTTLS was acknowledged: the TLS handshake comes next, then negotiation starts over.
+    StartTls,
 }
 
 /// Negotiation state across options.
@@ -30,6 +44,8 @@ struct Options<'a> {
     structured: bool,
     /// The export `base:allocation` was selected for by SET_META_CONTEXT, if any.
     meta_export: Option<String>,
+    /// The TLS peer, once TLS is up (what an access check in `resolve` would look at).
+    identity: Option<&'a PeerIdentity>,
 }
 
 impl Options<'_> {
@@ -74,6 +90,7 @@ impl Options<'_> {
             flags,
             structured: self.structured,
             base_allocation,
+            identity: self.identity.cloned(),
         }
     }
 }
@@ -85,12 +102,8 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, reply: OptionReply) -> Resu
         .map_err(io_err("sending option reply"))
 }
 
-/// Fixed newstyle negotiation. `None` when the client ends it without choosing an export.
-pub(super) async fn handshake<S>(
-    stream: &mut S,
-    peer: &str,
-    shared: &Shared,
-) -> Result<Option<Negotiated>>
+/// The greeting and the client's flags; whether the client asked for no zeroes comes back.
+pub(super) async fn greet<S>(stream: &mut S) -> Result<bool>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -107,11 +120,28 @@ where
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return protocol_error(format!("unknown client flags {client_flags:#x}"));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+}
+
+/// Fixed newstyle option negotiation, in clear (`identity` `None`) or over TLS. Every round
+/// starts from no state: what was negotiated before STARTTLS does not carry over.
+pub(super) async fn negotiate<S>(
+    stream: &mut S,
+    peer: &str,
+    shared: &Shared,
+    no_zeroes: bool,
+    identity: Option<&PeerIdentity>,
+) -> Result<Outcome>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let tls_mode = shared.tls.as_ref().map(|t| t.mode());
+    let tls_required = tls_mode == Some(TlsMode::Require) && identity.is_none();
     let mut opts = Options {
         shared,
         structured: false,
         meta_export: None,
+        identity,
     };
 
     loop {
@@ -130,6 +160,33 @@ where
             .await
             .map_err(io_err("reading option data"))?;
         let option = header.option;
+        if option == OPT_STARTTLS && tls_mode.is_some() {
+            let refusal = if identity.is_some() {
+                Some("TLS is already on")
+            } else if !data.is_empty() {
+                Some("STARTTLS takes no data")
+            } else {
+                None
+            };
+            match refusal {
+                Some(msg) => send(stream, OptionReply::error(option, REP_ERR_INVALID, msg)).await?,
+                None => {
+                    send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
+                    return Ok(Outcome::StartTls);
+                }
+            }
+            continue;
+        }
+        if tls_required && option != OPT_ABORT {
+            debug!(%peer, option, "option before STARTTLS refused: TLS is required");
+            if option == OPT_EXPORT_NAME {
+                // No error reply exists for it: the session ends.
+                return protocol_error("NBD_OPT_EXPORT_NAME before STARTTLS: TLS is required");
+            }
+            let msg = "TLS is required: start it with NBD_OPT_STARTTLS";
+            send(stream, OptionReply::error(option, REP_ERR_TLS_REQD, msg)).await?;
+            continue;
+        }
         let request = match OptionRequest::decode(option, &data) {
             Ok(r) => r,
             Err(e) if option == OPT_EXPORT_NAME => return Err(e),
@@ -151,7 +208,7 @@ where
                     Ok(found) => found,
                     Err(e) => {
                         debug!(%peer, error = %e, "EXPORT_NAME for unknown export");
-                        return Ok(None);
+                        return Ok(Outcome::NoExport);
                     }
                 };
                 let n = opts.negotiated(name, backend);
@@ -160,12 +217,12 @@ where
                     .write_all(&reply)
                     .await
                     .map_err(io_err("sending export info"))?;
-                return Ok(Some(n));
+                return Ok(Outcome::Export(n));
             }
             OptionRequest::Abort => {
                 // The client may already be gone; the ACK is a courtesy.
                 let _ = send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await;
-                return Ok(None);
+                return Ok(Outcome::NoExport);
             }
             OptionRequest::List => {
                 for e in shared.source.list() {
@@ -202,7 +259,7 @@ where
                 }
                 send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
                 if go {
-                    return Ok(Some(opts.negotiated(name, backend)));
+                    return Ok(Outcome::Export(opts.negotiated(name, backend)));
                 }
             }
             OptionRequest::MetaContext {
