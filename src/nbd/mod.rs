@@ -17,8 +17,8 @@ pub mod server;
 mod shared;
 
 pub use backend::{
-    extents_at, preferred_block_size, BlockSizes, ExportBackend, ExportInfo, ExportSource, Extent,
-    WriteTurns,
+    extents_at, preferred_block_size, BlockSizes, ContextExtent, ExportBackend, ExportInfo,
+    ExportSource, Extent, WriteTurns, MAX_CONTEXT_EXTENTS,
 };
 pub use server::{serve, Listener};
 pub use shared::{

@@ -2,14 +2,19 @@
 //! volumes and `ExportBackend` over one active volume. Both frontends, the NBD server
 //! (`thinnbd serve`) and the nbdkit plugin, serve through it, so every rule about what a
 //! volume does as an export lives here once: the fast-zero refusal, `cache` as a metadata
-//! walk, the preferred block size, extents, and which writes may take the engine's quick path.
-//! The frontends never reach the engine themselves.
+//! walk, the preferred block size, extents, which writes may take the engine's quick path,
+//! and the `qemu:dirty-bitmap:NAME` context each volume offers for every other volume of its
+//! snapshot family (the blocks the two map differently). The frontends never reach the engine
+//! themselves.
 
 use std::sync::Arc;
 
 use crate::engine::NOWAIT_WRITE_MAX;
 use crate::error::{fail, ErrorKind, Result};
-use crate::nbd::{ExportBackend, ExportInfo, ExportSource, Extent};
+use crate::nbd::codec::{META_DIRTY_BITMAP_PREFIX, STATE_DIRTY};
+use crate::nbd::{
+    ContextExtent, ExportBackend, ExportInfo, ExportSource, Extent, MAX_CONTEXT_EXTENTS,
+};
 use crate::volume::{ActiveVolume, Volumes};
 
 /// Every volume of a pool, one export each.
@@ -64,6 +69,7 @@ impl ExportSource for VolumeExports {
         Ok(Arc::new(VolumeExport {
             active,
             block_size: self.volumes.pool().block_size(),
+            volumes: Arc::clone(&self.volumes),
         }))
     }
 }
@@ -84,6 +90,33 @@ pub fn describe(name: &str, size: u64, origin: Option<&str>, read_only: bool) ->
 pub struct VolumeExport {
     active: Arc<ActiveVolume>,
     block_size: u64,
+    /// Where the volume's snapshot family is looked up, afresh for every request: a volume
+    /// deleted since the client chose its context fails the request instead of answering
+    /// from a stale list.
+    volumes: Arc<Volumes>,
+}
+
+impl VolumeExport {
+    /// The family member a `qemu:dirty-bitmap:NAME` context compares against, as it is now.
+    fn bitmap_reference(&self, context: &str) -> Result<crate::thin::metadata::ThinId> {
+        let not_offered = || {
+            fail(
+                ErrorKind::NotFound,
+                format!(
+                    "metadata context {context:?}: no such snapshot related to volume {:?} (deleted?)",
+                    self.active.name
+                ),
+            )
+        };
+        let Some(name) = context.strip_prefix(META_DIRTY_BITMAP_PREFIX) else {
+            return not_offered();
+        };
+        let family = self.volumes.family(&self.active.name)?;
+        match family.into_iter().find(|v| v.name == name) {
+            Some(v) => Ok(v.thin_id),
+            None => not_offered(),
+        }
+    }
 }
 
 impl ExportBackend for VolumeExport {
@@ -153,6 +186,60 @@ impl ExportBackend for VolumeExport {
             .into_iter()
             .map(|(length, mapped)| Extent::new(length, mapped))
             .collect())
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        match self.volumes.family(&self.active.name) {
+            Ok(family) => family
+                .into_iter()
+                .map(|v| format!("{META_DIRTY_BITMAP_PREFIX}{}", v.name))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(volume = %self.active.name, "listing its family: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Dirty where the two volumes may differ: blocks mapped by one only, or to different data
+    /// blocks. The walk passes over subtrees the two share, so its cost follows the change.
+    fn context_status(&self, context: &str, offset: u64, len: u64) -> Result<Vec<ContextExtent>> {
+        let reference = self.bitmap_reference(context)?;
+        let bs = self.block_size;
+        let end = offset.saturating_add(len);
+        let mut extents = Vec::new();
+        let mut at = offset;
+        let mut cut_short = false;
+        let blocks = offset / bs..end.div_ceil(bs);
+        (self.volumes.pool()).changed_blocks(
+            reference,
+            self.active.thin.id(),
+            blocks,
+            &mut |first, count| {
+                let start = (first * bs).max(offset);
+                let stop = first.saturating_add(count).saturating_mul(bs).min(end);
+                if start > at {
+                    extents.push(ContextExtent {
+                        length: start - at,
+                        flags: 0,
+                    });
+                }
+                extents.push(ContextExtent {
+                    length: stop - start,
+                    flags: STATE_DIRTY,
+                });
+                at = stop;
+                cut_short = extents.len() >= MAX_CONTEXT_EXTENTS;
+                Ok(!cut_short)
+            },
+        )?;
+        if at < end && !cut_short {
+            extents.push(ContextExtent {
+                length: end - at,
+                flags: 0,
+            });
+        }
+        Ok(extents)
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
