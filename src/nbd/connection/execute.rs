@@ -304,6 +304,9 @@ fn descriptors(req: &Request, runs: impl Iterator<Item = (u64, u32)>) -> Vec<Blo
     let mut remaining = req.length;
     let mut out: Vec<BlockDescriptor> = Vec::new();
     for (length, flags) in runs {
+        if remaining == 0 {
+            break;
+        }
         let length = u32::try_from(length).unwrap_or(u32::MAX).min(remaining);
         if length == 0 {
             continue;
@@ -427,6 +430,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A long answer is cut at the limit (the client asks again from where it ends), never
+    /// past the request; runs of one state are joined; REQ_ONE keeps the first.
+    #[test]
+    fn block_descriptors_stay_within_the_request_and_the_limit() {
+        let request = |flags, length| Request {
+            flags,
+            command: Command::BlockStatus,
+            cookie: 1,
+            offset: 0,
+            length,
+        };
+        let alternating = || (0..).map(|i: u64| (4096, u32::from(i % 2 == 1)));
+        let d = descriptors(
+            &request(0, u32::MAX),
+            alternating().take(3 * MAX_CONTEXT_EXTENTS),
+        );
+        assert_eq!(d.len(), MAX_CONTEXT_EXTENTS);
+        assert!(d.iter().all(|d| d.length == 4096));
+        let d = descriptors(&request(0, 10_000), alternating());
+        let lengths: Vec<u32> = d.iter().map(|d| d.length).collect();
+        assert_eq!(lengths, [4096, 4096, 10_000 - 8192]);
+        let joined = [(4096, 1), (4096, 1), (u64::MAX, 0)].into_iter();
+        let d = descriptors(&request(CMD_FLAG_REQ_ONE, 1 << 20), joined);
+        assert_eq!(
+            d,
+            [BlockDescriptor {
+                length: 8192,
+                flags: 1
+            }]
+        );
+        assert_eq!(descriptors(&request(0, 4096), [(0, 1)].into_iter()), []);
     }
 
     #[test]

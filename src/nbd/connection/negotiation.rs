@@ -357,3 +357,60 @@ fn info_replies(
     });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selected(set: bool, queries: &[&str], offered: &[&str]) -> Vec<(u32, String)> {
+        let queries: Vec<String> = queries.iter().map(|q| q.to_string()).collect();
+        let offered: Vec<String> = offered.iter().map(|o| o.to_string()).collect();
+        select_contexts(set, &queries, &offered).contexts
+    }
+
+    fn named(pairs: &[(u32, &str)]) -> Vec<(u32, String)> {
+        pairs.iter().map(|&(id, n)| (id, n.to_owned())).collect()
+    }
+
+    #[test]
+    fn list_takes_namespaces_and_prefixes_set_takes_exact_names() {
+        let offered = ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"];
+        let all = named(&[
+            (BASE_ALLOCATION_ID, META_BASE_ALLOCATION),
+            (0, "qemu:dirty-bitmap:a"),
+            (0, "qemu:dirty-bitmap:b"),
+        ]);
+        assert_eq!(selected(false, &[], &offered), all);
+        assert_eq!(selected(false, &["qemu:"], &offered), all[1..]);
+        assert_eq!(selected(false, &["qemu"], &offered), all[1..]);
+        assert_eq!(selected(false, &["qemu:dirty-bitmap:"], &offered), all[1..]);
+        assert_eq!(selected(false, &["base:", "base"], &offered), all[..1]);
+        for nothing in ["qemu:dirty-bit", "qemu:dirty-bitmap:c", "", ":", "x-other:"] {
+            assert_eq!(selected(false, &[nothing], &offered), [], "{nothing:?}");
+        }
+
+        // SET: nothing for no queries, exact names only, each once, ids after base's.
+        assert_eq!(selected(true, &[], &offered), []);
+        assert_eq!(selected(true, &["qemu:", "base:"], &offered), []);
+        assert_eq!(
+            selected(
+                true,
+                &[
+                    "qemu:dirty-bitmap:b",
+                    META_BASE_ALLOCATION,
+                    "qemu:dirty-bitmap:b"
+                ],
+                &offered
+            ),
+            named(&[
+                (BASE_ALLOCATION_ID, META_BASE_ALLOCATION),
+                (BASE_ALLOCATION_ID + 1, "qemu:dirty-bitmap:b"),
+            ])
+        );
+        let both = ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"];
+        let s = select_contexts(true, &both.map(String::from), &offered.map(String::from));
+        assert!(!s.base_allocation);
+        let ids: Vec<u32> = s.contexts.iter().map(|c| c.0).collect();
+        assert_eq!(ids, [BASE_ALLOCATION_ID + 1, BASE_ALLOCATION_ID + 2]);
+    }
+}
