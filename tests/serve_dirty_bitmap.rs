@@ -422,16 +422,10 @@ fn raw_protocol_lists_selects_and_answers_at_the_edges() {
 /// Runs examples/incremental-backup.sh with `args` against the server on `port`.
 fn backup_example(port: u16, args: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/incremental-backup.sh");
-    let bin_dir = Path::new(BIN).parent().expect("bin dir");
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     let out = Command::new("sh")
         .arg(&script)
         .args(args)
-        .env("PATH", path)
+        .env("PATH", path_with_bin())
         .env("THINNBD_PORT", port.to_string())
         .stdin(Stdio::null())
         .output()

@@ -256,9 +256,9 @@ mod tests {
     use crate::nbd::{extents_at, BlockSizes, WriteTurns};
     use crate::volume::CreateOptions;
 
-    /// Runs `test` on a pool of 64 KiB blocks with one 4 MiB volume "v", opened as the
-    /// frontends open it, then shuts the pool down.
-    fn with_export(test: impl FnOnce(&VolumeExports, &dyn ExportBackend)) {
+    /// Runs `test` on a pool of 64 KiB blocks with one 4 MiB volume "v", then shuts the pool
+    /// down.
+    fn with_pool(test: impl FnOnce(&Arc<Volumes>)) {
         let dir = tempfile::tempdir().unwrap();
         let opts = CreateOptions {
             data: None,
@@ -270,11 +270,17 @@ mod tests {
         Volumes::create_pool(dir.path(), &opts, EngineConfig::default()).unwrap();
         let volumes = Volumes::open(dir.path(), EngineConfig::default()).unwrap();
         volumes.create_volume("v", 4 << 20).unwrap();
-        let exports = VolumeExports::new(volumes.clone(), None);
-        let export = exports.open("v").unwrap();
-        test(&exports, export.as_ref());
-        drop(export);
+        test(&volumes);
         volumes.shutdown().unwrap();
+    }
+
+    /// [`with_pool`], with "v" opened as the frontends open it.
+    fn with_export(test: impl FnOnce(&VolumeExports, &dyn ExportBackend)) {
+        with_pool(|volumes| {
+            let exports = VolumeExports::new(volumes.clone(), None);
+            let export = exports.open("v").unwrap();
+            test(&exports, export.as_ref());
+        });
     }
 
     #[test]
@@ -381,67 +387,56 @@ mod tests {
     /// is an error, never a stale answer.
     #[test]
     fn dirty_bitmaps_compare_a_volume_with_each_snapshot_of_its_family() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = CreateOptions {
-            data: None,
-            data_size: 16 << 20,
-            block_size: 64 << 10,
-            metadata_size: None,
-            preallocate: false,
-        };
-        Volumes::create_pool(dir.path(), &opts, EngineConfig::default()).unwrap();
-        let volumes = Volumes::open(dir.path(), EngineConfig::default()).unwrap();
-        volumes.create_volume("v", 4 << 20).unwrap();
-        volumes.create_volume("lone", 4 << 20).unwrap();
-        let exports = VolumeExports::new(volumes.clone(), None);
-        let v = exports.open("v").unwrap();
-        v.write(0, &[1u8; 1 << 20], false).unwrap();
-        volumes.snapshot("v", "s1", true).unwrap();
-        volumes.snapshot("s1", "s1b", true).unwrap();
-        // One whole block overwritten, and 10 bytes that make block 16 differ.
-        v.write(128 << 10, &[2u8; 64 << 10], false).unwrap();
-        v.write((1 << 20) + 100, &[3u8; 10], false).unwrap();
+        with_pool(|volumes| {
+            volumes.create_volume("lone", 4 << 20).unwrap();
+            let exports = VolumeExports::new(volumes.clone(), None);
+            let v = exports.open("v").unwrap();
+            v.write(0, &[1u8; 1 << 20], false).unwrap();
+            volumes.snapshot("v", "s1", true).unwrap();
+            volumes.snapshot("s1", "s1b", true).unwrap();
+            // One whole block overwritten, and 10 bytes that make block 16 differ.
+            v.write(128 << 10, &[2u8; 64 << 10], false).unwrap();
+            v.write((1 << 20) + 100, &[3u8; 10], false).unwrap();
 
-        let bitmap = |name: &str| format!("{META_DIRTY_BITMAP_PREFIX}{name}");
-        assert_eq!(v.meta_contexts(), [bitmap("s1"), bitmap("s1b")]);
-        assert_eq!(
-            exports.open("lone").unwrap().meta_contexts(),
-            [] as [String; 0]
-        );
-        let run = |length: u64, dirty: bool| ContextExtent {
-            length,
-            flags: if dirty { STATE_DIRTY } else { 0 },
-        };
-        assert_eq!(
-            v.context_status(&bitmap("s1"), 0, 4 << 20).unwrap(),
-            [
-                run(128 << 10, false),
-                run(64 << 10, true),
-                run((1 << 20) - (192 << 10), false),
-                run(64 << 10, true),
-                run((3 << 20) - (64 << 10), false),
-            ]
-        );
-        assert_eq!(
-            v.context_status(&bitmap("s1"), 130 << 10, 100 << 10)
-                .unwrap(),
-            [run(62 << 10, true), run(38 << 10, false)]
-        );
-        assert_eq!(
-            v.context_status(&bitmap("s1b"), 0, 64 << 10).unwrap(),
-            [run(64 << 10, false)]
-        );
-        for not_offered in [bitmap("lone"), bitmap("v"), META_BASE_ALLOCATION.to_owned()] {
-            let e = v.context_status(&not_offered, 0, 4096).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::NotFound, "{not_offered}: {e}");
-        }
+            let bitmap = |name: &str| format!("{META_DIRTY_BITMAP_PREFIX}{name}");
+            assert_eq!(v.meta_contexts(), [bitmap("s1"), bitmap("s1b")]);
+            assert_eq!(
+                exports.open("lone").unwrap().meta_contexts(),
+                [] as [String; 0]
+            );
+            let run = |length: u64, dirty: bool| ContextExtent {
+                length,
+                flags: if dirty { STATE_DIRTY } else { 0 },
+            };
+            assert_eq!(
+                v.context_status(&bitmap("s1"), 0, 4 << 20).unwrap(),
+                [
+                    run(128 << 10, false),
+                    run(64 << 10, true),
+                    run((1 << 20) - (192 << 10), false),
+                    run(64 << 10, true),
+                    run((3 << 20) - (64 << 10), false),
+                ]
+            );
+            assert_eq!(
+                v.context_status(&bitmap("s1"), 130 << 10, 100 << 10)
+                    .unwrap(),
+                [run(62 << 10, true), run(38 << 10, false)]
+            );
+            assert_eq!(
+                v.context_status(&bitmap("s1b"), 0, 64 << 10).unwrap(),
+                [run(64 << 10, false)]
+            );
+            for not_offered in [bitmap("lone"), bitmap("v"), META_BASE_ALLOCATION.to_owned()] {
+                let e = v.context_status(&not_offered, 0, 4096).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::NotFound, "{not_offered}: {e}");
+            }
 
-        volumes.delete("s1").unwrap();
-        let e = v.context_status(&bitmap("s1"), 0, 4096).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
-        // s1b lost its origin: a family of its own now.
-        assert_eq!(v.meta_contexts(), [] as [String; 0]);
-        drop(v);
-        volumes.shutdown().unwrap();
+            volumes.delete("s1").unwrap();
+            let e = v.context_status(&bitmap("s1"), 0, 4096).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+            // s1b lost its origin: a family of its own now.
+            assert_eq!(v.meta_contexts(), [] as [String; 0]);
+        });
     }
 }
