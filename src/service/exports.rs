@@ -259,17 +259,22 @@ mod tests {
     /// Runs `test` on a pool of 64 KiB blocks with one 4 MiB volume "v", then shuts the pool
     /// down.
     fn with_pool(test: impl FnOnce(&Arc<Volumes>)) {
+        with_pool_sized(16 << 20, 4 << 20, test);
+    }
+
+    /// [`with_pool`] with `data_size` bytes of data and a "v" of `volume_size`.
+    fn with_pool_sized(data_size: u64, volume_size: u64, test: impl FnOnce(&Arc<Volumes>)) {
         let dir = tempfile::tempdir().unwrap();
         let opts = CreateOptions {
             data: None,
-            data_size: 16 << 20,
+            data_size,
             block_size: 64 << 10,
             metadata_size: None,
             preallocate: false,
         };
         Volumes::create_pool(dir.path(), &opts, EngineConfig::default()).unwrap();
         let volumes = Volumes::open(dir.path(), EngineConfig::default()).unwrap();
-        volumes.create_volume("v", 4 << 20).unwrap();
+        volumes.create_volume("v", volume_size).unwrap();
         test(&volumes);
         volumes.shutdown().unwrap();
     }
@@ -445,38 +450,27 @@ mod tests {
     /// leaves) is found by reading the paths to it and passing over the shared leaves.
     #[test]
     fn a_dirty_bitmap_costs_the_change_not_the_volume() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = CreateOptions {
-            data: None,
-            data_size: 512 << 20,
-            block_size: 64 << 10,
-            metadata_size: None,
-            preallocate: false,
-        };
-        Volumes::create_pool(dir.path(), &opts, EngineConfig::default()).unwrap();
-        let volumes = Volumes::open(dir.path(), EngineConfig::default()).unwrap();
-        volumes.create_volume("v", 256 << 20).unwrap();
-        let exports = VolumeExports::new(volumes.clone(), None);
-        let v = exports.open("v").unwrap();
-        // A little in every block maps all of them (the fresh data file needs no zeroing).
-        for block in 0..4096 {
-            v.write(block << 16, &[5u8; 512], false).unwrap();
-        }
-        let s1 = volumes.snapshot("v", "s1", true).unwrap();
-        v.write(700 << 16, &[6u8; 4096], false).unwrap();
+        with_pool_sized(512 << 20, 256 << 20, |volumes| {
+            let exports = VolumeExports::new(volumes.clone(), None);
+            let v = exports.open("v").unwrap();
+            // A little in every block maps all of them (the fresh data file needs no zeroing).
+            for block in 0..4096 {
+                v.write(block << 16, &[5u8; 512], false).unwrap();
+            }
+            let s1 = volumes.snapshot("v", "s1", true).unwrap();
+            v.write(700 << 16, &[6u8; 4096], false).unwrap();
 
-        let mut runs = Vec::new();
-        let thin_v = volumes.volume("v").unwrap().thin_id;
-        let stats = (volumes.pool())
-            .changed_blocks(s1.thin_id, thin_v, 0..4096, &mut |first, count| {
-                runs.push((first, count));
-                Ok(true)
-            })
-            .unwrap();
-        assert_eq!(runs, [(700, 1)]);
-        assert!(stats.shared_subtrees >= 16, "{stats:?}");
-        assert!(stats.nodes_read <= 8, "{stats:?}");
-        drop(v);
-        volumes.shutdown().unwrap();
+            let mut runs = Vec::new();
+            let thin_v = volumes.volume("v").unwrap().thin_id;
+            let stats = (volumes.pool())
+                .changed_blocks(s1.thin_id, thin_v, 0..4096, &mut |first, count| {
+                    runs.push((first, count));
+                    Ok(true)
+                })
+                .unwrap();
+            assert_eq!(runs, [(700, 1)]);
+            assert!(stats.shared_subtrees >= 16, "{stats:?}");
+            assert!(stats.nodes_read <= 8, "{stats:?}");
+        });
     }
 }
