@@ -298,18 +298,12 @@ fn pool_is_clean_after_a_graceful_stop_under_load() {
 /// Runs examples/nbdcopy-snapshot-backup.sh with a fixed server address.
 fn backup_example(pool: &Path, volume: &str, out: &Path, port: u16) -> std::process::Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nbdcopy-snapshot-backup.sh");
-    let bin_dir = Path::new(BIN).parent().expect("bin dir");
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     Command::new("sh")
         .arg(&script)
         .arg(pool)
         .arg(volume)
         .arg(out)
-        .env("PATH", path)
+        .env("PATH", path_with_bin())
         .env("THINNBD_PORT", port.to_string())
         .stdin(Stdio::null())
         .output()

@@ -374,6 +374,22 @@ impl Pool {
         self.state.read_metadata().run(|c| c.md.exclusive_blocks())
     }
 
+    /// Calls `visit` with each run `(first block, count)` of `blocks` whose contents may differ
+    /// between two thins (see `thin::delta::changed_extents`), under the metadata read lock.
+    /// Subtrees the two share are not read, so the cost follows the change; `visit` returns
+    /// false to stop early. What the walk read comes back.
+    pub fn changed_blocks(
+        &self,
+        left: ThinId,
+        right: ThinId,
+        blocks: std::ops::Range<u64>,
+        visit: &mut dyn FnMut(u64, u64) -> Result<bool>,
+    ) -> Result<crate::thin::delta::WalkStats> {
+        self.state
+            .read_metadata()
+            .run(|c| crate::thin::delta::changed_extents(&c.md, left, right, blocks, visit))
+    }
+
     pub fn status(&self) -> PoolStatus {
         self.state.status()
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
-use crate::error::Result;
+use crate::error::{fail, ErrorKind, Result};
 
 /// One export as the server sees it. Methods block (they do disk I/O): the server calls them
 /// off the async executor (spawn_blocking), never on it; only the `try_*_nowait` methods,
@@ -62,6 +62,23 @@ pub trait ExportBackend: Send + Sync + 'static {
     ) -> Result<()>;
     /// Extents covering [offset, offset+len) (may stop early, must cover at least one byte).
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+    /// The metadata contexts this export offers besides `base:allocation`, by full name
+    /// (`namespace:leaf`); none by default.
+    fn meta_contexts(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The named context's state over [offset, offset+len), as [`block_status`] answers for
+    /// `base:allocation` (may stop early, must cover at least one byte; at most
+    /// [`MAX_CONTEXT_EXTENTS`] are used). An error when the export no longer offers it.
+    ///
+    /// [`block_status`]: Self::block_status
+    fn context_status(&self, context: &str, offset: u64, len: u64) -> Result<Vec<ContextExtent>> {
+        let _ = (offset, len);
+        fail(
+            ErrorKind::NotFound,
+            format!("no metadata context {context:?} on this export"),
+        )
+    }
     fn cache(&self, offset: u64, len: u64) -> Result<()>;
 }
 
@@ -186,6 +203,19 @@ impl Extent {
         }
     }
 }
+
+/// A run of bytes with one state in a metadata context other than `base:allocation`; the
+/// flags are that context's own bits (for `qemu:dirty-bitmap:` contexts, bit 0 is "dirty").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextExtent {
+    pub length: u64,
+    pub flags: u32,
+}
+
+/// The most extents of one context a block status reply carries: a longer answer is cut
+/// there, as the protocol allows (the client asks again from where it ends), which bounds
+/// both the backend's work and the reply.
+pub const MAX_CONTEXT_EXTENTS: usize = 1 << 16;
 
 /// What `NBD_OPT_LIST` tells about one export.
 #[derive(Debug, Clone, PartialEq, Eq)]

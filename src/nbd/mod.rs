@@ -17,8 +17,8 @@ mod shared;
 pub mod tls;
 
 pub use backend::{
-    extents_at, preferred_block_size, BlockSizes, ExportBackend, ExportInfo, ExportSource, Extent,
-    WriteTurns,
+    extents_at, preferred_block_size, BlockSizes, ContextExtent, ExportBackend, ExportInfo,
+    ExportSource, Extent, WriteTurns, MAX_CONTEXT_EXTENTS,
 };
 pub use server::{serve, serve_with_tls, Listener};
 pub use shared::{

@@ -2,14 +2,19 @@
 //! volumes and `ExportBackend` over one active volume. Both frontends, the NBD server
 //! (`thinnbd serve`) and the nbdkit plugin, serve through it, so every rule about what a
 //! volume does as an export lives here once: the fast-zero refusal, `cache` as a metadata
-//! walk, the preferred block size, extents, and which writes may take the engine's quick path.
-//! The frontends never reach the engine themselves.
+//! walk, the preferred block size, extents, which writes may take the engine's quick path,
+//! and the `qemu:dirty-bitmap:NAME` context each volume offers for every other volume of its
+//! snapshot family (the blocks the two map differently). The frontends never reach the engine
+//! themselves.
 
 use std::sync::Arc;
 
 use crate::engine::NOWAIT_WRITE_MAX;
 use crate::error::{fail, ErrorKind, Result};
-use crate::nbd::{ExportBackend, ExportInfo, ExportSource, Extent};
+use crate::nbd::codec::{META_DIRTY_BITMAP_PREFIX, STATE_DIRTY};
+use crate::nbd::{
+    ContextExtent, ExportBackend, ExportInfo, ExportSource, Extent, MAX_CONTEXT_EXTENTS,
+};
 use crate::volume::{ActiveVolume, Volumes};
 
 /// Every volume of a pool, one export each.
@@ -64,6 +69,7 @@ impl ExportSource for VolumeExports {
         Ok(Arc::new(VolumeExport {
             active,
             block_size: self.volumes.pool().block_size(),
+            volumes: Arc::clone(&self.volumes),
         }))
     }
 }
@@ -84,6 +90,33 @@ pub fn describe(name: &str, size: u64, origin: Option<&str>, read_only: bool) ->
 pub struct VolumeExport {
     active: Arc<ActiveVolume>,
     block_size: u64,
+    /// Where the volume's snapshot family is looked up, afresh for every request: a volume
+    /// deleted since the client chose its context fails the request instead of answering
+    /// from a stale list.
+    volumes: Arc<Volumes>,
+}
+
+impl VolumeExport {
+    /// The family member a `qemu:dirty-bitmap:NAME` context compares against, as it is now.
+    fn bitmap_reference(&self, context: &str) -> Result<crate::thin::metadata::ThinId> {
+        let not_offered = || {
+            fail(
+                ErrorKind::NotFound,
+                format!(
+                    "metadata context {context:?}: no such snapshot related to volume {:?} (deleted?)",
+                    self.active.name
+                ),
+            )
+        };
+        let Some(name) = context.strip_prefix(META_DIRTY_BITMAP_PREFIX) else {
+            return not_offered();
+        };
+        let family = self.volumes.family(&self.active.name)?;
+        match family.into_iter().find(|v| v.name == name) {
+            Some(v) => Ok(v.thin_id),
+            None => not_offered(),
+        }
+    }
 }
 
 impl ExportBackend for VolumeExport {
@@ -155,6 +188,60 @@ impl ExportBackend for VolumeExport {
             .collect())
     }
 
+    fn meta_contexts(&self) -> Vec<String> {
+        match self.volumes.family(&self.active.name) {
+            Ok(family) => family
+                .into_iter()
+                .map(|v| format!("{META_DIRTY_BITMAP_PREFIX}{}", v.name))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(volume = %self.active.name, "listing its family: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Dirty where the two volumes may differ: blocks mapped by one only, or to different data
+    /// blocks. The walk passes over subtrees the two share, so its cost follows the change.
+    fn context_status(&self, context: &str, offset: u64, len: u64) -> Result<Vec<ContextExtent>> {
+        let reference = self.bitmap_reference(context)?;
+        let bs = self.block_size;
+        let end = offset.saturating_add(len);
+        let mut extents = Vec::new();
+        let mut at = offset;
+        let mut cut_short = false;
+        let blocks = offset / bs..end.div_ceil(bs);
+        (self.volumes.pool()).changed_blocks(
+            reference,
+            self.active.thin.id(),
+            blocks,
+            &mut |first, count| {
+                let start = (first * bs).max(offset);
+                let stop = first.saturating_add(count).saturating_mul(bs).min(end);
+                if start > at {
+                    extents.push(ContextExtent {
+                        length: start - at,
+                        flags: 0,
+                    });
+                }
+                extents.push(ContextExtent {
+                    length: stop - start,
+                    flags: STATE_DIRTY,
+                });
+                at = stop;
+                cut_short = extents.len() >= MAX_CONTEXT_EXTENTS;
+                Ok(!cut_short)
+            },
+        )?;
+        if at < end && !cut_short {
+            extents.push(ContextExtent {
+                length: end - at,
+                flags: 0,
+            });
+        }
+        Ok(extents)
+    }
+
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         // Metadata lookups for the range warm the block cache; data is left to the page cache.
         self.active.thin.block_status(offset, len).map(drop)
@@ -165,28 +252,40 @@ impl ExportBackend for VolumeExport {
 mod tests {
     use super::*;
     use crate::engine::EngineConfig;
+    use crate::nbd::codec::META_BASE_ALLOCATION;
     use crate::nbd::{extents_at, BlockSizes, WriteTurns};
     use crate::volume::CreateOptions;
 
-    /// Runs `test` on a pool of 64 KiB blocks with one 4 MiB volume "v", opened as the
-    /// frontends open it, then shuts the pool down.
-    fn with_export(test: impl FnOnce(&VolumeExports, &dyn ExportBackend)) {
+    /// Runs `test` on a pool of 64 KiB blocks with one 4 MiB volume "v", then shuts the pool
+    /// down.
+    fn with_pool(test: impl FnOnce(&Arc<Volumes>)) {
+        with_pool_sized(16 << 20, 4 << 20, test);
+    }
+
+    /// [`with_pool`] with `data_size` bytes of data and a "v" of `volume_size`.
+    fn with_pool_sized(data_size: u64, volume_size: u64, test: impl FnOnce(&Arc<Volumes>)) {
         let dir = tempfile::tempdir().unwrap();
         let opts = CreateOptions {
             data: None,
-            data_size: 16 << 20,
+            data_size,
             block_size: 64 << 10,
             metadata_size: None,
             preallocate: false,
         };
         Volumes::create_pool(dir.path(), &opts, EngineConfig::default()).unwrap();
         let volumes = Volumes::open(dir.path(), EngineConfig::default()).unwrap();
-        volumes.create_volume("v", 4 << 20).unwrap();
-        let exports = VolumeExports::new(volumes.clone(), None);
-        let export = exports.open("v").unwrap();
-        test(&exports, export.as_ref());
-        drop(export);
+        volumes.create_volume("v", volume_size).unwrap();
+        test(&volumes);
         volumes.shutdown().unwrap();
+    }
+
+    /// [`with_pool`], with "v" opened as the frontends open it.
+    fn with_export(test: impl FnOnce(&VolumeExports, &dyn ExportBackend)) {
+        with_pool(|volumes| {
+            let exports = VolumeExports::new(volumes.clone(), None);
+            let export = exports.open("v").unwrap();
+            test(&exports, export.as_ref());
+        });
     }
 
     #[test]
@@ -285,6 +384,93 @@ mod tests {
             assert_eq!(back, large);
             export.read(0, &mut back[..4096]).unwrap();
             assert!(back[..4096].iter().all(|&b| b == 3));
+        });
+    }
+
+    /// `v` against its snapshot `s1`: `s1b` (a snapshot of `s1`) is family too, `lone` is
+    /// not; dirty means mapped differently, cut to the asked range; a reference deleted since
+    /// is an error, never a stale answer.
+    #[test]
+    fn dirty_bitmaps_compare_a_volume_with_each_snapshot_of_its_family() {
+        with_pool(|volumes| {
+            volumes.create_volume("lone", 4 << 20).unwrap();
+            let exports = VolumeExports::new(volumes.clone(), None);
+            let v = exports.open("v").unwrap();
+            v.write(0, &[1u8; 1 << 20], false).unwrap();
+            volumes.snapshot("v", "s1", true).unwrap();
+            volumes.snapshot("s1", "s1b", true).unwrap();
+            // One whole block overwritten, and 10 bytes that make block 16 differ.
+            v.write(128 << 10, &[2u8; 64 << 10], false).unwrap();
+            v.write((1 << 20) + 100, &[3u8; 10], false).unwrap();
+
+            let bitmap = |name: &str| format!("{META_DIRTY_BITMAP_PREFIX}{name}");
+            assert_eq!(v.meta_contexts(), [bitmap("s1"), bitmap("s1b")]);
+            assert_eq!(
+                exports.open("lone").unwrap().meta_contexts(),
+                [] as [String; 0]
+            );
+            let run = |length: u64, dirty: bool| ContextExtent {
+                length,
+                flags: if dirty { STATE_DIRTY } else { 0 },
+            };
+            assert_eq!(
+                v.context_status(&bitmap("s1"), 0, 4 << 20).unwrap(),
+                [
+                    run(128 << 10, false),
+                    run(64 << 10, true),
+                    run((1 << 20) - (192 << 10), false),
+                    run(64 << 10, true),
+                    run((3 << 20) - (64 << 10), false),
+                ]
+            );
+            assert_eq!(
+                v.context_status(&bitmap("s1"), 130 << 10, 100 << 10)
+                    .unwrap(),
+                [run(62 << 10, true), run(38 << 10, false)]
+            );
+            assert_eq!(
+                v.context_status(&bitmap("s1b"), 0, 64 << 10).unwrap(),
+                [run(64 << 10, false)]
+            );
+            for not_offered in [bitmap("lone"), bitmap("v"), META_BASE_ALLOCATION.to_owned()] {
+                let e = v.context_status(&not_offered, 0, 4096).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::NotFound, "{not_offered}: {e}");
+            }
+
+            volumes.delete("s1").unwrap();
+            let e = v.context_status(&bitmap("s1"), 0, 4096).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+            // s1b lost its origin: a family of its own now.
+            assert_eq!(v.meta_contexts(), [] as [String; 0]);
+        });
+    }
+
+    /// The walk behind a dirty bitmap reads the paths to what changed, not the volume: one
+    /// block changed in a 256 MiB volume with every block mapped (4096 mappings, a few dozen
+    /// leaves) is found by reading the paths to it and passing over the shared leaves.
+    #[test]
+    fn a_dirty_bitmap_costs_the_change_not_the_volume() {
+        with_pool_sized(512 << 20, 256 << 20, |volumes| {
+            let exports = VolumeExports::new(volumes.clone(), None);
+            let v = exports.open("v").unwrap();
+            // A little in every block maps all of them (the fresh data file needs no zeroing).
+            for block in 0..4096 {
+                v.write(block << 16, &[5u8; 512], false).unwrap();
+            }
+            let s1 = volumes.snapshot("v", "s1", true).unwrap();
+            v.write(700 << 16, &[6u8; 4096], false).unwrap();
+
+            let mut runs = Vec::new();
+            let thin_v = volumes.volume("v").unwrap().thin_id;
+            let stats = (volumes.pool())
+                .changed_blocks(s1.thin_id, thin_v, 0..4096, &mut |first, count| {
+                    runs.push((first, count));
+                    Ok(true)
+                })
+                .unwrap();
+            assert_eq!(runs, [(700, 1)]);
+            assert!(stats.shared_subtrees >= 16, "{stats:?}");
+            assert!(stats.nodes_read <= 8, "{stats:?}");
         });
     }
 }

@@ -427,6 +427,31 @@ impl Volumes {
         locked(&self.registry).get(name).cloned()
     }
 
+    /// The other volumes of `name`'s family: those with the same root ancestor along the
+    /// snapshot origins (its ancestors, descendants and their siblings). An origin that was
+    /// deleted ends a chain, so its snapshots root families of their own.
+    pub fn family(&self, name: &str) -> Result<Vec<Volume>> {
+        let reg = locked(&self.registry);
+        let all = reg.volumes();
+        let root = |v: &Volume| {
+            let mut at = v;
+            // Bounded: a registry edited by hand could hold an origin loop.
+            for _ in 0..all.len() {
+                match at.origin.as_deref().and_then(|o| reg.get(o).ok()) {
+                    Some(origin) => at = origin,
+                    None => break,
+                }
+            }
+            at.name.clone()
+        };
+        let own_root = root(reg.get(name)?);
+        Ok(all
+            .iter()
+            .filter(|v| v.name != name && root(v) == own_root)
+            .cloned()
+            .collect())
+    }
+
     pub fn volume_names(&self) -> Vec<String> {
         locked(&self.registry)
             .volumes()

@@ -65,7 +65,13 @@ pub fn qemu_io_at(uri: &str, read_only: bool, cmds: &[&str]) -> String {
 
 /// `nbdinfo --map URI` as (offset, length, type) rows.
 pub fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u32)> {
-    let out = stdout_of(Command::new("nbdinfo").args(["--map", uri]));
+    nbdinfo_map_of(uri, "base:allocation")
+}
+
+/// `nbdinfo --map=CONTEXT URI` as (offset, length, type) rows.
+pub fn nbdinfo_map_of(uri: &str, context: &str) -> Vec<(u64, u64, u32)> {
+    let map = format!("--map={context}");
+    let out = stdout_of(Command::new("nbdinfo").args([map.as_str(), uri]));
     // Lines look like: "     262144      262144    3  hole,zero".
     out.lines()
         .filter_map(|l| {

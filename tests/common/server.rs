@@ -14,6 +14,16 @@ use super::process::{exit_within, free_port};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_thinnbd");
 
+/// `$PATH` with the tested `thinnbd` first, for scripts (the examples) that run it by name.
+pub fn path_with_bin() -> String {
+    let bin_dir = Path::new(BIN).parent().expect("bin dir");
+    format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 /// How long a server may take to listen, and to stop after a signal.
 const START_LIMIT: Duration = Duration::from_secs(120);
 const STOP_LIMIT: Duration = Duration::from_secs(60);

@@ -95,8 +95,13 @@ pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context this server knows.
+/// The metadata context every export offers.
 pub const META_BASE_ALLOCATION: &str = "base:allocation";
+
+/// The prefix of qemu's dirty bitmap contexts (qemu's docs/interop/nbd.rst), and their one
+/// bit: the range may have changed since the bitmap's reference point.
+pub const META_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Longest string (export name, description, error message) the protocol allows.
 pub const MAX_STRING: usize = 4096;

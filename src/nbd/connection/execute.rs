@@ -12,7 +12,7 @@ use super::reader::validate;
 use super::writer::{backend_error_reply, error_reply, simple_reply, Outgoing};
 use super::{Ctx, BASE_ALLOCATION_ID};
 use crate::error::{Error, ErrorKind};
-use crate::nbd::backend::{ExportBackend, Extent};
+use crate::nbd::backend::{ExportBackend, Extent, MAX_CONTEXT_EXTENTS};
 use crate::nbd::codec::*;
 use crate::nbd::{errno_of_kind, NBD_EIO, NBD_EOVERFLOW};
 use crate::util::usize_from_u64;
@@ -251,40 +251,74 @@ fn read_pieces(b: &dyn ExportBackend, offset: u64, len: u64) -> Vec<(u64, bool)>
     pieces
 }
 
+/// One block status chunk per selected context, `base:allocation` first; the last one ends
+/// the reply. Any context's error fails the whole request.
 fn block_status_reply(ctx: &Ctx, req: &Request) -> Vec<u8> {
-    let extents = match ctx.backend.block_status(req.offset, u64::from(req.length)) {
-        Ok(e) => e,
-        Err(e) => return backend_error_reply(ctx, req, &e),
-    };
-    // Descriptors are cut to the request, whose length is a u32: so are their sums.
-    let mut remaining = req.length;
-    let mut descriptors: Vec<BlockDescriptor> = Vec::new();
-    for e in extents {
-        let length = u32::try_from(e.length).unwrap_or(u32::MAX).min(remaining);
-        if length == 0 {
-            continue;
-        }
-        let flags =
-            if e.hole { STATE_HOLE } else { 0 } | if e.hole || e.zero { STATE_ZERO } else { 0 };
-        match descriptors.last_mut() {
-            Some(last) if last.flags == flags => last.length += length,
-            _ => descriptors.push(BlockDescriptor { length, flags }),
-        }
-        remaining -= length;
+    let (offset, len) = (req.offset, u64::from(req.length));
+    let mut chunks = Vec::new();
+    if ctx.base_allocation {
+        let extents = match ctx.backend.block_status(offset, len) {
+            Ok(e) => e,
+            Err(e) => return backend_error_reply(ctx, req, &e),
+        };
+        let states = extents.into_iter().map(|e| {
+            let flags =
+                if e.hole { STATE_HOLE } else { 0 } | if e.hole || e.zero { STATE_ZERO } else { 0 };
+            (e.length, flags)
+        });
+        chunks.push((BASE_ALLOCATION_ID, descriptors(req, states)));
     }
-    if descriptors.is_empty() {
+    for context in &ctx.contexts {
+        let extents = match ctx.backend.context_status(&context.name, offset, len) {
+            Ok(e) => e,
+            Err(e) => return backend_error_reply(ctx, req, &e),
+        };
+        let states = extents.into_iter().map(|e| (e.length, e.flags));
+        chunks.push((context.id, descriptors(req, states)));
+    }
+    if chunks.iter().any(|(_, d)| d.is_empty()) {
         let kind = ErrorKind::Io;
         return error_reply(ctx, req, errno_of_kind(kind), "backend reported no extents");
     }
-    if req.has(CMD_FLAG_REQ_ONE) {
-        descriptors.truncate(1);
-    }
     let mut out = Vec::new();
-    Chunk::BlockStatus {
-        context_id: BASE_ALLOCATION_ID,
-        descriptors,
+    let last = chunks.len().saturating_sub(1);
+    for (i, (context_id, descriptors)) in chunks.into_iter().enumerate() {
+        Chunk::BlockStatus {
+            context_id,
+            descriptors,
+        }
+        .encode_into(req.cookie, i == last, &mut out);
     }
-    .encode_into(req.cookie, true, &mut out);
+    out
+}
+
+/// A context's block descriptors for `req` from its (length, flags) runs: cut to the request
+/// (whose length is a u32: so are their sums), runs with the same flags joined, one only with
+/// `NBD_CMD_FLAG_REQ_ONE`, at most [`MAX_CONTEXT_EXTENTS`]. Empty when the runs cover nothing.
+fn descriptors(req: &Request, runs: impl Iterator<Item = (u64, u32)>) -> Vec<BlockDescriptor> {
+    let most = if req.has(CMD_FLAG_REQ_ONE) {
+        1
+    } else {
+        MAX_CONTEXT_EXTENTS
+    };
+    let mut remaining = req.length;
+    let mut out: Vec<BlockDescriptor> = Vec::new();
+    for (length, flags) in runs {
+        if remaining == 0 {
+            break;
+        }
+        let length = u32::try_from(length).unwrap_or(u32::MAX).min(remaining);
+        if length == 0 {
+            continue;
+        }
+        let full = out.len() == most;
+        match out.last_mut() {
+            Some(last) if last.flags == flags => last.length += length,
+            _ if full => break,
+            _ => out.push(BlockDescriptor { length, flags }),
+        }
+        remaining -= length;
+    }
     out
 }
 
@@ -364,6 +398,7 @@ mod tests {
             read_only: false,
             structured,
             base_allocation: structured,
+            contexts: Vec::new(),
             max_request_bytes: 32 << 20,
             buffers: Buffers::default(),
         };
@@ -395,6 +430,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A long answer is cut at the limit (the client asks again from where it ends), never
+    /// past the request; runs of one state are joined; REQ_ONE keeps the first.
+    #[test]
+    fn block_descriptors_stay_within_the_request_and_the_limit() {
+        let request = |flags, length| Request {
+            flags,
+            command: Command::BlockStatus,
+            cookie: 1,
+            offset: 0,
+            length,
+        };
+        let alternating = || (0..).map(|i: u64| (4096, u32::from(i % 2 == 1)));
+        let d = descriptors(
+            &request(0, u32::MAX),
+            alternating().take(3 * MAX_CONTEXT_EXTENTS),
+        );
+        assert_eq!(d.len(), MAX_CONTEXT_EXTENTS);
+        assert!(d.iter().all(|d| d.length == 4096));
+        let d = descriptors(&request(0, 10_000), alternating());
+        let lengths: Vec<u32> = d.iter().map(|d| d.length).collect();
+        assert_eq!(lengths, [4096, 4096, 10_000 - 8192]);
+        let joined = [(4096, 1), (4096, 1), (u64::MAX, 0)].into_iter();
+        let d = descriptors(&request(CMD_FLAG_REQ_ONE, 1 << 20), joined);
+        assert_eq!(
+            d,
+            [BlockDescriptor {
+                length: 8192,
+                flags: 1
+            }]
+        );
+        assert_eq!(descriptors(&request(0, 4096), [(0, 1)].into_iter()), []);
     }
 
     #[test]

@@ -36,11 +36,19 @@ use buffers::Buffers;
 use negotiation::{greet, negotiate, Negotiated, Outcome};
 use writer::Outgoing;
 
-/// The id of `base:allocation`, the only metadata context.
+/// The id of `base:allocation`; the export's other contexts get ids after it.
 const BASE_ALLOCATION_ID: u32 = 1;
 
 /// A connection's slot under `max_connections`.
 pub(super) type Slot = OwnedSemaphorePermit;
+
+/// A metadata context besides `base:allocation` that the client selected: the export's name
+/// for it and the id block status replies carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SelectedContext {
+    id: u32,
+    name: String,
+}
 
 /// Runs a connection to its end; never fails (errors are logged). The connect line waits for
 /// the handshake so that it can name the export; connect and disconnect lines both name it,
@@ -187,6 +195,8 @@ struct Ctx {
     read_only: bool,
     structured: bool,
     base_allocation: bool,
+    /// The other contexts selected, answered after `base:allocation` in this order.
+    contexts: Vec<SelectedContext>,
     max_request_bytes: u32,
     buffers: Buffers,
     /// Which writes run inline, which take turns (waited for on the event loop).
@@ -210,6 +220,7 @@ where
         backend: n.backend,
         structured: n.structured,
         base_allocation: n.base_allocation,
+        contexts: n.contexts,
         max_request_bytes: cfg.max_request_bytes,
         buffers: Buffers::default(),
     });
@@ -338,6 +349,7 @@ mod tests {
             structured: false,
             base_allocation: false,
             identity: None,
+            contexts: Vec::new(),
         };
         (
             client,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use super::{io_err, protocol_error, BASE_ALLOCATION_ID};
+use super::{io_err, protocol_error, SelectedContext, BASE_ALLOCATION_ID};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::backend::{BlockSizes, ExportBackend};
 use crate::nbd::codec::*;
@@ -27,6 +27,8 @@ pub(super) struct Negotiated {
     pub(super) base_allocation: bool,
     /// Who the client proved to be over TLS (`None`: in clear).
     pub(super) identity: Option<PeerIdentity>,
+    /// The export's other contexts the client selected.
+    pub(super) contexts: Vec<SelectedContext>,
 }
 
 /// How a round of option negotiation ended.
@@ -42,10 +44,17 @@ pub(super) enum Outcome {
 struct Options<'a> {
     shared: &'a Shared,
     structured: bool,
-    /// The export `base:allocation` was selected for by SET_META_CONTEXT, if any.
-    meta_export: Option<String>,
     /// The TLS peer, once TLS is up (what an access check in `resolve` would look at).
     identity: Option<&'a PeerIdentity>,
+    /// What the last SET_META_CONTEXT selected, if anything.
+    meta: Option<MetaSelection>,
+}
+
+/// The metadata contexts one SET_META_CONTEXT selected, valid only for its export.
+struct MetaSelection {
+    export: String,
+    base_allocation: bool,
+    contexts: Vec<SelectedContext>,
 }
 
 impl Options<'_> {
@@ -83,13 +92,14 @@ impl Options<'_> {
 
     fn negotiated(&self, name: String, backend: Arc<dyn ExportBackend>) -> Negotiated {
         let flags = self.transmission_flags(backend.as_ref());
-        let base_allocation = self.structured && self.meta_export.as_deref() == Some(name.as_str());
+        let meta = (self.meta.as_ref()).filter(|m| self.structured && m.export == name);
         Negotiated {
+            base_allocation: meta.is_some_and(|m| m.base_allocation),
+            contexts: meta.map(|m| m.contexts.clone()).unwrap_or_default(),
             name,
             backend,
             flags,
             structured: self.structured,
-            base_allocation,
             identity: self.identity.cloned(),
         }
     }
@@ -140,8 +150,8 @@ where
     let mut opts = Options {
         shared,
         structured: false,
-        meta_export: None,
         identity,
+        meta: None,
     };
 
     loop {
@@ -267,13 +277,17 @@ where
                 export,
                 queries,
             } => {
+                // A SET replaces the selection even when it fails.
+                if set {
+                    opts.meta = None;
+                }
                 if set && !opts.structured {
                     let msg = "SET_META_CONTEXT needs structured replies first";
                     send(stream, OptionReply::error(option, REP_ERR_INVALID, msg)).await?;
                     continue;
                 }
-                let name = match opts.resolve(&export) {
-                    Ok((name, _)) => name,
+                let (name, backend) = match opts.resolve(&export) {
+                    Ok(found) => found,
                     Err(e) => {
                         send(
                             stream,
@@ -283,23 +297,24 @@ where
                         continue;
                     }
                 };
-                // An empty query list means "all" for LIST and "none" for SET.
-                let selected = if queries.is_empty() {
-                    !set
-                } else {
-                    queries.iter().any(|q| {
-                        q == META_BASE_ALLOCATION || (!set && (q == "base:" || q == "base"))
-                    })
-                };
-                if selected {
+                let offered = backend.meta_contexts();
+                let selection = select_contexts(set, &queries, &offered);
+                for (id, context) in &selection.contexts {
                     let kind = OptionReplyKind::MetaContext {
-                        id: BASE_ALLOCATION_ID,
-                        name: META_BASE_ALLOCATION.to_owned(),
+                        id: *id,
+                        name: context.clone(),
                     };
                     send(stream, OptionReply::new(option, kind)).await?;
                 }
                 if set {
-                    opts.meta_export = selected.then_some(name);
+                    opts.meta = Some(MetaSelection {
+                        export: name,
+                        base_allocation: selection.base_allocation,
+                        contexts: (selection.contexts.into_iter())
+                            .filter(|(_, c)| c != META_BASE_ALLOCATION)
+                            .map(|(id, name)| SelectedContext { id, name })
+                            .collect(),
+                    });
                 }
                 send(stream, OptionReply::new(option, OptionReplyKind::Ack)).await?;
             }
@@ -309,6 +324,56 @@ where
             }
         }
     }
+}
+
+/// The contexts a LIST or SET query list names, with the ids to reply with.
+struct Selection {
+    base_allocation: bool,
+    /// `base:allocation` first when named; no name twice.
+    contexts: Vec<(u32, String)>,
+}
+
+/// Which of `base:allocation` and the export's `offered` contexts a LIST (`set == false`) or
+/// SET query list names. SET takes exact names; LIST also takes a namespace ("qemu:",
+/// "base") or a prefix ending in a colon ("qemu:dirty-bitmap:"), and an empty list means
+/// everything (for SET, nothing). Names nobody offers are ignored, as the protocol asks.
+///
+/// SET gives `base:allocation` its fixed id and the others ids in order after it; LIST gives
+/// the others id 0, the value the protocol reserves there (clients disregard LIST ids).
+fn select_contexts(set: bool, queries: &[String], offered: &[String]) -> Selection {
+    let names = |context: &str| {
+        if queries.is_empty() {
+            return !set;
+        }
+        queries.iter().any(|q| {
+            q == context
+                || (!set
+                    && context
+                        .strip_prefix(q.as_str())
+                        .is_some_and(|rest| q.ends_with(':') || rest.starts_with(':')))
+        })
+    };
+    let mut selection = Selection {
+        base_allocation: names(META_BASE_ALLOCATION),
+        contexts: Vec::new(),
+    };
+    if selection.base_allocation {
+        (selection.contexts).push((BASE_ALLOCATION_ID, META_BASE_ALLOCATION.to_owned()));
+    }
+    let mut next_id = BASE_ALLOCATION_ID;
+    for context in offered {
+        let seen = selection.contexts.iter().any(|(_, c)| c == context);
+        if context != META_BASE_ALLOCATION && !seen && names(context) {
+            let id = if set {
+                next_id += 1;
+                next_id
+            } else {
+                0
+            };
+            selection.contexts.push((id, context.clone()));
+        }
+    }
+    selection
 }
 
 fn info_replies(
@@ -348,4 +413,61 @@ fn info_replies(
         maximum: sizes.maximum,
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selected(set: bool, queries: &[&str], offered: &[&str]) -> Vec<(u32, String)> {
+        let queries: Vec<String> = queries.iter().map(|q| q.to_string()).collect();
+        let offered: Vec<String> = offered.iter().map(|o| o.to_string()).collect();
+        select_contexts(set, &queries, &offered).contexts
+    }
+
+    fn named(pairs: &[(u32, &str)]) -> Vec<(u32, String)> {
+        pairs.iter().map(|&(id, n)| (id, n.to_owned())).collect()
+    }
+
+    #[test]
+    fn list_takes_namespaces_and_prefixes_set_takes_exact_names() {
+        let offered = ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"];
+        let all = named(&[
+            (BASE_ALLOCATION_ID, META_BASE_ALLOCATION),
+            (0, "qemu:dirty-bitmap:a"),
+            (0, "qemu:dirty-bitmap:b"),
+        ]);
+        assert_eq!(selected(false, &[], &offered), all);
+        assert_eq!(selected(false, &["qemu:"], &offered), all[1..]);
+        assert_eq!(selected(false, &["qemu"], &offered), all[1..]);
+        assert_eq!(selected(false, &["qemu:dirty-bitmap:"], &offered), all[1..]);
+        assert_eq!(selected(false, &["base:", "base"], &offered), all[..1]);
+        for nothing in ["qemu:dirty-bit", "qemu:dirty-bitmap:c", "", ":", "x-other:"] {
+            assert_eq!(selected(false, &[nothing], &offered), [], "{nothing:?}");
+        }
+
+        // SET: nothing for no queries, exact names only, each once, ids after base's.
+        assert_eq!(selected(true, &[], &offered), []);
+        assert_eq!(selected(true, &["qemu:", "base:"], &offered), []);
+        assert_eq!(
+            selected(
+                true,
+                &[
+                    "qemu:dirty-bitmap:b",
+                    META_BASE_ALLOCATION,
+                    "qemu:dirty-bitmap:b"
+                ],
+                &offered
+            ),
+            named(&[
+                (BASE_ALLOCATION_ID, META_BASE_ALLOCATION),
+                (BASE_ALLOCATION_ID + 1, "qemu:dirty-bitmap:b"),
+            ])
+        );
+        let both = ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"];
+        let s = select_contexts(true, &both.map(String::from), &offered.map(String::from));
+        assert!(!s.base_allocation);
+        let ids: Vec<u32> = s.contexts.iter().map(|c| c.0).collect();
+        assert_eq!(ids, [BASE_ALLOCATION_ID + 1, BASE_ALLOCATION_ID + 2]);
+    }
 }

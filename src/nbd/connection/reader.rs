@@ -212,7 +212,7 @@ pub(super) fn validate(ctx: &Ctx, req: &Request) -> std::result::Result<(), (u32
             true
         }
         Command::BlockStatus => {
-            if !ctx.base_allocation {
+            if !ctx.base_allocation && ctx.contexts.is_empty() {
                 return Err((NBD_EINVAL, "no metadata context negotiated"));
             }
             true
