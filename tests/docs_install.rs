@@ -26,11 +26,18 @@ fn run_ok(cmd: &mut Command) -> String {
 #[test]
 fn readme_install_puts_thinnbd_on_the_path() {
     let readme = read_doc("README.md");
-    let run_it = sh_block(&readme, "## Run it");
+    let mut run_it = sh_block(&readme, "## Run it");
+    // The packages the build needs: installed here by tests/run-all.sh, so checked, not run.
+    let packages = run_it.remove(0);
+    assert_eq!(
+        packages, "apt-get update && apt-get install -y pkg-config libssl-dev",
+        "README's first step installs what the TLS build needs: {run_it:#?}"
+    );
+    run_ok(Command::new("dpkg").args(["-s", "pkg-config", "libssl-dev"]));
     assert_eq!(
         run_it.first().map(String::as_str),
         Some("cargo install --locked --path ."),
-        "README's first step installs thinnbd: {run_it:#?}"
+        "README's next step installs thinnbd: {run_it:#?}"
     );
     assert!(
         run_it.iter().skip(1).all(|l| l.starts_with("thinnbd ")),
