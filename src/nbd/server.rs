@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::backend::ExportSource;
 use super::connection;
-use super::shared::{stopped, HandshakeSlot, ServerConfig, Shared};
+use super::shared::{stopped, HandshakeSlot, ServerConfig, ServerState};
 use super::tls::TlsCredentials;
 
 /// A bound socket the server accepts clients on.
@@ -90,7 +90,7 @@ pub async fn serve_with_tls(
     let config = config.sane();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let shared = Arc::new(Shared::new(source, config, tls));
+    let shared = Arc::new(ServerState::new(source, config, tls));
 
     let mut accepters = JoinSet::new();
     for listener in listeners {
@@ -116,7 +116,7 @@ pub async fn serve_with_tls(
 
 async fn accept_loop(
     listener: Listener,
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
@@ -168,7 +168,7 @@ type Finished = mpsc::Sender<()>;
 struct Entry {
     peer: String,
     slot: HandshakeSlot,
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     stop: watch::Receiver<bool>,
 }
 

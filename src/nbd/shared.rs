@@ -96,7 +96,7 @@ impl ServerConfig {
 }
 
 /// What every connection shares.
-pub(super) struct Shared {
+pub(super) struct ServerState {
     pub source: Arc<dyn ExportSource>,
     pub config: ServerConfig,
     /// `None` when TLS is off.
@@ -109,13 +109,13 @@ pub(super) struct Shared {
     pub handshakes: Arc<HandshakeSlots>,
 }
 
-impl Shared {
+impl ServerState {
     pub fn new(
         source: Arc<dyn ExportSource>,
         config: ServerConfig,
         tls: Option<Arc<TlsCredentials>>,
-    ) -> Shared {
-        Shared {
+    ) -> ServerState {
+        ServerState {
             source,
             connections: Arc::new(Semaphore::new(config.max_connections)),
             handshakes: Arc::new(HandshakeSlots::new(config.max_connections)),

@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::backend::{ExportBackend, WriteTurns};
-use super::shared::{stopped, HandshakeSlot, Shared};
+use super::shared::{stopped, HandshakeSlot, ServerState};
 use crate::error::{Error, ErrorKind, Result};
 use buffers::Buffers;
 use negotiation::{greet, negotiate, Negotiated, Outcome};
@@ -58,7 +58,7 @@ pub(super) async fn run<S>(
     stream: S,
     peer: String,
     handshake_slot: HandshakeSlot,
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     stop: watch::Receiver<bool>,
 ) -> Option<Slot>
 where
@@ -91,7 +91,7 @@ async fn serve<S>(
     stream: S,
     peer: &str,
     mut handshake_slot: HandshakeSlot,
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
     export: &mut Option<String>,
     slot: &mut Option<Slot>,
@@ -154,7 +154,7 @@ enum Established<S> {
 }
 
 /// The greeting, options, and when the client starts TLS, the TLS handshake and options again.
-async fn establish<S>(mut stream: S, peer: &str, shared: &Shared) -> Result<Established<S>>
+async fn establish<S>(mut stream: S, peer: &str, shared: &ServerState) -> Result<Established<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -206,7 +206,7 @@ struct Ctx {
 async fn transmission<S>(
     stream: S,
     n: Negotiated,
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<&'static str>
 where
@@ -335,7 +335,7 @@ mod tests {
         tokio::task::JoinHandle<Result<&'static str>>,
         watch::Sender<bool>,
     ) {
-        let shared = Arc::new(Shared::new(
+        let shared = Arc::new(ServerState::new(
             Arc::new(crate::nbd::memory::MemorySource::new()),
             crate::nbd::ServerConfig::default(),
             None,

@@ -12,7 +12,7 @@ use super::{io_err, protocol_error, SelectedContext, BASE_ALLOCATION_ID};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::backend::{BlockSizes, ExportBackend};
 use crate::nbd::codec::*;
-use crate::nbd::shared::Shared;
+use crate::nbd::shared::ServerState;
 use crate::nbd::tls::{PeerIdentity, TlsMode};
 
 /// Option data larger than this is not a real client; the connection is closed.
@@ -42,7 +42,7 @@ pub(super) enum Outcome {
 
 /// Negotiation state across options.
 struct Options<'a> {
-    shared: &'a Shared,
+    shared: &'a ServerState,
     structured: bool,
     /// The TLS peer, once TLS is up (what an access check in `resolve` would look at).
     identity: Option<&'a PeerIdentity>,
@@ -138,7 +138,7 @@ where
 pub(super) async fn negotiate<S>(
     stream: &mut S,
     peer: &str,
-    shared: &Shared,
+    shared: &ServerState,
     no_zeroes: bool,
     identity: Option<&PeerIdentity>,
 ) -> Result<Outcome>
