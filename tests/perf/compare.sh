@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side NBD benchmark: thinnbd (serve and nbdkit plugin) against nbdkit file, nbdkit
 # memory, qemu-nbd on qcow2 and nbdkit null (the protocol ceiling), all on unix sockets, all
-# backing files on one filesystem, each server stopped by its PID.
+# backing files on one filesystem, each server stopped by its PID. The *-tls servers are thinnbd
+# serve, nbdkit file and qemu-nbd qcow2 again with TLS required (X.509, the same certificates,
+# made for the run with openssl; clients find theirs in libnbd's default directory).
 #
 #   tests/perf/compare.sh [--quick] [--runtime S] [--workloads LIST] [--servers LIST]
 #                         [--reps N] [--dir DIR] [--out FILE] [--no-build] [--list]
@@ -25,8 +27,8 @@ out=""
 build=1
 plugin_threads=4   # nbdkit --threads for the thinnbd plugin (docs/operator-guide.md)
 sel_workloads=""
-sel_servers="thinnbd,plugin,file,memory,qcow2,null"
-all_servers="thinnbd plugin file memory qcow2 null"
+sel_servers="thinnbd,plugin,file,memory,qcow2,null,thinnbd-tls,file-tls,qcow2-tls"
+all_servers="thinnbd plugin file memory qcow2 null thinnbd-tls file-tls qcow2-tls"
 
 all_workloads="
 prov-qd1-j1 prov-qd32-j1 prov-qd1-j2 prov-qd32-j2
@@ -94,7 +96,7 @@ if [ $build = 1 ]; then
     (cd "$repo" && cargo build --release --workspace)  # the binary and the plugin package
 fi
 case " $servers " in
-*" thinnbd "*|*" plugin "*)
+*" thinnbd "*|*" plugin "*|*" thinnbd-tls "*)
     [ -x "$thinnbd" ] && [ -f "$plugin_so" ] || { echo "build $thinnbd and $plugin_so first" >&2; exit 1; } ;;
 esac
 
@@ -103,6 +105,34 @@ mkdir -p "$workdir"
 results="$workdir/results.tsv"
 : >"$results"
 log() { echo "[$(date +%T)] $*" >&2; }
+
+# TLS credentials for the *-tls servers: a CA, a server certificate for localhost and a client
+# certificate, in the layout nbdkit and qemu use; the client's copy where libnbd looks by
+# default ($HOME/.pki/libnbd), since fio's nbd engine takes no certificate directory.
+TLS_DIR="$workdir/tls"
+case " $servers " in
+*"-tls "*)
+    mkdir -p "$TLS_DIR/server" "$TLS_DIR/home/.pki/libnbd"
+    (
+        cd "$TLS_DIR"
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 \
+            -subj /CN=compare-ca 2>/dev/null
+        for who in server client; do
+            cn=localhost ext="subjectAltName=DNS:localhost,IP:127.0.0.1
+extendedKeyUsage=serverAuth"
+            [ $who = client ] && cn=compare-client ext="extendedKeyUsage=clientAuth"
+            openssl req -newkey rsa:2048 -nodes -keyout $who-key.pem -out $who.csr \
+                -subj "/CN=$cn" 2>/dev/null
+            printf '%s\n' "$ext" >$who.ext
+            openssl x509 -req -in $who.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+                -out $who-cert.pem -days 2 -extfile $who.ext 2>/dev/null
+        done
+        cp ca-cert.pem server-cert.pem server-key.pem server/
+        cp ca-cert.pem client-cert.pem client-key.pem home/.pki/libnbd/
+    )
+    # Only libnbd's clients read it, and only for nbds URIs; the build is done by now.
+    export HOME="$TLS_DIR/home" ;;
+esac
 
 REGION=1g          # every fio workload works inside one GiB of the 4 GiB export
 REGION_BYTES=$((1 << 30))
@@ -119,11 +149,11 @@ setup_backing() {
     rm -rf "$d"
     mkdir -p "$d"
     case $s in
-    thinnbd|plugin)
+    thinnbd|plugin|thinnbd-tls)
         "$thinnbd" pool create "$d/pool" --data-size 8G --block-size 64K >/dev/null
         "$thinnbd" volume create --pool "$d/pool" vol --size $VOLSIZE >/dev/null ;;
-    file) truncate -s $VOLSIZE "$d/disk.raw" ;;
-    qcow2) qemu-img create -q -f qcow2 "$d/disk.qcow2" $VOLSIZE ;;
+    file|file-tls) truncate -s $VOLSIZE "$d/disk.raw" ;;
+    qcow2|qcow2-tls) qemu-img create -q -f qcow2 "$d/disk.qcow2" $VOLSIZE ;;
     memory|null) ;;
     esac
 }
@@ -137,6 +167,7 @@ start_server() {
     local s=$1 d="$workdir/$1"
     SOCK="$d/nbd.sock"
     rm -f "$SOCK" "$d/pid"
+    case $s in *-tls) TLS_URI=1 ;; *) TLS_URI=0 ;; esac
     case $s in
     thinnbd) "$thinnbd" serve --pool "$d/pool" --socket "$SOCK" 2>>"$d/server.log" & ;;
     plugin) nbdkit -f -t "$plugin_threads" -U "$SOCK" -P "$d/pid" "$plugin_so" pool="$d/pool" \
@@ -146,6 +177,14 @@ start_server() {
     null) nbdkit -f -U "$SOCK" -P "$d/pid" null size=$VOLSIZE 2>>"$d/server.log" & ;;
     qcow2) qemu-nbd -k "$SOCK" --pid-file="$d/pid" -x vol -f qcow2 --cache=writeback \
                --discard=unmap --shared=16 --persistent "$d/disk.qcow2" 2>>"$d/server.log" & ;;
+    thinnbd-tls) "$thinnbd" serve --pool "$d/pool" --socket "$SOCK" --tls require \
+                     --tls-certificates "$TLS_DIR/server" 2>>"$d/server.log" & ;;
+    file-tls) nbdkit -f -U "$SOCK" -P "$d/pid" --tls=require --tls-certificates="$TLS_DIR/server" \
+                  file file="$d/disk.raw" 2>>"$d/server.log" & ;;
+    qcow2-tls) qemu-nbd -k "$SOCK" --pid-file="$d/pid" -x vol -f qcow2 --cache=writeback \
+                   --object "tls-creds-x509,id=tls0,dir=$TLS_DIR/server,endpoint=server,verify-peer=off" \
+                   --tls-creds tls0 --discard=unmap --shared=16 --persistent "$d/disk.qcow2" \
+                   2>>"$d/server.log" & ;;
     esac
     SRV_PID=$!
     local _
@@ -177,19 +216,22 @@ stop_server() {
 trap 'stop_server' EXIT
 trap 'exit 130' INT TERM
 
-uri() { echo "nbd+unix:///vol?socket=$SOCK"; }
+TLS_URI=0
+uri() {
+    if [ "$TLS_URI" = 1 ]; then echo "nbds+unix:///vol?socket=$SOCK"; else echo "nbd+unix:///vol?socket=$SOCK"; fi
+}
 
 # Takes a snapshot of the export's volume so the next writes break sharing (not in a
 # subshell: it may restart the server). Says what it did in SNAP_NOTE.
 snapshot() {
     local s=$1 d="$workdir/$1"
     case $s in
-    thinnbd) "$thinnbd" snapshot --pool "$d/pool" vol snap >/dev/null; SNAP_NOTE="online snapshot" ;;
+    thinnbd|thinnbd-tls) "$thinnbd" snapshot --pool "$d/pool" vol snap >/dev/null; SNAP_NOTE="online snapshot" ;;
     plugin)
         stop_server
         "$thinnbd" snapshot --pool "$d/pool" vol snap >/dev/null
         start_server "$s"; SNAP_NOTE="offline snapshot, nbdkit restarted" ;;
-    qcow2)
+    qcow2|qcow2-tls)
         stop_server
         qemu-img snapshot -c snap "$d/disk.qcow2"
         start_server "$s"; SNAP_NOTE="internal qcow2 snapshot, qemu-nbd restarted" ;;

@@ -10,7 +10,8 @@ import statistics
 import sys
 from collections import defaultdict
 
-SERVERS = ["thinnbd", "plugin", "file", "memory", "qcow2", "null"]
+SERVERS = ["thinnbd", "plugin", "file", "memory", "qcow2", "null", "thinnbd-tls", "file-tls",
+           "qcow2-tls"]
 TITLES = {
     "thinnbd": "thinnbd serve",
     "plugin": "thinnbd nbdkit plugin",
@@ -18,6 +19,9 @@ TITLES = {
     "memory": "nbdkit memory",
     "qcow2": "qemu-nbd qcow2",
     "null": "nbdkit null",
+    "thinnbd-tls": "thinnbd serve TLS",
+    "file-tls": "nbdkit file TLS",
+    "qcow2-tls": "qemu-nbd qcow2 TLS",
 }
 # (workload, peer, minimum of thinnbd/peer): the performance targets. For nbdcopy the ratio is
 # peer time / thinnbd time, so "within 1.5x of qemu-nbd's time" is a ratio of at least 1/1.5.
@@ -79,7 +83,7 @@ def main():
         vals = [fmt(med[w, s], unit[w]) if (w, s) in med else "-" for s in servers]
         out.append(f"| {w} | {unit[w]} | " + " | ".join(vals) + " |")
 
-    peers = [s for s in servers if s != "thinnbd"]
+    peers = [s for s in servers if s != "thinnbd" and not s.endswith("-tls")]
     if "thinnbd" in servers and peers:
         out.append("\nRatios thinnbd serve / peer (>1: thinnbd faster; nbdcopy: peer time / "
                    "thinnbd time):\n")
@@ -88,6 +92,16 @@ def main():
         for w in order:
             out.append(f"| {w} | " + " | ".join(cell(ratio(w, "thinnbd", s)) for s in peers)
                        + " |")
+
+    tls_peers = [s for s in servers if s.endswith("-tls") and s != "thinnbd-tls"]
+    if "thinnbd-tls" in servers and tls_peers:
+        out.append("\nRatios with TLS required, thinnbd serve / peer (same certificates; >1: "
+                   "thinnbd faster):\n")
+        out.append("| workload | " + " | ".join(f"/ {TITLES[s]}" for s in tls_peers) + " |")
+        out.append("|---|" + "---:|" * len(tls_peers))
+        for w in order:
+            out.append(f"| {w} | "
+                       + " | ".join(cell(ratio(w, "thinnbd-tls", s)) for s in tls_peers) + " |")
 
     out.append("\nServer CPU during the run: % of one core / CPU microseconds per request "
                "(nbdcopy: CPU seconds):\n")
