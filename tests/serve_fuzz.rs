@@ -1,25 +1,51 @@
 //! Hostile input against the real binary: a bounded random client mixing
-//! valid and invalid requests and broken handshakes against a live server, which must never
-//! crash and must keep data it was not asked to change; bad config files, which must be
+//! valid and invalid requests and broken handshakes against a live server, in clear and inside
+//! TLS (with hostile TLS-level input too), which must never crash, must keep data it was not
+//! asked to change and must keep serving a bystander connection; bad config files, which must be
 //! refused with the key and the file named; and damaged metadata, which must make `serve` and
 //! `pool status` fail with a clear message (exit code 2), never a panic (101).
 //!
-//! THINNBD_HOSTILE_REQUESTS (default 3000) sets the number of requests.
+//! THINNBD_HOSTILE_REQUESTS (default 3000) sets the number of requests of each random run.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::nbd_client::{self as nbd, Client};
 use common::server::{cli, make_pool, Server};
+use common::tls::{ask_starttls, client_hello, raw_client, tls_client, Credentials};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 const VOL: u64 = 16 << 20;
 /// Bytes at the start of the volume that no request of the random client may change.
 const CANARY: u64 = 1 << 20;
+
+/// How the random client reaches the server.
+enum Transport {
+    Plain,
+    /// STARTTLS, then a TLS handshake trusting this CA certificate.
+    Tls {
+        ca: PathBuf,
+    },
+}
+
+impl Transport {
+    /// Connects and selects `export` (an unknown export shows up as an error).
+    fn connect(&self, port: u16, export: &str) -> io::Result<Client> {
+        match self {
+            Transport::Plain => Client::connect(port, export),
+            Transport::Tls { ca } => {
+                let (mut c, _beneath) = tls_client(port, ca)?;
+                c.try_export_name(export)?;
+                Ok(c)
+            }
+        }
+    }
+}
 
 #[derive(Default, Debug)]
 struct Tally {
@@ -28,6 +54,7 @@ struct Tally {
     rejected: u64,
     closed_by_server: u64,
     broken_handshakes: u64,
+    broken_tls: u64,
     malformed_streams: u64,
 }
 
@@ -35,24 +62,72 @@ fn canary() -> Vec<u8> {
     common::model::piece_bytes(7, 7, 7).repeat((CANARY / 4096) as usize)
 }
 
+/// Sends `bytes`, then hangs up its sending side and waits for the server to close.
+fn send_and_hang_up(s: &mut TcpStream, bytes: &[u8]) {
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+}
+
+fn random_bytes(rng: &mut SmallRng, max: usize) -> Vec<u8> {
+    (0..rng.gen_range(0..max)).map(|_| rng.gen()).collect()
+}
+
+/// A handshake broken at the TLS level: garbage after STARTTLS, a ClientHello cut short, or a
+/// record cut short inside an established session.
+fn broken_tls(port: u16, ca: &Path, hello: &[u8], rng: &mut SmallRng) {
+    match rng.gen_range(0..3) {
+        0 => {
+            let (mut c, mut beneath) = raw_client(port);
+            ask_starttls(&mut c).expect("STARTTLS");
+            send_and_hang_up(&mut beneath, &random_bytes(rng, 300));
+        }
+        1 => {
+            let (mut c, mut beneath) = raw_client(port);
+            ask_starttls(&mut c).expect("STARTTLS");
+            let cut = rng.gen_range(1..hello.len());
+            send_and_hang_up(&mut beneath, &hello[..cut]);
+        }
+        _ => {
+            let (mut c, mut beneath) = tls_client(port, ca).expect("TLS handshake");
+            if rng.gen_bool(0.5) {
+                c.try_export_name("vol").expect("EXPORT_NAME over TLS");
+            }
+            // An application-data record header promising more than is sent.
+            let mut record = vec![0x17, 0x03, 0x03, 0x40, 0x00];
+            record.extend(random_bytes(rng, 0x4000));
+            send_and_hang_up(&mut beneath, &record);
+        }
+    }
+}
+
 /// One connection's worth of random traffic; returns when the budget is spent or the
 /// connection is closed.
-fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
+fn session(
+    port: u16,
+    transport: &Transport,
+    hello: &[u8],
+    rng: &mut SmallRng,
+    t: &mut Tally,
+    budget: u64,
+) {
     let roll = rng.gen_range(0..100);
+    if let (Transport::Tls { ca }, 0..=5) = (transport, roll) {
+        t.broken_tls += 1;
+        t.requests += 1;
+        broken_tls(port, ca, hello, rng);
+        return;
+    }
     if roll < 8 {
-        // Junk after the greeting (or instead of the option haggling).
+        // Junk after the greeting (or instead of the option haggling), in clear.
         t.broken_handshakes += 1;
         t.requests += 1;
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut g = [0u8; 18];
         let _ = s.read_exact(&mut g);
-        let n = rng.gen_range(0..300);
-        let junk: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
-        let _ = s.write_all(&junk);
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let mut sink = Vec::new();
-        let _ = s.read_to_end(&mut sink);
+        send_and_hang_up(&mut s, &random_bytes(rng, 300));
         return;
     }
     if roll < 12 {
@@ -62,12 +137,12 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
             .map(|_| rng.gen_range(b'a'..=b'z') as char)
             .collect();
         assert!(
-            Client::connect(port, &format!("nope-{name}")).is_err(),
+            transport.connect(port, &format!("nope-{name}")).is_err(),
             "an unknown export was accepted"
         );
         return;
     }
-    let mut c = Client::connect(port, "vol").expect("valid handshake");
+    let mut c = transport.connect(port, "vol").expect("valid handshake");
     assert_eq!(c.size, VOL);
     for _ in 0..budget {
         t.requests += 1;
@@ -172,31 +247,41 @@ fn session(port: u16, rng: &mut SmallRng, t: &mut Tally, budget: u64) {
     c.disconnect();
 }
 
-#[test]
-fn random_client_never_crashes_the_real_server() {
+/// Random sessions over `transport` against `server` (serving `pool` with the 16 MiB volume
+/// `vol`), while a bystander connection keeps reading the canary; then the server must be
+/// alive, the canary intact, the server's exit clean and the metadata clean.
+fn random_traffic(mut server: Server, pool: &Path, transport: Transport, what: &str) {
     let total = common::load::env_count("THINNBD_HOSTILE_REQUESTS", 3000);
-    let seed = common::load::base_seed("hostile");
-    let dir = tempfile::tempdir().unwrap();
-    let pool = dir.path().join("pool");
-    make_pool(&pool, "256M", &[("vol", "16M")]);
-    let mut server = Server::start_on_pool(&pool, None, &dir.path().join("log"));
-    let mut c = Client::connect(server.port, "vol").unwrap();
+    let seed = common::load::base_seed(what);
+    let hello = match &transport {
+        Transport::Tls { ca } => client_hello(ca),
+        Transport::Plain => Vec::new(),
+    };
+    let mut c = transport.connect(server.port, "vol").unwrap();
     assert_eq!(c.write(0, &canary(), true).unwrap(), 0);
     c.disconnect();
+    let mut bystander = transport.connect(server.port, "vol").unwrap();
+    let mut back = vec![0u8; CANARY as usize];
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut t = Tally::default();
     let deadline = Instant::now() + Duration::from_secs(240);
+    let mut sessions = 0u64;
     while t.requests < total && Instant::now() < deadline {
         let budget = rng.gen_range(1..80).min(total - t.requests);
-        session(server.port, &mut rng, &mut t, budget);
+        session(server.port, &transport, &hello, &mut rng, &mut t, budget);
         assert!(
             server.is_running(),
             "the server died:\n{}",
             server.log_text()
         );
+        sessions += 1;
+        if sessions.is_multiple_of(50) {
+            assert_eq!(bystander.read(0, &mut back).expect("bystander read"), 0);
+            assert!(back == canary(), "the bystander saw the canary change");
+        }
     }
-    let mut c = Client::connect(server.port, "vol").unwrap();
-    let mut back = vec![0u8; CANARY as usize];
+    bystander.disconnect();
+    let mut c = transport.connect(server.port, "vol").unwrap();
     assert_eq!(c.read(0, &mut back).unwrap(), 0);
     assert!(back == canary(), "data outside the requests' range changed");
     c.disconnect();
@@ -208,7 +293,40 @@ fn random_client_never_crashes_the_real_server() {
         server.log_text()
     );
     common::assert_metadata_clean(&pool.join("metadata"));
-    println!("hostile: {t:?}");
+    println!("{what}: {sessions} sessions, {t:?}");
+}
+
+#[test]
+fn random_client_never_crashes_the_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    make_pool(&pool, "256M", &[("vol", "16M")]);
+    let server = Server::start_on_pool(&pool, None, &dir.path().join("log"));
+    random_traffic(server, &pool, Transport::Plain, "hostile");
+}
+
+#[test]
+fn random_client_over_tls_never_crashes_the_real_server() {
+    if !common::require_tool("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    make_pool(&pool, "256M", &[("vol", "16M")]);
+    let creds = Credentials::make(&dir.path().join("creds"));
+    let server = Server::start(
+        |cmd| {
+            cmd.arg("--pool")
+                .arg(&pool)
+                .args(["--tls", "require", "--tls-certificates"])
+                .arg(&creds.server);
+        },
+        dir.path(),
+        None,
+        None,
+    );
+    let ca = creds.ca.cert();
+    random_traffic(server, &pool, Transport::Tls { ca }, "hostile-tls");
 }
 
 fn config_error(text: &str, dir: &std::path::Path, name: &str) -> String {

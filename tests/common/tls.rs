@@ -1,7 +1,8 @@
 //! TLS credentials made by the tests with `openssl` (never committed keys): a CA with a server
 //! certificate and a CRL, client certificate directories in the layout libnbd and qemu read
 //! (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`) — a good one, a revoked one, an expired
-//! one, one from another CA — and PSK files. Also a raw client's switch to TLS after STARTTLS.
+//! one, one from another CA — and PSK files. Also a raw client's switch to TLS after STARTTLS, and
+//! a real ClientHello's bytes for tests that cut it short.
 
 use std::fs;
 use std::net::TcpStream;
@@ -12,6 +13,7 @@ use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
 
 use super::nbd_client::{Client, Stream};
 use super::process::run;
+use thinnbd::nbd::codec::{OptionReplyKind, OptionRequest, OPT_STARTTLS};
 
 /// Extensions for `openssl ca`: what GnuTLS (libnbd, qemu) checks of a CA and of its leaves.
 const EXTENSIONS: &str = "\
@@ -330,4 +332,56 @@ pub fn start_tls(
         .map_err(|e| e.to_string())?;
     c.s = Box::new(tls);
     Ok(())
+}
+
+/// Sends NBD_OPT_STARTTLS on a client in option negotiation and expects its ACK.
+pub fn ask_starttls(c: &mut Client) -> std::io::Result<()> {
+    let starttls = OptionRequest::Unknown {
+        option: OPT_STARTTLS,
+        data: vec![],
+    };
+    let replies = c.option(&starttls);
+    match replies.first().map(|r| &r.kind) {
+        Some(OptionReplyKind::Ack) => Ok(()),
+        other => Err(std::io::Error::other(format!(
+            "STARTTLS refused: {other:?}"
+        ))),
+    }
+}
+
+/// A raw client over TLS trusting `ca`, in option negotiation after STARTTLS and the handshake,
+/// with a second handle on its socket (to send bytes beneath TLS).
+pub fn tls_client(port: u16, ca: &Path) -> std::io::Result<(Client, TcpStream)> {
+    let (mut c, socket) = raw_client(port);
+    let beneath = socket.try_clone()?;
+    ask_starttls(&mut c)?;
+    start_tls(&mut c, socket, ca, None).map_err(std::io::Error::other)?;
+    Ok((c, beneath))
+}
+
+/// The bytes of a real ClientHello (trusting `ca`), as the TLS library would send them first.
+pub fn client_hello(ca: &Path) -> Vec<u8> {
+    /// Keeps what is written; a read would block, so the handshake stops after its first flight.
+    #[derive(Debug)]
+    struct Capture(Vec<u8>);
+    impl std::io::Read for Capture {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+    }
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_ca_file(ca).unwrap();
+    match b.build().connect("localhost", Capture(Vec::new())) {
+        Err(openssl::ssl::HandshakeError::WouldBlock(mid)) => mid.get_ref().0.clone(),
+        other => panic!("a handshake without a server went on: {other:?}"),
+    }
 }
