@@ -4,7 +4,8 @@
 //! initramfs built by `tests/vm/build-initramfs.sh`; the guest half is `tests/vm/guest-init.sh`.
 //!
 //! The tests drive `tests/vm/run-guest-attach.sh` and `tests/vm/run-host-drive.sh`, which can also
-//! be run by hand (`--help`). Each run keeps its work directory with the guest console log under
+//! be run by hand (`--help`). The attach test runs twice: in clear, and over TLS with client
+//! certificates (`--tls-dir`). Each run keeps its work directory with the guest console log under
 //! `CARGO_TARGET_TMPDIR/vm-*`; its path is printed on failure.
 //!
 //! The server under test is chosen by [`SERVER`] (or env `THINNBD_VM_SERVER=thinnbd|nbdkit|auto`).
@@ -14,6 +15,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,6 +23,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::in_ci;
+use common::tls::Credentials;
 
 /// Which NBD server the guest tests run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,8 +149,9 @@ enum Outcome {
     Missing(String),
 }
 
-/// Run one script with a wall-clock bound; panics with the console log path on failure.
-fn run_script(script: &str, name: &str) -> Outcome {
+/// Run one script (with `args` after the common ones) with a wall-clock bound; panics with the
+/// console log path on failure.
+fn run_script(script: &str, name: &str, args: &[&OsStr]) -> Outcome {
     use std::os::unix::process::CommandExt;
 
     let dir = workdir(name);
@@ -165,6 +169,7 @@ fn run_script(script: &str, name: &str) -> Outcome {
         .arg(GUEST_TIMEOUT_SECS.to_string())
         .arg("--accel")
         .arg(accel())
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log)
@@ -206,8 +211,8 @@ fn run_script(script: &str, name: &str) -> Outcome {
     }
 }
 
-fn run_vm_test(script: &str, name: &str) {
-    match run_script(script, name) {
+fn run_vm_test(script: &str, name: &str, args: &[&OsStr]) {
+    match run_script(script, name, args) {
         Outcome::Pass(text) => {
             // Keep logs, drop the big images.
             let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
@@ -230,12 +235,40 @@ fn run_vm_test(script: &str, name: &str) {
 
 #[test]
 fn guest_kernel_attaches_volume_with_nbd_client() {
-    run_vm_test("run-guest-attach.sh", "vm-guest-attach");
+    run_vm_test("run-guest-attach.sh", "vm-guest-attach", &[]);
+}
+
+/// The same attach, mkfs, write, checksum, trim and detach with nbd-client over TLS (1.2, its
+/// only version), presenting a client certificate to a server that requires TLS and verifies
+/// peers; certificates made here with openssl.
+#[test]
+fn guest_kernel_attaches_volume_with_nbd_client_over_tls() {
+    if server_bin() != env!("CARGO_BIN_EXE_thinnbd") {
+        assert!(
+            !in_ci(),
+            "the TLS attach test needs the thinnbd server under CI=true"
+        );
+        eprintln!("SKIP: the TLS attach test runs the thinnbd server only");
+        return;
+    }
+    if !common::require_tool("openssl") {
+        return;
+    }
+    let creds_root = tempfile::tempdir().expect("temp dir");
+    let creds = Credentials::make(creds_root.path());
+    assert_eq!(creds.server.parent(), Some(creds_root.path()));
+    assert_eq!(creds.client.parent(), Some(creds_root.path()));
+    let tls_dir = creds_root.path().as_os_str();
+    run_vm_test(
+        "run-guest-attach.sh",
+        "vm-guest-attach-tls",
+        &[OsStr::new("--tls-dir"), tls_dir],
+    );
 }
 
 #[test]
 fn qemu_nbd_drive_from_host_server() {
-    run_vm_test("run-host-drive.sh", "vm-host-drive");
+    run_vm_test("run-host-drive.sh", "vm-host-drive", &[]);
 }
 
 /// The host and guest parsers of `thinnbd pool status` accept the likely line shapes, under the

@@ -2,17 +2,18 @@
 # Build the test guest's initramfs (gzip'd newc cpio).
 #
 # Usage: build-initramfs.sh --out FILE --conf FILE [--server-bin PATH] [--server-kind thinnbd|nbdkit]
-#          [--extra-bin PATH]...
+#          [--extra-bin PATH]... [--tls-dir DIR]
 #
 # Contents: static busybox (shell, insmod, fstrim, blkdiscard, dd with O_DIRECT, sha256sum),
 # nbd-client, mkfs.ext4 with its libraries and /etc/mke2fs.conf, the modules for ext4, virtio-blk
 # and nbd of the guest kernel (tests/vm/lib.sh picks it), /init = tests/vm/guest-init.sh,
 # /vmtest.conf = --conf, and the server binary with its libraries (for nbdkit also the file and
-# memory plugins), and any --extra-bin in /bin with its libraries.
+# memory plugins), and any --extra-bin in /bin with its libraries. With --tls-dir, its `server`
+# and `client` certificate directories (tests/common/tls.rs makes them) go to /tls.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-out="" conf="" server_bin="" extra=()
+out="" conf="" server_bin="" extra=() tls_dir=""
 while [ $# -gt 0 ]; do
     case $1 in
     --out) out=$2; shift 2 ;;
@@ -20,6 +21,7 @@ while [ $# -gt 0 ]; do
     --server-bin) server_bin=$2; shift 2 ;;
     --server-kind) shift 2 ;; # accepted for callers; nbdkit is recognised by its name
     --extra-bin) extra+=("$2"); shift 2 ;;
+    --tls-dir) tls_dir=$2; shift 2 ;;
     *) vm_die "build-initramfs.sh: unknown argument $1" ;;
     esac
 done
@@ -41,6 +43,10 @@ vm_copy_with_libs "$root" "$(command -v nbd-client || echo /usr/sbin/nbd-client)
 mkfs=$(command -v mkfs.ext4 || echo /usr/sbin/mkfs.ext4)
 vm_copy_with_libs "$root" "$mkfs" /sbin/mkfs.ext4
 [ -r /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/mke2fs.conf"
+if [ -n "$tls_dir" ]; then
+    mkdir -p "$root/tls"
+    cp -r "$tls_dir/server" "$tls_dir/client" "$root/tls/"
+fi
 
 : >"$root/modules.list"
 vm_add_modules "$root" "$kver" ext4 virtio_blk virtio_pci nbd

@@ -10,6 +10,8 @@
 #                        write/verify and a discard
 #   SERVER_KIND=thinnbd|nbdkit, SERVER_BIN, PORT, VOLUME, POOL_DATA_SIZE, POOL_BLOCK_SIZE, VOLUME_SIZE
 #   DRIVE_DISCARD_OFF, DRIVE_DISCARD_LEN, DRIVE_PATTERN_MIB
+#   TLS=yes              test 1 over TLS: the server requires TLS and client certificates
+#                        (/tls/server), nbd-client presents /tls/client's
 # Results go to the serial console as VMTEST lines (see tests/vm/lib.sh); the guest always powers
 # off at the end, so a hang can only come from the kernel or a stuck tool (the host has a timeout).
 
@@ -97,7 +99,9 @@ server_prepare() {
 server_start() {
     case $SERVER_KIND in
     thinnbd)
-        "$SERVER_BIN" serve --pool /pool/p --listen "127.0.0.1:$PORT" >>/tmp/server.log 2>&1 &
+        set --
+        [ "${TLS:-no}" = yes ] && set -- --tls require --tls-certificates /tls/server --tls-verify-peer
+        "$SERVER_BIN" serve --pool /pool/p --listen "127.0.0.1:$PORT" "$@" >>/tmp/server.log 2>&1 &
         ;;
     nbdkit)
         "$SERVER_BIN" -f -v -i 127.0.0.1 -p "$PORT" file /pool/vol.img >>/tmp/server.log 2>&1 &
@@ -169,6 +173,10 @@ parse_mapped() {
 # The documented example (examples/nbd-client-attach.sh) does the attach, mkfs, mount, fstrim,
 # unmount and detach, so the steps a user copies are the steps tested here.
 example() {
+    if [ "${TLS:-no}" = yes ]; then
+        set -- "$@" --cacertfile /tls/client/ca-cert.pem --certfile /tls/client/client-cert.pem \
+            --keyfile /tls/client/client-key.pem --tls-hostname localhost
+    fi
     run sh /nbd-client-attach.sh "$@" --port "$PORT" --export "$VOLUME" --mount /mnt \
         --mount-opts noinit_itable
 }
@@ -176,6 +184,11 @@ example() {
 attach() {
     example up "$@"
     [ "$(cat /sys/block/nbd0/size)" -gt 0 ] || fail "nbd0 has no size after attach"
+    if [ "${TLS:-no}" = yes ]; then
+        # The server names each session's TLS version and verified peer.
+        grep "client connected" /tmp/server.log | tail -n 1 | grep -q "TLSv1.2 x509:CN=alice" \
+            || fail "the attach is not TLS 1.2 with alice's certificate"
+    fi
 }
 
 detach() {
@@ -267,7 +280,7 @@ test_drive() {
     [ "$got" = "$zeros" ] || fail "discarded range does not read back as zeros"
 }
 
-say "guest up, mode $VMTEST_MODE, kernel $(uname -r)"
+say "guest up, mode $VMTEST_MODE, TLS ${TLS:-no}, kernel $(uname -r)"
 case $VMTEST_MODE in
 attach) test_attach ;;
 drive) test_drive ;;

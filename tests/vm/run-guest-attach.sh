@@ -7,17 +7,20 @@
 #
 # Usage: run-guest-attach.sh --server-bin PATH [--server-kind auto|thinnbd|nbdkit]
 #          [--workdir DIR] [--console FILE] [--timeout SECONDS] [--accel auto|kvm|tcg]
-#          [--host-bin THINNBD] [--extra-bin PATH]...
+#          [--host-bin THINNBD] [--extra-bin PATH]... [--tls-dir DIR]
 #   --server-bin   the server to run in the guest: a thinnbd binary, or nbdkit (then the guest
 #                  serves a sparse file with nbdkit's file plugin and the thin-pool checks are
 #                  skipped)
 #   --host-bin     thinnbd binary for `pool status` on the host (default: --server-bin)
 #   --extra-bin    another program to put in the guest's /bin (repeatable)
+#   --tls-dir      run it all over TLS (thinnbd only): DIR/server is the server's
+#                  --tls-certificates (it also gets --tls-verify-peer), DIR/client holds
+#                  ca-cert.pem, client-cert.pem and client-key.pem for nbd-client
 # Exit status: 0 pass, 1 fail (console log path printed), 77 a needed package is missing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-server_bin="" server_kind=auto workdir="" console="" tmo=${VM_TIMEOUT:-300} extra=() host_bin=""
+server_bin="" server_kind=auto workdir="" console="" tmo=${VM_TIMEOUT:-300} extra=() host_bin="" tls_dir=""
 while [ $# -gt 0 ]; do
     case $1 in
     --server-bin) server_bin=$2; shift 2 ;;
@@ -28,6 +31,7 @@ while [ $# -gt 0 ]; do
     --accel) export VM_ACCEL=$2; shift 2 ;;
     --extra-bin) extra+=(--extra-bin "$2"); shift 2 ;;
     --host-bin) host_bin=$2; shift 2 ;;
+    --tls-dir) tls_dir=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) vm_die "unknown argument $1" ;;
     esac
@@ -41,6 +45,14 @@ if [ "$server_kind" = auto ]; then
     esac
 fi
 host_bin=${host_bin:-$server_bin}
+if [ -n "$tls_dir" ]; then
+    [ "$server_kind" = thinnbd ] || vm_die "--tls-dir needs the thinnbd server"
+    for f in server/ca-cert.pem server/server-cert.pem server/server-key.pem \
+        client/ca-cert.pem client/client-cert.pem client/client-key.pem; do
+        [ -r "$tls_dir/$f" ] || vm_die "--tls-dir: no $tls_dir/$f"
+    done
+    extra+=(--tls-dir "$tls_dir")
+fi
 
 missing=$(vm_missing_packages)
 [ -x "$server_bin" ] || [ "$server_kind" != nbdkit ] || missing="$missing nbdkit"
@@ -69,6 +81,7 @@ VOLUME=$volume
 POOL_DATA_SIZE=512M
 POOL_BLOCK_SIZE=64K
 VOLUME_SIZE=1G
+TLS=$([ -n "$tls_dir" ] && echo yes || echo no)
 EOF
 "$VM_DIR/build-initramfs.sh" --out "$workdir/initramfs.cpio.gz" --conf "$workdir/vmtest.conf" \
     --server-bin "$server_bin" --server-kind "$server_kind" "${extra[@]}"
