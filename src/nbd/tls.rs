@@ -101,6 +101,26 @@ pub enum PeerIdentity {
     Anonymous,
 }
 
+impl PeerIdentity {
+    /// The names access rules may know this peer by: `dn:SUBJECT`, `cn:NAME` for each common
+    /// name, `san:TYPE:NAME` for each alternative name (`san:DNS:host`), or `psk:USER`; none
+    /// for an anonymous peer.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            PeerIdentity::X509 {
+                subject,
+                common_names,
+                alt_names,
+            } => std::iter::once(format!("dn:{subject}"))
+                .chain(common_names.iter().map(|cn| format!("cn:{cn}")))
+                .chain(alt_names.iter().map(|san| format!("san:{san}")))
+                .collect(),
+            PeerIdentity::Psk(user) => vec![format!("psk:{user}")],
+            PeerIdentity::Anonymous => Vec::new(),
+        }
+    }
+}
+
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
