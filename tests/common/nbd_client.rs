@@ -198,7 +198,7 @@ impl Client {
         self.try_export_name(name).expect("EXPORT_NAME")
     }
 
-    fn try_export_name(&mut self, name: &str) -> io::Result<(u64, u16)> {
+    pub fn try_export_name(&mut self, name: &str) -> io::Result<(u64, u16)> {
         self.s
             .write_all(&OptionRequest::ExportName(name.to_owned()).encode())?;
         let mut reply = [0u8; 10];
