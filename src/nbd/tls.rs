@@ -417,6 +417,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_peer_is_known_by_every_name_its_credentials_carry() {
+        let cert = PeerIdentity::X509 {
+            subject: "CN=alice, O=example".into(),
+            common_names: vec!["alice".into()],
+            alt_names: vec!["DNS:host.example".into(), "email:a@example".into()],
+        };
+        assert_eq!(
+            cert.names(),
+            [
+                "dn:CN=alice, O=example",
+                "cn:alice",
+                "san:DNS:host.example",
+                "san:email:a@example"
+            ]
+        );
+        assert_eq!(PeerIdentity::Psk("bob".into()).names(), ["psk:bob"]);
+        assert!(PeerIdentity::Anonymous.names().is_empty());
+    }
+
+    #[test]
     fn psk_files_in_the_keys_psk_format() {
         let keys = parse_psk("alice:0123abCD\n\nbob:ff\r\n").unwrap();
         assert_eq!(keys["alice"], vec![0x01, 0x23, 0xab, 0xcd]);
