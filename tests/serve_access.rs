@@ -128,6 +128,13 @@ fn certificate_clients_see_and_open_only_their_volumes() {
         listing.contains("cn:alice") && listing.contains("cn:bob,ro"),
         "{listing}"
     );
+    let json = cli_ok(&["volume", "list", "--pool", pool.dir_str(), "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        json[1]["access"],
+        serde_json::json!([{"who": "cn:bob", "read_only": true}]),
+        "{json}"
+    );
     let server = serve(
         &pool,
         &[
