@@ -17,7 +17,8 @@ use thinnbd::service::control::{self, Request};
 use thinnbd::thin::{check, ThinMetadata};
 use thinnbd::util::{format_size, parse_size, resolve_listen_addr};
 use thinnbd::volume::{
-    take_lock, CheckReport, CreateOptions, NewSize, PoolPaths, PoolReport, VolumeInfo, Volumes,
+    take_lock, AccessChange, CheckReport, CreateOptions, Grant, NewSize, PoolPaths, PoolReport,
+    VolumeInfo, Volumes,
 };
 
 /// Exit status of a command that failed (an error was printed).
@@ -286,6 +287,29 @@ enum VolumeCommand {
         #[command(flatten)]
         output: JsonOutput,
     },
+    /// Set which clients may see and open a volume (`KIND:NAME` with KIND cn, dn, san or psk;
+    /// `,ro` for read-only). A volume without grants is open to every client the server lets
+    /// in; a client not granted sees no such export. New connections follow at once.
+    #[command(group(clap::ArgGroup::new("change").required(true).args(["allow", "deny", "clear"])))]
+    Access {
+        /// The pool directory.
+        #[arg(long)]
+        pool: PathBuf,
+        /// The volume.
+        name: String,
+        /// Grant a client identity, e.g. cn:alice, psk:bob,ro, dn:CN=carol,O=example,
+        /// san:host.example (replaces its earlier grant).
+        #[arg(long, value_parser = grant_value)]
+        allow: Option<Grant>,
+        /// Remove the grant of this identity (as it was allowed, without ,ro).
+        #[arg(long)]
+        deny: Option<String>,
+        /// Remove every grant: the volume is open to every client again.
+        #[arg(long)]
+        clear: bool,
+        #[command(flatten)]
+        output: JsonOutput,
+    },
     /// Rename a volume (its export name changes; refused while a client has it open).
     Rename {
         /// The pool directory.
@@ -316,6 +340,10 @@ struct ListenAddrs(Vec<SocketAddr>);
 
 fn listen_value(text: &str) -> Result<ListenAddrs, String> {
     resolve_listen_addr(text).map(ListenAddrs)
+}
+
+fn grant_value(text: &str) -> Result<Grant, String> {
+    Grant::parse(text).map_err(|e| e.message())
 }
 
 fn size_value(text: &str) -> Result<u64, String> {
@@ -413,18 +441,38 @@ fn origin_text(v: &VolumeInfo) -> &str {
     }
 }
 
+/// A volume's access list as `volume list` shows it.
+fn access_text(v: &VolumeInfo) -> String {
+    if v.access.is_empty() {
+        return "all".into();
+    }
+    let grants: Vec<String> = (v.access.iter())
+        .map(|g| format!("{}{}", g.who, if g.read_only { ",ro" } else { "" }))
+        .collect();
+    grants.join(" ")
+}
+
 fn print_volumes(list: &[VolumeInfo], bytes: bool) {
     let size = |n: u64| if bytes { n.to_string() } else { format_size(n) };
     let optional = |n: Option<u64>| n.map_or_else(|| "?".to_string(), size);
     println!(
-        "{:<24} {:>6} {:>10} {:>6} {:>10} {:>10} {:>10} {:<4} {:<24} DESCRIPTION",
-        "NAME", "THIN", "SIZE", "USED%", "MAPPED", "EXCLUSIVE", "SHARED", "MODE", "ORIGIN"
+        "{:<24} {:>6} {:>10} {:>6} {:>10} {:>10} {:>10} {:<4} {:<24} {:<16} DESCRIPTION",
+        "NAME",
+        "THIN",
+        "SIZE",
+        "USED%",
+        "MAPPED",
+        "EXCLUSIVE",
+        "SHARED",
+        "MODE",
+        "ORIGIN",
+        "ACCESS"
     );
     for v in list {
         #[allow(clippy::cast_precision_loss)] // a percentage for display
         let used = 100.0 * v.mapped_bytes as f64 / v.size.max(1) as f64;
         println!(
-            "{:<24} {:>6} {:>10} {:>6.2} {:>10} {:>10} {:>10} {:<4} {:<24} {}",
+            "{:<24} {:>6} {:>10} {:>6.2} {:>10} {:>10} {:>10} {:<4} {:<24} {:<16} {}",
             v.name,
             v.thin_id,
             size(v.size),
@@ -434,6 +482,7 @@ fn print_volumes(list: &[VolumeInfo], bytes: bool) {
             optional(v.shared_bytes),
             if v.read_only { "ro" } else { "rw" },
             origin_text(v),
+            access_text(v),
             v.description
         );
     }
@@ -818,6 +867,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             print_result(&output, &v, |v| {
                 println!("renamed volume {name} to {}", v.name);
+            })?;
+        }
+        Command::Volume(VolumeCommand::Access {
+            pool,
+            name,
+            allow,
+            deny,
+            clear,
+            output,
+        }) => {
+            let change = match (allow, deny) {
+                (Some(grant), _) => AccessChange::Allow(grant),
+                (None, Some(who)) => AccessChange::Deny(who),
+                (None, None) => {
+                    debug_assert!(clear, "clap requires one of the three");
+                    AccessChange::Clear
+                }
+            };
+            let v = volume_request(&pool, Request::Access { name, change })?;
+            print_result(&output, &v, |v| {
+                println!("volume {}: access {}", v.name, access_text(v));
             })?;
         }
         Command::Volume(VolumeCommand::Delete { pool, name, output }) => {

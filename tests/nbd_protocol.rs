@@ -14,7 +14,7 @@ use common::pattern::pattern;
 use thinnbd::error::Result;
 use thinnbd::nbd::codec::*;
 use thinnbd::nbd::memory::MemoryExport;
-use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, Extent, ServerConfig};
+use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, Extent, PeerIdentity, ServerConfig};
 
 const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
@@ -674,16 +674,16 @@ impl ExportBackend for Gated {
 struct GatedSource(Arc<Gated>);
 
 impl ExportSource for GatedSource {
-    fn list(&self) -> Vec<ExportInfo> {
+    fn list(&self, _peer: &PeerIdentity) -> Vec<ExportInfo> {
         vec![ExportInfo {
             name: "gated".into(),
             description: String::new(),
         }]
     }
-    fn default_export(&self) -> Option<String> {
+    fn default_export(&self, _peer: &PeerIdentity) -> Option<String> {
         Some("gated".into())
     }
-    fn open(&self, _name: &str) -> Result<Arc<dyn ExportBackend>> {
+    fn open(&self, _name: &str, _peer: &PeerIdentity) -> Result<Arc<dyn ExportBackend>> {
         Ok(self.0.clone())
     }
 }

@@ -626,3 +626,50 @@ fn the_plugin_under_nbdkits_tls() {
         );
     }
 }
+
+/// nbdkit 1.32 tells a plugin nothing of who a TLS client is, so even a client a volume's
+/// grants name is unknown to the plugin: a volume with grants is neither listed nor opened,
+/// and `export=` naming one stops nbdkit at start with the reason.
+#[test]
+fn the_plugin_never_serves_a_volume_with_grants() {
+    if !require_tools(&["nbdkit", "nbdinfo", "openssl"]) {
+        return;
+    }
+    let pool = TestPool::with_volumes(&[("open", "16M"), ("kept", "16M")]);
+    cli_ok(&[
+        "volume",
+        "access",
+        "--pool",
+        pool.dir_str(),
+        "kept",
+        "--allow",
+        "psk:alice",
+    ]);
+    let creds = common::tls::Credentials::make(&pool.path("creds"));
+    let psk_file = creds.psk.display().to_string();
+    let mut nbdkit = Nbdkit::start_tcp(&pool, &["--tls=require", "--tls-psk", &psk_file], &[]);
+    let Endpoint::Tcp(port) = nbdkit.endpoint else {
+        unreachable!("started on TCP")
+    };
+    let uri =
+        |export: &str| format!("nbds://alice@localhost:{port}/{export}?tls-psk-file={psk_file}");
+    let list = stdout_of(Command::new("nbdinfo").arg("--list").arg(uri("")));
+    assert!(list.contains("export=\"open\""), "{list}");
+    assert!(!list.contains("kept"), "{list}");
+    let info = stdout_of(Command::new("nbdinfo").arg(uri("open")));
+    assert!(info.contains("export-size: 16777216"), "{info}");
+    let refused = Command::new("nbdinfo").arg(uri("kept")).output().unwrap();
+    assert!(!refused.status.success(), "a volume with grants was served");
+    let status = nbdkit.proc.stop();
+    assert!(
+        status.success(),
+        "nbdkit exit: {status}\n{}",
+        nbdkit.proc.log()
+    );
+
+    let stderr = nbdkit_start_failure(&[&pool.pool_arg(), "export=kept"]);
+    assert!(
+        stderr.contains("export=kept: the volume has an access list"),
+        "{stderr}"
+    );
+}

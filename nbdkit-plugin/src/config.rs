@@ -135,6 +135,18 @@ impl PluginConfig {
                     ),
                 );
             }
+            if reg.get(name).is_ok_and(|v| !v.access.is_empty()) {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "export={name}: the volume has an access list, and nbdkit {} tells a \
+                         plugin nothing of who the TLS client is, so the plugin never serves it \
+                         (serve it with `thinnbd serve`, or clear its list with \
+                         `thinnbd volume access --clear`)",
+                        crate::NBDKIT_VERSION_WITHOUT_TLS_PEER
+                    ),
+                );
+            }
         }
         // The real lock is taken by `Volumes::open` after the fork; this probe only turns a
         // pool in use into a message on the terminal instead of a silent exit.

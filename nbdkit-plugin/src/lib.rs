@@ -24,6 +24,10 @@
 //! becomes EIO instead of unwinding into nbdkit. The crate's own glue around our methods can
 //! only panic on flags nbdkit 1.32 never sends or on error text with a NUL, which
 //! [`reply::c_text`] rules out.
+//!
+//! Access lists: nbdkit 1.32 gives a plugin no way to learn the TLS client's identity (the
+//! peer-certificate calls came later), so every client is anonymous here: a volume with an
+//! access list is never listed nor opened, and `export=` naming one is refused at start-up.
 
 // Offsets and lengths cross the C boundary: a cast that can lose data needs `try_from` or a
 // reason why it cannot.
@@ -40,9 +44,15 @@ use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, Thre
 
 use config::{Keys, PluginConfig};
 use thinnbd::error::{fail, Error, ErrorKind, Result};
-use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, WriteTurns};
+use thinnbd::nbd::{ExportBackend, ExportInfo, ExportSource, PeerIdentity, WriteTurns};
 use thinnbd::service::exports::VolumeExports;
 use thinnbd::volume::Volumes;
+
+/// The nbdkit this plugin is built for, which gives plugins no TLS peer identity.
+const NBDKIT_VERSION_WITHOUT_TLS_PEER: &str = "1.32";
+
+/// Who every client is to the export adapter: the plugin cannot tell (see the module docs).
+static UNKNOWN_PEER: PeerIdentity = PeerIdentity::Anonymous;
 
 /// Keys as they arrive (`config`).
 static KEYS: Mutex<Keys> = Mutex::new(Keys::new());
@@ -75,14 +85,16 @@ impl Served {
 
     fn list(&self) -> Vec<ExportInfo> {
         self.exports
-            .list()
+            .list(&UNKNOWN_PEER)
             .into_iter()
             .filter(|e| self.only.as_ref().is_none_or(|o| *o == e.name))
             .collect()
     }
 
     fn default_export(&self) -> Option<String> {
-        self.only.clone().or_else(|| self.exports.default_export())
+        self.only
+            .clone()
+            .or_else(|| self.exports.default_export(&UNKNOWN_PEER))
     }
 
     /// The volume a client's export name means ("" is the default export).
@@ -271,7 +283,7 @@ impl Server for ThinExport {
             let served = served()?;
             let requested = ffi::export_name()?;
             let name = served.resolve(&requested)?;
-            let export = served.exports.open(&name)?;
+            let export = served.exports.open(&name, &UNKNOWN_PEER)?;
             Ok(Box::new(ThinExport {
                 writes: WriteTurns::new(export.as_ref()),
                 export,

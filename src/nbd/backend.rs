@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 use crate::error::{fail, ErrorKind, Result};
+pub use crate::nbd::tls::PeerIdentity;
 
 /// One export as the server sees it. Methods block (they do disk I/O): the server calls them
 /// off the async executor (spawn_blocking), never on it; only the `try_*_nowait` methods,
@@ -226,11 +227,13 @@ pub struct ExportInfo {
 
 /// The set of exports; opening is cheap (an Arc clone of something already active).
 pub trait ExportSource: Send + Sync + 'static {
-    fn list(&self) -> Vec<ExportInfo>;
-    /// The export used for the empty export name "".
-    fn default_export(&self) -> Option<String>;
-    /// `NotFound` for unknown names.
-    fn open(&self, name: &str) -> Result<Arc<dyn ExportBackend>>;
+    /// The exports `peer` may use (a client in clear is [`PeerIdentity::Anonymous`]).
+    fn list(&self, peer: &PeerIdentity) -> Vec<ExportInfo>;
+    /// The export used for the empty export name "", among those `peer` may use.
+    fn default_export(&self, peer: &PeerIdentity) -> Option<String>;
+    /// `NotFound` for unknown names, and in the same words for an export `peer` may not use.
+    /// The backend's `read_only` says how `peer` may use it.
+    fn open(&self, name: &str, peer: &PeerIdentity) -> Result<Arc<dyn ExportBackend>>;
 }
 
 #[cfg(test)]

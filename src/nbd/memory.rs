@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::backend::{ExportBackend, ExportInfo, ExportSource, Extent};
+use super::backend::{ExportBackend, ExportInfo, ExportSource, Extent, PeerIdentity};
 use crate::error::{fail, ErrorKind, Result};
 
 /// The page size as the backend seam tells it (the preferred block size); the others follow.
@@ -245,7 +245,7 @@ impl MemorySource {
 }
 
 impl ExportSource for MemorySource {
-    fn list(&self) -> Vec<ExportInfo> {
+    fn list(&self, _peer: &PeerIdentity) -> Vec<ExportInfo> {
         let exports = self.exports.read().unwrap_or_else(|p| p.into_inner());
         exports
             .iter()
@@ -256,14 +256,14 @@ impl ExportSource for MemorySource {
             .collect()
     }
 
-    fn default_export(&self) -> Option<String> {
+    fn default_export(&self, _peer: &PeerIdentity) -> Option<String> {
         self.default
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    fn open(&self, name: &str) -> Result<Arc<dyn ExportBackend>> {
+    fn open(&self, name: &str, _peer: &PeerIdentity) -> Result<Arc<dyn ExportBackend>> {
         match self.get(name) {
             Some(e) => Ok(e),
             None => fail(ErrorKind::NotFound, format!("no export named {name:?}")),
@@ -370,11 +370,19 @@ mod tests {
         let s = MemorySource::new();
         s.add("a", "first", MemoryExport::new(PAGE));
         s.add("b", "second", MemoryExport::new(2 * PAGE));
-        assert_eq!(s.list().len(), 2);
-        assert_eq!(s.default_export().as_deref(), Some("a"));
-        assert_eq!(s.open("b").unwrap().size(), 2 * PAGE);
+        assert_eq!(s.list(&PeerIdentity::Anonymous).len(), 2);
         assert_eq!(
-            s.open("zz").err().map(|e| e.kind()),
+            s.default_export(&PeerIdentity::Anonymous).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            s.open("b", &PeerIdentity::Anonymous).unwrap().size(),
+            2 * PAGE
+        );
+        assert_eq!(
+            s.open("zz", &PeerIdentity::Anonymous)
+                .err()
+                .map(|e| e.kind()),
             Some(ErrorKind::NotFound)
         );
     }

@@ -18,7 +18,7 @@ pub mod tls;
 
 pub use backend::{
     extents_at, preferred_block_size, BlockSizes, ContextExtent, ExportBackend, ExportInfo,
-    ExportSource, Extent, WriteTurns, MAX_CONTEXT_EXTENTS,
+    ExportSource, Extent, PeerIdentity, WriteTurns, MAX_CONTEXT_EXTENTS,
 };
 pub use server::{serve, serve_with_tls, Listener};
 pub use shared::{

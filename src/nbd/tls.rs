@@ -101,6 +101,26 @@ pub enum PeerIdentity {
     Anonymous,
 }
 
+impl PeerIdentity {
+    /// The names access rules may know this peer by: `dn:SUBJECT`, `cn:NAME` for each common
+    /// name, `san:TYPE:NAME` for each alternative name (`san:DNS:host`), or `psk:USER`; none
+    /// for an anonymous peer.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            PeerIdentity::X509 {
+                subject,
+                common_names,
+                alt_names,
+            } => std::iter::once(format!("dn:{subject}"))
+                .chain(common_names.iter().map(|cn| format!("cn:{cn}")))
+                .chain(alt_names.iter().map(|san| format!("san:{san}")))
+                .collect(),
+            PeerIdentity::Psk(user) => vec![format!("psk:{user}")],
+            PeerIdentity::Anonymous => Vec::new(),
+        }
+    }
+}
+
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -395,6 +415,26 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_known_by_every_name_its_credentials_carry() {
+        let cert = PeerIdentity::X509 {
+            subject: "CN=alice, O=example".into(),
+            common_names: vec!["alice".into()],
+            alt_names: vec!["DNS:host.example".into(), "email:a@example".into()],
+        };
+        assert_eq!(
+            cert.names(),
+            [
+                "dn:CN=alice, O=example",
+                "cn:alice",
+                "san:DNS:host.example",
+                "san:email:a@example"
+            ]
+        );
+        assert_eq!(PeerIdentity::Psk("bob".into()).names(), ["psk:bob"]);
+        assert!(PeerIdentity::Anonymous.names().is_empty());
+    }
 
     #[test]
     fn psk_files_in_the_keys_psk_format() {

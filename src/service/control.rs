@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::volume::{NewSize, Volumes};
+use crate::volume::{AccessChange, NewSize, Volumes};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -49,6 +49,11 @@ pub enum Request {
         name: String,
         new_name: String,
     },
+    /// Change who may use a volume.
+    Access {
+        name: String,
+        change: AccessChange,
+    },
     /// Grow the pool: data to `data_size` bytes (absent: the data device's size now) and
     /// metadata to `metadata_size` bytes (absent: unchanged).
     Grow {
@@ -84,6 +89,15 @@ impl Request {
             Request::Rename { name, new_name } => {
                 Some(format!("rename volume {name:?} to {new_name:?}"))
             }
+            Request::Access { name, change } => Some(match change {
+                AccessChange::Allow(g) => format!(
+                    "allow {:?} to use volume {name:?}{}",
+                    g.who,
+                    if g.read_only { " read-only" } else { "" }
+                ),
+                AccessChange::Deny(who) => format!("remove {who:?} from volume {name:?}'s access"),
+                AccessChange::Clear => format!("open volume {name:?} to every client"),
+            }),
             Request::Grow {
                 data_size,
                 metadata_size,
@@ -182,6 +196,7 @@ fn execute_unlogged(volumes: &Volumes, req: Request) -> Result<serde_json::Value
             with_warnings(volumes, to_value(volumes.resize_to(&name, size, force)?)?)
         }
         Request::Rename { name, new_name } => to_value(volumes.rename(&name, &new_name)?),
+        Request::Access { name, change } => to_value(volumes.set_access(&name, &change)?),
         Request::Delete { name } => {
             volumes.delete(&name)?;
             to_value(())

@@ -4,8 +4,9 @@
 //! volume does as an export lives here once: the fast-zero refusal, `cache` as a metadata
 //! walk, the preferred block size, extents, which writes may take the engine's quick path,
 //! and the `qemu:dirty-bitmap:NAME` context each volume offers for every other volume of its
-//! snapshot family (the blocks the two map differently). The frontends never reach the engine
-//! themselves.
+//! snapshot family (the blocks the two map differently), and each volume's access list (a
+//! client sees and opens only the volumes granted to it, read-only where the grant says so).
+//! The frontends never reach the engine themselves.
 
 use std::sync::Arc;
 
@@ -13,9 +14,10 @@ use crate::engine::NOWAIT_WRITE_MAX;
 use crate::error::{fail, ErrorKind, Result};
 use crate::nbd::codec::{META_DIRTY_BITMAP_PREFIX, STATE_DIRTY};
 use crate::nbd::{
-    ContextExtent, ExportBackend, ExportInfo, ExportSource, Extent, MAX_CONTEXT_EXTENTS,
+    ContextExtent, ExportBackend, ExportInfo, ExportSource, Extent, PeerIdentity,
+    MAX_CONTEXT_EXTENTS,
 };
-use crate::volume::{ActiveVolume, Volumes};
+use crate::volume::{Access, ActiveVolume, Volumes};
 
 /// Every volume of a pool, one export each.
 pub struct VolumeExports {
@@ -44,19 +46,25 @@ pub fn preferred_io_size(pool_block: u64) -> u32 {
 }
 
 impl ExportSource for VolumeExports {
-    fn list(&self) -> Vec<ExportInfo> {
+    fn list(&self, peer: &PeerIdentity) -> Vec<ExportInfo> {
+        let identities = peer.names();
         self.volumes
-            .list()
+            .visible_to(&identities)
             .into_iter()
-            .map(|v| ExportInfo {
-                description: describe(&v.name, v.size, v.origin.as_deref(), v.read_only),
-                name: v.name,
+            .map(|v| {
+                let read_only = v.access_for(&identities) == Some(Access::ReadOnly);
+                ExportInfo {
+                    description: describe(&v.name, v.size, v.origin.as_deref(), read_only),
+                    name: v.name,
+                }
             })
             .collect()
     }
 
-    fn default_export(&self) -> Option<String> {
-        let names = self.volumes.volume_names();
+    fn default_export(&self, peer: &PeerIdentity) -> Option<String> {
+        let names: Vec<String> = (self.volumes.visible_to(&peer.names()).into_iter())
+            .map(|v| v.name)
+            .collect();
         match &self.default_export {
             Some(d) if names.contains(d) => Some(d.clone()),
             _ if names.len() == 1 => names.into_iter().next(),
@@ -64,10 +72,11 @@ impl ExportSource for VolumeExports {
         }
     }
 
-    fn open(&self, name: &str) -> Result<Arc<dyn ExportBackend>> {
-        let active = self.volumes.open_volume(name)?;
+    fn open(&self, name: &str, peer: &PeerIdentity) -> Result<Arc<dyn ExportBackend>> {
+        let (active, access) = self.volumes.open_volume_for(name, &peer.names())?;
         Ok(Arc::new(VolumeExport {
             active,
+            read_only: access == Access::ReadOnly,
             block_size: self.volumes.pool().block_size(),
             volumes: Arc::clone(&self.volumes),
         }))
@@ -89,6 +98,8 @@ pub fn describe(name: &str, size: u64, origin: Option<&str>, read_only: bool) ->
 /// One connection's view of an active volume; dropping it releases the connection's hold.
 pub struct VolumeExport {
     active: Arc<ActiveVolume>,
+    /// The volume's own flag or this client's read-only grant.
+    read_only: bool,
     block_size: u64,
     /// Where the volume's snapshot family is looked up, afresh for every request: a volume
     /// deleted since the client chose its context fails the request instead of answering
@@ -125,7 +136,7 @@ impl ExportBackend for VolumeExport {
     }
 
     fn read_only(&self) -> bool {
-        self.active.read_only
+        self.read_only
     }
 
     fn preferred_block_size(&self) -> u32 {
@@ -254,7 +265,7 @@ mod tests {
     use crate::engine::EngineConfig;
     use crate::nbd::codec::META_BASE_ALLOCATION;
     use crate::nbd::{extents_at, BlockSizes, WriteTurns};
-    use crate::volume::CreateOptions;
+    use crate::volume::{AccessChange, CreateOptions, Grant};
 
     /// Runs `test` on a pool of 64 KiB blocks with one 4 MiB volume "v", then shuts the pool
     /// down.
@@ -283,7 +294,7 @@ mod tests {
     fn with_export(test: impl FnOnce(&VolumeExports, &dyn ExportBackend)) {
         with_pool(|volumes| {
             let exports = VolumeExports::new(volumes.clone(), None);
-            let export = exports.open("v").unwrap();
+            let export = exports.open("v", &PeerIdentity::Anonymous).unwrap();
             test(&exports, export.as_ref());
         });
     }
@@ -395,7 +406,7 @@ mod tests {
         with_pool(|volumes| {
             volumes.create_volume("lone", 4 << 20).unwrap();
             let exports = VolumeExports::new(volumes.clone(), None);
-            let v = exports.open("v").unwrap();
+            let v = exports.open("v", &PeerIdentity::Anonymous).unwrap();
             v.write(0, &[1u8; 1 << 20], false).unwrap();
             volumes.snapshot("v", "s1", true).unwrap();
             volumes.snapshot("s1", "s1b", true).unwrap();
@@ -406,7 +417,10 @@ mod tests {
             let bitmap = |name: &str| format!("{META_DIRTY_BITMAP_PREFIX}{name}");
             assert_eq!(v.meta_contexts(), [bitmap("s1"), bitmap("s1b")]);
             assert_eq!(
-                exports.open("lone").unwrap().meta_contexts(),
+                exports
+                    .open("lone", &PeerIdentity::Anonymous)
+                    .unwrap()
+                    .meta_contexts(),
                 [] as [String; 0]
             );
             let run = |length: u64, dirty: bool| ContextExtent {
@@ -452,7 +466,7 @@ mod tests {
     fn a_dirty_bitmap_costs_the_change_not_the_volume() {
         with_pool_sized(512 << 20, 256 << 20, |volumes| {
             let exports = VolumeExports::new(volumes.clone(), None);
-            let v = exports.open("v").unwrap();
+            let v = exports.open("v", &PeerIdentity::Anonymous).unwrap();
             // A little in every block maps all of them (the fresh data file needs no zeroing).
             for block in 0..4096 {
                 v.write(block << 16, &[5u8; 512], false).unwrap();
@@ -471,6 +485,46 @@ mod tests {
             assert_eq!(runs, [(700, 1)]);
             assert!(stats.shared_subtrees >= 16, "{stats:?}");
             assert!(stats.nodes_read <= 8, "{stats:?}");
+        });
+    }
+
+    #[test]
+    fn a_client_sees_and_opens_only_what_it_is_granted() {
+        with_pool(|volumes| {
+            volumes.create_volume("a", 1 << 20).unwrap();
+            let allow = |name: &str, grant: &str| {
+                let change = AccessChange::Allow(Grant::parse(grant).unwrap());
+                volumes.set_access(name, &change).unwrap();
+            };
+            allow("a", "psk:alice");
+            allow("v", "psk:bob,ro");
+            let exports = VolumeExports::new(volumes.clone(), None);
+            let alice = PeerIdentity::Psk("alice".into());
+            let bob = PeerIdentity::Psk("bob".into());
+            let names = |peer: &PeerIdentity| -> Vec<String> {
+                exports.list(peer).into_iter().map(|e| e.name).collect()
+            };
+            assert_eq!(names(&alice), ["a"]);
+            assert_eq!(names(&bob), ["v"]);
+            assert!(names(&PeerIdentity::Anonymous).is_empty());
+            assert_eq!(exports.default_export(&alice).as_deref(), Some("a"));
+            assert!(!exports.open("a", &alice).unwrap().read_only());
+            assert!(exports.open("v", &bob).unwrap().read_only());
+            let refusal = |name: &str, peer: &PeerIdentity| {
+                let e = exports.open(name, peer).err().expect("refused");
+                (
+                    e.kind(),
+                    e.to_string().replace(&format!("{name:?}"), "NAME"),
+                )
+            };
+            assert_eq!(refusal("v", &alice), refusal("missing", &alice));
+            assert_eq!(refusal("a", &bob), refusal("missing", &bob));
+            assert_eq!(
+                refusal("a", &PeerIdentity::Anonymous).0,
+                ErrorKind::NotFound
+            );
+            volumes.set_access("a", &AccessChange::Clear).unwrap();
+            assert_eq!(names(&bob), ["v", "a"]);
         });
     }
 }

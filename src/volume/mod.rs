@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{EngineConfig, Pool, PoolMode, PoolStatus, ThinHandle};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::thin::metadata::ThinId;
+pub use registry::{no_such_volume, Access, Grant};
 use registry::{Registry, Volume};
 
 /// Files of a pool directory.
@@ -109,6 +110,21 @@ pub struct VolumeInfo {
     #[serde(default)]
     pub shared_bytes: Option<u64>,
     pub description: String,
+    /// Who may use the volume; empty: every client the server lets in.
+    #[serde(default)]
+    pub access: Vec<Grant>,
+}
+
+/// A change to a volume's access list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessChange {
+    /// Adds the grant, replacing one for the same identity.
+    Allow(Grant),
+    /// Removes the grant for this identity.
+    Deny(String),
+    /// Removes every grant: the volume is open to every client again.
+    Clear,
 }
 
 /// The new size asked of `volume resize`: absolute, or relative as `lvresize` reads `+SIZE` and
@@ -502,6 +518,7 @@ impl Volumes {
                     exclusive_bytes,
                     shared_bytes: exclusive_bytes.map(|x| mapped_bytes.saturating_sub(x)),
                     description: v.description.clone(),
+                    access: v.access.clone(),
                 }
             })
             .collect()
@@ -535,6 +552,7 @@ impl Volumes {
             origin: None,
             origin_deleted: false,
             description: description.into(),
+            access: Vec::new(),
         };
         if let Err(e) = reg.add(v) {
             self.forget_unnamed_thin(id);
@@ -573,6 +591,9 @@ impl Volumes {
             origin: Some(origin.into()),
             origin_deleted: false,
             description: description.map_or_else(|| format!("snapshot of {origin}"), Into::into),
+            // The snapshot holds the origin's data: the clients kept from one are kept from
+            // the other until the operator says otherwise.
+            access: o.access.clone(),
         });
         if let Err(e) = added {
             self.forget_unnamed_thin(id);
@@ -595,7 +616,57 @@ impl Volumes {
         self.list_counting(false)
             .into_iter()
             .find(|v| v.name == name)
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume named {name:?}")))
+            .ok_or_else(|| no_such_volume(name))
+    }
+
+    /// Changes who may use a volume; new connections follow the new list at once.
+    pub fn set_access(&self, name: &str, change: &AccessChange) -> Result<VolumeInfo> {
+        let mut reg = locked(&self.registry);
+        let mut v = reg.get(name)?.clone();
+        match change {
+            AccessChange::Allow(grant) => {
+                registry::validate_who(&grant.who)?;
+                v.access.retain(|g| g.who != grant.who);
+                v.access.push(grant.clone());
+            }
+            AccessChange::Deny(who) => {
+                if !v.access.iter().any(|g| g.who == *who) {
+                    return fail(
+                        ErrorKind::NotFound,
+                        format!("volume {name:?} has no grant for {who:?}"),
+                    );
+                }
+                v.access.retain(|g| g.who != *who);
+            }
+            AccessChange::Clear => v.access.clear(),
+        }
+        reg.update(v)?;
+        drop(reg);
+        self.info(name)
+    }
+
+    /// The volumes the client known by `identities` may see (see [`Volume::access_for`]).
+    pub fn visible_to(&self, identities: &[String]) -> Vec<Volume> {
+        locked(&self.registry)
+            .volumes()
+            .iter()
+            .filter(|v| v.access_for(identities).is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// The active volume behind an export for the client known by `identities`, and how it
+    /// may use it. A volume it may not see is refused exactly as a name that does not exist.
+    pub fn open_volume_for(
+        &self,
+        name: &str,
+        identities: &[String],
+    ) -> Result<(Arc<ActiveVolume>, Access)> {
+        let v = self.volume(name)?;
+        let access = v
+            .access_for(identities)
+            .ok_or_else(|| no_such_volume(name))?;
+        Ok((self.active_volume(&v)?, access))
     }
 
     /// Resizes a volume to an absolute or relative size. A shrink discards what lies past the

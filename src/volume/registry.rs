@@ -35,6 +35,105 @@ pub struct Volume {
     pub origin_deleted: bool,
     #[serde(default)]
     pub description: String,
+    /// The clients that may see and open the volume; empty: every client the server lets in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<Grant>,
+}
+
+/// One client identity allowed to use a volume, and whether only to read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// `cn:NAME`, `dn:SUBJECT`, `san:NAME` (as the certificate has it, e.g. `DNS:host`, or
+    /// without the type) or `psk:USER`.
+    pub who: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The kinds of identity a grant can name.
+const GRANT_KINDS: [&str; 4] = ["cn", "dn", "san", "psk"];
+
+impl Grant {
+    /// Parses `KIND:NAME[,ro]` as the command line writes a grant.
+    pub fn parse(text: &str) -> Result<Grant> {
+        let (who, read_only) = match text.strip_suffix(",ro") {
+            Some(who) => (who, true),
+            None => (text.strip_suffix(",rw").unwrap_or(text), false),
+        };
+        validate_who(who)?;
+        Ok(Grant {
+            who: who.to_owned(),
+            read_only,
+        })
+    }
+
+    /// Whether this grant names the client known by `identities` (see [`Volume::access_for`]).
+    fn names(&self, identities: &[String]) -> bool {
+        identities.iter().any(|id| same_identity(&self.who, id))
+    }
+}
+
+/// Checks that `who` is `KIND:NAME` with a kind a grant can name.
+pub fn validate_who(who: &str) -> Result<()> {
+    match who.split_once(':') {
+        Some((kind, name)) if GRANT_KINDS.contains(&kind) && !name.trim().is_empty() => Ok(()),
+        _ => fail(
+            ErrorKind::InvalidInput,
+            format!("client identity {who:?}: use cn:NAME, dn:SUBJECT, san:NAME or psk:USER"),
+        ),
+    }
+}
+
+/// Whether a grant's `who` and a client's identity name the same client. Subjects are
+/// compared part by part, so `CN=a,O=b` and `CN=a, O=b` match; a SAN may be written without
+/// its type (`san:host` matches `san:DNS:host`).
+fn same_identity(granted: &str, client: &str) -> bool {
+    let dn_parts =
+        |dn: &str| -> Vec<String> { dn.split(',').map(|p| p.trim().to_owned()).collect() };
+    match (granted.split_once(':'), client.split_once(':')) {
+        (Some(("dn", g)), Some(("dn", c))) => dn_parts(g) == dn_parts(c),
+        (Some(("san", g)), Some(("san", c))) => {
+            g == c || c.split_once(':').is_some_and(|(_, bare)| bare == g)
+        }
+        _ => granted == client,
+    }
+}
+
+/// How a client may use a volume it is allowed to see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+impl Volume {
+    /// How the client known by `identities` (`cn:..`, `dn:..`, `san:..`, `psk:..`; none for a
+    /// client that proved no identity) may use this volume; `None`: it may not see it at all.
+    /// A read-only volume is read-only to everyone; a client named by several grants gets the
+    /// widest.
+    pub fn access_for(&self, identities: &[String]) -> Option<Access> {
+        let granted_read_only = if self.access.is_empty() {
+            false
+        } else {
+            let grants: Vec<&Grant> = self.access.iter().filter(|g| g.names(identities)).collect();
+            if grants.is_empty() {
+                return None;
+            }
+            grants.iter().all(|g| g.read_only)
+        };
+        Some(if self.read_only || granted_read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        })
+    }
+}
+
+/// The error for a volume name that is not there, also given for one the client may not see,
+/// so that the two cannot be told apart.
+pub fn no_such_volume(name: &str) -> Error {
+    Error::new(ErrorKind::NotFound, format!("no volume named {name:?}"))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +193,9 @@ impl Registry {
         for (i, v) in self.volumes.iter().enumerate() {
             validate_name(&v.name)
                 .map_err(|e| e.within(format!("volume registry {}", self.path.display())))?;
+            for g in &v.access {
+                validate_who(&g.who).map_err(|e| e.within(format!("volume {}", v.name)))?;
+            }
             if v.thin_id > MAX_THIN_ID {
                 return fail(
                     ErrorKind::Corrupt,
@@ -125,7 +227,7 @@ impl Registry {
         self.volumes
             .iter()
             .find(|v| v.name == name)
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume named {name:?}")))
+            .ok_or_else(|| no_such_volume(name))
     }
 
     /// Renames a volume, and the origin name its snapshots record, in one durable write.
@@ -268,7 +370,70 @@ mod tests {
             origin: None,
             origin_deleted: false,
             description: String::new(),
+            access: Vec::new(),
         }
+    }
+
+    #[test]
+    fn grants_decide_who_sees_a_volume_and_how() {
+        let ids = |list: &[&str]| -> Vec<String> { list.iter().map(|s| s.to_string()).collect() };
+        let open = vol("open", 0);
+        assert_eq!(open.access_for(&[]), Some(Access::ReadWrite));
+        let v = Volume {
+            access: vec![
+                Grant::parse("cn:alice").unwrap(),
+                Grant::parse("psk:bob,ro").unwrap(),
+                Grant::parse("dn:CN=carol,O=x").unwrap(),
+                Grant::parse("san:host.example,ro").unwrap(),
+            ],
+            ..vol("a", 1)
+        };
+        assert_eq!(v.access_for(&[]), None, "anonymous");
+        assert_eq!(
+            v.access_for(&ids(&["psk:alice"])),
+            None,
+            "a PSK user is not a CN"
+        );
+        assert_eq!(v.access_for(&ids(&["cn:alice"])), Some(Access::ReadWrite));
+        assert_eq!(v.access_for(&ids(&["psk:bob"])), Some(Access::ReadOnly));
+        assert_eq!(
+            v.access_for(&ids(&["dn:CN=carol, O=x", "cn:carol"])),
+            Some(Access::ReadWrite)
+        );
+        assert_eq!(v.access_for(&ids(&["dn:CN=carol, O=y"])), None);
+        assert_eq!(
+            v.access_for(&ids(&["san:DNS:host.example"])),
+            Some(Access::ReadOnly)
+        );
+        assert_eq!(
+            v.access_for(&ids(&["san:DNS:host.example", "cn:alice"])),
+            Some(Access::ReadWrite),
+            "the widest grant wins"
+        );
+        let ro = Volume {
+            read_only: true,
+            ..v
+        };
+        assert_eq!(ro.access_for(&ids(&["cn:alice"])), Some(Access::ReadOnly));
+        for bad in ["alice", "x509:alice", "cn:", "psk: "] {
+            assert!(Grant::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_registry_without_access_lists_loads_and_grants_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join(REGISTRY_FILE),
+            "[[volume]]\nname = \"a\"\nthin_id = 1\nsize = 1\n",
+        )
+        .unwrap();
+        let mut r = Registry::load(dir.path()).unwrap();
+        assert!(r.get("a").unwrap().access.is_empty());
+        let mut a = r.get("a").unwrap().clone();
+        a.access = vec![Grant::parse("cn:alice,ro").unwrap()];
+        r.update(a.clone()).unwrap();
+        assert_eq!(Registry::load(dir.path()).unwrap().get("a").unwrap(), &a);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub(super) enum Outcome {
 struct Options<'a> {
     shared: &'a ServerState,
     structured: bool,
-    /// The TLS peer, once TLS is up (what an access check in `resolve` would look at).
+    /// The TLS peer, once TLS is up: the export source lists and opens exports for it.
     identity: Option<&'a PeerIdentity>,
     /// What the last SET_META_CONTEXT selected, if anything.
     meta: Option<MetaSelection>,
@@ -57,18 +57,26 @@ struct MetaSelection {
     contexts: Vec<SelectedContext>,
 }
 
+/// Who a client in clear is to the export source.
+static ANONYMOUS: PeerIdentity = PeerIdentity::Anonymous;
+
 impl Options<'_> {
+    /// Who the client is to the export source: what TLS proved, or no one.
+    fn peer(&self) -> &PeerIdentity {
+        self.identity.unwrap_or(&ANONYMOUS)
+    }
+
     /// The export a client name refers to ("" means the default export).
     fn resolve(&self, name: &str) -> Result<(String, Arc<dyn ExportBackend>)> {
         let name = if name.is_empty() {
-            match self.shared.source.default_export() {
+            match self.shared.source.default_export(self.peer()) {
                 Some(d) => d,
                 None => return Err(Error::new(ErrorKind::NotFound, "no default export")),
             }
         } else {
             name.to_owned()
         };
-        let backend = self.shared.source.open(&name)?;
+        let backend = self.shared.source.open(&name, self.peer())?;
         Ok((name, backend))
     }
 
@@ -235,7 +243,7 @@ where
                 return Ok(Outcome::NoExport);
             }
             OptionRequest::List => {
-                for e in shared.source.list() {
+                for e in shared.source.list(opts.peer()) {
                     let kind = OptionReplyKind::Server {
                         name: e.name,
                         description: e.description,
@@ -393,7 +401,7 @@ fn info_replies(
         let description = opts
             .shared
             .source
-            .list()
+            .list(opts.peer())
             .into_iter()
             .find(|e| e.name == name)
             .map(|e| e.description)
