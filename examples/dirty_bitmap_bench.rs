@@ -209,9 +209,7 @@ fn main() {
     let (mut connect, mut first) = (Vec::new(), Vec::new());
     let mut first_extents = 0;
     for _ in 0..5 {
-        let out = run(nbdsh()
-            .env("SOCKET", &socket)
-            .args(["-c", FIRST_REPLY]));
+        let out = run(nbdsh().env("SOCKET", &socket).args(["-c", FIRST_REPLY]));
         let f: Vec<&str> = out.split_whitespace().collect();
         connect.push(f[0].parse::<f64>().expect("seconds"));
         first.push(f[1].parse::<f64>().expect("seconds"));
