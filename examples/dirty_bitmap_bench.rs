@@ -11,6 +11,8 @@
 //! backup script). `DIRTY_BENCH_DIR=DIR` builds the pool in DIR (else a temporary directory).
 //! Needs `nbdsh`, `nbdinfo`, `nbdcopy` (Debian: libnbd-bin, python3-libnbd).
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,19 +26,6 @@ use thinnbd::volume::Volumes;
 
 const BLOCK: u64 = 64 << 10;
 const BACKUP_VOLUME: u64 = 1 << 30;
-
-fn our_binary() -> PathBuf {
-    // examples live in target/<profile>/examples/, the binary one level up.
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("thinnbd");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release` first",
-        bin.display()
-    );
-    bin
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run command");
@@ -189,7 +178,7 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().expect("MAPPINGS is a number"))
         .unwrap_or(1_000_000);
-    let bin = our_binary();
+    let bin = common::our_binary();
     let tmp = tempfile::tempdir().expect("temporary directory");
     let dir = std::env::var_os("DIRTY_BENCH_DIR")
         .map(PathBuf::from)

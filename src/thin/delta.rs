@@ -198,12 +198,16 @@ impl ReadAhead {
                 1
             };
             let count = self.next_size.min(io.nr_blocks().saturating_sub(b));
-            self.read_end = b + 1;
+            self.read_end = b.saturating_add(1);
             if count <= 1 {
                 self.held = 0;
                 block.copy_from_slice(&io.read_block(b)?[..]);
                 return Ok(block);
             }
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "a window is at most READAHEAD_BLOCKS blocks"
+            )]
             self.buf.resize(count as usize * BLOCK_SIZE, 0);
             if io.read_blocks(b, &mut self.buf).is_err() {
                 // A fault further on is not this block's: read it alone.
@@ -213,6 +217,10 @@ impl ReadAhead {
             }
             (self.start, self.held, self.read_end) = (b, count, b + count);
         }
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "b is inside the window, at most READAHEAD_BLOCKS blocks"
+        )]
         let at = (b - self.start) as usize * BLOCK_SIZE;
         block.copy_from_slice(&self.buf[at..at + BLOCK_SIZE]);
         Ok(block)
