@@ -7,6 +7,8 @@
 //! Prints the median of REPS runs (default 5) of each and the ratio; both tools' outputs are
 //! checked identical first; `DELTA_BENCH_DIR=DIR` keeps the metadata file in DIR. Target: `thinnbd delta` at least 10x faster than `thin_delta`.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,19 +22,6 @@ use thinnbd::pdata::block_io::FileBlockIo;
 use thinnbd::thin::{delta, ThinMetadata};
 
 const META_BYTES: u64 = 512 << 20;
-
-fn our_binary() -> PathBuf {
-    // examples live in target/<profile>/examples/, the binary one level up.
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("thinnbd");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release` first",
-        bin.display()
-    );
-    bin
-}
 
 fn open_metadata(path: &Path, format: bool) -> ThinMetadata {
     let f = OpenOptions::new()
@@ -110,7 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "metadata: {n} mapped blocks in thin 1; thin 2 is its snapshot with {changed} rewritten"
     );
 
-    let ours = our_binary();
+    let ours = common::our_binary();
     let meta_arg = meta.to_str().expect("utf-8 path").to_owned();
     let (t_ours, out_ours) = time_command(reps, || {
         let mut c = Command::new(&ours);

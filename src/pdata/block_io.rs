@@ -22,6 +22,14 @@ pub trait BlockIo: Send + Sync {
     fn nr_blocks(&self) -> u64;
     fn read_block(&self, location: u64) -> Result<Box<Block>>;
     fn write_block(&self, location: u64, data: &Block) -> Result<()>;
+    /// Reads the blocks from `location` on into `buf` (a whole number of blocks): one request
+    /// where the device allows, for readers that go through the metadata front to back.
+    fn read_blocks(&self, location: u64, buf: &mut [u8]) -> Result<()> {
+        for (i, chunk) in buf.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+            chunk.copy_from_slice(&self.read_block(location + i as u64)?[..]);
+        }
+        Ok(())
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> Result<()>;
     /// Makes at least `nr_blocks` blocks addressable: a file is extended, a device must have
@@ -76,6 +84,22 @@ impl BlockIo for FileBlockIo {
             .read_exact_at(&mut buf[..], location * BLOCK_SIZE as u64)
             .map_err(|e| Error::io(format!("reading metadata block {location}"), e))?;
         Ok(buf)
+    }
+
+    fn read_blocks(&self, location: u64, buf: &mut [u8]) -> Result<()> {
+        let count = (buf.len() / BLOCK_SIZE) as u64;
+        if count == 0 {
+            return Ok(());
+        }
+        check_range(location.saturating_add(count - 1), self.nr_blocks())?;
+        self.file
+            .read_exact_at(buf, location * BLOCK_SIZE as u64)
+            .map_err(|e| {
+                Error::io(
+                    format!("reading metadata blocks {location}..{}", location + count),
+                    e,
+                )
+            })
     }
 
     fn write_block(&self, location: u64, data: &Block) -> Result<()> {

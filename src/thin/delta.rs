@@ -14,15 +14,15 @@
 //! kind that follow on.
 
 use std::io::Write;
-use std::ops::Range;
+use std::ops::{Deref, Range, RangeInclusive};
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::pdata::block_io::BlockIo;
-use crate::pdata::btree::{self, Node, MAX_DEPTH};
-use crate::pdata::checksum::BlockKind;
+use crate::pdata::block_io::{zeroed_block, Block, BlockIo, BLOCK_SIZE};
+use crate::pdata::btree::{self, Node, ValueType, MAX_DEPTH};
+use crate::pdata::checksum::{verify, BlockKind};
 use crate::pdata::space_map::SpaceMap;
 use crate::pdata::tm::{BlockRef, TransactionManager};
 
@@ -147,9 +147,146 @@ enum Front {
     Subtree(Subtree),
 }
 
+/// Where a walk's nodes come from.
+#[derive(Clone, Copy)]
+enum NodeSource<'a> {
+    /// The transaction manager: its uncommitted blocks and its cache (a live pool's metadata).
+    Transaction(&'a TransactionManager),
+    /// Committed metadata read once from the device, bypassing the cache: every node is read
+    /// once, so caching would only cost allocation and eviction.
+    Device(&'a dyn BlockIo),
+}
+
+/// Blocks read ahead at most by one tree's reader: a tree written front to back lies mostly in
+/// ascending blocks, so one request can fetch several of its nodes.
+const READAHEAD_BLOCKS: u64 = 32;
+
+/// One tree's reads from a [`NodeSource::Device`]: a window of blocks read in one request,
+/// growing while the tree's nodes come in ascending order, back to one block when they jump.
+struct ReadAhead {
+    buf: Vec<u8>,
+    /// The window holds blocks `start..start + held`.
+    start: u64,
+    held: u64,
+    /// The block after the last one read from the device.
+    read_end: u64,
+    /// Blocks the next read past the window asks for.
+    next_size: u64,
+    /// Node buffers of frames that were left, for reuse.
+    spare: Vec<Box<Block>>,
+}
+
+impl ReadAhead {
+    fn new() -> Self {
+        ReadAhead {
+            buf: Vec::new(),
+            start: 0,
+            held: 0,
+            read_end: 0,
+            next_size: 1,
+            spare: Vec::new(),
+        }
+    }
+
+    fn read(&mut self, io: &dyn BlockIo, b: u64) -> Result<Box<Block>> {
+        let mut block = self.spare.pop().unwrap_or_else(zeroed_block);
+        if !(self.start..self.start + self.held).contains(&b) {
+            let ahead = b >= self.read_end && b - self.read_end < READAHEAD_BLOCKS;
+            self.next_size = if ahead {
+                (self.next_size * 2).min(READAHEAD_BLOCKS)
+            } else {
+                1
+            };
+            let count = self.next_size.min(io.nr_blocks().saturating_sub(b));
+            self.read_end = b.saturating_add(1);
+            if count <= 1 {
+                self.held = 0;
+                block.copy_from_slice(&io.read_block(b)?[..]);
+                return Ok(block);
+            }
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "a window is at most READAHEAD_BLOCKS blocks"
+            )]
+            self.buf.resize(count as usize * BLOCK_SIZE, 0);
+            if io.read_blocks(b, &mut self.buf).is_err() {
+                // A fault further on is not this block's: read it alone.
+                self.held = 0;
+                block.copy_from_slice(&io.read_block(b)?[..]);
+                return Ok(block);
+            }
+            (self.start, self.held, self.read_end) = (b, count, b + count);
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "b is inside the window, at most READAHEAD_BLOCKS blocks"
+        )]
+        let at = (b - self.start) as usize * BLOCK_SIZE;
+        block.copy_from_slice(&self.buf[at..at + BLOCK_SIZE]);
+        Ok(block)
+    }
+}
+
+/// A node as one tree's cursor holds it.
+enum NodeBuf<'a> {
+    Shared(BlockRef<'a>),
+    Owned(Box<Block>),
+}
+
+impl Deref for NodeBuf<'_> {
+    type Target = Block;
+    fn deref(&self) -> &Block {
+        match self {
+            NodeBuf::Shared(b) => b,
+            NodeBuf::Owned(b) => b,
+        }
+    }
+}
+
+/// Reads one tree's mapping nodes, checked as [`btree::read_node`] checks them.
+struct NodeReader<'a> {
+    source: NodeSource<'a>,
+    ahead: ReadAhead,
+}
+
+impl<'a> NodeReader<'a> {
+    fn new(source: NodeSource<'a>) -> Self {
+        NodeReader {
+            source,
+            ahead: ReadAhead::new(),
+        }
+    }
+
+    fn read(&mut self, b: u64) -> Result<NodeBuf<'a>> {
+        match self.source {
+            NodeSource::Transaction(tm) => btree::read_node(tm, b, BlockTime).map(NodeBuf::Shared),
+            NodeSource::Device(io) => {
+                let block = self.ahead.read(io, b)?;
+                let checked = verify(&block, BlockKind::Node, b).and_then(|()| {
+                    let node = Node::new(&block[..]);
+                    node.validate_keys(b)?;
+                    node.validate_header(b, BlockTime::SIZE)
+                });
+                if let Err(e) = checked {
+                    self.ahead.spare.push(block);
+                    return Err(e);
+                }
+                Ok(NodeBuf::Owned(block))
+            }
+        }
+    }
+
+    /// Takes back a node that is no longer needed.
+    fn release(&mut self, node: NodeBuf<'a>) {
+        if let NodeBuf::Owned(block) = node {
+            self.ahead.spare.push(block);
+        }
+    }
+}
+
 struct Frame<'a> {
     location: u64,
-    block: BlockRef<'a>,
+    block: NodeBuf<'a>,
     next: usize,
     range: Subtree,
 }
@@ -157,7 +294,7 @@ struct Frame<'a> {
 /// One tree's position: the nodes from the root down to the current one, each with the index
 /// of its next entry. Only the part of the key space inside `first..=last` is yielded.
 struct Cursor<'a> {
-    tm: &'a TransactionManager,
+    reader: NodeReader<'a>,
     unopened_root: Option<Subtree>,
     frames: Vec<Frame<'a>>,
     first: u64,
@@ -166,15 +303,16 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn new(
-        tm: &'a TransactionManager,
+        source: NodeSource<'a>,
         root: u64,
         first: u64,
         last: u64,
         stats: &mut WalkStats,
     ) -> Result<Self> {
-        let height = tree_height(tm, root, stats)?;
+        let mut reader = NodeReader::new(source);
+        let height = tree_height(&mut reader, root, stats)?;
         Ok(Cursor {
-            tm,
+            reader,
             unopened_root: Some(Subtree {
                 block: root,
                 lo: 0,
@@ -187,6 +325,12 @@ impl<'a> Cursor<'a> {
         })
     }
 
+    fn pop(&mut self) {
+        if let Some(f) = self.frames.pop() {
+            self.reader.release(f.block);
+        }
+    }
+
     /// The next entry or subtree, after passing over what lies outside the walk's range.
     fn front(&mut self) -> Result<Option<Front>> {
         if let Some(root) = self.unopened_root {
@@ -196,7 +340,7 @@ impl<'a> Cursor<'a> {
             let node = Node::new(&f.block[..]);
             let i = f.next;
             if i >= node.nr_entries() {
-                self.frames.pop();
+                self.pop();
                 continue;
             }
             let key = node.key(i);
@@ -220,7 +364,7 @@ impl<'a> Cursor<'a> {
                 continue;
             }
             if lo > self.last {
-                self.frames.pop();
+                self.pop();
                 continue;
             }
             if node.is_leaf() {
@@ -235,6 +379,22 @@ impl<'a> Cursor<'a> {
             })));
         }
         Ok(None)
+    }
+
+    /// The front entry when it is in the current leaf and `front` would yield it as it is:
+    /// inside the walk's range and the leaf's, so no frame needs leaving.
+    #[inline]
+    fn leaf_front(&self) -> Option<(u64, u64)> {
+        let f = self.frames.last()?;
+        let node = Node::new(&f.block[..]);
+        let i = f.next;
+        if self.unopened_root.is_some() || !node.is_leaf() || i >= node.nr_entries() {
+            return None;
+        }
+        let key = node.key(i);
+        let inside =
+            (f.range.lo..=f.range.last).contains(&key) && (self.first..=self.last).contains(&key);
+        inside.then(|| (key, unpack_block_time(node.value_u64(i)).0))
     }
 
     /// Passes over the front entry or subtree.
@@ -255,7 +415,7 @@ impl<'a> Cursor<'a> {
                 subtree.block
             )));
         }
-        let block = btree::read_node(self.tm, subtree.block, BlockTime)?;
+        let block = self.reader.read(subtree.block)?;
         stats.nodes_read += 1;
         let node = Node::new(&block[..]);
         let next = if node.is_leaf() {
@@ -275,16 +435,18 @@ impl<'a> Cursor<'a> {
 
 /// Levels below the root (0 for a tree that is one leaf); B-trees keep every leaf at the
 /// same depth.
-fn tree_height(tm: &TransactionManager, root: u64, stats: &mut WalkStats) -> Result<usize> {
+fn tree_height(reader: &mut NodeReader, root: u64, stats: &mut WalkStats) -> Result<usize> {
     let mut b = root;
     for height in 0..=MAX_DEPTH {
-        let block = btree::read_node(tm, b, BlockTime)?;
+        let block = reader.read(b)?;
         stats.nodes_read += 1;
         let node = Node::new(&block[..]);
-        if node.is_leaf() {
+        let (leaf, child) = (node.is_leaf(), node.value_u64(0));
+        reader.release(block);
+        if leaf {
             return Ok(height);
         }
-        b = node.value_u64(0);
+        b = child;
     }
     Err(Error::corrupt(format!(
         "btree node {root}: tree deeper than {MAX_DEPTH} levels (a loop in the metadata?)"
@@ -302,13 +464,31 @@ pub fn walk(
     same: SameBlocks,
     visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
 ) -> Result<WalkStats> {
+    walk_from(
+        NodeSource::Transaction(tm),
+        left_root,
+        right_root,
+        blocks,
+        same,
+        visit,
+    )
+}
+
+fn walk_from(
+    source: NodeSource,
+    left_root: u64,
+    right_root: u64,
+    blocks: Range<u64>,
+    same: SameBlocks,
+    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+) -> Result<WalkStats> {
     let mut stats = WalkStats::default();
     if blocks.is_empty() {
         return Ok(stats);
     }
     let (first, last) = (blocks.start, blocks.end - 1);
-    let mut left = Cursor::new(tm, left_root, first, last, &mut stats)?;
-    let mut right = Cursor::new(tm, right_root, first, last, &mut stats)?;
+    let mut left = Cursor::new(source, left_root, first, last, &mut stats)?;
+    let mut right = Cursor::new(source, right_root, first, last, &mut stats)?;
     let only_left = |key, data| BlockDelta {
         vblock: key,
         left: Some(data),
@@ -320,6 +500,13 @@ pub fn walk(
         right: Some(data),
     };
     loop {
+        // Two leaves side by side (most of a walk where changes are spread out) are merged
+        // here, without `front`'s climb through the frames for every entry.
+        if let (Some(_), Some(_)) = (left.leaf_front(), right.leaf_front()) {
+            if !merge_leaves(&mut left, &mut right, same, visit)? {
+                return Ok(stats);
+            }
+        }
         let go_on = match (left.front()?, right.front()?) {
             (None, None) => return Ok(stats),
             (Some(Front::Entry { key, data }), None) => {
@@ -341,27 +528,7 @@ pub fn walk(
             (
                 Some(Front::Entry { key: lk, data: ld }),
                 Some(Front::Entry { key: rk, data: rd }),
-            ) => {
-                if lk < rk {
-                    left.advance();
-                    visit(only_left(lk, ld))?
-                } else if rk < lk {
-                    right.advance();
-                    visit(only_right(rk, rd))?
-                } else {
-                    left.advance();
-                    right.advance();
-                    if ld == rd && same == SameBlocks::Skip {
-                        true
-                    } else {
-                        visit(BlockDelta {
-                            vblock: lk,
-                            left: Some(ld),
-                            right: Some(rd),
-                        })?
-                    }
-                }
-            }
+            ) => compare_entries(&mut left, &mut right, (lk, ld), (rk, rd), same, visit)?,
             // Every key the other tree still holds is at least the subtree's `lo`.
             (Some(Front::Entry { key, data }), Some(Front::Subtree(s))) => {
                 if key < s.lo {
@@ -386,7 +553,8 @@ pub fn walk(
                     left.advance();
                     right.advance();
                     stats.shared_subtrees += 1;
-                    same == SameBlocks::Skip || report_shared(tm, l.block, first, last, visit)?
+                    same == SameBlocks::Skip
+                        || report_shared(&mut left.reader, l.block, first, last, visit)?
                 } else {
                     // Open the subtree that comes first, else the taller one (the other may
                     // be one of its children), else both.
@@ -413,28 +581,128 @@ pub fn walk(
     }
 }
 
-/// Reports every block of a subtree both trees hold as the same on both sides.
+/// Yields the lower of two front entries (both when their keys match), passing over them.
+fn compare_entries(
+    left: &mut Cursor,
+    right: &mut Cursor,
+    (lk, ld): (u64, u64),
+    (rk, rd): (u64, u64),
+    same: SameBlocks,
+    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+) -> Result<bool> {
+    if lk < rk {
+        left.advance();
+        visit(BlockDelta {
+            vblock: lk,
+            left: Some(ld),
+            right: None,
+        })
+    } else if rk < lk {
+        right.advance();
+        visit(BlockDelta {
+            vblock: rk,
+            left: None,
+            right: Some(rd),
+        })
+    } else {
+        left.advance();
+        right.advance();
+        if ld == rd && same == SameBlocks::Skip {
+            Ok(true)
+        } else {
+            visit(BlockDelta {
+                vblock: lk,
+                left: Some(ld),
+                right: Some(rd),
+            })
+        }
+    }
+}
+
+/// Compares entries while both cursors are inside a leaf, as the walk's loop would; returns
+/// false when `visit` stopped the walk.
+fn merge_leaves(
+    left: &mut Cursor,
+    right: &mut Cursor,
+    same: SameBlocks,
+    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+) -> Result<bool> {
+    while let (Some(l), Some(r)) = (left.leaf_front(), right.leaf_front()) {
+        if !compare_entries(left, right, l, r, same, visit)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Reports every block of a subtree both trees hold as the same on both sides; false when
+/// `visit` stopped the walk.
 fn report_shared(
-    tm: &TransactionManager,
+    reader: &mut NodeReader,
     root: u64,
     first: u64,
     last: u64,
     visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
 ) -> Result<bool> {
     let mut go_on = true;
-    btree::iterate(tm, root, BlockTime, first, u64::MAX, &mut |k, v| {
-        if k > last {
-            return Ok(false);
-        }
-        let (data, _time) = unpack_block_time(crate::pdata::checksum::read_u64(v, 0));
-        go_on = visit(BlockDelta {
-            vblock: k,
-            left: Some(data),
-            right: Some(data),
-        })?;
-        Ok(go_on)
-    })?;
+    shared_entries(reader, root, first..=last, visit, &mut go_on, 0)?;
     Ok(go_on)
+}
+
+/// The entries of `report_shared`'s subtree below `root`; false once past the range or when
+/// `visit` said to stop (then `go_on` is false).
+fn shared_entries(
+    reader: &mut NodeReader,
+    root: u64,
+    keys: RangeInclusive<u64>,
+    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+    go_on: &mut bool,
+    depth: usize,
+) -> Result<bool> {
+    if depth > MAX_DEPTH {
+        return Err(Error::corrupt(format!(
+            "btree node {root}: tree deeper than {MAX_DEPTH} levels (a loop in the metadata?)"
+        )));
+    }
+    let block = reader.read(root)?;
+    let node = Node::new(&block[..]);
+    let more = if node.is_leaf() {
+        (|| {
+            for i in node.search(*keys.start()).0..node.nr_entries() {
+                let key = node.key(i);
+                if key > *keys.end() {
+                    return Ok(false);
+                }
+                let (data, _time) = unpack_block_time(node.value_u64(i));
+                *go_on = visit(BlockDelta {
+                    vblock: key,
+                    left: Some(data),
+                    right: Some(data),
+                })?;
+                if !*go_on {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })()
+    } else {
+        (|| {
+            let start = node.child_index(*keys.start());
+            for i in start..node.nr_entries() {
+                // A child's keys are at least its own key.
+                if i > start && node.key(i) > *keys.end() {
+                    return Ok(false);
+                }
+                let child = node.value_u64(i);
+                if !shared_entries(reader, child, keys.clone(), visit, go_on, depth + 1)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })()
+    };
+    reader.release(block);
+    more
 }
 
 /// Gathers blocks into [`DeltaRun`]s, handing each on when it is complete.
@@ -590,8 +858,8 @@ impl DeltaSource {
     ) -> Result<()> {
         let (left_root, right_root) = (self.device_root(left)?, self.device_root(right)?);
         let mut merger = RunMerger::new(emit);
-        walk(
-            &self.tm,
+        walk_from(
+            NodeSource::Device(&**self.tm.io()),
             left_root,
             right_root,
             0..u64::MAX,
@@ -842,7 +1110,7 @@ mod tests {
             md.tm(),
             md.device_root(left).unwrap(),
             md.device_root(right).unwrap(),
-            blocks,
+            blocks.clone(),
             same,
             &mut |b| {
                 out.push(b);
@@ -850,6 +1118,27 @@ mod tests {
             },
         )
         .unwrap();
+        if !md.tm().has_changes() {
+            // Committed metadata read from the device, as `thinnbd delta` reads it, walks alike.
+            let mut from_device = Vec::new();
+            let device_stats = walk_from(
+                NodeSource::Device(&**md.tm().io()),
+                md.device_root(left).unwrap(),
+                md.device_root(right).unwrap(),
+                blocks,
+                same,
+                &mut |b| {
+                    from_device.push(b);
+                    Ok(true)
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                from_device, out,
+                "{left} against {right} read from the device"
+            );
+            assert_eq!(device_stats, stats);
+        }
         (out, stats)
     }
 
@@ -889,7 +1178,8 @@ mod tests {
         let mut md = big_device(n);
         let root = md.device_root(1).unwrap();
         let mut stats = WalkStats::default();
-        let depth = tree_height(md.tm(), root, &mut stats).unwrap() + 1;
+        let mut reader = NodeReader::new(NodeSource::Transaction(md.tm()));
+        let depth = tree_height(&mut reader, root, &mut stats).unwrap() + 1;
         assert!(
             depth >= 3,
             "the tree should have two internal levels, has {depth} levels"
@@ -1073,6 +1363,8 @@ mod tests {
                     Op::Commit => md.commit().unwrap(),
                 }
             }
+            check_all_pairs(&md);
+            md.commit().unwrap();
             check_all_pairs(&md);
         }
     }
