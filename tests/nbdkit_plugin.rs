@@ -118,12 +118,7 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
     );
 
     // SIGTERM: nbdkit closes connections, the plugin commits and shuts the pool down.
-    let status = nbdkit.proc.stop();
-    assert!(
-        status.success(),
-        "nbdkit exit: {status}\n{}",
-        nbdkit.proc.log()
-    );
+    nbdkit.stop_cleanly();
     let stats = std::fs::read_to_string(&stats).expect("stats file");
     for op in ["read", "write", "trim", "zero", "flush", "extents"] {
         let ops: u64 = stats
@@ -202,12 +197,7 @@ fn export_key_serves_one_volume_as_the_default() {
         .unwrap();
     assert!(!refused.status.success(), "export a should be refused");
 
-    let status = nbdkit.proc.stop();
-    assert!(
-        status.success(),
-        "nbdkit exit: {status}\n{}",
-        nbdkit.proc.log()
-    );
+    nbdkit.stop_cleanly();
 }
 
 /// Bad or missing parameters, a missing pool, an unknown export and a pool in use all stop
@@ -574,12 +564,7 @@ fn past_the_end_and_large_requests_answer_as_under_thinnbd_serve() {
             .args(["-c", EDGES_OF_THE_EXPORT]),
     );
     assert!(out.contains("nbdsh ok"), "{out}");
-    let status = nbdkit.proc.stop();
-    assert!(
-        status.success(),
-        "nbdkit exit: {status}\n{}",
-        nbdkit.proc.log()
-    );
+    nbdkit.stop_cleanly();
 }
 
 /// nbdkit does the TLS (`--tls=require` with X.509 certificates, or with a PSK file) in front of
@@ -618,12 +603,7 @@ fn the_plugin_under_nbdkits_tls() {
             .output()
             .unwrap();
         assert!(!plain.status.success(), "a client without TLS was served");
-        let status = nbdkit.proc.stop();
-        assert!(
-            status.success(),
-            "nbdkit exit: {status}\n{}",
-            nbdkit.proc.log()
-        );
+        nbdkit.stop_cleanly();
     }
 }
 
@@ -660,12 +640,7 @@ fn the_plugin_never_serves_a_volume_with_grants() {
     assert!(info.contains("export-size: 16777216"), "{info}");
     let refused = Command::new("nbdinfo").arg(uri("kept")).output().unwrap();
     assert!(!refused.status.success(), "a volume with grants was served");
-    let status = nbdkit.proc.stop();
-    assert!(
-        status.success(),
-        "nbdkit exit: {status}\n{}",
-        nbdkit.proc.log()
-    );
+    nbdkit.stop_cleanly();
 
     let stderr = nbdkit_start_failure(&[&pool.pool_arg(), "export=kept"]);
     assert!(

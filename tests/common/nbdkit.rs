@@ -200,6 +200,16 @@ impl Nbdkit {
     pub fn uri(&self, export: &str) -> String {
         self.endpoint.uri(export)
     }
+
+    /// SIGTERM; nbdkit must exit 0 (the plugin shut the pool down cleanly).
+    pub fn stop_cleanly(&mut self) {
+        let status = self.proc.stop();
+        assert!(
+            status.success(),
+            "nbdkit exit: {status}\n{}",
+            self.proc.log()
+        );
+    }
 }
 
 /// Runs nbdkit with the plugin and arguments that must make it fail at start; returns stderr.
