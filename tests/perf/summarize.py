@@ -83,25 +83,22 @@ def main():
         vals = [fmt(med[w, s], unit[w]) if (w, s) in med else "-" for s in servers]
         out.append(f"| {w} | {unit[w]} | " + " | ".join(vals) + " |")
 
-    peers = [s for s in servers if s != "thinnbd" and not s.endswith("-tls")]
-    if "thinnbd" in servers and peers:
-        out.append("\nRatios thinnbd serve / peer (>1: thinnbd faster; nbdcopy: peer time / "
-                   "thinnbd time):\n")
+    def ratio_table(title, base, peers):
+        """thinnbd's ratios against its peers, one column each, when the run has both."""
+        if base not in servers or not peers:
+            return
+        out.append(title)
         out.append("| workload | " + " | ".join(f"/ {TITLES[s]}" for s in peers) + " |")
         out.append("|---|" + "---:|" * len(peers))
         for w in order:
-            out.append(f"| {w} | " + " | ".join(cell(ratio(w, "thinnbd", s)) for s in peers)
-                       + " |")
+            out.append(f"| {w} | " + " | ".join(cell(ratio(w, base, s)) for s in peers) + " |")
 
-    tls_peers = [s for s in servers if s.endswith("-tls") and s != "thinnbd-tls"]
-    if "thinnbd-tls" in servers and tls_peers:
-        out.append("\nRatios with TLS required, thinnbd serve / peer (same certificates; >1: "
-                   "thinnbd faster):\n")
-        out.append("| workload | " + " | ".join(f"/ {TITLES[s]}" for s in tls_peers) + " |")
-        out.append("|---|" + "---:|" * len(tls_peers))
-        for w in order:
-            out.append(f"| {w} | "
-                       + " | ".join(cell(ratio(w, "thinnbd-tls", s)) for s in tls_peers) + " |")
+    ratio_table("\nRatios thinnbd serve / peer (>1: thinnbd faster; nbdcopy: peer time / "
+                "thinnbd time):\n", "thinnbd",
+                [s for s in servers if s != "thinnbd" and not s.endswith("-tls")])
+    ratio_table("\nRatios with TLS required, thinnbd serve / peer (same certificates; >1: "
+                "thinnbd faster):\n", "thinnbd-tls",
+                [s for s in servers if s.endswith("-tls") and s != "thinnbd-tls"])
 
     out.append("\nServer CPU during the run: % of one core / CPU microseconds per request "
                "(nbdcopy: CPU seconds):\n")
