@@ -15,12 +15,13 @@
 
 use std::io::Write;
 use std::ops::{Deref, Range, RangeInclusive};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::pdata::block_io::{zeroed_block, Block, BlockIo, BLOCK_SIZE};
+use crate::pdata::block_io::{Block, BlockIo, BLOCK_SIZE};
 use crate::pdata::btree::{self, Node, ValueType, MAX_DEPTH};
 use crate::pdata::checksum::{verify, BlockKind};
 use crate::pdata::space_map::SpaceMap;
@@ -163,8 +164,10 @@ const READAHEAD_BLOCKS: u64 = 32;
 
 /// One tree's reads from a [`NodeSource::Device`]: a window of blocks read in one request,
 /// growing while the tree's nodes come in ascending order, back to one block when they jump.
+/// Nodes are handed out as places in the window, never copied out of it: a window stays while
+/// a node of it is held and is reused once none is.
 struct ReadAhead {
-    buf: Vec<u8>,
+    window: Rc<Vec<u8>>,
     /// The window holds blocks `start..start + held`.
     start: u64,
     held: u64,
@@ -172,14 +175,14 @@ struct ReadAhead {
     read_end: u64,
     /// Blocks the next read past the window asks for.
     next_size: u64,
-    /// Node buffers of frames that were left, for reuse.
-    spare: Vec<Box<Block>>,
+    /// Windows no node refers to any more, for reuse.
+    spare: Vec<Vec<u8>>,
 }
 
 impl ReadAhead {
     fn new() -> Self {
         ReadAhead {
-            buf: Vec::new(),
+            window: Rc::default(),
             start: 0,
             held: 0,
             read_end: 0,
@@ -188,8 +191,8 @@ impl ReadAhead {
         }
     }
 
-    fn read(&mut self, io: &dyn BlockIo, b: u64) -> Result<Box<Block>> {
-        let mut block = self.spare.pop().unwrap_or_else(zeroed_block);
+    /// Block `b`, as a window and the byte offset of the block in it.
+    fn read(&mut self, io: &dyn BlockIo, b: u64) -> Result<(Rc<Vec<u8>>, usize)> {
         if !(self.start..self.start + self.held).contains(&b) {
             let ahead = b >= self.read_end && b - self.read_end < READAHEAD_BLOCKS;
             self.next_size = if ahead {
@@ -197,24 +200,26 @@ impl ReadAhead {
             } else {
                 1
             };
-            let count = self.next_size.min(io.nr_blocks().saturating_sub(b));
+            let count = self.next_size.min(io.nr_blocks().saturating_sub(b)).max(1);
             self.read_end = b.saturating_add(1);
-            if count <= 1 {
-                self.held = 0;
-                block.copy_from_slice(&io.read_block(b)?[..]);
-                return Ok(block);
-            }
+            self.held = 0;
+            let old = std::mem::take(&mut self.window);
+            self.reuse(old);
+            let mut buf = self.spare.pop().unwrap_or_default();
             #[expect(
                 clippy::cast_possible_truncation,
                 reason = "a window is at most READAHEAD_BLOCKS blocks"
             )]
-            self.buf.resize(count as usize * BLOCK_SIZE, 0);
-            if io.read_blocks(b, &mut self.buf).is_err() {
-                // A fault further on is not this block's: read it alone.
-                self.held = 0;
-                block.copy_from_slice(&io.read_block(b)?[..]);
-                return Ok(block);
-            }
+            buf.resize(count as usize * BLOCK_SIZE, 0);
+            // A fault further on is not this block's: then it is read alone.
+            let count = if count > 1 && io.read_blocks(b, &mut buf).is_ok() {
+                count
+            } else {
+                buf.truncate(BLOCK_SIZE);
+                buf.copy_from_slice(&io.read_block(b)?[..]);
+                1
+            };
+            self.window = Rc::new(buf);
             (self.start, self.held, self.read_end) = (b, count, b + count);
         }
         #[expect(
@@ -222,15 +227,24 @@ impl ReadAhead {
             reason = "b is inside the window, at most READAHEAD_BLOCKS blocks"
         )]
         let at = (b - self.start) as usize * BLOCK_SIZE;
-        block.copy_from_slice(&self.buf[at..at + BLOCK_SIZE]);
-        Ok(block)
+        Ok((Rc::clone(&self.window), at))
+    }
+
+    /// Keeps a window's buffer for a later read once nothing refers to it.
+    fn reuse(&mut self, window: Rc<Vec<u8>>) {
+        if let Ok(buf) = Rc::try_unwrap(window) {
+            if buf.capacity() > 0 {
+                self.spare.push(buf);
+            }
+        }
     }
 }
 
 /// A node as one tree's cursor holds it.
 enum NodeBuf<'a> {
     Shared(BlockRef<'a>),
-    Owned(Box<Block>),
+    /// The block at this byte offset of a window read from the device.
+    Window(Rc<Vec<u8>>, usize),
 }
 
 impl Deref for NodeBuf<'_> {
@@ -238,7 +252,9 @@ impl Deref for NodeBuf<'_> {
     fn deref(&self) -> &Block {
         match self {
             NodeBuf::Shared(b) => b,
-            NodeBuf::Owned(b) => b,
+            NodeBuf::Window(w, at) => w[*at..*at + BLOCK_SIZE]
+                .try_into()
+                .expect("a window holds whole blocks"),
         }
     }
 }
@@ -261,27 +277,80 @@ impl<'a> NodeReader<'a> {
         match self.source {
             NodeSource::Transaction(tm) => btree::read_node(tm, b, BlockTime).map(NodeBuf::Shared),
             NodeSource::Device(io) => {
-                let block = self.ahead.read(io, b)?;
-                let checked = verify(&block, BlockKind::Node, b).and_then(|()| {
-                    let node = Node::new(&block[..]);
-                    node.validate_keys(b)?;
-                    node.validate_header(b, BlockTime::SIZE)
-                });
-                if let Err(e) = checked {
-                    self.ahead.spare.push(block);
-                    return Err(e);
+                let (window, at) = self.ahead.read(io, b)?;
+                let node = NodeBuf::Window(window, at);
+                verify(&node, BlockKind::Node, b)?;
+                let view = Node::new(&node[..]);
+                // The header first: it bounds the entries the key check reads.
+                view.validate_header(b, BlockTime::SIZE)?;
+                if !keys_increase(&node) {
+                    view.validate_keys(b)?;
                 }
-                Ok(NodeBuf::Owned(block))
+                Ok(node)
             }
         }
     }
 
     /// Takes back a node that is no longer needed.
     fn release(&mut self, node: NodeBuf<'a>) {
-        if let NodeBuf::Owned(block) = node {
-            self.ahead.spare.push(block);
+        if let NodeBuf::Window(window, _) = node {
+            self.ahead.reuse(window);
         }
     }
+}
+
+/// Bytes before a node's keys (the node header).
+const NODE_HEADER: usize = 32;
+
+/// Entries `next..end` of a checked leaf, all inside the walk's range and the leaf's, read
+/// straight from the key and value arrays: a delta reads millions of them.
+struct LeafEntries<'n> {
+    keys: &'n [u8],
+    values: &'n [u8],
+    next: usize,
+    end: usize,
+}
+
+impl<'n> LeafEntries<'n> {
+    /// All entries of `leaf`, a leaf node whose header was checked (values of
+    /// [`BlockTime::SIZE`] bytes, the maximum entries that size gives).
+    fn of(leaf: &'n Block) -> Self {
+        let node = Node::new(&leaf[..]);
+        let n = node.nr_entries();
+        let values_at = NODE_HEADER + 8 * btree::max_entries(BlockTime::SIZE);
+        LeafEntries {
+            keys: &leaf[NODE_HEADER..NODE_HEADER + 8 * n],
+            values: &leaf[values_at..values_at + BlockTime::SIZE * n],
+            next: 0,
+            end: n,
+        }
+    }
+
+    #[inline]
+    fn key(&self, i: usize) -> u64 {
+        u64_at(self.keys, i)
+    }
+
+    /// The data block entry `i` maps to.
+    #[inline]
+    fn data(&self, i: usize) -> u64 {
+        unpack_block_time(u64_at(self.values, i)).0
+    }
+}
+
+/// Whether a node's keys strictly increase, as [`Node::validate_keys`] requires (which names
+/// the fault): the same check over the key array at once, for a walk that reads every node.
+fn keys_increase(node: &Block) -> bool {
+    let n = Node::new(&node[..]).nr_entries();
+    let keys = &node[NODE_HEADER..NODE_HEADER + 8 * n];
+    (1..n).all(|i| u64_at(keys, i - 1) < u64_at(keys, i))
+}
+
+#[inline]
+fn u64_at(array: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&array[8 * i..8 * i + 8]);
+    u64::from_le_bytes(b)
 }
 
 struct Frame<'a> {
@@ -381,20 +450,40 @@ impl<'a> Cursor<'a> {
         Ok(None)
     }
 
-    /// The front entry when it is in the current leaf and `front` would yield it as it is:
-    /// inside the walk's range and the leaf's, so no frame needs leaving.
+    /// The entries of the current leaf that `front` would yield one by one as they are:
+    /// from the next one on while inside the walk's range and the leaf's, so no frame needs
+    /// leaving. None when the front is not such an entry.
     #[inline]
-    fn leaf_front(&self) -> Option<(u64, u64)> {
+    fn leaf_entries(&self) -> Option<LeafEntries<'_>> {
         let f = self.frames.last()?;
         let node = Node::new(&f.block[..]);
-        let i = f.next;
-        if self.unopened_root.is_some() || !node.is_leaf() || i >= node.nr_entries() {
+        let next = f.next;
+        if self.unopened_root.is_some() || !node.is_leaf() || next >= node.nr_entries() {
             return None;
         }
-        let key = node.key(i);
-        let inside =
-            (f.range.lo..=f.range.last).contains(&key) && (self.first..=self.last).contains(&key);
-        inside.then(|| (key, unpack_block_time(node.value_u64(i)).0))
+        let lo = f.range.lo.max(self.first);
+        let last = f.range.last.min(self.last);
+        let key = node.key(next);
+        if !(lo..=last).contains(&key) {
+            return None;
+        }
+        // Keys increase (checked on read): those after `next` are above `lo` too.
+        let end = match last.checked_add(1) {
+            Some(above) => node.search(above).0,
+            None => node.nr_entries(),
+        };
+        Some(LeafEntries {
+            next,
+            end,
+            ..LeafEntries::of(&f.block)
+        })
+    }
+
+    /// Moves the current leaf's next entry to `next` (entries before it were yielded).
+    fn skip_to(&mut self, next: usize) {
+        if let Some(f) = self.frames.last_mut() {
+            f.next = next;
+        }
     }
 
     /// Passes over the front entry or subtree.
@@ -474,13 +563,15 @@ pub fn walk(
     )
 }
 
-fn walk_from(
+/// [`walk`] from either source; generic over the visitor so that the per-block call inlines
+/// (a delta of a large volume visits millions of blocks).
+fn walk_from<V: FnMut(BlockDelta) -> Result<bool> + ?Sized>(
     source: NodeSource,
     left_root: u64,
     right_root: u64,
     blocks: Range<u64>,
     same: SameBlocks,
-    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+    visit: &mut V,
 ) -> Result<WalkStats> {
     let mut stats = WalkStats::default();
     if blocks.is_empty() {
@@ -502,7 +593,7 @@ fn walk_from(
     loop {
         // Two leaves side by side (most of a walk where changes are spread out) are merged
         // here, without `front`'s climb through the frames for every entry.
-        if let (Some(_), Some(_)) = (left.leaf_front(), right.leaf_front()) {
+        if left.leaf_entries().is_some() && right.leaf_entries().is_some() {
             if !merge_leaves(&mut left, &mut right, same, visit)? {
                 return Ok(stats);
             }
@@ -582,13 +673,13 @@ fn walk_from(
 }
 
 /// Yields the lower of two front entries (both when their keys match), passing over them.
-fn compare_entries(
+fn compare_entries<V: FnMut(BlockDelta) -> Result<bool> + ?Sized>(
     left: &mut Cursor,
     right: &mut Cursor,
     (lk, ld): (u64, u64),
     (rk, rd): (u64, u64),
     same: SameBlocks,
-    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+    visit: &mut V,
 ) -> Result<bool> {
     if lk < rk {
         left.advance();
@@ -620,15 +711,50 @@ fn compare_entries(
 }
 
 /// Compares entries while both cursors are inside a leaf, as the walk's loop would; returns
-/// false when `visit` stopped the walk.
-fn merge_leaves(
+/// false when `visit` stopped the walk. The common case of a delta (two leaves side by side,
+/// most of their entries alike) runs here, over the two leaves' entries without going
+/// through the cursors for each.
+fn merge_leaves<V: FnMut(BlockDelta) -> Result<bool> + ?Sized>(
     left: &mut Cursor,
     right: &mut Cursor,
     same: SameBlocks,
-    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+    visit: &mut V,
 ) -> Result<bool> {
-    while let (Some(l), Some(r)) = (left.leaf_front(), right.leaf_front()) {
-        if !compare_entries(left, right, l, r, same, visit)? {
+    // One pass: afterwards one leaf is used up, or its next entry lies outside the walk.
+    if let (Some(l), Some(r)) = (left.leaf_entries(), right.leaf_entries()) {
+        let (mut i, mut j) = (l.next, r.next);
+        let mut go_on = true;
+        while go_on && i < l.end && j < r.end {
+            let (lk, rk) = (l.key(i), r.key(j));
+            go_on = if lk < rk {
+                i += 1;
+                visit(BlockDelta {
+                    vblock: lk,
+                    left: Some(l.data(i - 1)),
+                    right: None,
+                })?
+            } else if rk < lk {
+                j += 1;
+                visit(BlockDelta {
+                    vblock: rk,
+                    left: None,
+                    right: Some(r.data(j - 1)),
+                })?
+            } else {
+                let (ld, rd) = (l.data(i), r.data(j));
+                i += 1;
+                j += 1;
+                (ld == rd && same == SameBlocks::Skip)
+                    || visit(BlockDelta {
+                        vblock: lk,
+                        left: Some(ld),
+                        right: Some(rd),
+                    })?
+            };
+        }
+        left.skip_to(i);
+        right.skip_to(j);
+        if !go_on {
             return Ok(false);
         }
     }
@@ -637,12 +763,12 @@ fn merge_leaves(
 
 /// Reports every block of a subtree both trees hold as the same on both sides; false when
 /// `visit` stopped the walk.
-fn report_shared(
+fn report_shared<V: FnMut(BlockDelta) -> Result<bool> + ?Sized>(
     reader: &mut NodeReader,
     root: u64,
     first: u64,
     last: u64,
-    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+    visit: &mut V,
 ) -> Result<bool> {
     let mut go_on = true;
     shared_entries(reader, root, first..=last, visit, &mut go_on, 0)?;
@@ -651,11 +777,11 @@ fn report_shared(
 
 /// The entries of `report_shared`'s subtree below `root`; false once past the range or when
 /// `visit` said to stop (then `go_on` is false).
-fn shared_entries(
+fn shared_entries<V: FnMut(BlockDelta) -> Result<bool> + ?Sized>(
     reader: &mut NodeReader,
     root: u64,
     keys: RangeInclusive<u64>,
-    visit: &mut dyn FnMut(BlockDelta) -> Result<bool>,
+    visit: &mut V,
     go_on: &mut bool,
     depth: usize,
 ) -> Result<bool> {
@@ -668,12 +794,13 @@ fn shared_entries(
     let node = Node::new(&block[..]);
     let more = if node.is_leaf() {
         (|| {
-            for i in node.search(*keys.start()).0..node.nr_entries() {
-                let key = node.key(i);
+            let entries = LeafEntries::of(&block);
+            for i in node.search(*keys.start()).0..entries.end {
+                let key = entries.key(i);
                 if key > *keys.end() {
                     return Ok(false);
                 }
-                let (data, _time) = unpack_block_time(node.value_u64(i));
+                let data = entries.data(i);
                 *go_on = visit(BlockDelta {
                     vblock: key,
                     left: Some(data),
@@ -914,11 +1041,7 @@ pub fn write_delta(
                 h.time, h.transaction, h.data_block_size, h.nr_data_blocks
             )
             .map_err(write_err)?;
-            let mut xml = XmlRanges {
-                out: &mut *out,
-                verbose,
-                pending: None,
-            };
+            let mut xml = XmlRanges::new(&mut *out, verbose);
             source.runs(left, right, &mut |r| xml.push(r))?;
             xml.finish()?;
             out.write_all(b"  </diff>\n</superblock>\n")
@@ -962,15 +1085,26 @@ fn join_plain(pending: &mut Option<DeltaRun>, r: DeltaRun) -> Option<DeltaRun> {
 }
 
 /// Writes ranges as 0.9.0 does: plain, joined; or verbose, one `<range>` per run inside an
-/// element per stretch of one kind.
+/// element per stretch of one kind. Each line is put together in one buffer (numbers written
+/// digit by digit, not through `fmt`) and written whole: a delta can have millions of runs.
 struct XmlRanges<'a> {
     out: &'a mut dyn Write,
     verbose: bool,
     /// Plain: the range being joined. Verbose: the kind of the open element.
     pending: Option<DeltaRun>,
+    line: Vec<u8>,
 }
 
-impl XmlRanges<'_> {
+impl<'a> XmlRanges<'a> {
+    fn new(out: &'a mut dyn Write, verbose: bool) -> Self {
+        XmlRanges {
+            out,
+            verbose,
+            pending: None,
+            line: Vec::with_capacity(128),
+        }
+    }
+
     fn push(&mut self, r: DeltaRun) -> Result<()> {
         if !self.verbose {
             return match join_plain(&mut self.pending, r) {
@@ -978,37 +1112,55 @@ impl XmlRanges<'_> {
                 None => Ok(()),
             };
         }
+        self.line.clear();
         let open = self.pending.map(|p| p.kind);
         if open != Some(r.kind) {
             if let Some(kind) = open {
-                writeln!(self.out, "    </{}>", kind.xml_name()).map_err(write_err)?;
+                self.tag("    </", kind, ">\n");
             }
-            writeln!(self.out, "    <{}>", r.kind.xml_name()).map_err(write_err)?;
+            self.tag("    <", r.kind, ">\n");
         }
         self.pending = Some(r);
-        let data = match (r.kind, r.left_data_begin, r.right_data_begin) {
+        self.line.extend_from_slice(b"      <range");
+        self.attribute("begin", r.begin);
+        match (r.kind, r.left_data_begin, r.right_data_begin) {
             (DeltaKind::Different, Some(l), Some(rd)) => {
-                format!("left_data_begin=\"{l}\" right_data_begin=\"{rd}\"")
+                self.attribute("left_data_begin", l);
+                self.attribute("right_data_begin", rd);
             }
-            (_, l, rd) => format!("data_begin=\"{}\"", l.or(rd).unwrap_or_default()),
-        };
-        writeln!(
-            self.out,
-            "      <range begin=\"{}\" {data} length=\"{}\"/>",
-            r.begin, r.length
-        )
-        .map_err(write_err)
+            (_, l, rd) => self.attribute("data_begin", l.or(rd).unwrap_or_default()),
+        }
+        self.attribute("length", r.length);
+        self.line.extend_from_slice(b"/>\n");
+        self.write_line()
     }
 
     fn plain(&mut self, r: &DeltaRun) -> Result<()> {
-        writeln!(
-            self.out,
-            "    <{} begin=\"{}\" length=\"{}\"/>",
-            r.kind.xml_name(),
-            r.begin,
-            r.length
-        )
-        .map_err(write_err)
+        self.line.clear();
+        self.tag("    <", r.kind, "");
+        self.attribute("begin", r.begin);
+        self.attribute("length", r.length);
+        self.line.extend_from_slice(b"/>\n");
+        self.write_line()
+    }
+
+    fn tag(&mut self, open: &str, kind: DeltaKind, close: &str) {
+        for part in [open, kind.xml_name(), close] {
+            self.line.extend_from_slice(part.as_bytes());
+        }
+    }
+
+    /// ` name="value"`.
+    fn attribute(&mut self, name: &str, value: u64) {
+        self.line.push(b' ');
+        self.line.extend_from_slice(name.as_bytes());
+        self.line.extend_from_slice(b"=\"");
+        push_decimal(&mut self.line, value);
+        self.line.push(b'"');
+    }
+
+    fn write_line(&mut self) -> Result<()> {
+        self.out.write_all(&self.line).map_err(write_err)
     }
 
     fn finish(mut self) -> Result<()> {
@@ -1016,10 +1168,27 @@ impl XmlRanges<'_> {
             (None, _) => Ok(()),
             (Some(r), false) => self.plain(&r),
             (Some(r), true) => {
-                writeln!(self.out, "    </{}>", r.kind.xml_name()).map_err(write_err)
+                self.line.clear();
+                self.tag("    </", r.kind, ">\n");
+                self.write_line()
             }
         }
     }
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + u8::try_from(n % 10).expect("a decimal digit");
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Writes the ranges of the JSON document, joined as the plain XML joins them unless verbose.
