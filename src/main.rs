@@ -143,9 +143,16 @@ struct DeltaArgs {
     /// The right thin device id.
     #[arg(long, visible_alias = "thin2", required_unless_present = "pool")]
     snap2: Option<u32>,
-    /// Read the metadata snapshot instead of the live metadata.
-    #[arg(short = 'm', long)]
-    metadata_snap: bool,
+    /// Read the metadata snapshot instead of the live metadata; `-mBLOCKNR` or
+    /// `--metadata-snap=BLOCKNR` only if the superblock's metadata snapshot is at that block.
+    #[arg(
+        short = 'm',
+        long,
+        value_name = "BLOCKNR",
+        num_args = 0..=1,
+        require_equals = true
+    )]
+    metadata_snap: Option<Option<u64>>,
     /// Every run with its data blocks, grouped by kind (as thin_delta --verbose).
     #[arg(long)]
     verbose: bool,
@@ -672,9 +679,28 @@ fn check_unserved(meta: &Path) -> anyhow::Result<check::Report> {
     Ok(check::check(open_meta(meta, false)?))
 }
 
+/// thin_delta's `-m` takes the metadata snapshot's block glued on (`-m8`, getopt's optional
+/// argument), which clap would read as the flags `-m -8`: for `delta`, whatever follows `-m`
+/// in one argument is passed on as `--metadata-snap=` that. (`-m` cannot take a separate
+/// value: it would be META.)
+fn delta_glued_snap_block(
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = args.collect();
+    if args.get(1).is_some_and(|a| a == "delta") {
+        for a in args.iter_mut().skip(2).take_while(|a| *a != "--") {
+            let glued = a.to_str().and_then(|s| s.strip_prefix("-m"));
+            if let Some(block) = glued.filter(|b| !b.is_empty()) {
+                *a = format!("--metadata-snap={block}").into();
+            }
+        }
+    }
+    args
+}
+
 /// `thinnbd delta`: by thin ids on a metadata file, or by volume names on an unserved pool.
 fn delta(args: DeltaArgs) -> anyhow::Result<()> {
-    use thinnbd::thin::delta::{write_delta, DeltaFormat, DeltaSource};
+    use thinnbd::thin::delta::{write_delta, DeltaFormat, DeltaRoot, DeltaSource};
     let format = match (args.output.json, args.verbose) {
         (true, verbose) => DeltaFormat::Json { verbose },
         (false, true) => DeltaFormat::XmlVerbose,
@@ -715,7 +741,10 @@ fn delta(args: DeltaArgs) -> anyhow::Result<()> {
             args.snap2.context("--snap2 is required")?,
         ),
     };
-    let source = DeltaSource::open(open_meta(&meta, false)?, args.metadata_snap)
+    let root = args
+        .metadata_snap
+        .map_or(DeltaRoot::Live, DeltaRoot::MetadataSnap);
+    let source = DeltaSource::open(open_meta(&meta, false)?, root)
         .with_context(|| format!("reading {}", meta.display()))?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     write_delta(&source, left, right, format, &mut out).with_context(|| {
@@ -980,7 +1009,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(delta_glued_snap_block(std::env::args_os())) {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are not errors; they print to stdout and exit 0.

@@ -234,6 +234,67 @@ fn metadata_snapshot_and_live_metadata_match_thin_delta() {
     );
 }
 
+#[test]
+fn metadata_snapshot_by_block_number_as_thin_delta_takes_it() {
+    if !require_tool("thin_delta") {
+        return;
+    }
+    let (image, md) = build_pool(4096);
+    drop(md);
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("meta");
+    std::fs::write(&meta, &image).unwrap();
+    let m = meta.to_str().unwrap();
+    let live = ours(&["--snap1", "1", "--snap2", "10", m]);
+    let snap = attr(live.lines().next().unwrap(), "metadata_snap").expect("a metadata snapshot");
+    let plain = ours(&["-m", "--snap1", "1", "--snap2", "10", m]);
+    assert_ne!(
+        plain, live,
+        "the metadata snapshot is older than the live metadata"
+    );
+    // thin_delta takes the block glued to -m or after --metadata-snap=.
+    for block_arg in [format!("-m{snap}"), format!("--metadata-snap={snap}")] {
+        for verbose in [&[][..], &["--verbose"][..]] {
+            let args = [
+                &[block_arg.as_str(), "--snap1", "1", "--snap2", "10"][..],
+                verbose,
+            ]
+            .concat();
+            let want = theirs(&meta, &args);
+            let got = ours(&[&args[..], &[m]].concat());
+            assert_eq!(got, want, "thinnbd delta {args:?} differs from thin_delta");
+            if verbose.is_empty() {
+                assert_eq!(got, plain, "{block_arg} reads the snapshot -m reads");
+            }
+        }
+    }
+    // Another block than the superblock's metadata snapshot: both tools refuse.
+    let other = (snap + 1).to_string();
+    for block_arg in [format!("-m{other}"), format!("--metadata-snap={other}")] {
+        let args = [block_arg.as_str(), "--snap1", "1", "--snap2", "10"];
+        let out = tool("thin_delta").args(args).arg(&meta).output().unwrap();
+        assert!(!out.status.success(), "thin_delta {args:?} succeeded");
+        let out = thinnbd(&[&["delta"], &args[..], &[m]].concat());
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?} printed {stdout}");
+        assert!(
+            stderr.contains(&format!("block {other}")) && stderr.contains(&format!("block {snap}")),
+            "the error names both blocks: {stderr}"
+        );
+    }
+    // Not a block number: a usage error, as thin_delta's is (-m=8 gives it "=8").
+    for bad in ["-mfoo", "-m=8", "--metadata-snap=x"] {
+        let out = thinnbd(&["delta", bad, "--snap1", "1", "--snap2", "10", m]);
+        assert_eq!(out.status.code(), Some(64), "{bad}: {}", text(&out).1);
+    }
+    // After `--` an argument is the metadata path, never an option.
+    let out = thinnbd(&["delta", "--snap1", "1", "--snap2", "10", "--", "-m8"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("-m8"), "the path is named: {stderr}");
+}
+
 /// A pool directory with volumes made through the library, as `thinnbd` commands make them.
 fn pool_dir_with_snapshots(dir: &Path) -> Vec<(String, u32)> {
     const BS: u64 = 64 * KIB;

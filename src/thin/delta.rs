@@ -919,6 +919,16 @@ pub struct DeltaHeader {
     pub metadata_snap: Option<u64>,
 }
 
+/// Which superblock a delta reads its trees from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaRoot {
+    /// The committed superblock.
+    Live,
+    /// The metadata snapshot the superblock names (`-m`); with a block number, only if it is
+    /// that block (`-m=BLOCKNR`, as 0.9.0 checks it).
+    MetadataSnap(Option<u64>),
+}
+
 /// Committed metadata as `thin_delta` reads it: the superblock (or, with `-m`, the metadata
 /// snapshot's) and the top-level mapping tree, without loading the space maps.
 pub struct DeltaSource {
@@ -928,19 +938,28 @@ pub struct DeltaSource {
 }
 
 impl DeltaSource {
-    /// Reads the committed superblock, or the metadata snapshot it names when
-    /// `use_metadata_snap` (an error when it names none).
-    pub fn open(io: Arc<dyn BlockIo>, use_metadata_snap: bool) -> Result<Self> {
+    /// Reads the committed superblock, or the metadata snapshot it names: an error when it
+    /// names none, or another block than the one asked for.
+    pub fn open(io: Arc<dyn BlockIo>, root: DeltaRoot) -> Result<Self> {
         let mut tm = TransactionManager::new(io, SpaceMap::new(0), SpaceMap::new(0));
         // One pass reads each node once: a cache as large as the pool's would only fill memory
         // (page faults and allocation for every node read) without a hit.
         tm.set_cache_capacity(256);
         let mut sb = Superblock::decode(&*tm.read(SUPERBLOCK_LOCATION, BlockKind::Superblock)?)?;
-        if use_metadata_snap {
+        if let DeltaRoot::MetadataSnap(asked) = root {
             if sb.metadata_snap == 0 {
                 return fail(
                     ErrorKind::NotFound,
                     "the metadata holds no metadata snapshot",
+                );
+            }
+            if let Some(asked) = asked.filter(|&b| b != sb.metadata_snap) {
+                return fail(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no metadata snapshot at block {asked}: the superblock's is at block {}",
+                        sb.metadata_snap
+                    ),
                 );
             }
             sb = Superblock::decode(&*tm.read(sb.metadata_snap, BlockKind::Superblock)?)
