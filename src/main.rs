@@ -700,12 +700,13 @@ fn delta_glued_snap_block(
 
 /// `thinnbd delta`: by thin ids on a metadata file, or by volume names on an unserved pool.
 fn delta(args: DeltaArgs) -> anyhow::Result<()> {
-    use thinnbd::thin::delta::{write_delta, DeltaFormat, DeltaRoot, DeltaSource};
+    use thinnbd::thin::delta::{write_delta, DeltaFormat, DeltaRoot, DeltaSide, DeltaSource};
     let format = match (args.output.json, args.verbose) {
         (true, verbose) => DeltaFormat::Json { verbose },
         (false, true) => DeltaFormat::XmlVerbose,
         (false, false) => DeltaFormat::Xml,
     };
+    let first = args.first.to_string_lossy();
     let (_lock, meta, left, right) = match (&args.pool, &args.second) {
         (Some(dir), Some(b)) => {
             let paths = PoolPaths::new(dir);
@@ -721,24 +722,27 @@ fn delta(args: DeltaArgs) -> anyhow::Result<()> {
                 )
             })?;
             let registry = thinnbd::volume::registry::Registry::load(dir)?;
-            let a = args.first.to_string_lossy();
-            let thin_of = |name: &str| {
-                registry.get(name).map(|v| v.thin_id).map_err(|e| {
+            let side = |name| {
+                let v = registry.get(name).map_err(|e| {
                     anyhow::anyhow!(
                         "{e} in pool {} (`thinnbd volume list --pool {}` lists the volumes)",
                         dir.display(),
                         dir.display()
                     )
+                })?;
+                anyhow::Ok(DeltaSide {
+                    id: v.thin_id,
+                    name: Some(name),
                 })
             };
-            (Some(lock), paths.metadata, thin_of(&a)?, thin_of(b)?)
+            (Some(lock), paths.metadata, side(&first)?, side(b)?)
         }
         // clap requires --snap1 and --snap2 without --pool.
         _ => (
             None,
             args.first.clone(),
-            args.snap1.context("--snap1 is required")?,
-            args.snap2.context("--snap2 is required")?,
+            DeltaSide::id(args.snap1.context("--snap1 is required")?),
+            DeltaSide::id(args.snap2.context("--snap2 is required")?),
         ),
     };
     let root = args
@@ -749,7 +753,9 @@ fn delta(args: DeltaArgs) -> anyhow::Result<()> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     write_delta(&source, left, right, format, &mut out).with_context(|| {
         format!(
-            "comparing thin devices {left} and {right} of {}",
+            "comparing thin devices {} and {} of {}",
+            left.id,
+            right.id,
             meta.display()
         )
     })?;

@@ -1035,14 +1035,30 @@ fn json_err(e: serde_json::Error) -> Error {
     write_err(e.into())
 }
 
-/// Prints what differs between thin devices `left` and `right` of `source`.
+/// One of the two devices compared: its thin id and, when it was chosen by volume name, the
+/// name (the JSON document gives it beside the id; thin_delta's XML has no place for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaSide<'a> {
+    pub id: ThinId,
+    pub name: Option<&'a str>,
+}
+
+impl DeltaSide<'_> {
+    /// A device chosen by thin id.
+    pub fn id(id: ThinId) -> Self {
+        DeltaSide { id, name: None }
+    }
+}
+
+/// Prints what differs between devices `left` and `right` of `source`.
 pub fn write_delta(
     source: &DeltaSource,
-    left: ThinId,
-    right: ThinId,
+    left_side: DeltaSide,
+    right_side: DeltaSide,
     format: DeltaFormat,
     out: &mut dyn Write,
 ) -> Result<()> {
+    let (left, right) = (left_side.id, right_side.id);
     // Both devices are looked up before anything is printed, so a bad id prints nothing.
     source.device_root(left)?;
     source.device_root(right)?;
@@ -1070,10 +1086,17 @@ pub fn write_delta(
             // The ranges are streamed into the document rather than gathered first.
             write!(
                 out,
-                "{{\"superblock\":{},\"left\":{left},\"right\":{right},\"ranges\":[",
+                "{{\"superblock\":{},\"left\":{left},\"right\":{right},",
                 serde_json::to_string(source.header()).map_err(json_err)?
             )
             .map_err(write_err)?;
+            for (field, side) in [("left_name", left_side), ("right_name", right_side)] {
+                if let Some(name) = side.name {
+                    let name = serde_json::to_string(name).map_err(json_err)?;
+                    write!(out, "\"{field}\":{name},").map_err(write_err)?;
+                }
+            }
+            out.write_all(b"\"ranges\":[").map_err(write_err)?;
             let mut json = JsonRanges {
                 out: &mut *out,
                 verbose,
