@@ -750,7 +750,8 @@ fn delta(args: DeltaArgs) -> anyhow::Result<()> {
         .map_or(DeltaRoot::Live, DeltaRoot::MetadataSnap);
     let source = DeltaSource::open(open_meta(&meta, false)?, root)
         .with_context(|| format!("reading {}", meta.display()))?;
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    // A large volume's XML runs to megabytes: written a pipe's default capacity at a time.
+    let mut out = BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
     write_delta(&source, left, right, format, &mut out).with_context(|| {
         format!(
             "comparing thin devices {} and {} of {}",
