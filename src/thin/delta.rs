@@ -1493,11 +1493,7 @@ mod tests {
     #[test]
     fn a_node_read_from_the_device_with_keys_out_of_order_is_named() {
         use crate::pdata::checksum::{read_u64, seal, write_u64};
-        let mut md = pool(10_000);
-        md.create_thin(1).unwrap();
-        for v in 0..1000 {
-            map(&mut md, 1, v);
-        }
+        let mut md = big_device(1000);
         md.create_snapshot(2, 1).unwrap();
         map(&mut md, 2, 500);
         md.commit().unwrap();
