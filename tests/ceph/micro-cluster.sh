@@ -24,6 +24,7 @@
 #   MICRO_CLUSTER_OWNER_PID  when set, a watcher stops the cluster once that process is gone,
 #                            so a test binary that dies (or keeps its cluster in a static that
 #                            is never dropped) does not leave daemons behind
+#   MICRO_CLUSTER_REMOVE_WITH_OWNER  1: the watcher also removes DIR after that stop
 #   MICRO_CLUSTER_TIMEOUT    seconds to wait for each step (default 60)
 set -euo pipefail
 
@@ -175,8 +176,12 @@ start_watcher() {
     # not take it down before it has cleaned up.
     setsid bash -c '
         while kill -0 "$1" 2>/dev/null; do sleep 1; done
-        MICRO_CLUSTER_WATCHER=1 exec bash "$2" stop "$3"
-    ' micro-cluster-watcher "$owner" "$0" "$DIR" </dev/null >>"$DIR/log/watcher.stdout" 2>&1 &
+        MICRO_CLUSTER_WATCHER=1 bash "$2" stop "$3"
+        # Only a directory this script set up (it has our ceph.conf) is ever removed.
+        if [ "$4" = 1 ] && grep -q "^# Written by micro-cluster.sh" "$3/ceph.conf"; then
+            rm -rf "$3"
+        fi
+    ' micro-cluster-watcher "$owner" "$(readlink -f "$0")" "$DIR" "${MICRO_CLUSTER_REMOVE_WITH_OWNER:-0}" </dev/null >/dev/null 2>&1 &
     echo $! >"$PIDS/watcher"
 }
 
