@@ -521,3 +521,31 @@ fn an_owner_whose_lock_was_broken_stops_writing() {
         "a lost owner does not take the lock again"
     );
 }
+
+#[test]
+fn a_call_over_hundreds_of_blocks_reads_writes_and_punches_them_all() {
+    let Some((_rp, loc)) = setup("rcore-many") else {
+        return;
+    };
+    let cluster = connect(&loc);
+    // 4 KiB blocks, so one call covers more objects than are kept in flight at once.
+    let block = 4096u64;
+    let data = RadosStore::new(cluster.clone(), &loc, block, 1024 * block).unwrap();
+    let written = pattern(100, (300 * block) as usize);
+    data.write_at(&written, 100).unwrap();
+    assert_eq!(
+        data_blocks(&cluster, &loc),
+        (0..=300).collect::<Vec<_>>(),
+        "300 blocks from byte 100 touch 301"
+    );
+    let mut back = vec![0xEEu8; written.len() + 200];
+    data.read_at(&mut back, 0).unwrap();
+    assert!(back[..100].iter().all(|&b| b == 0));
+    assert_eq!(&back[100..written.len() + 100], &written[..]);
+    assert!(back[written.len() + 100..].iter().all(|&b| b == 0));
+
+    assert!(data.punch(0, 301 * block).unwrap());
+    assert!(data_blocks(&cluster, &loc).is_empty());
+    data.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
