@@ -209,6 +209,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_kind_crosses_the_control_socket_by_name() {
+        for (kind, _) in ErrorKind::NAMES {
+            assert_eq!(ErrorKind::from_name(kind.name()), kind);
+        }
+        assert_eq!(ErrorKind::from_name("fenced"), ErrorKind::Fenced);
+    }
+
+    #[test]
     fn a_full_host_file_system_is_no_space_on_the_data_device() {
         for errno in [libc::ENOSPC, libc::EDQUOT] {
             let e = Error::data_io("writing", io::Error::from_raw_os_error(errno));

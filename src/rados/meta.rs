@@ -15,7 +15,7 @@ use crate::pdata::block_io::{zeroed_block, Block, BlockIo, BLOCK_SIZE};
 
 /// Writes in flight before `write_block` waits for the oldest half: bounds memory when a
 /// commit writes a great many blocks.
-const MAX_IN_FLIGHT: usize = 4096;
+const MAX_UNSYNCED_WRITES: usize = 4096;
 
 /// A pool's metadata as RADOS objects.
 pub struct RadosBlockIo {
@@ -114,10 +114,10 @@ impl BlockIo for RadosBlockIo {
         let oldest = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             in_flight.push(pending);
-            if in_flight.len() < MAX_IN_FLIGHT {
+            if in_flight.len() < MAX_UNSYNCED_WRITES {
                 return Ok(());
             }
-            in_flight.drain(..MAX_IN_FLIGHT / 2).collect::<Vec<_>>()
+            in_flight.drain(..MAX_UNSYNCED_WRITES / 2).collect::<Vec<_>>()
         };
         for write in oldest {
             if let Err(e) = write.wait() {
