@@ -985,7 +985,11 @@ mod tests {
         };
         assert_eq!((r.pool.as_str(), r.name.as_str()), ("rbd", "tank"));
         assert_eq!(r.ceph_conf, Some(PathBuf::from("/etc/ceph/x.conf")));
-        assert_eq!(r.client_id.as_deref(), Some("thinnbd"), "client. is implied");
+        assert_eq!(
+            r.client_id.as_deref(),
+            Some("thinnbd"),
+            "client. is implied"
+        );
         assert_eq!(r.keyring, Some(PathBuf::from("/etc/ceph/x.keyring")));
         assert_eq!(c.pool.rados_lock_duration, Duration::from_secs(12));
         assert!(!c.pool.is_default_dir());
@@ -1008,8 +1012,14 @@ mod tests {
             ("dir = \"/a\"\nlocation = \"/b\"", "pool.location"),
             ("client_id = \"\"", "pool.client_id"),
             ("client_id = \"client.\"", "pool.client_id"),
-            ("rados_lock_duration_secs = 2", "pool.rados_lock_duration_secs"),
-            ("rados_lock_duration_secs = 7200", "pool.rados_lock_duration_secs"),
+            (
+                "rados_lock_duration_secs = 2",
+                "pool.rados_lock_duration_secs",
+            ),
+            (
+                "rados_lock_duration_secs = 7200",
+                "pool.rados_lock_duration_secs",
+            ),
         ] {
             let e = Config::from_toml(&format!("[pool]\n{text}\n"), "f.toml").unwrap_err();
             let msg = e.to_string();
