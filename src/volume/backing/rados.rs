@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{OwnerPolicy, Ownership, PoolBacking};
+use crate::engine::data::DataStore;
 use crate::engine::{EngineConfig, Pool};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::pdata::block_io::{BlockIo, BLOCK_SIZE};
@@ -53,6 +54,15 @@ impl RadosBacking {
         ))
     }
 
+    fn data_store(&self, header: &PoolHeader) -> Result<Arc<dyn DataStore>> {
+        Ok(Arc::new(RadosStore::new(
+            self.cluster.clone(),
+            &self.rados,
+            header.block_size,
+            header.data_size,
+        )?))
+    }
+
     fn create_objects(&self, opts: &CreateOptions, config: EngineConfig) -> Result<()> {
         let meta_bytes = opts
             .metadata_size
@@ -78,15 +88,9 @@ impl RadosBacking {
             opts.data_size,
             meta_bytes / BLOCK_SIZE as u64,
         );
-        let store = Arc::new(RadosStore::new(
-            self.cluster.clone(),
-            &self.rados,
-            opts.block_size,
-            opts.data_size,
-        )?);
         let pool = Pool::create_from_parts(
             self.block_io(&header),
-            store,
+            self.data_store(&header)?,
             opts.block_size,
             nr_data_blocks,
             config,
@@ -188,13 +192,7 @@ impl PoolBacking for RadosBacking {
 
     fn open_pool(&self, config: EngineConfig) -> Result<Arc<Pool>> {
         let header = self.header()?;
-        let store = Arc::new(RadosStore::new(
-            self.cluster.clone(),
-            &self.rados,
-            header.block_size,
-            header.data_size,
-        )?);
-        Pool::from_parts(self.block_io(&header), store, config).map_err(|e| {
+        Pool::from_parts(self.block_io(&header), self.data_store(&header)?, config).map_err(|e| {
             if e.kind() != ErrorKind::Corrupt {
                 return e;
             }
