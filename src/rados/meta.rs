@@ -117,7 +117,9 @@ impl BlockIo for RadosBlockIo {
             if in_flight.len() < MAX_UNSYNCED_WRITES {
                 return Ok(());
             }
-            in_flight.drain(..MAX_UNSYNCED_WRITES / 2).collect::<Vec<_>>()
+            in_flight
+                .drain(..MAX_UNSYNCED_WRITES / 2)
+                .collect::<Vec<_>>()
         };
         for write in oldest {
             if let Err(e) = write.wait() {
