@@ -256,18 +256,9 @@ pub async fn serve(listener: tokio::net::UnixListener, volumes: Arc<Volumes>) {
     }
 }
 
-/// Binds the control socket (replacing only a stale one), mode 0600, in a directory made
-/// private (0700) when this creates it. Done before the server says it is serving, so a volume
-/// command run as soon as it does finds the socket.
+/// Binds the control socket (replacing only a stale one), mode 0600. Done before the server
+/// says it is serving, so a volume command run as soon as it does finds the socket.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
     crate::util::remove_stale_socket(path)?;
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))?;

@@ -20,25 +20,17 @@ use crate::volume::CreateOptions;
 pub struct RadosBacking {
     location: PoolLocation,
     control_socket: PathBuf,
-    rados: rados::RadosLocation,
+    rados: RadosLocation,
     cluster: Arc<Cluster>,
 }
 
 impl RadosBacking {
     pub fn connect(location: &RadosLocation) -> Result<RadosBacking> {
-        let rados = rados::RadosLocation {
-            pool: location.pool.clone(),
-            name: location.name.clone(),
-            ceph_conf: location.ceph_conf.clone(),
-            client_id: location.client_id.clone(),
-            keyring: location.keyring.clone(),
-        };
-        let cluster = Cluster::connect(&rados)?;
         Ok(RadosBacking {
             location: PoolLocation::Rados(location.clone()),
             control_socket: location.control_socket(),
-            rados,
-            cluster,
+            rados: location.clone(),
+            cluster: Cluster::connect(location)?,
         })
     }
 
