@@ -224,6 +224,14 @@ impl PoolBacking for RadosBacking {
         Ok(owners.iter().map(ToString::to_string).collect())
     }
 
+    /// A read of the header: the OSDs refuse every request of a blocklisted client, and a
+    /// new owner blocklists the previous one before it writes anything.
+    fn confirm_ownership(&self) -> Result<()> {
+        self.cluster
+            .object_size(&PoolObjects::new(&self.rados).header())
+            .map(drop)
+    }
+
     /// The header records the devices' sizes (RADOS cannot tell them): it grows before the
     /// metadata that takes the space up is committed, so a crash between leaves a header
     /// larger than the metadata, never smaller.
