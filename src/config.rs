@@ -664,6 +664,12 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `text` (in file `f.toml`) is refused with an error naming `key` and the file.
+    fn assert_refused_naming_key(text: &str, key: &str) {
+        let msg = Config::from_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(msg.contains(key) && msg.contains("f.toml"), "{text}: {msg}");
+    }
+
     /// Compares by the `Debug` text, which shows every field: the layers' configs have no
     /// `PartialEq`, as nothing but these tests compares them.
     fn assert_same<T: std::fmt::Debug>(a: &T, b: &T, what: &str) {
@@ -948,9 +954,7 @@ mod tests {
                 "server.handshake_timeout_secs",
             ),
         ] {
-            let e = Config::from_toml(&format!("[server]\n{text}\n"), "f.toml").unwrap_err();
-            let msg = e.to_string();
-            assert!(msg.contains(key) && msg.contains("f.toml"), "{text}: {msg}");
+            assert_refused_naming_key(&format!("[server]\n{text}\n"), key);
         }
     }
 
@@ -1021,9 +1025,7 @@ mod tests {
                 "pool.rados_lock_duration_secs",
             ),
         ] {
-            let e = Config::from_toml(&format!("[pool]\n{text}\n"), "f.toml").unwrap_err();
-            let msg = e.to_string();
-            assert!(msg.contains(key) && msg.contains("f.toml"), "{text}: {msg}");
+            assert_refused_naming_key(&format!("[pool]\n{text}\n"), key);
         }
     }
 
