@@ -36,10 +36,18 @@ const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
 /// (which names the object): full -> `NoSpace`, blocklisted -> `Fenced`, anything else `Io`.
 pub fn rados_error(ret: i64, context: impl Into<String>) -> Error {
     let errno = i32::try_from(ret.unsigned_abs()).unwrap_or(libc::EIO);
-    let kind = match errno {
-        libc::ENOSPC | libc::EDQUOT => ErrorKind::NoSpace,
-        EBLOCKLISTED => ErrorKind::Fenced,
-        _ => ErrorKind::Io,
+    let (kind, context) = match errno {
+        libc::ENOSPC | libc::EDQUOT => (ErrorKind::NoSpace, context.into()),
+        // The errno's own text ("Cannot send after transport endpoint shutdown") says
+        // nothing of the cause.
+        EBLOCKLISTED => (
+            ErrorKind::Fenced,
+            format!(
+                "{} (this client is blocklisted: another host owns the pool)",
+                context.into()
+            ),
+        ),
+        _ => (ErrorKind::Io, context.into()),
     };
     Error::with_source(kind, context, io::Error::from_raw_os_error(errno))
 }
@@ -835,7 +843,9 @@ mod tests {
             rados_error(-i64::from(libc::EDQUOT), "x").kind(),
             ErrorKind::NoSpace
         );
-        assert_eq!(rados_error(-108, "x").kind(), ErrorKind::Fenced);
+        let fenced = rados_error(-108, "writing rbd/tank.data.0");
+        assert_eq!(fenced.kind(), ErrorKind::Fenced);
+        assert!(fenced.to_string().contains("blocklisted"), "{fenced}");
         let e = rados_error(-i64::from(libc::ETIMEDOUT), "reading rbd/tank.pool");
         assert_eq!(e.kind(), ErrorKind::Io);
         assert!(e.to_string().contains("tank.pool"), "{e}");

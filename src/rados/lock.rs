@@ -311,7 +311,7 @@ impl Held {
             match self.lock(LOCK_FLAG_MUST_RENEW) {
                 Ok(true) => renewed = Instant::now(),
                 Ok(false) => break "its lock was broken, expired or taken".to_string(),
-                Err(e) if e.kind() == ErrorKind::Fenced => break e.to_string(),
+                Err(e) if e.kind() == ErrorKind::Fenced => break e.message(),
                 Err(e) if renewed.elapsed() >= self.duration => {
                     break format!("the lock expired: renewing failed: {e}")
                 }
