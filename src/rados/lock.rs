@@ -187,6 +187,18 @@ impl OwnerLock {
         // The blocklist entry must be in force before our first write, so that no write of
         // the previous owner lands after one of ours.
         cluster.wait_for_latest_osdmap()?;
+        // Fencing may have been slow: the lock must still be ours (renewed, so it lasts a
+        // whole duration from now) before the record says so and anything is written.
+        if !held.lock(LOCK_FLAG_MUST_RENEW)? {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "pool {loc}: the lock expired while the previous owner was being fenced \
+                     (longer than {}s); try again",
+                    duration.as_secs()
+                ),
+            ));
+        }
         write_owner_record(cluster, &held.objects, &lock.owner)?;
         info!("pool {loc}: owned by {}", lock.owner);
         let renewing = held.clone();
