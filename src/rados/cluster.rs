@@ -129,16 +129,20 @@ impl Cluster {
         let ret = unsafe {
             ffi::rados_conf_read_file(handle, conf.as_ref().map_or(ptr::null(), |c| c.as_ptr()))
         };
-        check(ret, || {
-            format!(
-                "{}: reading the Ceph configuration {}",
-                what(),
-                loc.ceph_conf.as_ref().map_or_else(
-                    || "($CEPH_CONF or /etc/ceph/ceph.conf)".to_string(),
-                    |p| p.display().to_string()
+        // No file in the default places is fine when $CEPH_ARGS names the monitors, as for
+        // Ceph's own tools; a file named in the configuration must be there.
+        let no_default_file = ret == -libc::ENOENT && loc.ceph_conf.is_none();
+        if !no_default_file {
+            check(ret, || {
+                format!(
+                    "{}: reading the Ceph configuration {}",
+                    what(),
+                    loc.ceph_conf
+                        .as_ref()
+                        .map_or_else(|| "$CEPH_CONF".to_string(), |p| p.display().to_string())
                 )
-            )
-        })?;
+            })?;
+        }
         // SAFETY: a null variable name means $CEPH_ARGS.
         let ret = unsafe { ffi::rados_conf_parse_env(handle, ptr::null()) };
         check(ret, || format!("{}: parsing $CEPH_ARGS", what()))?;
@@ -147,7 +151,17 @@ impl Cluster {
         }
         // SAFETY: a configured, unconnected handle.
         let ret = unsafe { ffi::rados_connect(handle) };
-        check(ret, what)?;
+        check(ret, || {
+            if no_default_file {
+                format!(
+                    "{}: no Ceph configuration found ($CEPH_CONF, /etc/ceph/ceph.conf), \
+                     and $CEPH_ARGS names no monitors",
+                    what()
+                )
+            } else {
+                what()
+            }
+        })?;
         let pool = c_string(&loc.pool)?;
         let mut ioctx: rados_ioctx_t = ptr::null_mut();
         // SAFETY: a connected handle, a NUL-terminated pool name and a valid out pointer.
