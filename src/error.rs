@@ -183,7 +183,7 @@ impl Error {
             ErrorKind::Busy => "busy",
             ErrorKind::NotFound => "not found",
             ErrorKind::InvalidInput => "invalid input",
-            ErrorKind::Fenced => "fenced (this client was blocklisted: another host owns the pool)",
+            ErrorKind::Fenced => "fenced",
         }
     }
 }

@@ -36,10 +36,18 @@ const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
 /// (which names the object): full -> `NoSpace`, blocklisted -> `Fenced`, anything else `Io`.
 pub fn rados_error(ret: i64, context: impl Into<String>) -> Error {
     let errno = i32::try_from(ret.unsigned_abs()).unwrap_or(libc::EIO);
-    let kind = match errno {
-        libc::ENOSPC | libc::EDQUOT => ErrorKind::NoSpace,
-        EBLOCKLISTED => ErrorKind::Fenced,
-        _ => ErrorKind::Io,
+    let (kind, context) = match errno {
+        libc::ENOSPC | libc::EDQUOT => (ErrorKind::NoSpace, context.into()),
+        // The errno's own text ("Cannot send after transport endpoint shutdown") says
+        // nothing of the cause.
+        EBLOCKLISTED => (
+            ErrorKind::Fenced,
+            format!(
+                "{} (this client is blocklisted: another host owns the pool)",
+                context.into()
+            ),
+        ),
+        _ => (ErrorKind::Io, context.into()),
     };
     Error::with_source(kind, context, io::Error::from_raw_os_error(errno))
 }
@@ -121,16 +129,20 @@ impl Cluster {
         let ret = unsafe {
             ffi::rados_conf_read_file(handle, conf.as_ref().map_or(ptr::null(), |c| c.as_ptr()))
         };
-        check(ret, || {
-            format!(
-                "{}: reading the Ceph configuration {}",
-                what(),
-                loc.ceph_conf.as_ref().map_or_else(
-                    || "($CEPH_CONF or /etc/ceph/ceph.conf)".to_string(),
-                    |p| p.display().to_string()
+        // No file in the default places is fine when $CEPH_ARGS names the monitors, as for
+        // Ceph's own tools; a file named in the configuration must be there.
+        let no_default_file = ret == -libc::ENOENT && loc.ceph_conf.is_none();
+        if !no_default_file {
+            check(ret, || {
+                format!(
+                    "{}: reading the Ceph configuration {}",
+                    what(),
+                    loc.ceph_conf
+                        .as_ref()
+                        .map_or_else(|| "$CEPH_CONF".to_string(), |p| p.display().to_string())
                 )
-            )
-        })?;
+            })?;
+        }
         // SAFETY: a null variable name means $CEPH_ARGS.
         let ret = unsafe { ffi::rados_conf_parse_env(handle, ptr::null()) };
         check(ret, || format!("{}: parsing $CEPH_ARGS", what()))?;
@@ -139,7 +151,17 @@ impl Cluster {
         }
         // SAFETY: a configured, unconnected handle.
         let ret = unsafe { ffi::rados_connect(handle) };
-        check(ret, what)?;
+        check(ret, || {
+            if no_default_file {
+                format!(
+                    "{}: no Ceph configuration found ($CEPH_CONF, /etc/ceph/ceph.conf), \
+                     and $CEPH_ARGS names no monitors",
+                    what()
+                )
+            } else {
+                what()
+            }
+        })?;
         let pool = c_string(&loc.pool)?;
         let mut ioctx: rados_ioctx_t = ptr::null_mut();
         // SAFETY: a connected handle, a NUL-terminated pool name and a valid out pointer.
@@ -835,7 +857,9 @@ mod tests {
             rados_error(-i64::from(libc::EDQUOT), "x").kind(),
             ErrorKind::NoSpace
         );
-        assert_eq!(rados_error(-108, "x").kind(), ErrorKind::Fenced);
+        let fenced = rados_error(-108, "writing rbd/tank.data.0");
+        assert_eq!(fenced.kind(), ErrorKind::Fenced);
+        assert!(fenced.to_string().contains("blocklisted"), "{fenced}");
         let e = rados_error(-i64::from(libc::ETIMEDOUT), "reading rbd/tank.pool");
         assert_eq!(e.kind(), ErrorKind::Io);
         assert!(e.to_string().contains("tank.pool"), "{e}");

@@ -66,6 +66,15 @@ impl RadosBlockIo {
     }
 }
 
+impl Drop for RadosBlockIo {
+    /// Writes still in flight end before the connection may go (this may hold its last
+    /// reference): a completion must not outlive its cluster handle.
+    fn drop(&mut self) {
+        let writes = std::mem::take(self.in_flight.get_mut().unwrap_or_else(|p| p.into_inner()));
+        drop(writes);
+    }
+}
+
 impl BlockIo for RadosBlockIo {
     fn nr_blocks(&self) -> u64 {
         self.nr_blocks.load(Ordering::Acquire)
