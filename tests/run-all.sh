@@ -16,6 +16,13 @@ command -v openssl >/dev/null || need+=(openssl)
 # The openssl crate (TLS) builds against the system's OpenSSL, found by pkg-config.
 command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+# RADOS pools: librados to build `--features thinnbd/rados`, and for the RADOS tests a
+# throwaway single-node cluster (tests/ceph/micro-cluster.sh: mon, OSD, mgr, ceph/rados CLIs).
+[ -e /usr/include/rados/librados.h ] || need+=(librados-dev)
+command -v ceph-mon >/dev/null || need+=(ceph-mon)
+command -v ceph-osd >/dev/null || need+=(ceph-osd)
+command -v ceph-mgr >/dev/null || need+=(ceph-mgr)
+command -v rados >/dev/null || need+=(ceph-common)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -37,9 +44,11 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-# --workspace: the thinnbd package and the nbdkit plugin package (nbdkit-plugin/).
-cargo build --release --workspace
-cargo test --release --workspace -- --test-threads=2
+# --workspace: the thinnbd package and the nbdkit plugin package (nbdkit-plugin/). One build,
+# with RADOS support: the RADOS tests (tests/rados_*.rs) drive this binary against a test
+# cluster and fail under CI=true when it lacks the feature.
+cargo build --release --workspace --features thinnbd/rados
+cargo test --release --workspace --features thinnbd/rados -- --test-threads=2
 
 # The loom model of the active-set / teardown protocol (the `loom` feature swaps the engine's
 # sync primitives for loom's).

@@ -1,5 +1,6 @@
-//! The control socket (`DIR/control.sock`, mode 0600): volume commands acting online while a
-//! server has the pool open. One JSON request per line, one JSON response per line.
+//! The control socket (`DIR/control.sock` of a pool directory, a per-user runtime directory's
+//! for a RADOS pool; mode 0600): volume commands acting online while a server on this host has
+//! the pool open. One JSON request per line, one JSON response per line.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -268,17 +269,47 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
 
 /// Sends one request to a running server. `Ok(None)` when no server listens there.
 pub fn call(path: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
+    call_waiting(path, req, None)
+}
+
+/// `call` that waits at most `limit` for the reply: `Ok(None)` also when the server does not
+/// answer in time (stopped, say, while another process takes its pool over).
+pub fn call_within(
+    path: &Path,
+    req: &Request,
+    limit: std::time::Duration,
+) -> Result<Option<serde_json::Value>> {
+    call_waiting(path, req, Some(limit))
+}
+
+fn call_waiting(
+    path: &Path,
+    req: &Request,
+    limit: Option<std::time::Duration>,
+) -> Result<Option<serde_json::Value>> {
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(_) => return Ok(None),
     };
+    let io = |e| Error::io(format!("talking to {}", path.display()), e);
+    stream.set_read_timeout(limit).map_err(io)?;
     let mut line = serde_json::to_string(req)
         .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("encoding request: {e}")))?;
     line.push('\n');
-    let io = |e| Error::io(format!("talking to {}", path.display()), e);
     stream.write_all(line.as_bytes()).map_err(io)?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    match BufReader::new(stream).read_line(&mut reply) {
+        Err(e)
+            if limit.is_some()
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+        {
+            return Ok(None)
+        }
+        read => read.map_err(io)?,
+    };
     match serde_json::from_str::<Response>(&reply) {
         Ok(Response::Ok(v)) => Ok(Some(v)),
         Ok(Response::Err { kind, message }) => {

@@ -2,6 +2,7 @@
 //! the whole folder with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod ceph;
 pub mod docs;
 pub mod load;
 pub mod memory_server;

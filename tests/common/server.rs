@@ -295,12 +295,25 @@ impl Server {
     /// Spawns `cmd` with its output in `log` and waits until it serves. Port 0: the port is
     /// read from the log's "serving" line.
     fn spawn(
-        mut cmd: Command,
+        cmd: Command,
         log: PathBuf,
         port: u16,
         socket: Option<PathBuf>,
         control: Option<&Path>,
     ) -> Server {
+        let mut server = Server::spawn_unready(cmd, log, port, socket);
+        server.wait_ready(control, START_LIMIT);
+        server
+    }
+
+    /// Spawns a `thinnbd serve` command line that listens on `127.0.0.1:0` and logs at
+    /// `info`, without waiting for it to serve (a server that first waits for a pool's owner
+    /// lock); [`Server::wait_serving`] waits, and reads the port from the log.
+    pub fn launch(cmd: Command, log: PathBuf) -> Server {
+        Server::spawn_unready(cmd, log, 0, None)
+    }
+
+    fn spawn_unready(mut cmd: Command, log: PathBuf, port: u16, socket: Option<PathBuf>) -> Server {
         let out = File::create(&log).expect("server log");
         let err = out.try_clone().expect("server log");
         let child = cmd
@@ -309,23 +322,42 @@ impl Server {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let mut server = Server {
+        Server {
             child: Some(child),
             port,
             socket,
             log,
-        };
-        server.wait_ready(control);
-        server
+        }
     }
 
-    fn wait_ready(&mut self, control: Option<&Path>) {
-        let deadline = Instant::now() + START_LIMIT;
+    /// Waits (at most `limit`) until a [`Server::launch`]ed server serves; fails the test if it
+    /// exits first.
+    pub fn wait_serving(&mut self, limit: Duration) {
+        self.wait_ready(None, limit);
+    }
+
+    /// Whether the server has logged its "serving" line yet (it may still be waiting).
+    pub fn is_serving(&mut self) -> bool {
+        if self.port == 0 {
+            self.port = listening_port(&self.log_text()).unwrap_or(0);
+        }
+        self.port != 0
+    }
+
+    /// The exit status once the server exits by itself within `limit` (reaped), or None if it
+    /// still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let status = exit_within(self.child_mut(), limit)?;
+        self.child = None;
+        Some(status)
+    }
+
+    fn wait_ready(&mut self, control: Option<&Path>, limit: Duration) {
+        let deadline = Instant::now() + limit;
         loop {
             let tcp = if self.port == 0 {
                 // The line is logged once the listener is bound.
-                self.port = listening_port(&self.log_text()).unwrap_or(0);
-                self.port != 0
+                self.is_serving()
             } else {
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             };
@@ -346,7 +378,7 @@ impl Server {
             }
             assert!(
                 Instant::now() < deadline,
-                "thinnbd serve not ready after {START_LIMIT:?}:\n{}",
+                "thinnbd serve not ready after {limit:?}:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));
