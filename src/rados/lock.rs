@@ -29,9 +29,6 @@ pub const LOCK_NAME: &str = "thinnbd";
 /// from still believing it owns the pool.
 pub const BLOCKLIST_EXPIRY: Duration = Duration::from_secs(3600);
 
-/// Default lock duration (`[pool] rados_lock_duration_secs`).
-pub const DEFAULT_LOCK_DURATION: Duration = Duration::from_secs(30);
-
 /// How often a waiting opener tries the lock again, and how often it says who holds it.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 const LOG_EVERY: Duration = Duration::from_secs(10);
