@@ -154,6 +154,10 @@ case " $servers " in
     for tool in ceph rados rbd ceph-mon ceph-osd; do
         command -v $tool >/dev/null || { echo "missing $tool (apt-get install ceph-mon ceph-osd ceph-common)" >&2; exit 1; }
     done
+    case " $servers " in
+    *" rbd "*) qemu-img --help | grep -q 'Supported formats:.* rbd' ||
+        { echo "qemu has no rbd driver (apt-get install qemu-block-extra)" >&2; exit 1; } ;;
+    esac
     if [ -z "$ceph_dir" ]; then
         ceph_dir="$workdir/ceph"
         # Room for a session's writes plus PGs of deleted pools not yet purged; sparse.
