@@ -26,6 +26,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::tls::TlsMode;
 use crate::nbd::ServerConfig;
 use crate::util::parse_size;
+use crate::volume::backing::DEFAULT_LOCK_DURATION;
+use crate::volume::{PoolLocation, RadosLocation};
 
 /// The engine's policy, named here too so the config and the engine share one type.
 pub use crate::engine::NoSpacePolicy;
@@ -47,6 +49,10 @@ pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10809));
 /// `log.level`.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// `pool.rados_lock_duration_secs`: renewed every third of it, so at least 3 s; longer than an
+/// hour would leave a dead owner's pool unserved for as long.
+const RADOS_LOCK_DURATIONS: RangeInclusive<u64> = 3..=3600;
 
 /// `server.max_request_size`: from one page up to 1G, the most the server drains of a
 /// write above the limit (and far above what clients send).
@@ -73,7 +79,12 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPool {
-    dir: Option<PathBuf>,
+    dir: Option<String>,
+    location: Option<String>,
+    ceph_conf: Option<PathBuf>,
+    client_id: Option<String>,
+    keyring: Option<PathBuf>,
+    rados_lock_duration_secs: Option<u64>,
     data: Option<PathBuf>,
     create_if_missing: Option<bool>,
     data_size: Option<String>,
@@ -122,8 +133,17 @@ struct RawLog {
 /// space policy and low-water marks are the engine's, in [`EngineConfig`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
-    /// The pool directory.
+    /// The pool directory (unused while `rados` is set).
     pub dir: PathBuf,
+    /// Set when the pool lives in RADOS (`pool.location` or `pool.dir` = `rados:POOL/NAME`).
+    pub rados: Option<RadosLocation>,
+    /// The Ceph client settings of a RADOS pool (`None`: librados' own, from `$CEPH_CONF`,
+    /// `$CEPH_ARGS` and /etc/ceph).
+    pub ceph_conf: Option<PathBuf>,
+    pub client_id: Option<String>,
+    pub keyring: Option<PathBuf>,
+    /// How long a RADOS pool's owner lock lasts unrenewed before others presume its owner dead.
+    pub rados_lock_duration: Duration,
     /// A data file or block device used instead of `DIR/data`.
     pub data: Option<PathBuf>,
     /// Create the pool on start when `dir` holds none (kept by [`Config::apply`] only for
@@ -143,6 +163,11 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             dir: PathBuf::from(DEFAULT_POOL_DIR),
+            rados: None,
+            ceph_conf: None,
+            client_id: None,
+            keyring: None,
+            rados_lock_duration: DEFAULT_LOCK_DURATION,
             data: None,
             create_if_missing: true,
             data_size: DEFAULT_DATA_SIZE,
@@ -154,8 +179,35 @@ impl Default for PoolConfig {
 }
 
 impl PoolConfig {
-    /// True when `dir` is the default pool directory (`./thinnbd-pool`, however spelled).
+    /// Where the pool lives; a RADOS location carries the configured client settings.
+    pub fn location(&self) -> PoolLocation {
+        match &self.rados {
+            Some(r) => PoolLocation::Rados(RadosLocation {
+                ceph_conf: r.ceph_conf.clone().or_else(|| self.ceph_conf.clone()),
+                client_id: r.client_id.clone().or_else(|| self.client_id.clone()),
+                keyring: r.keyring.clone().or_else(|| self.keyring.clone()),
+                ..r.clone()
+            }),
+            None => PoolLocation::Dir(self.dir.clone()),
+        }
+    }
+
+    /// Sets where the pool lives.
+    pub fn set_location(&mut self, location: PoolLocation) {
+        match location {
+            PoolLocation::Dir(dir) => {
+                self.dir = dir;
+                self.rados = None;
+            }
+            PoolLocation::Rados(r) => self.rados = Some(r),
+        }
+    }
+
+    /// True when the pool is the default pool directory (`./thinnbd-pool`, however spelled).
     pub fn is_default_dir(&self) -> bool {
+        if self.rados.is_some() {
+            return false;
+        }
         let plain = |p: &Path| -> PathBuf {
             p.components()
                 .filter(|c| !matches!(c, std::path::Component::CurDir))
@@ -284,7 +336,46 @@ impl Ctx<'_> {
 
     /// `[pool]`: the pool's place and creation, and the engine's space settings.
     fn pool(&self, p: RawPool, pool: &mut PoolConfig, engine: &mut EngineConfig) -> Result<()> {
-        set(&mut pool.dir, p.dir);
+        let location = match (p.dir, p.location) {
+            (Some(_), Some(_)) => {
+                return Err(self.bad(
+                    "pool.location",
+                    "give the pool's place once: pool.dir or pool.location, not both",
+                ))
+            }
+            (Some(text), None) => Some(("pool.dir", text)),
+            (None, Some(text)) => Some(("pool.location", text)),
+            (None, None) => None,
+        };
+        if let Some((key, text)) = location {
+            pool.set_location(PoolLocation::parse(&text).map_err(|e| self.bad(key, e.message()))?);
+        }
+        let non_empty = |p: PathBuf| Some(p).filter(|p| !p.as_os_str().is_empty());
+        set(&mut pool.ceph_conf, p.ceph_conf.map(non_empty));
+        set(&mut pool.keyring, p.keyring.map(non_empty));
+        if let Some(id) = p.client_id {
+            let id = id.strip_prefix("client.").unwrap_or(&id);
+            if id.is_empty() || id.contains(|c: char| c.is_whitespace() || c.is_control()) {
+                return Err(self.bad(
+                    "pool.client_id",
+                    format!("{id:?} is not a Ceph client id (e.g. \"admin\" for client.admin)"),
+                ));
+            }
+            pool.client_id = Some(id.to_owned());
+        }
+        if let Some(secs) = p.rados_lock_duration_secs {
+            if !RADOS_LOCK_DURATIONS.contains(&secs) {
+                return Err(self.bad(
+                    "pool.rados_lock_duration_secs",
+                    format!(
+                        "must be {} to {} seconds",
+                        RADOS_LOCK_DURATIONS.start(),
+                        RADOS_LOCK_DURATIONS.end()
+                    ),
+                ));
+            }
+            pool.rados_lock_duration = Duration::from_secs(secs);
+        }
         set(&mut pool.data, p.data.map(Some));
         set(&mut pool.create_if_missing, p.create_if_missing);
         set(
@@ -484,6 +575,8 @@ fn key_at(text: &str, at: usize) -> Option<String> {
 pub struct Overrides {
     /// `--pool DIR` / `pool=DIR`.
     pub pool_dir: Option<PathBuf>,
+    /// `--pool rados:POOL/NAME`.
+    pub rados_pool: Option<RadosLocation>,
     /// `--create`: create a missing pool in any directory, not only the default one.
     pub create: bool,
     /// `--listen ADDR`, repeated; empty keeps the config's listeners.
@@ -504,7 +597,10 @@ impl Config {
     /// Applies command-line settings on top of this config.
     pub fn apply(&mut self, overrides: Overrides) {
         if let Some(dir) = overrides.pool_dir {
-            self.pool.dir = dir;
+            self.pool.set_location(PoolLocation::Dir(dir));
+        }
+        if let Some(r) = overrides.rados_pool {
+            self.pool.set_location(PoolLocation::Rados(r));
         }
         // A mistyped --pool (or config dir) must not silently get a new, empty pool.
         self.pool.create_if_missing =

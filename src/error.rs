@@ -27,10 +27,13 @@ pub enum ErrorKind {
     NotFound,
     /// A malformed argument, config value or command.
     InvalidInput,
+    /// This client was cut off from shared storage (a Ceph blocklist) because another host
+    /// took the pool over: nothing it writes lands any more.
+    Fenced,
 }
 
 impl ErrorKind {
-    const NAMES: [(ErrorKind, &'static str); 9] = [
+    const NAMES: [(ErrorKind, &'static str); 10] = [
         (ErrorKind::Io, "io"),
         (ErrorKind::NoSpace, "no_space"),
         (ErrorKind::Corrupt, "corrupt"),
@@ -40,6 +43,7 @@ impl ErrorKind {
         (ErrorKind::Busy, "busy"),
         (ErrorKind::NotFound, "not_found"),
         (ErrorKind::InvalidInput, "invalid_input"),
+        (ErrorKind::Fenced, "fenced"),
     ];
 
     /// A stable name, used where errors cross a process boundary (the control socket).
@@ -82,6 +86,15 @@ impl Error {
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error {
             kind: ErrorKind::Io,
+            context: context.into(),
+            source: Some(source),
+        }
+    }
+
+    /// An error of `kind` caused by an OS error (an errno a library returned, say).
+    pub fn with_source(kind: ErrorKind, context: impl Into<String>, source: io::Error) -> Self {
+        Error {
+            kind,
             context: context.into(),
             source: Some(source),
         }
@@ -170,6 +183,7 @@ impl Error {
             ErrorKind::Busy => "busy",
             ErrorKind::NotFound => "not found",
             ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::Fenced => "fenced (this client was blocklisted: another host owns the pool)",
         }
     }
 }

@@ -6,6 +6,8 @@
 //! pdata    persistent data: BlockIo, checksums, transaction manager, btrees, space maps
 //! thin     the dm-thin metadata: devices, mappings, snapshots; check, dump/restore, delta
 //! engine   the I/O engine: Pool, thin handles, prison, worker, group commit; the DataStore seam
+//! rados    (feature `rados`) a pool kept in Ceph: cluster connection, the data store and
+//!          metadata device over RADOS objects, the pool header, the owner lock
 //! volume   names, sizes, the registry and the pool directory
 //! nbd      the protocol: codec, the export seam (backend), server and connections; beside
 //!          (not above) engine and volume: it never imports them
@@ -26,6 +28,8 @@ pub mod engine;
 pub mod error;
 pub mod nbd;
 pub mod pdata;
+#[cfg(feature = "rados")]
+pub mod rados;
 pub mod service;
 pub mod sync;
 pub mod thin;

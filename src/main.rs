@@ -12,13 +12,14 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use thinnbd::config::Config;
-use thinnbd::pdata::block_io::{BlockIo, FileBlockIo};
+use thinnbd::pdata::block_io::{BlockIo, FileBlockIo, BLOCK_SIZE};
 use thinnbd::service::control::{self, Request};
 use thinnbd::thin::{check, ThinMetadata};
 use thinnbd::util::{format_size, parse_size, resolve_listen_addr};
+use thinnbd::volume::registry::Registry;
 use thinnbd::volume::{
-    take_lock, AccessChange, CheckReport, CreateOptions, Grant, NewSize, PoolPaths, PoolReport,
-    VolumeInfo, Volumes,
+    backing, take_lock, AccessChange, CheckReport, CreateOptions, Grant, NewSize, OwnerPolicy,
+    PoolBacking, PoolLocation, PoolPaths, PoolReport, VolumeInfo, Volumes,
 };
 
 /// Exit status of a command that failed (an error was printed).
@@ -66,9 +67,9 @@ enum Command {
     Volume(VolumeCommand),
     /// Snapshot a volume (instant; shares blocks with its origin until either is written).
     Snapshot {
-        /// The pool directory.
-        #[arg(long)]
-        pool: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(long, value_name = "LOCATION", value_parser = location_value)]
+        pool: PoolLocation,
         /// The volume to snapshot.
         origin: String,
         /// The new snapshot's name (it becomes an export).
@@ -82,17 +83,19 @@ enum Command {
         #[command(flatten)]
         output: JsonOutput,
     },
-    /// Check a metadata file (like thin_check) or a pool directory (metadata and registry).
+    /// Check a metadata file (like thin_check) or a pool (metadata and registry).
     Check {
-        /// A metadata file, or a pool directory.
-        path: PathBuf,
+        /// A metadata file, or a pool: a directory, or rados:POOL/NAME.
+        #[arg(value_name = "META|LOCATION", value_parser = location_value)]
+        path: PoolLocation,
         #[command(flatten)]
         output: JsonOutput,
     },
-    /// Print a metadata file as thin_dump XML.
+    /// Print a metadata file (or a RADOS pool's metadata) as thin_dump XML.
     Dump {
-        /// The metadata file (e.g. POOL/metadata).
-        metadata: PathBuf,
+        /// The metadata file (e.g. POOL/metadata), or rados:POOL/NAME.
+        #[arg(value_name = "META", value_parser = location_value)]
+        metadata: PoolLocation,
         /// Dump the metadata snapshot instead of the live metadata.
         #[arg(short = 'm', long)]
         metadata_snap: bool,
@@ -102,8 +105,8 @@ enum Command {
     },
     /// Print the blocks that differ between two thin devices as thin_delta XML (same,
     /// different, left_only, right_only): `delta META --snap1 ID --snap2 ID` on a metadata file
-    /// or device, or `delta --pool DIR A B` on two volumes or snapshots of a pool that is not
-    /// being served.
+    /// or device, or `delta --pool LOCATION A B` on two volumes or snapshots of a pool that is
+    /// not being served.
     Delta(DeltaArgs),
     /// Write a metadata file from thin_dump XML (like thin_restore; the output must already
     /// exist with its final size, e.g. made by `truncate -s 64M`). Refused while the output's
@@ -133,10 +136,16 @@ struct DeltaArgs {
         conflicts_with_all = ["snap1", "snap2", "metadata_snap"]
     )]
     second: Option<String>,
-    /// The pool directory whose volumes A and B are compared (its lock is taken: refused
-    /// while the pool is served).
-    #[arg(long, requires = "second", conflicts_with_all = ["snap1", "snap2", "metadata_snap"])]
-    pool: Option<PathBuf>,
+    /// The pool (a directory, or rados:POOL/NAME) whose volumes A and B are compared (its
+    /// lock is taken: refused while the pool is served).
+    #[arg(
+        long,
+        value_name = "LOCATION",
+        value_parser = location_value,
+        requires = "second",
+        conflicts_with_all = ["snap1", "snap2", "metadata_snap"]
+    )]
+    pool: Option<PoolLocation>,
     /// The left thin device id.
     #[arg(long, visible_alias = "thin1", required_unless_present = "pool")]
     snap1: Option<u32>,
@@ -158,9 +167,10 @@ struct ServeArgs {
     /// A TOML configuration file (see config/thinnbd.toml); defaults apply without one.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The pool directory to serve (overrides pool.dir of the configuration).
-    #[arg(long)]
-    pool: Option<PathBuf>,
+    /// The pool to serve: a directory, or rados:POOL/NAME (overrides pool.dir and
+    /// pool.location of the configuration).
+    #[arg(long, value_name = "LOCATION", value_parser = location_value)]
+    pool: Option<PoolLocation>,
     /// HOST:PORT to listen on (repeatable); replaces the configured list. A host name listens
     /// on every address it resolves to (localhost: 127.0.0.1 and ::1).
     #[arg(long, value_parser = listen_value)]
@@ -192,17 +202,19 @@ fn tls_mode_value(text: &str) -> Result<thinnbd::nbd::tls::TlsMode, String> {
 
 #[derive(Subcommand)]
 enum PoolCommand {
-    /// Create an empty pool in DIR.
+    /// Create an empty pool in DIR, or in RADOS as rados:POOL/NAME.
     Create {
-        /// The pool directory (created if missing; must not hold a pool yet).
-        dir: PathBuf,
+        /// The pool directory (created if missing; must not hold a pool yet), or
+        /// rados:POOL/NAME (the RADOS pool must exist).
+        #[arg(value_name = "LOCATION", value_parser = location_value)]
+        dir: PoolLocation,
         /// Size of the data file, e.g. 64G (or of the part of --data to use).
         #[arg(long, value_parser = size_value)]
         data_size: u64,
         /// Size of a data block, the unit of allocation and sharing (64K to 1G, a power of two).
         #[arg(long, default_value = "64K", value_parser = size_value)]
         block_size: u64,
-        /// A data file or block device to use instead of DIR/data.
+        /// A data file or block device to use instead of DIR/data (not for a RADOS pool).
         #[arg(long)]
         data: Option<PathBuf>,
         #[command(flatten)]
@@ -220,8 +232,9 @@ enum PoolCommand {
     /// Without --data-size the data file or device is taken up at its size now (a block
     /// device that was enlarged, a file grown with truncate). Shrinking is refused.
     Grow {
-        /// The pool directory.
-        dir: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(value_name = "LOCATION", value_parser = location_value)]
+        dir: PoolLocation,
         /// New size of the data device (a file is extended; a block device must be that
         /// large already).
         #[arg(long, value_name = "SIZE", value_parser = size_value)]
@@ -232,12 +245,32 @@ enum PoolCommand {
         #[command(flatten)]
         output: JsonOutput,
     },
-    /// Data and metadata used/total, mode, and each volume's mapped size.
+    /// Data and metadata used/total, mode, and each volume's mapped size; the owner of a
+    /// RADOS pool (read without its lock, also while another host serves it).
     Status {
-        /// The pool directory.
-        dir: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(value_name = "LOCATION", value_parser = location_value)]
+        dir: PoolLocation,
         #[command(flatten)]
         output: JsonOutput,
+    },
+    /// Take a RADOS pool from its owner: blocklist the owner's client (no write of it lands
+    /// any more) and break its lock, so that a waiting server takes the pool at once.
+    Takeover {
+        /// rados:POOL/NAME.
+        #[arg(value_name = "LOCATION", value_parser = location_value)]
+        location: PoolLocation,
+        #[command(flatten)]
+        output: JsonOutput,
+    },
+    /// Copy a pool's metadata device byte for byte to FILE (for thin_check and other tools of
+    /// thin-provisioning-tools); takes the pool's lock, so refused while it is served.
+    ExportMetadata {
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(value_name = "LOCATION", value_parser = location_value)]
+        location: PoolLocation,
+        /// The file to write (replaced if it exists).
+        file: PathBuf,
     },
 }
 
@@ -245,9 +278,9 @@ enum PoolCommand {
 enum VolumeCommand {
     /// Create a thin volume (it takes no space until written).
     Create {
-        /// The pool directory.
-        #[arg(long)]
-        pool: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(long, value_name = "LOCATION", value_parser = location_value)]
+        pool: PoolLocation,
         /// The volume's name, also its NBD export name.
         name: String,
         /// The volume's size as clients see it, e.g. 10G.
@@ -261,9 +294,9 @@ enum VolumeCommand {
     },
     /// List volumes like lvs: size, data used, exclusive and shared bytes, mode, origin.
     List {
-        /// The pool directory.
-        #[arg(long)]
-        pool: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(long, value_name = "LOCATION", value_parser = location_value)]
+        pool: PoolLocation,
         /// Print sizes in bytes instead of K/M/G/T units.
         #[arg(long)]
         bytes: bool,
@@ -272,9 +305,9 @@ enum VolumeCommand {
     },
     /// Change a volume's size: SIZE sets it, +SIZE grows by SIZE, -SIZE shrinks by SIZE.
     Resize {
-        /// The pool directory.
-        #[arg(long)]
-        pool: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(long, value_name = "LOCATION", value_parser = location_value)]
+        pool: PoolLocation,
         /// The volume to resize.
         name: String,
         /// The new size (10G), or a change of size (+512M, -1G) as lvresize reads it.
@@ -292,9 +325,9 @@ enum VolumeCommand {
     /// in; a client not granted sees no such export. New connections follow at once.
     #[command(group(clap::ArgGroup::new("change").required(true).args(["allow", "deny", "clear"])))]
     Access {
-        /// The pool directory.
-        #[arg(long)]
-        pool: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(long, value_name = "LOCATION", value_parser = location_value)]
+        pool: PoolLocation,
         /// The volume.
         name: String,
         /// Grant a client identity, e.g. cn:alice, psk:bob,ro, dn:CN=carol,O=example,
@@ -312,9 +345,9 @@ enum VolumeCommand {
     },
     /// Rename a volume (its export name changes; refused while a client has it open).
     Rename {
-        /// The pool directory.
-        #[arg(long)]
-        pool: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(long, value_name = "LOCATION", value_parser = location_value)]
+        pool: PoolLocation,
         /// The volume's current name.
         name: String,
         /// The new name.
@@ -324,9 +357,9 @@ enum VolumeCommand {
     },
     /// Delete a volume and free the blocks only it uses (refused while a client has it open).
     Delete {
-        /// The pool directory.
-        #[arg(long)]
-        pool: PathBuf,
+        /// The pool: a directory, or rados:POOL/NAME.
+        #[arg(long, value_name = "LOCATION", value_parser = location_value)]
+        pool: PoolLocation,
         /// The volume to delete.
         name: String,
         #[command(flatten)]
@@ -340,6 +373,10 @@ struct ListenAddrs(Vec<SocketAddr>);
 
 fn listen_value(text: &str) -> Result<ListenAddrs, String> {
     resolve_listen_addr(text).map(ListenAddrs)
+}
+
+fn location_value(text: &str) -> Result<PoolLocation, String> {
+    PoolLocation::parse(text).map_err(|e| e.message())
 }
 
 fn grant_value(text: &str) -> Result<Grant, String> {
@@ -400,16 +437,31 @@ fn lock_pool_of(metadata: &Path) -> anyhow::Result<Option<std::fs::File>> {
     Ok(Some(take_lock(&paths)?))
 }
 
-/// Runs `req` on the server that has the pool open, or locally when none does.
-fn online_or_local(pool: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
-    let paths = PoolPaths::new(pool);
-    if let Some(v) = control::call(&paths.control_socket, &req)? {
+/// Runs `req` on the server that has the pool open on this host, or locally when none does
+/// (taking the pool's ownership: Busy, naming the owner, when another process or host has it).
+/// The status of a RADOS pool needs no ownership: it is read as the last commit left it.
+fn online_or_local(pool: &PoolLocation, req: Request) -> anyhow::Result<serde_json::Value> {
+    let backing = backing(pool)?;
+    if let Some(v) = control::call(&backing.control_socket(), &req)? {
         return Ok(v);
     }
-    let volumes = Volumes::open(pool, Config::default().engine)?;
+    if pool.is_rados() && matches!(req, Request::Status) {
+        return Ok(serde_json::to_value(Volumes::status_unowned(&*backing)?)?);
+    }
+    let volumes =
+        Volumes::open_backing(backing, Config::default().engine, &OwnerPolicy::default())?;
     let result = control::execute(&volumes, req);
     volumes.shutdown()?;
     Ok(result?)
+}
+
+/// The backing of a pool that must exist.
+fn existing_pool(location: &PoolLocation) -> anyhow::Result<Box<dyn PoolBacking>> {
+    let backing = backing(location)?;
+    if !backing.exists()? {
+        return Err(backing.no_pool().into());
+    }
+    Ok(backing)
 }
 
 /// Prints the `warnings` list of a control reply to stderr, as LVM prints its warnings.
@@ -488,8 +540,42 @@ fn print_volumes(list: &[VolumeInfo], bytes: bool) {
     }
 }
 
+/// `thinnbd pool export-metadata`: the metadata device, byte for byte, into `file`, under the
+/// pool's ownership (so the copy is one commit's). Returns the bytes copied.
+fn export_metadata(location: &PoolLocation, file: &Path) -> anyhow::Result<u64> {
+    /// Blocks read at once: one RADOS metadata object.
+    const CHUNK_BLOCKS: u64 = 256;
+    let backing = existing_pool(location)?;
+    let _owner = backing
+        .take_ownership(&OwnerPolicy::default())
+        .with_context(|| format!("{location}: not exported (stop the server first)"))?;
+    let io = backing.metadata(false)?;
+    let nr_blocks = io.nr_blocks();
+    let mut out = BufWriter::new(
+        std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?,
+    );
+    let mut buf = vec![0u8; thinnbd::util::usize_from_u64(CHUNK_BLOCKS) * BLOCK_SIZE];
+    let mut at = 0;
+    while at < nr_blocks {
+        let count = CHUNK_BLOCKS.min(nr_blocks - at);
+        let chunk = &mut buf[..thinnbd::util::usize_from_u64(count) * BLOCK_SIZE];
+        io.read_blocks(at, chunk)?;
+        out.write_all(chunk)
+            .with_context(|| format!("writing {}", file.display()))?;
+        at += count;
+    }
+    out.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("writing {}", file.display()))?;
+    Ok(nr_blocks * BLOCK_SIZE as u64)
+}
+
 fn print_status(r: &PoolReport) {
     println!("pool:      {}", r.dir.display());
+    if let Some(owner) = &r.owner {
+        println!("owner:     {owner}");
+    }
     println!(
         "mode:      {}{}",
         r.mode,
@@ -548,20 +634,24 @@ struct CheckOutput {
     notes: Vec<String>,
 }
 
-fn check(path: &Path, output: &JsonOutput) -> anyhow::Result<ExitCode> {
+/// `thinnbd check`: a metadata file, or a pool (a directory or RADOS location).
+fn check(location: &PoolLocation, output: &JsonOutput) -> anyhow::Result<ExitCode> {
     const NOT_CHECKED: &str = "not checked";
     let mut problems = Vec::new();
     let mut notes = Vec::new();
-    let (meta, report, how) = if path.is_dir() {
-        let paths = PoolPaths::new(path);
-        let served =
-            control::call(&paths.control_socket, &Request::CheckMetadata).context(NOT_CHECKED)?;
+    let (meta, report, how) = if let Some(file) = location.dir().filter(|p| !p.is_dir()) {
+        (file.display().to_string(), check_unserved(file)?, "")
+    } else {
+        let path = location;
+        let backing = backing(location)?;
+        let served = control::call(&backing.control_socket(), &Request::CheckMetadata)
+            .context(NOT_CHECKED)?;
         let (report, how) = match served {
             Some(v) => (
                 serde_json::from_value::<check::Report>(v)?,
                 " (the last commit, checked through the running server)",
             ),
-            None => (check_unserved(&paths.metadata)?, ""),
+            None => (check_pool_unserved(&*backing)?, ""),
         };
         if report.is_clean() {
             let v = online_or_local(path, Request::Check).context(NOT_CHECKED)?;
@@ -577,9 +667,7 @@ fn check(path: &Path, output: &JsonOutput) -> anyhow::Result<ExitCode> {
                 "the pool's volume registry was not checked: the metadata has problems".into(),
             );
         }
-        (paths.metadata, report, how)
-    } else {
-        (path.to_path_buf(), check_unserved(path)?, "")
+        (metadata_name(location), report, how)
     };
     problems.extend(report.problems.iter().cloned());
     if report.nr_problems > report.problems.len() {
@@ -589,25 +677,48 @@ fn check(path: &Path, output: &JsonOutput) -> anyhow::Result<ExitCode> {
         ));
     }
     notes.push(format!(
-        "{}: transaction {}, {} devices, {} mappings, {} metadata blocks, {} data blocks in use{how}",
-        meta.display(),
+        "{meta}: transaction {}, {} devices, {} mappings, {} metadata blocks, {} data blocks in use{how}",
         report.transaction_id,
         report.nr_devices,
         report.nr_mappings,
         report.metadata_blocks_used,
         report.data_blocks_used
     ));
-    finish_check(path, problems, notes, output)
+    finish_check(location, problems, notes, output)
+}
+
+/// A pool's metadata device, named for messages.
+fn metadata_name(location: &PoolLocation) -> String {
+    match location {
+        PoolLocation::Dir(dir) => PoolPaths::new(dir).metadata.display().to_string(),
+        PoolLocation::Rados(_) => format!("{location} metadata"),
+    }
+}
+
+/// Checks the metadata of a pool no server on this host has open, holding the pool's
+/// ownership meanwhile (refused while another process or host has it).
+fn check_pool_unserved(backing: &dyn PoolBacking) -> anyhow::Result<check::Report> {
+    let location = backing.location();
+    if let Some(dir) = location.dir() {
+        return check_unserved(&PoolPaths::new(dir).metadata);
+    }
+    if !backing.exists()? {
+        return Err(backing.no_pool().into());
+    }
+    let _owner = backing
+        .take_ownership(&OwnerPolicy::default())
+        .with_context(|| format!("{location} not checked"))?;
+    Ok(check::check(backing.metadata(false)?))
 }
 
 fn finish_check(
-    path: &Path,
+    location: &PoolLocation,
     problems: Vec<String>,
     notes: Vec<String>,
     output: &JsonOutput,
 ) -> anyhow::Result<ExitCode> {
     let result = CheckOutput {
-        path: path.to_path_buf(),
+        path: PathBuf::from(location.to_string()),
         clean: problems.is_empty(),
         problems,
         notes,
@@ -635,7 +746,7 @@ fn finish_check(
 }
 
 /// Runs a volume command and decodes the volume it reports.
-fn volume_request(pool: &Path, req: Request) -> anyhow::Result<VolumeInfo> {
+fn volume_request(pool: &PoolLocation, req: Request) -> anyhow::Result<VolumeInfo> {
     let reply = volume_change(pool, req)?;
     print_warnings(&reply);
     Ok(serde_json::from_value(reply)?)
@@ -643,17 +754,14 @@ fn volume_request(pool: &Path, req: Request) -> anyhow::Result<VolumeInfo> {
 
 /// Runs a command that names volumes; a name that is not there gets the command that lists
 /// the ones that are.
-fn volume_change(pool: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
+fn volume_change(pool: &PoolLocation, req: Request) -> anyhow::Result<serde_json::Value> {
     online_or_local(pool, req).map_err(|e| {
         let missing_volume = e
             .downcast_ref::<thinnbd::Error>()
             .is_some_and(|e| e.kind() == thinnbd::ErrorKind::NotFound)
-            && PoolPaths::new(pool).exists();
+            && backing(pool).and_then(|b| b.exists()).unwrap_or(false);
         if missing_volume {
-            anyhow::anyhow!(
-                "{e} (`thinnbd volume list --pool {}` lists the volumes)",
-                pool.display()
-            )
+            anyhow::anyhow!("{e} (`thinnbd volume list --pool {pool}` lists the volumes)")
         } else {
             e
         }
@@ -680,50 +788,52 @@ fn delta(args: DeltaArgs) -> anyhow::Result<()> {
         (false, true) => DeltaFormat::XmlVerbose,
         (false, false) => DeltaFormat::Xml,
     };
-    let (_lock, meta, left, right) = match (&args.pool, &args.second) {
-        (Some(dir), Some(b)) => {
-            let paths = PoolPaths::new(dir);
-            if !paths.exists() {
-                return Err(thinnbd::volume::no_pool_in(dir).into());
-            }
-            // A served pool rewrites its metadata file: hold the lock while reading it.
-            let lock = take_lock(&paths).with_context(|| {
-                format!(
-                    "not compared: stop the server first, or compare a metadata snapshot with \
-                     `thinnbd delta {} -m --snap1 ID --snap2 ID`",
-                    paths.metadata.display()
-                )
-            })?;
-            let registry = thinnbd::volume::registry::Registry::load(dir)?;
+    let (_owner, io, meta, left, right) = match (&args.pool, &args.second) {
+        (Some(pool), Some(b)) => {
+            let backing = existing_pool(pool)?;
+            // A served pool rewrites its metadata: hold its ownership while reading it.
+            let owner = backing
+                .take_ownership(&OwnerPolicy::default())
+                .with_context(|| match pool {
+                    PoolLocation::Dir(_) => format!(
+                        "not compared: stop the server first, or compare a metadata snapshot \
+                         with `thinnbd delta {} -m --snap1 ID --snap2 ID`",
+                        metadata_name(pool)
+                    ),
+                    PoolLocation::Rados(_) => "not compared: stop the server first".to_owned(),
+                })?;
+            let registry = Registry::load_from(backing.registry_store())?;
             let a = args.first.to_string_lossy();
             let thin_of = |name: &str| {
                 registry.get(name).map(|v| v.thin_id).map_err(|e| {
                     anyhow::anyhow!(
-                        "{e} in pool {} (`thinnbd volume list --pool {}` lists the volumes)",
-                        dir.display(),
-                        dir.display()
+                        "{e} in pool {pool} (`thinnbd volume list --pool {pool}` lists the volumes)"
                     )
                 })
             };
-            (Some(lock), paths.metadata, thin_of(&a)?, thin_of(b)?)
+            let (left, right) = (thin_of(&a)?, thin_of(b)?);
+            (
+                Some(owner),
+                backing.metadata(false)?,
+                metadata_name(pool),
+                left,
+                right,
+            )
         }
         // clap requires --snap1 and --snap2 without --pool.
         _ => (
             None,
-            args.first.clone(),
+            open_meta(&args.first, false)?,
+            args.first.display().to_string(),
             args.snap1.context("--snap1 is required")?,
             args.snap2.context("--snap2 is required")?,
         ),
     };
-    let source = DeltaSource::open(open_meta(&meta, false)?, args.metadata_snap)
-        .with_context(|| format!("reading {}", meta.display()))?;
+    let source =
+        DeltaSource::open(io, args.metadata_snap).with_context(|| format!("reading {meta}"))?;
     let mut out = BufWriter::new(std::io::stdout().lock());
-    write_delta(&source, left, right, format, &mut out).with_context(|| {
-        format!(
-            "comparing thin devices {left} and {right} of {}",
-            meta.display()
-        )
-    })?;
+    write_delta(&source, left, right, format, &mut out)
+        .with_context(|| format!("comparing thin devices {left} and {right} of {meta}"))?;
     out.flush()?;
     Ok(())
 }
@@ -735,8 +845,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(path) => Config::load(path)?,
                 None => Config::default(),
             };
+            let (pool_dir, rados_pool) = match args.pool {
+                Some(PoolLocation::Dir(dir)) => (Some(dir), None),
+                Some(PoolLocation::Rados(r)) => (None, Some(r)),
+                None => (None, None),
+            };
             config.apply(thinnbd::config::Overrides {
-                pool_dir: args.pool,
+                pool_dir,
+                rados_pool,
                 create: args.create,
                 listen: args.listen.iter().flat_map(|a| a.0.clone()).collect(),
                 socket: args.socket,
@@ -749,7 +865,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(thinnbd::service::run(config))?;
+            let served = rt.block_on(thinnbd::service::run(config));
+            // A server that lost its pool may leave requests hung in the cluster's client:
+            // they must not hold the exit up.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            served?;
         }
         Command::Pool(PoolCommand::Create {
             dir,
@@ -770,16 +890,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             Volumes::create_pool(&dir, &opts, Config::default().engine)?;
             let created = serde_json::json!({
-                "dir": dir,
+                "dir": dir.to_string(),
                 "data_size": opts.data_size,
                 "block_size": opts.block_size,
             });
             print_result(&output, &created, |_| {
                 println!(
-                    "created pool {} ({} bytes of data, {} byte blocks)",
-                    dir.display(),
-                    opts.data_size,
-                    opts.block_size
+                    "created pool {dir} ({} bytes of data, {} byte blocks)",
+                    opts.data_size, opts.block_size
                 );
             })?;
         }
@@ -797,8 +915,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report: PoolReport = serde_json::from_value(online_or_local(&dir, req)?)?;
             print_result(&output, &report, |r| {
                 println!(
-                    "pool {}: {} bytes of data, {} bytes of metadata",
-                    dir.display(),
+                    "pool {dir}: {} bytes of data, {} bytes of metadata",
                     r.data_total_bytes,
                     r.metadata_total_blocks * 4096
                 );
@@ -808,6 +925,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report: PoolReport =
                 serde_json::from_value(online_or_local(&dir, Request::Status)?)?;
             print_result(&output, &report, print_status)?;
+        }
+        Command::Pool(PoolCommand::Takeover { location, output }) => {
+            init_logging("warn");
+            let fenced = existing_pool(&location)?.take_over()?;
+            let result = serde_json::json!({ "pool": location.to_string(), "fenced": fenced });
+            print_result(&output, &result, |_| {
+                if fenced.is_empty() {
+                    println!("pool {location} had no owner to fence");
+                }
+                for owner in &fenced {
+                    println!("fenced {owner}: pool {location} is free to take");
+                }
+            })?;
+        }
+        Command::Pool(PoolCommand::ExportMetadata { location, file }) => {
+            init_logging("warn");
+            let bytes = export_metadata(&location, &file)?;
+            eprintln!(
+                "copied {bytes} bytes of metadata of {location} to {}",
+                file.display()
+            );
         }
         Command::Volume(VolumeCommand::Create {
             pool,
@@ -926,7 +1064,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metadata_snap,
             output,
         } => {
-            let io = open_meta(&metadata, false)?;
+            let io = match &metadata {
+                PoolLocation::Dir(file) => open_meta(file, false)?,
+                // Read as it is, as a metadata file is: a dump of a served pool may race a
+                // commit (`-m` reads its metadata snapshot, which holds still).
+                PoolLocation::Rados(_) => existing_pool(&metadata)?.metadata(false)?,
+            };
             let mut out: Box<dyn Write> = match output {
                 Some(p) => Box::new(BufWriter::new(
                     std::fs::File::create(&p)

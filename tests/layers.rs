@@ -120,6 +120,12 @@ fn engine_modules_import_only_those_below_them() {
 }
 
 #[test]
+fn rados_modules_import_only_those_below_them() {
+    let checked = check_layer_imports_downward("rados");
+    assert!(checked > 3, "only {checked} rados imports found");
+}
+
+#[test]
 fn pdata_modules_import_only_those_below_them() {
     let checked = check_layer_imports_downward("pdata");
     assert!(checked > 10, "only {checked} pdata imports found");
@@ -141,6 +147,7 @@ fn pdata_knows_nothing_of_the_layers_above() {
                 "crate::engine",
                 "crate::service",
                 "crate::nbd",
+                "crate::rados",
                 "block_time",
             ] {
                 assert!(

@@ -48,7 +48,8 @@ pub fn errno_of_kind(kind: ErrorKind) -> u32 {
         ErrorKind::NoSpace => NBD_ENOSPC,
         ErrorKind::OutOfBounds | ErrorKind::InvalidInput | ErrorKind::NotFound => NBD_EINVAL,
         ErrorKind::ReadOnly => NBD_EPERM,
-        ErrorKind::Io | ErrorKind::Corrupt => NBD_EIO,
+        // Fenced: the write did not land and will not, whoever retries it on this connection.
+        ErrorKind::Io | ErrorKind::Corrupt | ErrorKind::Fenced => NBD_EIO,
         ErrorKind::Unsupported => NBD_ENOTSUP,
         // Busy reaches a request only while its volume or pool is going away.
         ErrorKind::Busy => NBD_ESHUTDOWN,
@@ -71,6 +72,7 @@ mod tests {
             (ErrorKind::Corrupt, 5),
             (ErrorKind::Unsupported, 95),
             (ErrorKind::Busy, 108),
+            (ErrorKind::Fenced, 5),
         ];
         for (kind, errno) in cases {
             assert_eq!(errno_of(&Error::new(kind, "x")), errno, "{kind:?}");

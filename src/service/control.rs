@@ -1,5 +1,6 @@
-//! The control socket (`DIR/control.sock`, mode 0600): volume commands acting online while a
-//! server has the pool open. One JSON request per line, one JSON response per line.
+//! The control socket (`DIR/control.sock` of a pool directory, a per-user runtime directory's
+//! for a RADOS pool; mode 0600): volume commands acting online while a server on this host has
+//! the pool open. One JSON request per line, one JSON response per line.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -255,9 +256,18 @@ pub async fn serve(listener: tokio::net::UnixListener, volumes: Arc<Volumes>) {
     }
 }
 
-/// Binds the control socket (replacing only a stale one), mode 0600. Done before the server
-/// says it is serving, so a volume command run as soon as it does finds the socket.
+/// Binds the control socket (replacing only a stale one), mode 0600, in a directory made
+/// private (0700) when this creates it. Done before the server says it is serving, so a volume
+/// command run as soon as it does finds the socket.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
     crate::util::remove_stale_socket(path)?;
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))?;

@@ -1,6 +1,7 @@
-//! `thinnbd serve`: opens (or creates) the pool directory, serves every volume over NBD on the
-//! configured listeners and the control socket, reloads its TLS credentials on SIGHUP, and shuts
-//! down cleanly on SIGINT/SIGTERM.
+//! `thinnbd serve`: opens (or creates) the pool, serves every volume over NBD on the configured
+//! listeners and the control socket, reloads its TLS credentials on SIGHUP, and shuts down
+//! cleanly on SIGINT/SIGTERM. A RADOS pool is served once its ownership is ours (waiting for
+//! another owner to let go); losing it stops the server at once, with an error.
 
 pub mod control;
 pub mod exports;
@@ -11,23 +12,23 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::nbd::tls::{TlsCredentials, TlsMode};
 use crate::nbd::{self, Listener};
-use crate::volume::{no_pool_in, CreateOptions, PoolPaths, Volumes};
+use crate::volume::{backing, CreateOptions, OnLost, OwnerPolicy, Volumes};
 
 /// Opens the configured pool, creating it (with its default volume) when missing and
 /// `create_if_missing` (which `thinnbd serve` keeps only for the default directory or `--create`).
-pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
-    let paths = PoolPaths::new(&config.pool.dir);
+/// Ownership is taken as `policy` says.
+pub fn open_or_create(config: &Config, policy: &OwnerPolicy) -> Result<Arc<Volumes>> {
+    let location = config.pool.location();
     let mut created = false;
-    if !paths.exists() {
+    if !backing(&location)?.exists()? {
         if !config.pool.create_if_missing {
-            let missing = no_pool_in(&paths.dir);
+            let missing = backing(&location)?.no_pool();
             return Err(Error::new(
                 missing.kind(),
                 format!(
-                    "{}, or start `thinnbd serve --pool {} --create` to create it with the \
-                     configured pool.data_size ({})",
+                    "{}, or start `thinnbd serve --pool {location} --create` to create it with \
+                     the configured pool.data_size ({})",
                     missing.context(),
-                    paths.dir.display(),
                     crate::util::format_size(config.pool.data_size)
                 ),
             ));
@@ -39,11 +40,11 @@ pub fn open_or_create(config: &Config) -> Result<Arc<Volumes>> {
             metadata_size: None,
             preallocate: false,
         };
-        Volumes::create_pool(&paths.dir, &opts, config.engine.clone())?;
+        Volumes::create_pool(&location, &opts, config.engine.clone())?;
         created = true;
-        tracing::info!(pool = %paths.dir.display(), "created pool");
+        tracing::info!(pool = %location, "created pool");
     }
-    let volumes = Volumes::open(&paths.dir, config.engine.clone())?;
+    let volumes = Volumes::open_with(&location, config.engine.clone(), policy)?;
     if created && !config.pool.default_volume.is_empty() {
         volumes.create_volume(&config.pool.default_volume, config.pool.default_volume_size)?;
     }
@@ -146,7 +147,47 @@ async fn reload(tls: &Arc<TlsCredentials>) {
     }
 }
 
-/// Runs the server until a signal, then finishes in-flight requests, commits and returns.
+/// How long connections get to finish once the pool's ownership is lost: their writes fail
+/// (fenced) rather than land, so this only bounds how long a hung cluster keeps the process.
+const LOST_OWNERSHIP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The news that the pool's ownership was lost, from the thread that finds out to the server.
+#[derive(Clone)]
+struct LostOwnership {
+    why: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl LostOwnership {
+    fn new() -> Self {
+        LostOwnership {
+            why: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    /// The callback for the pool's owner lock.
+    fn callback(&self, location: String) -> OnLost {
+        let why = self.why.clone();
+        Arc::new(move |e: &Error| {
+            tracing::error!("lost ownership of pool {location}: {e}");
+            why.send_replace(Some(e.to_string()));
+        })
+    }
+
+    /// Returns once ownership is lost (never, while it is not).
+    async fn wait(&self) {
+        let mut rx = self.why.subscribe();
+        if rx.wait_for(Option::is_some).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn why(&self) -> Option<String> {
+        self.why.borrow().clone()
+    }
+}
+
+/// Runs the server until a signal, then finishes in-flight requests, commits and returns. A
+/// lost ownership stops it at once with an error, committing nothing.
 pub async fn run(config: Config) -> Result<()> {
     // Before the pool is opened (or created): a path that is not ours to take stops the start.
     if let Some(path) = &config.listen.socket {
@@ -155,7 +196,14 @@ pub async fn run(config: Config) -> Result<()> {
     // Before the pool is opened: bad TLS settings or files stop the start.
     let tls = load_tls(&config)?;
     let cfg = config.clone();
-    let volumes = tokio::task::spawn_blocking(move || open_or_create(&cfg))
+    let location = config.pool.location();
+    let lost = LostOwnership::new();
+    let policy = OwnerPolicy {
+        wait: true,
+        on_lost: Some(lost.callback(location.to_string())),
+        lock_duration: config.pool.rados_lock_duration,
+    };
+    let volumes = tokio::task::spawn_blocking(move || open_or_create(&cfg, &policy))
         .await
         .map_err(|e| Error::new(crate::ErrorKind::Io, format!("opening the pool: {e}")))??;
     let mut listeners = Vec::new();
@@ -172,7 +220,7 @@ pub async fn run(config: Config) -> Result<()> {
                 .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?,
         );
     }
-    let control_path = volumes.paths().control_socket.clone();
+    let control_path = volumes.control_socket();
     // Without a control socket the volumes are still served; volume commands then say the
     // pool is busy.
     let control = match control::bind(&control_path) {
@@ -184,7 +232,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let names = volumes.volume_names().join(", ");
     let wheres: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
-    tracing::info!(pool = %volumes.paths().dir.display(), listen = %wheres.join(" "), volumes = %names, "serving");
+    tracing::info!(pool = %location, listen = %wheres.join(" "), volumes = %names, "serving");
     let default_export = config.pool.default_export();
     let source = Arc::new(exports::VolumeExports::new(volumes.clone(), default_export));
     warn_clear_listeners(&listeners, tls.as_ref().map(|t| t.mode()));
@@ -192,7 +240,20 @@ pub async fn run(config: Config) -> Result<()> {
         Some(t) => Some(reload_on_sighup(Arc::clone(t))?),
         None => None,
     };
-    nbd::serve_with_tls(listeners, source, config.server, tls, shutdown_signal()).await;
+    let stop = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = lost.wait() => {}
+        }
+    };
+    let serving = nbd::serve_with_tls(listeners, source, config.server, tls, stop);
+    tokio::select! {
+        () = serving => {}
+        () = async {
+            lost.wait().await;
+            tokio::time::sleep(LOST_OWNERSHIP_GRACE).await;
+        } => tracing::warn!("connections still open {LOST_OWNERSHIP_GRACE:?} after losing the pool: leaving them"),
+    }
     if let Some(reloader) = reloader {
         reloader.abort();
     }
@@ -202,6 +263,15 @@ pub async fn run(config: Config) -> Result<()> {
     }
     if let Some(path) = &config.listen.socket {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(why) = lost.why() {
+        // The pool is another owner's now: nothing of it may be written, not even the commit
+        // that closing it would make (fenced writes fail anyway; this does not even try).
+        std::mem::forget(volumes);
+        return Err(Error::new(
+            crate::ErrorKind::Io,
+            format!("lost ownership of pool {location}: {why}"),
+        ));
     }
     tokio::task::spawn_blocking(move || volumes.shutdown())
         .await

@@ -1,15 +1,17 @@
-//! Volumes: named thin devices of a pool directory (metadata, data, registry, lock), built on
-//! the I/O engine and used by the server, the nbdkit plugin and the CLI.
+//! Volumes: named thin devices of a pool (metadata, data, registry, ownership) wherever it
+//! lives ([`location`], [`backing`]), built on the I/O engine and used by the server, the
+//! nbdkit plugin and the CLI.
 //!
 //! Order of durable steps, so that a crash never leaves a name pointing at a missing thin:
 //! create = thin committed, then name added; delete = name removed, then thin deleted and
 //! committed. A crash in between leaves an orphan thin, which `check` reports.
 
+pub mod backing;
+pub mod location;
 pub mod registry;
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -17,77 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{EngineConfig, Pool, PoolMode, PoolStatus, ThinHandle};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::thin::metadata::ThinId;
+pub use backing::dir::{no_pool_in, take_lock, PoolPaths};
+pub use backing::{backing, OnLost, OwnerPolicy, Ownership, PoolBacking};
+pub use location::{PoolLocation, RadosLocation};
 pub use registry::{no_such_volume, Access, Grant};
 use registry::{Registry, Volume};
-
-/// Files of a pool directory.
-#[derive(Debug, Clone)]
-pub struct PoolPaths {
-    pub dir: PathBuf,
-    pub metadata: PathBuf,
-    pub pool_file: PathBuf,
-    pub lock: PathBuf,
-    pub control_socket: PathBuf,
-}
-
-impl PoolPaths {
-    pub fn new(dir: &Path) -> Self {
-        PoolPaths {
-            dir: dir.to_path_buf(),
-            metadata: dir.join("metadata"),
-            pool_file: dir.join("pool.toml"),
-            lock: dir.join("lock"),
-            control_socket: dir.join("control.sock"),
-        }
-    }
-
-    pub fn exists(&self) -> bool {
-        self.metadata.exists()
-    }
-}
-
-/// The error for a directory that holds no pool, with the command that makes one.
-pub fn no_pool_in(dir: &Path) -> Error {
-    Error::new(
-        ErrorKind::NotFound,
-        format!(
-            "{} holds no pool (no metadata file); create one with `thinnbd pool create {} --data-size SIZE`",
-            dir.display(),
-            dir.display()
-        ),
-    )
-}
-
-/// `pool.toml`: what the pool was created with that the metadata does not say.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PoolFile {
-    /// Data file or block device; absent means `DIR/data`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    data: Option<PathBuf>,
-}
-
-impl PoolFile {
-    fn load(paths: &PoolPaths) -> Result<PoolFile> {
-        match fs::read_to_string(&paths.pool_file) {
-            Ok(text) => toml::from_str(&text).map_err(|e| {
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("{}: {}", paths.pool_file.display(), e.message()),
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PoolFile::default()),
-            Err(e) => Err(Error::io(
-                format!("reading {}", paths.pool_file.display()),
-                e,
-            )),
-        }
-    }
-
-    fn data_path(&self, paths: &PoolPaths) -> PathBuf {
-        self.data.clone().unwrap_or_else(|| paths.dir.join("data"))
-    }
-}
 
 /// A volume as listed by `volume list` and `pool status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,7 +103,11 @@ impl std::fmt::Display for NewSize {
 /// Everything `pool status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolReport {
+    /// The pool's location (a directory, or `rados:POOL/NAME`).
     pub dir: PathBuf,
+    /// Who owns a RADOS pool: `client.X ADDR (HOST pid PID) since T`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     pub block_size: u64,
     pub data_used_bytes: u64,
     pub data_total_bytes: u64,
@@ -220,13 +160,13 @@ pub struct ActiveVolume {
     pub description: String,
 }
 
-/// An open pool directory: the engine's pool plus names.
+/// An open pool: the engine's pool plus names, owned by this process while open.
 pub struct Volumes {
-    paths: PoolPaths,
+    backing: Box<dyn PoolBacking>,
     pool: Arc<Pool>,
     registry: Mutex<Registry>,
     active: Mutex<HashMap<String, Arc<ActiveVolume>>>,
-    _lock: File,
+    _owner: Ownership,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -246,78 +186,20 @@ pub struct CreateOptions {
     pub preallocate: bool,
 }
 
-/// What this process writes into a lock it holds: "PID NAME", NAME being the program and its
-/// subcommand (e.g. `4242 thinnbd serve`), so that a process refused the lock can say who has it.
-fn lock_holder_line() -> String {
-    let mut args = std::env::args();
-    let program = args
-        .next()
-        .map(|a| {
-            Path::new(&a)
-                .file_name()
-                .map_or(a.clone(), |n| n.to_string_lossy().into_owned())
-        })
-        .unwrap_or_default();
-    let name = match args.next() {
-        Some(sub) if !sub.starts_with('-') && !sub.contains('/') => format!("{program} {sub}"),
-        _ => program,
-    };
-    format!("{} {name}\n", std::process::id())
-}
-
-/// "process PID (NAME)" from a lock file written by `lock_holder_line`, when it names a live
-/// process.
-fn lock_holder(lock: &Path) -> Option<String> {
-    let text = fs::read_to_string(lock).ok()?;
-    let (pid, name) = text.trim().split_once(' ')?;
-    let pid: u32 = pid.parse().ok()?;
-    Path::new(&format!("/proc/{pid}"))
-        .exists()
-        .then(|| format!("process {pid} ({name})"))
-}
-
-/// Takes the exclusive lock of a pool directory (creating `DIR/lock`), held until the file is
-/// closed. Busy, naming the holder, while another process has it.
-pub fn take_lock(paths: &PoolPaths) -> Result<File> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&paths.lock)
-        .map_err(|e| Error::io(format!("opening {}", paths.lock.display()), e))?;
-    // A lock just released can linger for a moment in a child process forked (by another
-    // thread) before our close and not yet past its exec: retry briefly before calling it busy.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    loop {
-        match f.try_lock() {
-            Ok(()) => {
-                // Only a courtesy for the error message of the next process: failing to write
-                // it does not make the lock less held.
-                use std::os::unix::fs::FileExt;
-                let line = lock_holder_line();
-                if f.set_len(0)
-                    .and_then(|()| f.write_all_at(line.as_bytes(), 0))
-                    .is_err()
-                {
-                    tracing::debug!("could not note our pid in {}", paths.lock.display());
-                }
-                return Ok(f);
-            }
-            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(fs::TryLockError::WouldBlock) => {
-                let holder = lock_holder(&paths.lock)
-                    .unwrap_or_else(|| "another process (a running server?)".into());
-                return fail(
-                    ErrorKind::Busy,
-                    format!("pool {} is in use by {holder}", paths.dir.display()),
-                );
-            }
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(Error::io(format!("locking {}", paths.lock.display()), e))
-            }
-        }
+/// A registered volume as listed, with what the metadata says of its blocks.
+fn volume_info(v: &Volume, mapped_bytes: u64, exclusive_bytes: Option<u64>) -> VolumeInfo {
+    VolumeInfo {
+        name: v.name.clone(),
+        thin_id: v.thin_id,
+        size: v.size,
+        read_only: v.read_only,
+        origin: v.origin.clone(),
+        origin_deleted: v.origin_deleted,
+        mapped_bytes,
+        exclusive_bytes,
+        shared_bytes: exclusive_bytes.map(|x| mapped_bytes.saturating_sub(x)),
+        description: v.description.clone(),
+        access: v.access.clone(),
     }
 }
 
@@ -338,101 +220,115 @@ fn check_volume_size(size: u64) -> Result<()> {
 }
 
 impl Volumes {
-    /// Creates an empty pool in `dir` (which may exist but must hold no pool).
-    pub fn create_pool(dir: &Path, opts: &CreateOptions, config: EngineConfig) -> Result<()> {
-        let paths = PoolPaths::new(dir);
-        if paths.exists() {
-            return fail(
-                ErrorKind::Busy,
-                format!("{} already holds a pool", dir.display()),
-            );
-        }
-        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let _lock = take_lock(&paths)?;
-        let file = PoolFile {
-            data: opts.data.clone(),
-        };
-        let data_path = file.data_path(&paths);
-        let data_existed = data_path.exists();
-        let created = Self::create_pool_files(&paths, &file, &data_path, opts, config);
-        if created.is_err() {
-            // Leave the directory as it was, so the command can be run again (say, with a
-            // smaller size) instead of finding a half-made pool.
-            let _ = fs::remove_file(&paths.metadata);
-            let _ = fs::remove_file(&paths.pool_file);
-            if !data_existed {
-                let _ = fs::remove_file(&data_path);
-            }
-        }
-        created
-    }
-
-    fn create_pool_files(
-        paths: &PoolPaths,
-        file: &PoolFile,
-        data_path: &Path,
+    /// Creates an empty pool at `location` (a directory may exist but must hold no pool).
+    pub fn create_pool(
+        location: impl Into<PoolLocation>,
         opts: &CreateOptions,
         config: EngineConfig,
     ) -> Result<()> {
-        let pool = Pool::create_sized(
-            &paths.metadata,
-            data_path,
-            opts.data_size,
-            opts.block_size,
-            opts.metadata_size,
-            config,
-        )?;
-        let preallocated = if opts.preallocate {
-            pool.data_store()
-                .preallocate(opts.data_size)
-                .map_err(|e| e.within(data_path.display()))
-        } else {
-            Ok(())
-        };
-        pool.shutdown()?;
-        preallocated?;
-        let text = toml::to_string(file)
-            .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("encoding pool.toml: {e}")))?;
-        registry::write_atomically(&paths.pool_file, text.as_bytes())?;
-        Ok(())
+        backing(&location.into())?.create(opts, config)
     }
 
-    /// Opens a pool directory, taking its exclusive lock.
-    pub fn open(dir: &Path, config: EngineConfig) -> Result<Arc<Volumes>> {
-        let paths = PoolPaths::new(dir);
-        if !paths.exists() {
-            return Err(no_pool_in(dir));
+    /// Opens a pool, taking its ownership; Busy, naming the owner, when another process has it.
+    pub fn open(location: impl Into<PoolLocation>, config: EngineConfig) -> Result<Arc<Volumes>> {
+        Volumes::open_with(&location.into(), config, &OwnerPolicy::default())
+    }
+
+    /// Opens a pool, taking its ownership as `policy` says.
+    pub fn open_with(
+        location: &PoolLocation,
+        config: EngineConfig,
+        policy: &OwnerPolicy,
+    ) -> Result<Arc<Volumes>> {
+        Volumes::open_backing(backing(location)?, config, policy)
+    }
+
+    /// `open_with` on a backing already at hand (one connection to a cluster, not two).
+    pub fn open_backing(
+        backing: Box<dyn PoolBacking>,
+        config: EngineConfig,
+        policy: &OwnerPolicy,
+    ) -> Result<Arc<Volumes>> {
+        if !backing.exists()? {
+            return Err(backing.no_pool());
         }
-        let lock = take_lock(&paths)?;
-        let data = PoolFile::load(&paths)?.data_path(&paths);
-        let registry = Registry::load(dir)?;
-        let pool = Pool::open(&paths.metadata, &data, config).map_err(|e| {
-            if e.kind() != ErrorKind::Corrupt {
-                return e;
-            }
-            // Say which file, and the way out: the checker, then a restore from a dump.
-            Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "{meta}: {}; run `thinnbd check {dir}`, or restore from a dump with \
-                     `thinnbd restore -i DUMP.xml -o {meta} --force`",
-                    e.context(),
-                    meta = paths.metadata.display(),
-                    dir = paths.dir.display(),
-                ),
-            )
-        })?;
+        let owner = backing.take_ownership(policy)?;
+        let registry = Registry::load_from(backing.registry_store())?;
+        let pool = backing.open_pool(config)?;
         Ok(Arc::new(Volumes {
-            paths,
+            backing,
             pool,
             registry: Mutex::new(registry),
             active: Mutex::new(HashMap::new()),
-            _lock: lock,
+            _owner: owner,
         }))
     }
 
-    pub fn paths(&self) -> &PoolPaths {
-        &self.paths
+    pub fn location(&self) -> &PoolLocation {
+        self.backing.location()
+    }
+
+    /// The status of a pool this process does not own (served by another process or host,
+    /// or by nobody), read without its ownership: header, registry, owner and the metadata of
+    /// the last commit. What only the owner's engine knows (mode, low-water marks, exclusive
+    /// bytes) is left out; a commit racing the read may make it fail, so it is tried again.
+    pub fn status_unowned(backing: &dyn PoolBacking) -> Result<PoolReport> {
+        if !backing.exists()? {
+            return Err(backing.no_pool());
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Volumes::read_status_unowned(backing) {
+                Err(e) if e.kind() == ErrorKind::Corrupt && attempts < 3 => {
+                    tracing::debug!("status read raced a commit ({e}); reading again");
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn read_status_unowned(backing: &dyn PoolBacking) -> Result<PoolReport> {
+        let owner = backing.owner()?;
+        let registry = Registry::load_from(backing.registry_store())?;
+        let md = crate::thin::ThinMetadata::open(backing.metadata(false)?)?;
+        let s = md.status();
+        let block = md.data_block_bytes();
+        let volumes = registry
+            .volumes()
+            .iter()
+            .map(|v| {
+                let mapped = md.mapped_blocks(v.thin_id).unwrap_or(0) * block;
+                volume_info(v, mapped, None)
+            })
+            .collect();
+        Ok(PoolReport {
+            dir: PathBuf::from(backing.location().to_string()),
+            mode: match &owner {
+                Some(_) => "served by its owner (this is its last commit)".into(),
+                None => "not open".into(),
+            },
+            owner,
+            block_size: block,
+            data_used_bytes: s.data_used * block,
+            data_total_bytes: s.data_total * block,
+            metadata_used_blocks: s.metadata_used,
+            metadata_total_blocks: s.metadata_total,
+            metadata_free_blocks: s.metadata_total.saturating_sub(s.metadata_used),
+            metadata_reserve_blocks: md.metadata_reserve(),
+            metadata_low_water_blocks: 0,
+            metadata_low_water_crossed: false,
+            low_water_crossed: false,
+            volumes,
+            low_water_mark_bytes: 0,
+            host_free_bytes: None,
+            warnings: Vec::new(),
+        })
+    }
+
+    /// Where a server of this pool listens for volume commands.
+    pub fn control_socket(&self) -> PathBuf {
+        self.backing.control_socket()
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -507,19 +403,7 @@ impl Volumes {
                 let exclusive_bytes = exclusive
                     .as_ref()
                     .map(|m| m.get(&v.thin_id).copied().unwrap_or(0) * block);
-                VolumeInfo {
-                    name: v.name.clone(),
-                    thin_id: v.thin_id,
-                    size: v.size,
-                    read_only: v.read_only,
-                    origin: v.origin.clone(),
-                    origin_deleted: v.origin_deleted,
-                    mapped_bytes,
-                    exclusive_bytes,
-                    shared_bytes: exclusive_bytes.map(|x| mapped_bytes.saturating_sub(x)),
-                    description: v.description.clone(),
-                    access: v.access.clone(),
-                }
+                volume_info(v, mapped_bytes, exclusive_bytes)
             })
             .collect()
     }
@@ -851,7 +735,13 @@ impl Volumes {
         let s: PoolStatus = self.pool.status();
         let block = self.pool.block_size();
         PoolReport {
-            dir: self.paths.dir.clone(),
+            dir: PathBuf::from(self.location().to_string()),
+            owner: self
+                .backing
+                .owner()
+                .map_err(|e| tracing::warn!("reading the pool's owner: {e}"))
+                .ok()
+                .flatten(),
             block_size: block,
             data_used_bytes: s.data_used * block,
             data_total_bytes: s.data_total * block,
@@ -925,7 +815,7 @@ impl Volumes {
             format!(
                 "sum of all thin volume sizes ({total} bytes) exceeds the size of thin pool {} \
                  ({data} bytes)",
-                self.paths.dir.display()
+                self.location()
             )
         })
     }

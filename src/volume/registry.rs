@@ -1,6 +1,7 @@
 //! The volume registry: names, sizes and flags of thin volumes, which dm-thin metadata does not
-//! hold (LVM keeps them elsewhere too). One small TOML file, replaced atomically: write a
-//! temporary file, fsync it, rename it over the old one, fsync the directory.
+//! hold (LVM keeps them elsewhere too). One small TOML text, replaced atomically where the pool
+//! keeps it ([`RegistryStore`]): in a pool directory, a file (write a temporary file, fsync it,
+//! rename it over the old one, fsync the directory).
 //!
 //! Ordering with metadata commits keeps names from ever pointing at missing thins: a thin is
 //! committed before its name is added, and a name is removed before its thin is deleted. A crash
@@ -143,11 +144,55 @@ struct RegistryFile {
     volume: Vec<Volume>,
 }
 
-/// The registry of a pool directory, held in memory and written through on every change.
-#[derive(Debug)]
+/// Where a registry's bytes live, replaced whole and atomically on every change.
+pub trait RegistryStore: Send + Sync {
+    /// The file or object, for messages.
+    fn describe(&self) -> String;
+    /// The stored bytes; `None` when none were ever stored (an empty registry).
+    fn load(&self) -> Result<Option<Vec<u8>>>;
+    /// Replaces the stored bytes durably: after a crash, either the old bytes or these.
+    fn save(&self, bytes: &[u8]) -> Result<()>;
+}
+
+/// `DIR/volumes.toml` of a pool directory.
+struct RegistryPath(PathBuf);
+
+impl RegistryStore for RegistryPath {
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn load(&self) -> Result<Option<Vec<u8>>> {
+        match fs::read(&self.0) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", self.0.display()), e)),
+        }
+    }
+
+    fn save(&self, bytes: &[u8]) -> Result<()> {
+        write_atomically(&self.0, bytes)
+    }
+}
+
+/// The store of a registry file (`DIR/volumes.toml` of a pool directory).
+pub fn file_store(path: &Path) -> Box<dyn RegistryStore> {
+    Box::new(RegistryPath(path.to_path_buf()))
+}
+
+/// The registry of a pool, held in memory and written through on every change.
 pub struct Registry {
-    path: PathBuf,
+    store: Box<dyn RegistryStore>,
     volumes: Vec<Volume>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("store", &self.store.describe())
+            .field("volumes", &self.volumes)
+            .finish()
+    }
 }
 
 /// Volume names become NBD export names and file-system-safe identifiers.
@@ -170,21 +215,26 @@ pub fn validate_name(name: &str) -> Result<()> {
 impl Registry {
     /// Loads `DIR/volumes.toml`; a missing file is an empty registry.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(REGISTRY_FILE);
-        let volumes = match fs::read_to_string(&path) {
-            Ok(text) => {
-                let file: RegistryFile = toml::from_str(&text).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Corrupt,
-                        format!("volume registry {}: {}", path.display(), e.message()),
-                    )
-                })?;
+        Registry::load_from(file_store(&dir.join(REGISTRY_FILE)))
+    }
+
+    /// Loads the registry `store` holds; nothing stored is an empty registry.
+    pub fn load_from(store: Box<dyn RegistryStore>) -> Result<Self> {
+        let corrupt = |why: &dyn std::fmt::Display| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("volume registry {}: {why}", store.describe()),
+            )
+        };
+        let volumes = match store.load()? {
+            Some(bytes) => {
+                let text = std::str::from_utf8(&bytes).map_err(|e| corrupt(&e))?;
+                let file: RegistryFile = toml::from_str(text).map_err(|e| corrupt(&e.message()))?;
                 file.volume
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+            None => Vec::new(),
         };
-        let reg = Registry { path, volumes };
+        let reg = Registry { store, volumes };
         reg.validate()?;
         Ok(reg)
     }
@@ -192,7 +242,7 @@ impl Registry {
     fn validate(&self) -> Result<()> {
         for (i, v) in self.volumes.iter().enumerate() {
             validate_name(&v.name)
-                .map_err(|e| e.within(format!("volume registry {}", self.path.display())))?;
+                .map_err(|e| e.within(format!("volume registry {}", self.store.describe())))?;
             for g in &v.access {
                 validate_who(&g.who).map_err(|e| e.within(format!("volume {}", v.name)))?;
             }
@@ -210,7 +260,7 @@ impl Registry {
                     ErrorKind::Corrupt,
                     format!(
                         "volume registry {}: {} or its thin id appears twice",
-                        self.path.display(),
+                        self.store.describe(),
                         v.name
                     ),
                 );
@@ -328,7 +378,7 @@ impl Registry {
                 format!("encoding the volume registry: {e}"),
             )
         })?;
-        write_atomically(&self.path, text.as_bytes())?;
+        self.store.save(text.as_bytes())?;
         self.volumes = volumes;
         Ok(())
     }
