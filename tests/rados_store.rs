@@ -15,6 +15,7 @@ use common::pattern::pattern_at;
 use thinnbd::engine::data::DataStore;
 use thinnbd::engine::{EngineConfig, Pool};
 use thinnbd::pdata::block_io::{BlockIo, BLOCK_SIZE};
+use thinnbd::rados::lock::LOCK_NAME;
 use thinnbd::rados::{
     Cluster, OwnerLock, PoolHeader, PoolObjects, RadosBlockIo, RadosLocation, RadosStore, Wait,
 };
@@ -466,4 +467,57 @@ fn a_takeover_fences_the_owner_and_tells_it() {
         second.client_name()
     );
     drop(taken);
+}
+
+#[test]
+fn an_owner_whose_lock_was_broken_stops_writing() {
+    let Some((_rp, loc)) = setup("rcore-broken") else {
+        return;
+    };
+    let first = connect(&loc);
+    let other = connect(&loc);
+    let (lost_tx, lost_rx) = mpsc::channel();
+    let held = OwnerLock::acquire(
+        &first,
+        &loc,
+        Duration::from_secs(3),
+        Wait::No,
+        Box::new(move |e| {
+            let _ = lost_tx.send(e);
+        }),
+    )
+    .unwrap();
+    first
+        .write_at("tank.data.0000000000000000", b"before", 0)
+        .unwrap();
+
+    // Broken by hand (`rados lock break`), without a blocklist entry: the OSDs would still
+    // take this client's writes, so the owner must stop by itself.
+    let header = PoolObjects::new(&loc).header();
+    let lockers = other.lockers(&header, LOCK_NAME).unwrap();
+    assert_eq!(lockers.len(), 1);
+    assert_eq!(lockers[0].client, first.client_name());
+    assert_eq!(lockers[0].address, first.address().unwrap());
+    other.break_lock(&header, LOCK_NAME, &lockers[0]).unwrap();
+
+    let lost = lost_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the owner is told it lost the pool");
+    assert_eq!(lost.kind(), ErrorKind::Fenced, "{lost}");
+    let err = first
+        .write_at("tank.data.0000000000000000", b"after!", 0)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
+    assert_eq!(
+        other
+            .read_object("tank.data.0000000000000000")
+            .unwrap()
+            .unwrap(),
+        b"before"
+    );
+    drop(held);
+    assert!(
+        other.lockers(&header, LOCK_NAME).unwrap().is_empty(),
+        "a lost owner does not take the lock again"
+    );
 }

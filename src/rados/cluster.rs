@@ -25,8 +25,9 @@ extern "C" {
     fn rados_blocklist_add(cluster: rados_t, client_address: *mut c_char, expire: u32) -> c_int;
 }
 
-/// `LIBRADOS_LOCK_FLAG_RENEW` (librados.h): extend a lock we hold (take it if nobody does).
-pub const LOCK_FLAG_RENEW: u8 = 1;
+/// `LIBRADOS_LOCK_FLAG_MUST_RENEW` (librados.h): extend a lock we hold, and fail when we no
+/// longer hold it (expired, broken or taken), where plain `RENEW` would quietly take it again.
+pub const LOCK_FLAG_MUST_RENEW: u8 = 2;
 
 /// `EBLOCKLISTED` in Ceph is `ESHUTDOWN`: this client is on the OSD map's blocklist.
 const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
@@ -442,8 +443,8 @@ impl Cluster {
         Ok(pending)
     }
 
-    /// Takes (or, with [`LOCK_FLAG_RENEW`], extends) exclusive lock `name` on object `oid`
-    /// for `duration`. `Ok(false)`: someone else holds it.
+    /// Takes (or, with [`LOCK_FLAG_MUST_RENEW`], extends) exclusive lock `name` on object
+    /// `oid` for `duration`. `Ok(false)`: someone else holds it (or, renewing, we do not).
     pub fn lock_exclusive(
         &self,
         oid: &str,
@@ -475,7 +476,9 @@ impl Cluster {
                 flags,
             )
         };
-        if ret == -libc::EBUSY || ret == -libc::EEXIST {
+        // EBUSY: held by another; EEXIST: by this client under another cookie; ENOENT: a
+        // renewal of a lock that is not ours any more.
+        if ret == -libc::EBUSY || ret == -libc::EEXIST || ret == -libc::ENOENT {
             return Ok(false);
         }
         check(ret, || format!("locking {}", self.describe(oid)))?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::cluster::{Cluster, Locker, LOCK_FLAG_RENEW};
+use super::cluster::{Cluster, Locker, LOCK_FLAG_MUST_RENEW};
 use super::header::unix_now;
 use super::{PoolObjects, RadosLocation};
 use crate::error::{Error, ErrorKind, Result};
@@ -308,9 +308,9 @@ impl Held {
             if self.stopped_after(period) {
                 return;
             }
-            match self.lock(LOCK_FLAG_RENEW) {
+            match self.lock(LOCK_FLAG_MUST_RENEW) {
                 Ok(true) => renewed = Instant::now(),
-                Ok(false) => break "another client holds its lock".to_string(),
+                Ok(false) => break "its lock was broken, expired or taken".to_string(),
                 Err(e) if e.kind() == ErrorKind::Fenced => break e.to_string(),
                 Err(e) if renewed.elapsed() >= self.duration => {
                     break format!("the lock expired: renewing failed: {e}")

@@ -164,12 +164,13 @@ impl LostOwnership {
         }
     }
 
-    /// The callback for the pool's owner lock.
-    fn callback(&self, location: String) -> OnLost {
+    /// The callback for the pool's owner lock, whose error says "lost ownership of pool
+    /// LOCATION: why".
+    fn callback(&self) -> OnLost {
         let why = self.why.clone();
         Arc::new(move |e: &Error| {
-            tracing::error!("lost ownership of pool {location}: {e}");
-            why.send_replace(Some(e.to_string()));
+            tracing::error!("{e}");
+            why.send_replace(Some(e.message()));
         })
     }
 
@@ -200,7 +201,7 @@ pub async fn run(config: Config) -> Result<()> {
     let lost = LostOwnership::new();
     let policy = OwnerPolicy {
         wait: true,
-        on_lost: Some(lost.callback(location.to_string())),
+        on_lost: Some(lost.callback()),
         lock_duration: config.pool.rados_lock_duration,
     };
     let volumes = tokio::task::spawn_blocking(move || open_or_create(&cfg, &policy))
@@ -268,10 +269,7 @@ pub async fn run(config: Config) -> Result<()> {
         // The pool is another owner's now: nothing of it may be written, not even the commit
         // that closing it would make (fenced writes fail anyway; this does not even try).
         std::mem::forget(volumes);
-        return Err(Error::new(
-            crate::ErrorKind::Io,
-            format!("lost ownership of pool {location}: {why}"),
-        ));
+        return Err(Error::new(crate::ErrorKind::Fenced, why));
     }
     tokio::task::spawn_blocking(move || volumes.shutdown())
         .await

@@ -84,7 +84,10 @@ fn check_pool_name(pool: &str) -> std::result::Result<(), String> {
     if pool.is_empty() {
         return Err("the RADOS pool name is empty".into());
     }
-    if pool.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control()) {
+    if pool
+        .chars()
+        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
         return Err(format!(
             "RADOS pool name {pool:?} may not contain '/', spaces or control characters"
         ));
@@ -199,7 +202,10 @@ mod tests {
             panic!("{loc:?} is not a RADOS location");
         };
         assert_eq!((r.pool.as_str(), r.name.as_str()), ("rbd", "pool-1"));
-        assert_eq!((&r.ceph_conf, &r.client_id, &r.keyring), (&None, &None, &None));
+        assert_eq!(
+            (&r.ceph_conf, &r.client_id, &r.keyring),
+            (&None, &None, &None)
+        );
         for text in ["rados:rbd/pool-1", "rados:my.pool/a_b+c@d", "rados:p/N"] {
             let loc = PoolLocation::parse(text).unwrap();
             assert_eq!(loc.to_string(), text);
@@ -221,13 +227,22 @@ mod tests {
         let dir = socket.parent().unwrap();
         match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
             Some(runtime) => assert_eq!(dir, Path::new(&runtime).join("thinnbd")),
-            None => assert!(dir.to_str().unwrap().starts_with("/tmp/thinnbd-"), "{dir:?}"),
+            None => assert!(
+                dir.to_str().unwrap().starts_with("/tmp/thinnbd-"),
+                "{dir:?}"
+            ),
         }
     }
 
     #[test]
     fn anything_else_is_a_directory_and_round_trips() {
-        for text in ["/srv/pool", "./thinnbd-pool", "pool", "./rados:x/y", "radosx:p/n"] {
+        for text in [
+            "/srv/pool",
+            "./thinnbd-pool",
+            "pool",
+            "./rados:x/y",
+            "radosx:p/n",
+        ] {
             let loc = PoolLocation::parse(text).unwrap();
             assert_eq!(loc, PoolLocation::Dir(PathBuf::from(text)), "{text}");
             assert_eq!(loc.to_string(), text);

@@ -774,6 +774,7 @@ impl Volumes {
     /// Grows the pool's data (`None`: to the data device's size now) and metadata (`None`:
     /// unchanged); shrinking is refused. Returns the pool's status after.
     pub fn grow(&self, data_size: Option<u64>, metadata_size: Option<u64>) -> Result<PoolReport> {
+        self.backing.before_grow(data_size, metadata_size)?;
         self.pool.grow(data_size, metadata_size)?;
         Ok(self.status())
     }

@@ -96,6 +96,13 @@ pub trait PoolBacking: Send + Sync {
         Ok(None)
     }
 
+    /// Makes room for the engine to grow the pool's data to `data_bytes` and its metadata to
+    /// `metadata_bytes` (never shrinking): what must be recorded before the growth commits.
+    /// A file grows with the engine itself: nothing to do.
+    fn before_grow(&self, _data_bytes: Option<u64>, _metadata_bytes: Option<u64>) -> Result<()> {
+        Ok(())
+    }
+
     /// Breaks another owner's hold so that a waiting process takes the pool at once; returns
     /// who was fenced off.
     fn take_over(&self) -> Result<Vec<String>>;
