@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use common::ceph::{rados_pool, RadosPool};
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
-use common::qemu::{nbdinfo_map, qemu_io, qemu_io_at};
+use common::qemu::{
+    fio_verify_two_connections, nbdinfo_map, qemu_io, qemu_io_at, ACROSS_BOUNDARIES,
+    ACROSS_BOUNDARIES_READ_BACK,
+};
 use common::server::Server;
 use common::tools::require_tools;
 
@@ -56,41 +59,9 @@ fn qemu_io_patterns_across_block_boundaries_and_a_second_client() {
         return;
     };
     let server = serve(&rados, &location, scratch.path());
-    let cmds = [
-        "write -P 0xab 0 128k",
-        "read -P 0xab 0 128k",
-        // 512-byte-granular I/O straddling the 4 KiB boundary: a partial write of a data
-        // object at an offset...
-        "write -P 0x11 3584 1024",
-        // ...and the 64 KiB pool block (= data object) boundary, provisioned and not.
-        "write -P 0x22 65024 1024",
-        "write -P 0x33 196096 1024",
-        "read -P 0xab 0 3584",
-        "read -P 0x11 3584 1024",
-        "read -P 0xab 4608 60416",
-        "read -P 0x22 65024 1024",
-        "read -P 0xab 66048 65024",
-        "read -P 0 131072 65024",
-        "read -P 0x33 196096 1024",
-        "read -P 0 197120 64000",
-        "write -P 0x44 1048064 1536",
-        "read -P 0x44 1048064 1536",
-        "write -z 8192 8192",
-        "read -P 0 8192 8192",
-        "flush",
-    ];
-    qemu_io_at(&server.uri("vol"), false, &cmds);
-    qemu_io_at(
-        &server.uri("vol"),
-        true,
-        &[
-            "read -P 0xab 0 3584",
-            "read -P 0x11 3584 1024",
-            "read -P 0 8192 8192",
-            "read -P 0x22 65024 1024",
-            "read -P 0x44 1048064 1536",
-        ],
-    );
+    // Partial writes of data objects at an offset, across object (= pool block) boundaries.
+    qemu_io_at(&server.uri("vol"), false, &ACROSS_BOUNDARIES);
+    qemu_io_at(&server.uri("vol"), true, &ACROSS_BOUNDARIES_READ_BACK);
     stop_and_check(server, &rados, scratch.path());
     // The data is in RADOS, not in the server: a new server reads it back.
     let server = serve(&rados, &location, scratch.path());
@@ -136,28 +107,7 @@ fn fio_crc32c_verify_on_two_connections() {
     let mut server = serve(&rados, &location, scratch.path());
     let work = scratch.path().join("fio");
     std::fs::create_dir(&work).expect("mkdir");
-    let out = stdout_of(Command::new("fio").current_dir(&work).args([
-        "--verify_state_save=0",
-        "--name=thinnbd-rados",
-        "--ioengine=nbd",
-        &format!("--uri={}", server.uri("fio")),
-        "--rw=randrw",
-        "--bs=4k",
-        "--iodepth=16",
-        "--numjobs=2",
-        // One NBD connection per job, each on its own 16 MiB, verified independently.
-        "--size=16m",
-        "--offset_increment=16m",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--time_based",
-        "--runtime=20",
-        "--group_reporting",
-    ]));
-    assert!(out.contains("err= 0"), "{out}");
-    for bad in ["verify failed", "bad magic", "bad header", "verify: bad"] {
-        assert!(!out.contains(bad), "fio reported {bad:?}:\n{out}");
-    }
+    fio_verify_two_connections(&server.uri("fio"), &work, 20);
     assert!(server.is_running(), "server died:\n{}", server.log_text());
     assert!(!rados.data_objects(THIN).is_empty());
     stop_and_check(server, &rados, scratch.path());
