@@ -453,12 +453,12 @@ fn a_stalled_owner_is_fenced_and_writes_nothing_after_takeover() {
 
 #[test]
 fn osd_restart_under_a_writing_client_loses_nothing() {
+    if !CephCluster::binary_supports_rados() {
+        return;
+    }
     let Some(cluster) = CephCluster::shared() else {
         return;
     };
-    if !cluster.binary_supports_rados() {
-        return;
-    }
     // Alone on the cluster while its OSD is down: the other tests of this binary wait.
     let rados = cluster.pool_exclusive("failover-osd");
     let location = rados.create_thin_pool(THIN, "256M", &[], &[("vol", "16M")]);

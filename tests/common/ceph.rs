@@ -267,10 +267,18 @@ impl CephCluster {
         server
     }
 
-    /// Whether the tested binary has RADOS support. Without: fails under CI=true (run-all.sh
-    /// builds with `--features thinnbd/rados`), else prints a skip note.
-    pub fn binary_supports_rados(&self) -> bool {
-        let out = self.thinnbd(&["pool", "status", "rados:thinnbd-probe/none"]);
+    /// Whether the tested binary has RADOS support (asked before any cluster starts). Without:
+    /// fails under CI=true (run-all.sh builds with `--features thinnbd/rados`), else prints a
+    /// skip note.
+    pub fn binary_supports_rados() -> bool {
+        let out = Command::new(BIN)
+            .args(["pool", "status", "rados:thinnbd-probe/none"])
+            .env("NO_COLOR", "1")
+            // No cluster: a RADOS build fails to connect, which is all this needs to see.
+            .env("CEPH_CONF", "/nonexistent/ceph.conf")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run thinnbd");
         let err = String::from_utf8_lossy(&out.stderr);
         if !err.contains("built without RADOS support") {
             return true;
@@ -303,8 +311,10 @@ impl Drop for CephCluster {
 /// The shared cluster of this test binary and a new RADOS pool `name` in it, when Ceph and a
 /// RADOS-capable binary are there; None after a skip note.
 pub fn rados_pool(name: &str) -> Option<RadosPool> {
-    let cluster = CephCluster::shared()?;
-    cluster.binary_supports_rados().then(|| cluster.pool(name))
+    if !CephCluster::binary_supports_rados() {
+        return None;
+    }
+    Some(CephCluster::shared()?.pool(name))
 }
 
 /// The last lines of the cluster's logs, for a failure message.
