@@ -664,6 +664,12 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `text` (in file `f.toml`) is refused with an error naming `key` and the file.
+    fn assert_refused_naming_key(text: &str, key: &str) {
+        let msg = Config::from_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(msg.contains(key) && msg.contains("f.toml"), "{text}: {msg}");
+    }
+
     /// Compares by the `Debug` text, which shows every field: the layers' configs have no
     /// `PartialEq`, as nothing but these tests compares them.
     fn assert_same<T: std::fmt::Debug>(a: &T, b: &T, what: &str) {
@@ -948,9 +954,7 @@ mod tests {
                 "server.handshake_timeout_secs",
             ),
         ] {
-            let e = Config::from_toml(&format!("[server]\n{text}\n"), "f.toml").unwrap_err();
-            let msg = e.to_string();
-            assert!(msg.contains(key) && msg.contains("f.toml"), "{text}: {msg}");
+            assert_refused_naming_key(&format!("[server]\n{text}\n"), key);
         }
     }
 
@@ -969,6 +973,84 @@ mod tests {
         assert_eq!(c.server.tls.psk, None);
         assert!(c.server.tls.verify_peer);
         assert!(c.server.tls.validate().is_ok());
+    }
+
+    #[test]
+    fn a_rados_location_and_its_client_settings_come_from_the_file() {
+        let c = Config::from_toml(
+            "[pool]\nlocation = \"rados:rbd/tank\"\nceph_conf = \"/etc/ceph/x.conf\"\n\
+             client_id = \"client.thinnbd\"\nkeyring = \"/etc/ceph/x.keyring\"\n\
+             rados_lock_duration_secs = 12\n",
+            "f.toml",
+        )
+        .unwrap();
+        let PoolLocation::Rados(r) = c.pool.location() else {
+            panic!("{:?} is not a RADOS location", c.pool.location());
+        };
+        assert_eq!((r.pool.as_str(), r.name.as_str()), ("rbd", "tank"));
+        assert_eq!(r.ceph_conf, Some(PathBuf::from("/etc/ceph/x.conf")));
+        assert_eq!(
+            r.client_id.as_deref(),
+            Some("thinnbd"),
+            "client. is implied"
+        );
+        assert_eq!(r.keyring, Some(PathBuf::from("/etc/ceph/x.keyring")));
+        assert_eq!(c.pool.rados_lock_duration, Duration::from_secs(12));
+        assert!(!c.pool.is_default_dir());
+        // `dir` takes a location too, and a directory in either key is a directory.
+        let c = Config::from_toml("[pool]\ndir = \"rados:rbd/t2\"\n", "f.toml").unwrap();
+        assert_eq!(c.pool.location().to_string(), "rados:rbd/t2");
+        let c = Config::from_toml("[pool]\nlocation = \"/srv/p\"\n", "f.toml").unwrap();
+        assert_eq!(c.pool.location(), PoolLocation::Dir("/srv/p".into()));
+        assert_eq!(
+            Config::default().pool.rados_lock_duration,
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn bad_rados_settings_name_key_and_file() {
+        for (text, key) in [
+            ("location = \"rados:rbd\"", "pool.location"),
+            ("dir = \"rados:rbd/a.b\"", "pool.dir"),
+            ("dir = \"/a\"\nlocation = \"/b\"", "pool.location"),
+            ("client_id = \"\"", "pool.client_id"),
+            ("client_id = \"client.\"", "pool.client_id"),
+            (
+                "rados_lock_duration_secs = 2",
+                "pool.rados_lock_duration_secs",
+            ),
+            (
+                "rados_lock_duration_secs = 7200",
+                "pool.rados_lock_duration_secs",
+            ),
+        ] {
+            assert_refused_naming_key(&format!("[pool]\n{text}\n"), key);
+        }
+    }
+
+    #[test]
+    fn the_command_lines_pool_replaces_the_files_and_keeps_its_client_settings() {
+        let mut c = Config::from_toml(
+            "[pool]\nlocation = \"rados:rbd/a\"\nclient_id = \"x\"\n",
+            "f.toml",
+        )
+        .unwrap();
+        c.apply(Overrides {
+            rados_pool: Some(RadosLocation::new("other", "b").unwrap()),
+            ..Overrides::default()
+        });
+        let PoolLocation::Rados(r) = c.pool.location() else {
+            panic!("not RADOS");
+        };
+        assert_eq!(r.to_string(), "rados:other/b");
+        assert_eq!(r.client_id.as_deref(), Some("x"));
+        assert!(!c.pool.create_if_missing);
+        c.apply(Overrides {
+            pool_dir: Some("/srv/p".into()),
+            ..Overrides::default()
+        });
+        assert_eq!(c.pool.location(), PoolLocation::Dir("/srv/p".into()));
     }
 
     #[test]

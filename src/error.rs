@@ -183,7 +183,7 @@ impl Error {
             ErrorKind::Busy => "busy",
             ErrorKind::NotFound => "not found",
             ErrorKind::InvalidInput => "invalid input",
-            ErrorKind::Fenced => "fenced (this client was blocklisted: another host owns the pool)",
+            ErrorKind::Fenced => "fenced",
         }
     }
 }
@@ -207,6 +207,14 @@ pub fn fail<T>(kind: ErrorKind, context: impl Into<String>) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_crosses_the_control_socket_by_name() {
+        for (kind, _) in ErrorKind::NAMES {
+            assert_eq!(ErrorKind::from_name(kind.name()), kind);
+        }
+        assert_eq!(ErrorKind::from_name("fenced"), ErrorKind::Fenced);
+    }
 
     #[test]
     fn a_full_host_file_system_is_no_space_on_the_data_device() {

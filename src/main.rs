@@ -441,12 +441,19 @@ fn lock_pool_of(metadata: &Path) -> anyhow::Result<Option<std::fs::File>> {
 /// (taking the pool's ownership: Busy, naming the owner, when another process or host has it).
 /// The status of a RADOS pool needs no ownership: it is read as the last commit left it.
 fn online_or_local(pool: &PoolLocation, req: Request) -> anyhow::Result<serde_json::Value> {
+    /// How long a RADOS pool's status waits for the server on this host: one that does not
+    /// answer (stopped while another host takes the pool) must not hang the command.
+    const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
     let backing = backing(pool)?;
-    if let Some(v) = control::call(&backing.control_socket(), &req)? {
-        return Ok(v);
-    }
+    let socket = backing.control_socket();
     if pool.is_rados() && matches!(req, Request::Status) {
+        if let Some(v) = control::call_within(&socket, &req, STATUS_WAIT)? {
+            return Ok(v);
+        }
         return Ok(serde_json::to_value(Volumes::status_unowned(&*backing)?)?);
+    }
+    if let Some(v) = control::call(&socket, &req)? {
+        return Ok(v);
     }
     let volumes =
         Volumes::open_backing(backing, Config::default().engine, &OwnerPolicy::default())?;

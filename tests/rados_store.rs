@@ -290,6 +290,78 @@ fn never_lost() -> Box<dyn Fn(thinnbd::Error) + Send> {
     Box::new(|e| panic!("lost the pool unexpectedly: {e}"))
 }
 
+/// Takes the pool (or fails with `Busy`) for `duration`, keeping nobody waiting.
+fn take(
+    cluster: &Arc<Cluster>,
+    loc: &RadosLocation,
+    duration: Duration,
+) -> thinnbd::Result<OwnerLock> {
+    OwnerLock::acquire(cluster, loc, duration, Wait::No, never_lost())
+}
+
+/// The client that owns the pool now.
+fn owning_client(cluster: &Cluster, loc: &RadosLocation) -> String {
+    OwnerLock::describe_owner(cluster, loc)
+        .unwrap()
+        .expect("an owner")
+        .client
+}
+
+const MARKED: &str = "tank.data.0000000000000000";
+
+/// `first` owns the pool with a 3 s lock (renewed every second) that reports its loss on the
+/// returned channel, and has written "before" into [`MARKED`].
+fn own_reporting_loss(
+    first: &Arc<Cluster>,
+    loc: &RadosLocation,
+) -> (OwnerLock, mpsc::Receiver<thinnbd::Error>) {
+    let (lost_tx, lost_rx) = mpsc::channel();
+    let held = OwnerLock::acquire(
+        first,
+        loc,
+        Duration::from_secs(3),
+        Wait::No,
+        Box::new(move |e| {
+            let _ = lost_tx.send(e);
+        }),
+    )
+    .unwrap();
+    first.write_at(MARKED, b"before", 0).unwrap();
+    (held, lost_rx)
+}
+
+/// The renewal found the pool lost and said so; `first`'s writes fail with `Fenced` and land
+/// nowhere (as `other` sees); dropping the lost lock takes no lock again.
+fn assert_lost_and_fenced(
+    held: OwnerLock,
+    lost_rx: &mpsc::Receiver<thinnbd::Error>,
+    first: &Cluster,
+    other: &Cluster,
+    loc: &RadosLocation,
+) {
+    let lost = lost_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the owner is told it lost the pool");
+    assert_eq!(lost.kind(), ErrorKind::Fenced, "{lost}");
+    assert!(
+        lost.to_string()
+            .contains(&format!("lost ownership of pool {loc}")),
+        "{lost}"
+    );
+    assert!(held.is_lost());
+    let err = first.write_at(MARKED, b"after!", 0).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
+    assert_eq!(other.read_object(MARKED).unwrap().unwrap(), b"before");
+    let header = PoolObjects::new(loc).header();
+    let holders_before = other.lockers(&header, LOCK_NAME).unwrap();
+    drop(held);
+    assert_eq!(
+        other.lockers(&header, LOCK_NAME).unwrap(),
+        holders_before,
+        "a lost owner neither unlocks nor locks again"
+    );
+}
+
 #[test]
 fn a_held_pool_is_busy_for_a_second_client_until_released() {
     let Some((_rp, loc)) = setup("rcore-lock") else {
@@ -300,14 +372,7 @@ fn a_held_pool_is_busy_for_a_second_client_until_released() {
     assert_ne!(first.client_name(), second.client_name());
     assert!(OwnerLock::describe_owner(&second, &loc).unwrap().is_none());
 
-    let held = OwnerLock::acquire(
-        &first,
-        &loc,
-        Duration::from_secs(30),
-        Wait::No,
-        never_lost(),
-    )
-    .unwrap();
+    let held = take(&first, &loc, Duration::from_secs(30)).unwrap();
     assert_eq!(held.owner().client, first.client_name());
     assert_eq!(held.owner().pid, std::process::id());
     let seen = OwnerLock::describe_owner(&second, &loc)
@@ -319,13 +384,7 @@ fn a_held_pool_is_busy_for_a_second_client_until_released() {
         "the owner record, read by another client"
     );
 
-    let Err(busy) = OwnerLock::acquire(
-        &second,
-        &loc,
-        Duration::from_secs(30),
-        Wait::No,
-        never_lost(),
-    ) else {
+    let Err(busy) = take(&second, &loc, Duration::from_secs(30)) else {
         panic!("a second client took a held pool");
     };
     assert_eq!(busy.kind(), ErrorKind::Busy, "{busy}");
@@ -341,14 +400,7 @@ fn a_held_pool_is_busy_for_a_second_client_until_released() {
         second.read_object(&objects.owner()).unwrap().is_none(),
         "a clean release leaves no owner record behind"
     );
-    let taken = OwnerLock::acquire(
-        &second,
-        &loc,
-        Duration::from_secs(30),
-        Wait::No,
-        never_lost(),
-    )
-    .unwrap();
+    let taken = take(&second, &loc, Duration::from_secs(30)).unwrap();
     assert_eq!(taken.owner().client, second.client_name());
     // The first owner left cleanly: nobody was fenced, so it may still write.
     first.write_at("unrelated", b"still writable", 0).unwrap();
@@ -362,7 +414,7 @@ fn an_expired_lock_is_taken_over_and_its_holder_fenced() {
     let first = connect(&loc);
     let second = connect(&loc);
     let duration = Duration::from_secs(3);
-    let mut stalled = OwnerLock::acquire(&first, &loc, duration, Wait::No, never_lost()).unwrap();
+    let mut stalled = take(&first, &loc, duration).unwrap();
     let data = store(&first, &loc, 16 * BS);
     data.write_at(&[0x11; 4096], 0).unwrap();
     // The owner stalls: its lock is no longer renewed and expires after `duration`.
@@ -375,13 +427,7 @@ fn an_expired_lock_is_taken_over_and_its_holder_fenced() {
         waited >= Duration::from_secs(1) && waited < duration + Duration::from_secs(20),
         "took over after {waited:?}"
     );
-    assert_eq!(
-        OwnerLock::describe_owner(&second, &loc)
-            .unwrap()
-            .expect("an owner")
-            .client,
-        second.client_name()
-    );
+    assert_eq!(owning_client(&second, &loc), second.client_name());
 
     // The stalled owner wakes up: it is blocklisted, and nothing it writes lands.
     let err = data.write_at(&[0x22; 4096], 0).unwrap_err();
@@ -391,14 +437,14 @@ fn an_expired_lock_is_taken_over_and_its_holder_fenced() {
     assert_eq!(back, vec![0x11; 4096], "the fenced write did not land");
     // Dropping the stale lock touches neither the lock nor the new owner's record.
     drop(stalled);
+    assert_eq!(owning_client(&second, &loc), second.client_name());
     assert_eq!(
-        OwnerLock::describe_owner(&second, &loc)
+        second
+            .read_object(&PoolObjects::new(&loc).owner())
             .unwrap()
-            .expect("an owner")
-            .client,
-        second.client_name()
+            .map(|b| serde_json::from_slice::<thinnbd::rados::Owner>(&b).unwrap()),
+        Some(taken.owner().clone())
     );
-    drop(taken);
 }
 
 #[test]
@@ -408,64 +454,17 @@ fn a_takeover_fences_the_owner_and_tells_it() {
     };
     let first = connect(&loc);
     let second = connect(&loc);
-    let (lost_tx, lost_rx) = mpsc::channel();
-    let held = OwnerLock::acquire(
-        &first,
-        &loc,
-        Duration::from_secs(3),
-        Wait::No,
-        Box::new(move |e| {
-            let _ = lost_tx.send(e);
-        }),
-    )
-    .unwrap();
-    first
-        .write_at("tank.data.0000000000000000", b"before", 0)
-        .unwrap();
+    let (held, lost_rx) = own_reporting_loss(&first, &loc);
 
     let owners = OwnerLock::takeover(&second, &loc).unwrap();
     assert_eq!(owners.len(), 1);
     assert_eq!(&owners[0], held.owner());
     // A waiting server takes it at once: the lock is broken.
-    let taken = OwnerLock::acquire(
-        &second,
-        &loc,
-        Duration::from_secs(30),
-        Wait::No,
-        never_lost(),
-    )
-    .unwrap();
+    let taken = take(&second, &loc, Duration::from_secs(30)).unwrap();
 
-    // The renewal (every second here) finds the owner blocklisted.
-    let lost = lost_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the owner is told it lost the pool");
-    assert_eq!(lost.kind(), ErrorKind::Fenced, "{lost}");
-    assert!(
-        lost.to_string()
-            .contains(&format!("lost ownership of pool {loc}")),
-        "{lost}"
-    );
-    assert!(held.is_lost());
-    let err = first
-        .write_at("tank.data.0000000000000000", b"after!", 0)
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
-    assert_eq!(
-        second
-            .read_object("tank.data.0000000000000000")
-            .unwrap()
-            .unwrap(),
-        b"before"
-    );
-    drop(held);
-    assert_eq!(
-        OwnerLock::describe_owner(&second, &loc)
-            .unwrap()
-            .expect("an owner")
-            .client,
-        second.client_name()
-    );
+    // The renewal finds the owner blocklisted (or its lock taken).
+    assert_lost_and_fenced(held, &lost_rx, &first, &second, &loc);
+    assert_eq!(owning_client(&second, &loc), second.client_name());
     drop(taken);
 }
 
@@ -476,20 +475,7 @@ fn an_owner_whose_lock_was_broken_stops_writing() {
     };
     let first = connect(&loc);
     let other = connect(&loc);
-    let (lost_tx, lost_rx) = mpsc::channel();
-    let held = OwnerLock::acquire(
-        &first,
-        &loc,
-        Duration::from_secs(3),
-        Wait::No,
-        Box::new(move |e| {
-            let _ = lost_tx.send(e);
-        }),
-    )
-    .unwrap();
-    first
-        .write_at("tank.data.0000000000000000", b"before", 0)
-        .unwrap();
+    let (held, lost_rx) = own_reporting_loss(&first, &loc);
 
     // Broken by hand (`rados lock break`), without a blocklist entry: the OSDs would still
     // take this client's writes, so the owner must stop by itself.
@@ -500,24 +486,34 @@ fn an_owner_whose_lock_was_broken_stops_writing() {
     assert_eq!(lockers[0].address, first.address().unwrap());
     other.break_lock(&header, LOCK_NAME, &lockers[0]).unwrap();
 
-    let lost = lost_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the owner is told it lost the pool");
-    assert_eq!(lost.kind(), ErrorKind::Fenced, "{lost}");
-    let err = first
-        .write_at("tank.data.0000000000000000", b"after!", 0)
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
+    assert_lost_and_fenced(held, &lost_rx, &first, &other, &loc);
+    assert!(other.lockers(&header, LOCK_NAME).unwrap().is_empty());
+}
+
+#[test]
+fn a_call_over_hundreds_of_blocks_reads_writes_and_punches_them_all() {
+    let Some((_rp, loc)) = setup("rcore-many") else {
+        return;
+    };
+    let cluster = connect(&loc);
+    // 4 KiB blocks, so one call covers more objects than are kept in flight at once.
+    let block = 4096u64;
+    let data = RadosStore::new(cluster.clone(), &loc, block, 1024 * block).unwrap();
+    let written = pattern(100, (300 * block) as usize);
+    data.write_at(&written, 100).unwrap();
     assert_eq!(
-        other
-            .read_object("tank.data.0000000000000000")
-            .unwrap()
-            .unwrap(),
-        b"before"
+        data_blocks(&cluster, &loc),
+        (0..=300).collect::<Vec<_>>(),
+        "300 blocks from byte 100 touch 301"
     );
-    drop(held);
-    assert!(
-        other.lockers(&header, LOCK_NAME).unwrap().is_empty(),
-        "a lost owner does not take the lock again"
-    );
+    let mut back = vec![0xEEu8; written.len() + 200];
+    data.read_at(&mut back, 0).unwrap();
+    assert!(back[..100].iter().all(|&b| b == 0));
+    assert_eq!(&back[100..written.len() + 100], &written[..]);
+    assert!(back[written.len() + 100..].iter().all(|&b| b == 0));
+
+    assert!(data.punch(0, 301 * block).unwrap());
+    assert!(data_blocks(&cluster, &loc).is_empty());
+    data.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
 }

@@ -36,10 +36,18 @@ const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
 /// (which names the object): full -> `NoSpace`, blocklisted -> `Fenced`, anything else `Io`.
 pub fn rados_error(ret: i64, context: impl Into<String>) -> Error {
     let errno = i32::try_from(ret.unsigned_abs()).unwrap_or(libc::EIO);
-    let kind = match errno {
-        libc::ENOSPC | libc::EDQUOT => ErrorKind::NoSpace,
-        EBLOCKLISTED => ErrorKind::Fenced,
-        _ => ErrorKind::Io,
+    let (kind, context) = match errno {
+        libc::ENOSPC | libc::EDQUOT => (ErrorKind::NoSpace, context.into()),
+        // The errno's own text ("Cannot send after transport endpoint shutdown") says
+        // nothing of the cause.
+        EBLOCKLISTED => (
+            ErrorKind::Fenced,
+            format!(
+                "{} (this client is blocklisted: another host owns the pool)",
+                context.into()
+            ),
+        ),
+        _ => (ErrorKind::Io, context.into()),
     };
     Error::with_source(kind, context, io::Error::from_raw_os_error(errno))
 }
@@ -121,16 +129,20 @@ impl Cluster {
         let ret = unsafe {
             ffi::rados_conf_read_file(handle, conf.as_ref().map_or(ptr::null(), |c| c.as_ptr()))
         };
-        check(ret, || {
-            format!(
-                "{}: reading the Ceph configuration {}",
-                what(),
-                loc.ceph_conf.as_ref().map_or_else(
-                    || "($CEPH_CONF or /etc/ceph/ceph.conf)".to_string(),
-                    |p| p.display().to_string()
+        // No file in the default places is fine when $CEPH_ARGS names the monitors, as for
+        // Ceph's own tools; a file named in the configuration must be there.
+        let no_default_file = ret == -libc::ENOENT && loc.ceph_conf.is_none();
+        if !no_default_file {
+            check(ret, || {
+                format!(
+                    "{}: reading the Ceph configuration {}",
+                    what(),
+                    loc.ceph_conf
+                        .as_ref()
+                        .map_or_else(|| "$CEPH_CONF".to_string(), |p| p.display().to_string())
                 )
-            )
-        })?;
+            })?;
+        }
         // SAFETY: a null variable name means $CEPH_ARGS.
         let ret = unsafe { ffi::rados_conf_parse_env(handle, ptr::null()) };
         check(ret, || format!("{}: parsing $CEPH_ARGS", what()))?;
@@ -139,7 +151,17 @@ impl Cluster {
         }
         // SAFETY: a configured, unconnected handle.
         let ret = unsafe { ffi::rados_connect(handle) };
-        check(ret, what)?;
+        check(ret, || {
+            if no_default_file {
+                format!(
+                    "{}: no Ceph configuration found ($CEPH_CONF, /etc/ceph/ceph.conf), \
+                     and $CEPH_ARGS names no monitors",
+                    what()
+                )
+            } else {
+                what()
+            }
+        })?;
         let pool = c_string(&loc.pool)?;
         let mut ioctx: rados_ioctx_t = ptr::null_mut();
         // SAFETY: a connected handle, a NUL-terminated pool name and a valid out pointer.
@@ -408,39 +430,156 @@ impl Cluster {
         result.map(|()| names)
     }
 
-    /// Starts writing `buf` at `offset` of object `oid`; the returned write reports the
-    /// outcome when waited for. librados copies `buf` before this returns.
-    pub fn write_async(&self, oid: &str, buf: &[u8], offset: u64) -> Result<PendingWrite> {
-        self.check_not_fenced(oid)?;
-        let c = c_string(oid)?;
+    /// Starts an asynchronous operation: `start` issues it on a new completion (and returns
+    /// librados' status of the issue).
+    fn start(
+        &self,
+        what: impl FnOnce() -> String,
+        start: impl FnOnce(rados_completion_t) -> c_int,
+    ) -> Result<PendingOp> {
         let mut completion: rados_completion_t = ptr::null_mut();
         // SAFETY: no callbacks; a valid out pointer.
         let ret = unsafe {
             ffi::rados_aio_create_completion(ptr::null_mut(), None, None, &mut completion)
         };
         check(ret, || "creating a librados completion".to_string())?;
-        let pending = PendingWrite {
+        // From here the completion is released by the op's Drop, on every path.
+        let op = PendingOp {
             completion,
-            what: format!(
-                "writing {} bytes at byte {offset} of {}",
-                buf.len(),
-                self.describe(oid)
-            ),
+            what: what(),
+            missing_is_fine: false,
         };
-        // SAFETY: live completion and ioctx; librados copies `buf` into its own buffer
-        // before returning.
-        let ret = unsafe {
-            ffi::rados_aio_write(
-                self.ioctx,
-                c.as_ptr(),
-                completion,
-                buf.as_ptr().cast(),
-                buf.len(),
-                offset,
+        check(start(completion), || op.what.clone())?;
+        Ok(op)
+    }
+
+    /// Starts writing `buf` at `offset` of object `oid`; the returned write reports the
+    /// outcome when waited for. librados copies `buf` before this returns.
+    pub fn write_async(&self, oid: &str, buf: &[u8], offset: u64) -> Result<PendingOp> {
+        self.check_not_fenced(oid)?;
+        let c = c_string(oid)?;
+        self.start(
+            || {
+                format!(
+                    "writing {} bytes at byte {offset} of {}",
+                    buf.len(),
+                    self.describe(oid)
+                )
+            },
+            // SAFETY: live completion and ioctx; librados copies `buf` into its own buffer
+            // before returning.
+            |completion| unsafe {
+                ffi::rados_aio_write(
+                    self.ioctx,
+                    c.as_ptr(),
+                    completion,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    offset,
+                )
+            },
+        )
+    }
+
+    /// Writes each `(object, bytes, offset)` with all of them in flight at once (at most
+    /// [`MAX_IN_FLIGHT`] at a time); the first failure is the error, after every write ended.
+    pub fn write_many(&self, writes: &[(String, &[u8], u64)]) -> Result<()> {
+        self.run_many(writes, |(oid, buf, offset)| {
+            self.write_async(oid, buf, *offset)
+        })
+    }
+
+    /// Removes each object with all removals in flight at once (at most [`MAX_IN_FLIGHT`]);
+    /// missing ones are fine.
+    pub fn remove_many(&self, oids: &[String]) -> Result<()> {
+        self.run_many(oids, |oid| {
+            self.check_not_fenced(oid)?;
+            let c = c_string(oid)?;
+            self.start(
+                || format!("removing {}", self.describe(oid)),
+                // SAFETY: live completion and ioctx; the name is copied by librados.
+                |completion| unsafe { ffi::rados_aio_remove(self.ioctx, c.as_ptr(), completion) },
             )
-        };
-        check(ret, || pending.what.clone())?;
-        Ok(pending)
+            .map(PendingOp::missing_is_fine)
+        })
+    }
+
+    fn run_many<T>(&self, items: &[T], start: impl Fn(&T) -> Result<PendingOp>) -> Result<()> {
+        let mut first_error = None;
+        for window in items.chunks(MAX_IN_FLIGHT) {
+            let mut ops = Vec::with_capacity(window.len());
+            for item in window {
+                match start(item) {
+                    Ok(op) => ops.push(op),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        break;
+                    }
+                }
+            }
+            for op in ops {
+                if let Err(e) = op.wait() {
+                    first_error.get_or_insert(e);
+                }
+            }
+            if first_error.is_some() {
+                break;
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Fills each `(object, buffer, offset)` with all reads in flight at once (at most
+    /// [`MAX_IN_FLIGHT`]); bytes past an object's end, or of a missing object, read zeros
+    /// (as sparse objects are). Every read has ended when this returns, whatever the outcome,
+    /// so the buffers are only borrowed for the call.
+    pub fn read_many(&self, reads: &mut [(String, &mut [u8], u64)]) -> Result<()> {
+        for window in reads.chunks_mut(MAX_IN_FLIGHT) {
+            // `ops` is dropped (each op waited for) before the buffers' borrow ends, on every
+            // path: a read never lands in memory that is no longer the caller's.
+            let mut ops = Vec::with_capacity(window.len());
+            for (oid, buf, offset) in window.iter_mut() {
+                let c = c_string(oid)?;
+                let (len, offset) = (buf.len(), *offset);
+                if i32::try_from(len).is_err() {
+                    return Err(Error::new(
+                        ErrorKind::OutOfBounds,
+                        format!("one read of {len} bytes"),
+                    ));
+                }
+                let target = buf.as_mut_ptr();
+                ops.push(
+                    self.start(
+                        || {
+                            format!(
+                                "reading {len} bytes at byte {offset} of {}",
+                                self.describe(oid)
+                            )
+                        },
+                        // SAFETY: `target` is valid for writes of `len` bytes until the op
+                        // ended: `ops` is waited for before `window`'s borrow ends.
+                        |completion| unsafe {
+                            ffi::rados_aio_read(
+                                self.ioctx,
+                                c.as_ptr(),
+                                completion,
+                                target.cast(),
+                                len,
+                                offset,
+                            )
+                        },
+                    )?
+                    .missing_is_fine(),
+                );
+            }
+            let lengths: Vec<Result<usize>> =
+                ops.into_iter().map(PendingOp::wait_for_length).collect();
+            for ((_, buf, _), got) in window.iter_mut().zip(lengths) {
+                let got = got?.min(buf.len());
+                buf[got..].fill(0);
+            }
+        }
+        Ok(())
     }
 
     /// Takes (or, with [`LOCK_FLAG_MUST_RENEW`], extends) exclusive lock `name` on object
@@ -639,29 +778,51 @@ fn one_address(text: &str) -> String {
         .to_string()
 }
 
-/// A write started with [`Cluster::write_async`]; [`wait`](Self::wait) reports how it ended.
-/// Dropping it unwaited waits too (librados must not own a released completion).
-pub struct PendingWrite {
+/// Operations [`Cluster::read_many`], [`write_many`](Cluster::write_many) and
+/// [`remove_many`](Cluster::remove_many) keep in flight at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// An asynchronous operation in flight; [`wait`](Self::wait) reports how it ended. Dropping
+/// it unwaited waits too: librados must be done with a completion (and any buffer it writes)
+/// before it is released.
+pub struct PendingOp {
     completion: rados_completion_t,
     what: String,
+    /// A missing object is no error (a removal of one, a read of one: zeros).
+    missing_is_fine: bool,
 }
 
 // SAFETY: a librados completion may be waited for and released from any thread.
-unsafe impl Send for PendingWrite {}
+unsafe impl Send for PendingOp {}
 
-impl PendingWrite {
-    /// Waits until the write is durable on every replica (or failed).
+impl PendingOp {
+    fn missing_is_fine(mut self) -> Self {
+        self.missing_is_fine = true;
+        self
+    }
+
+    /// Waits until the operation ended (a write: durable on every replica).
     pub fn wait(self) -> Result<()> {
+        self.wait_for_length().map(|_| ())
+    }
+
+    /// Waits; the non-negative result (bytes, for a read), 0 for a missing object where
+    /// that is fine.
+    fn wait_for_length(self) -> Result<usize> {
         // SAFETY: a live completion, released by Drop after this.
         let ret = unsafe {
             ffi::rados_aio_wait_for_complete(self.completion);
             ffi::rados_aio_get_return_value(self.completion)
         };
-        check(ret, || self.what.clone())
+        if ret == -libc::ENOENT && self.missing_is_fine {
+            return Ok(0);
+        }
+        check(ret, || self.what.clone())?;
+        Ok(usize::try_from(ret).unwrap_or(0))
     }
 }
 
-impl Drop for PendingWrite {
+impl Drop for PendingOp {
     fn drop(&mut self) {
         // SAFETY: the completion is live; waiting first means librados is done with it when
         // it is released, once.
@@ -696,7 +857,9 @@ mod tests {
             rados_error(-i64::from(libc::EDQUOT), "x").kind(),
             ErrorKind::NoSpace
         );
-        assert_eq!(rados_error(-108, "x").kind(), ErrorKind::Fenced);
+        let fenced = rados_error(-108, "writing rbd/tank.data.0");
+        assert_eq!(fenced.kind(), ErrorKind::Fenced);
+        assert!(fenced.to_string().contains("blocklisted"), "{fenced}");
         let e = rados_error(-i64::from(libc::ETIMEDOUT), "reading rbd/tank.pool");
         assert_eq!(e.kind(), ErrorKind::Io);
         assert!(e.to_string().contains("tank.pool"), "{e}");

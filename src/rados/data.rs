@@ -1,7 +1,8 @@
 //! The data store of a RADOS pool: one object per data block (`NAME.data.<hex block>`), a
-//! missing object reading zeros. Each call is synchronous librados I/O; the engine calls from
-//! many threads at once, so requests are in flight in parallel. A write is durable on every
-//! replica once acknowledged, so `sync` has nothing to do.
+//! missing object reading zeros. Each call returns when its librados operations have (the
+//! objects of a multi-block call in parallel); the engine calls from many threads at once, so
+//! requests are in flight in parallel. A write is durable on every replica once acknowledged,
+//! so `sync` has nothing to do.
 //!
 //! Copy-on-write of a shared block copies through this process (read, then write): librados'
 //! C API has no server-side copy.
@@ -92,43 +93,47 @@ impl DataStore for RadosStore {
         Ok(self.size.load(Ordering::Acquire))
     }
 
+    /// The blocks' objects are read in parallel.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        for p in self.pieces(offset, buf.len())? {
-            let piece = &mut buf[p.start..p.start + p.len];
-            let oid = self.objects.data(p.block);
-            // Past the object's end (or no object at all) reads zeros.
-            let got = self
-                .cluster
-                .read_at(&oid, piece, p.offset_in_block)?
-                .unwrap_or(0);
-            piece[got..].fill(0);
+        let mut reads = Vec::new();
+        let mut rest = buf;
+        for p in self.pieces(offset, rest.len())? {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(p.len);
+            rest = tail;
+            reads.push((self.objects.data(p.block), piece, p.offset_in_block));
         }
-        Ok(())
+        self.cluster.read_many(&mut reads)
     }
 
+    /// The blocks' objects are written in parallel.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        for p in self.pieces(offset, buf.len())? {
-            self.cluster.write_at(
-                &self.objects.data(p.block),
-                &buf[p.start..p.start + p.len],
-                p.offset_in_block,
-            )?;
-        }
-        Ok(())
+        let writes: Vec<_> = self
+            .pieces(offset, buf.len())?
+            .map(|p| {
+                (
+                    self.objects.data(p.block),
+                    &buf[p.start..p.start + p.len],
+                    p.offset_in_block,
+                )
+            })
+            .collect();
+        self.cluster.write_many(&writes)
     }
 
     /// Whole blocks lose their objects; the parts of blocks at either end are zeroed.
     fn punch(&self, offset: u64, len: u64) -> Result<bool> {
         let len = usize::try_from(len)
             .map_err(|_| Error::new(ErrorKind::OutOfBounds, format!("punching {len} bytes")))?;
+        let mut whole = Vec::new();
         for p in self.pieces(offset, len)? {
             let oid = self.objects.data(p.block);
             if p.offset_in_block == 0 && p.len as u64 == self.block_size {
-                self.cluster.remove_object(&oid)?;
+                whole.push(oid);
             } else {
                 self.cluster.zero(&oid, p.offset_in_block, p.len as u64)?;
             }
         }
+        self.cluster.remove_many(&whole)?;
         Ok(true)
     }
 

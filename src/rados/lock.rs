@@ -187,6 +187,18 @@ impl OwnerLock {
         // The blocklist entry must be in force before our first write, so that no write of
         // the previous owner lands after one of ours.
         cluster.wait_for_latest_osdmap()?;
+        // Fencing may have been slow: the lock must still be ours (renewed, so it lasts a
+        // whole duration from now) before the record says so and anything is written.
+        if !held.lock(LOCK_FLAG_MUST_RENEW)? {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "pool {loc}: the lock expired while the previous owner was being fenced \
+                     (longer than {}s); try again",
+                    duration.as_secs()
+                ),
+            ));
+        }
         write_owner_record(cluster, &held.objects, &lock.owner)?;
         info!("pool {loc}: owned by {}", lock.owner);
         let renewing = held.clone();
@@ -311,7 +323,7 @@ impl Held {
             match self.lock(LOCK_FLAG_MUST_RENEW) {
                 Ok(true) => renewed = Instant::now(),
                 Ok(false) => break "its lock was broken, expired or taken".to_string(),
-                Err(e) if e.kind() == ErrorKind::Fenced => break e.to_string(),
+                Err(e) if e.kind() == ErrorKind::Fenced => break e.message(),
                 Err(e) if renewed.elapsed() >= self.duration => {
                     break format!("the lock expired: renewing failed: {e}")
                 }

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::cluster::PendingWrite;
+use super::cluster::PendingOp;
 use super::names::META_BLOCKS_PER_OBJECT;
 use super::{Cluster, PoolObjects, RadosLocation};
 use crate::error::{Error, ErrorKind, Result};
@@ -15,7 +15,7 @@ use crate::pdata::block_io::{zeroed_block, Block, BlockIo, BLOCK_SIZE};
 
 /// Writes in flight before `write_block` waits for the oldest half: bounds memory when a
 /// commit writes a great many blocks.
-const MAX_IN_FLIGHT: usize = 4096;
+const MAX_UNSYNCED_WRITES: usize = 4096;
 
 /// A pool's metadata as RADOS objects.
 pub struct RadosBlockIo {
@@ -23,7 +23,7 @@ pub struct RadosBlockIo {
     objects: PoolObjects,
     /// Grows (never shrinks) when the metadata is enlarged; the header keeps it across opens.
     nr_blocks: AtomicU64,
-    in_flight: Mutex<Vec<PendingWrite>>,
+    in_flight: Mutex<Vec<PendingOp>>,
     /// The first failure of a write waited for outside `sync`, reported by the next `sync`.
     failed: Mutex<Option<Error>>,
 }
@@ -66,6 +66,15 @@ impl RadosBlockIo {
     }
 }
 
+impl Drop for RadosBlockIo {
+    /// Writes still in flight end before the connection may go (this may hold its last
+    /// reference): a completion must not outlive its cluster handle.
+    fn drop(&mut self) {
+        let writes = std::mem::take(self.in_flight.get_mut().unwrap_or_else(|p| p.into_inner()));
+        drop(writes);
+    }
+}
+
 impl BlockIo for RadosBlockIo {
     fn nr_blocks(&self) -> u64 {
         self.nr_blocks.load(Ordering::Acquire)
@@ -77,27 +86,28 @@ impl BlockIo for RadosBlockIo {
         Ok(block)
     }
 
-    /// One read per object the range touches.
+    /// One read per object the range touches, in parallel.
     fn read_blocks(&self, location: u64, buf: &mut [u8]) -> Result<()> {
         let count = (buf.len() / BLOCK_SIZE) as u64;
         self.check_range(location, count)?;
-        let mut done = 0u64;
-        while done < count {
-            let at = location + done;
-            let in_object =
-                (META_BLOCKS_PER_OBJECT - at % META_BLOCKS_PER_OBJECT).min(count - done);
-            let start = usize::try_from(done).unwrap_or(usize::MAX) * BLOCK_SIZE;
-            let len = usize::try_from(in_object).unwrap_or(usize::MAX) * BLOCK_SIZE;
-            let piece = &mut buf[start..start + len];
-            let got = self
-                .cluster
-                .read_at(&self.objects.meta(at), piece, Self::byte_in_object(at))
-                .map_err(|e| e.within(format!("reading metadata block {at}")))?
-                .unwrap_or(0);
-            piece[got..].fill(0);
-            done += in_object;
+        let mut reads = Vec::new();
+        let mut rest = &mut buf[..];
+        let mut at = location;
+        while !rest.is_empty() {
+            let in_object = META_BLOCKS_PER_OBJECT - at % META_BLOCKS_PER_OBJECT;
+            let len =
+                usize::try_from(in_object).map_or(rest.len(), |n| (n * BLOCK_SIZE).min(rest.len()));
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            reads.push((self.objects.meta(at), piece, Self::byte_in_object(at)));
+            at += in_object;
         }
-        Ok(())
+        self.cluster.read_many(&mut reads).map_err(|e| {
+            e.within(format!(
+                "reading metadata blocks {location}..{}",
+                location + count
+            ))
+        })
     }
 
     fn write_block(&self, location: u64, data: &Block) -> Result<()> {
@@ -113,10 +123,12 @@ impl BlockIo for RadosBlockIo {
         let oldest = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             in_flight.push(pending);
-            if in_flight.len() < MAX_IN_FLIGHT {
+            if in_flight.len() < MAX_UNSYNCED_WRITES {
                 return Ok(());
             }
-            in_flight.drain(..MAX_IN_FLIGHT / 2).collect::<Vec<_>>()
+            in_flight
+                .drain(..MAX_UNSYNCED_WRITES / 2)
+                .collect::<Vec<_>>()
         };
         for write in oldest {
             if let Err(e) = write.wait() {

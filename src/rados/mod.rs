@@ -30,34 +30,12 @@ pub mod lock;
 pub mod meta;
 pub mod names;
 
-use std::fmt;
-use std::path::PathBuf;
-
+/// Where a pool lives in Ceph and how to reach the cluster; a plain value of the volume layer
+/// (a build without this feature still parses `rados:` locations, to refuse them clearly).
+pub use crate::volume::location::RadosLocation;
 pub use cluster::Cluster;
 pub use data::RadosStore;
 pub use header::PoolHeader;
 pub use lock::{Owner, OwnerLock, Wait};
 pub use meta::RadosBlockIo;
 pub use names::PoolObjects;
-
-/// Where a pool lives in Ceph, and how to reach the cluster: `rados:POOL/NAME`, plus the
-/// client settings that override the environment (`$CEPH_CONF`, `$CEPH_ARGS`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RadosLocation {
-    /// The RADOS pool.
-    pub pool: String,
-    /// The thin pool's name inside it (no '/' or '.').
-    pub name: String,
-    /// The Ceph configuration file (default: `$CEPH_CONF`, else /etc/ceph/ceph.conf).
-    pub ceph_conf: Option<PathBuf>,
-    /// The client id, as in `client.ID` (default: librados' own, `admin`).
-    pub client_id: Option<String>,
-    /// The keyring file (default: what the configuration says).
-    pub keyring: Option<PathBuf>,
-}
-
-impl fmt::Display for RadosLocation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "rados:{}/{}", self.pool, self.name)
-    }
-}

@@ -256,18 +256,9 @@ pub async fn serve(listener: tokio::net::UnixListener, volumes: Arc<Volumes>) {
     }
 }
 
-/// Binds the control socket (replacing only a stale one), mode 0600, in a directory made
-/// private (0700) when this creates it. Done before the server says it is serving, so a volume
-/// command run as soon as it does finds the socket.
+/// Binds the control socket (replacing only a stale one), mode 0600. Done before the server
+/// says it is serving, so a volume command run as soon as it does finds the socket.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
     crate::util::remove_stale_socket(path)?;
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))?;
@@ -278,17 +269,47 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
 
 /// Sends one request to a running server. `Ok(None)` when no server listens there.
 pub fn call(path: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
+    call_waiting(path, req, None)
+}
+
+/// `call` that waits at most `limit` for the reply: `Ok(None)` also when the server does not
+/// answer in time (stopped, say, while another process takes its pool over).
+pub fn call_within(
+    path: &Path,
+    req: &Request,
+    limit: std::time::Duration,
+) -> Result<Option<serde_json::Value>> {
+    call_waiting(path, req, Some(limit))
+}
+
+fn call_waiting(
+    path: &Path,
+    req: &Request,
+    limit: Option<std::time::Duration>,
+) -> Result<Option<serde_json::Value>> {
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(_) => return Ok(None),
     };
+    let io = |e| Error::io(format!("talking to {}", path.display()), e);
+    stream.set_read_timeout(limit).map_err(io)?;
     let mut line = serde_json::to_string(req)
         .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("encoding request: {e}")))?;
     line.push('\n');
-    let io = |e| Error::io(format!("talking to {}", path.display()), e);
     stream.write_all(line.as_bytes()).map_err(io)?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    match BufReader::new(stream).read_line(&mut reply) {
+        Err(e)
+            if limit.is_some()
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+        {
+            return Ok(None)
+        }
+        read => read.map_err(io)?,
+    };
     match serde_json::from_str::<Response>(&reply) {
         Ok(Response::Ok(v)) => Ok(Some(v)),
         Ok(Response::Err { kind, message }) => {

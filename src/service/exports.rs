@@ -130,6 +130,21 @@ impl VolumeExport {
     }
 }
 
+impl VolumeExport {
+    /// Runs a change (or a flush) only while this process owns the pool, taking a `Fenced`
+    /// failure as the loss of it; what it makes `durable` (a flush, FUA) is acknowledged only
+    /// after proving the ownership held to the end, so nothing acknowledged comes after a
+    /// takeover.
+    fn changing(&self, durable: bool, change: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.volumes.check_owned()?;
+        self.volumes.note_result(change())?;
+        if durable {
+            self.volumes.confirm_owned()?;
+        }
+        Ok(())
+    }
+}
+
 impl ExportBackend for VolumeExport {
     fn size(&self) -> u64 {
         self.active.thin.size()
@@ -152,10 +167,12 @@ impl ExportBackend for VolumeExport {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        self.active.thin.write(offset, data, fua)
+        self.changing(fua, || self.active.thin.write(offset, data, fua))
     }
 
     fn try_write_nowait(&self, offset: u64, data: &[u8]) -> Option<()> {
+        // A pool lost to another owner answers on the slow path, which says so.
+        self.volumes.check_owned().ok()?;
         self.active.thin.try_write_nowait(offset, data)
     }
 
@@ -164,11 +181,11 @@ impl ExportBackend for VolumeExport {
     }
 
     fn flush(&self) -> Result<()> {
-        self.active.thin.flush()
+        self.changing(true, || self.active.thin.flush())
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.active.thin.discard(offset, len, fua)
+        self.changing(fua, || self.active.thin.discard(offset, len, fua))
     }
 
     fn write_zeroes(
@@ -186,7 +203,9 @@ impl ExportBackend for VolumeExport {
                 "zeroing without unmapping is not fast",
             );
         }
-        self.active.thin.write_zeroes(offset, len, may_unmap, fua)
+        self.changing(fua, || {
+            self.active.thin.write_zeroes(offset, len, may_unmap, fua)
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -147,6 +147,36 @@ async fn reload(tls: &Arc<TlsCredentials>) {
     }
 }
 
+/// The shared runtime directory of a RADOS pool's control socket (`/tmp/thinnbd-UID` without
+/// `$XDG_RUNTIME_DIR`) must be this user's alone: another user's could swap the socket for one
+/// that answers volume commands falsely. Made (0700) when missing.
+fn private_runtime_dir(socket: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let Some(dir) = socket.parent() else {
+        return Ok(());
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| Error::io(format!("inspecting {}", dir.display()), e))?;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        return Err(Error::new(
+            crate::ErrorKind::InvalidInput,
+            format!(
+                "{} belongs to another user or others may write to it: not putting the control \
+                 socket there (set XDG_RUNTIME_DIR to a private directory)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// How long connections get to finish once the pool's ownership is lost: their writes fail
 /// (fenced) rather than land, so this only bounds how long a hung cluster keeps the process.
 const LOST_OWNERSHIP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -222,9 +252,14 @@ pub async fn run(config: Config) -> Result<()> {
         );
     }
     let control_path = volumes.control_socket();
+    let control_dir_ok = if location.is_rados() {
+        private_runtime_dir(&control_path)
+    } else {
+        Ok(())
+    };
     // Without a control socket the volumes are still served; volume commands then say the
     // pool is busy.
-    let control = match control::bind(&control_path) {
+    let control = match control_dir_ok.and_then(|()| control::bind(&control_path)) {
         Ok(listener) => Some(tokio::spawn(control::serve(listener, volumes.clone()))),
         Err(e) => {
             tracing::error!("control socket: {e}");

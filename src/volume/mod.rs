@@ -12,6 +12,7 @@ pub mod registry;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -166,6 +167,13 @@ pub struct Volumes {
     pool: Arc<Pool>,
     registry: Mutex<Registry>,
     active: Mutex<HashMap<String, Arc<ActiveVolume>>>,
+    /// Why this process lost the pool, once it has (a request failed `Fenced`): every later
+    /// change and flush fails, whatever the engine would answer.
+    lost: Mutex<Option<String>>,
+    /// `lost` is set: the one check on every request's path, so an atomic rather than a lock.
+    is_lost: AtomicBool,
+    /// Told once when a request finds the pool lost (the owner lock's own check may come later).
+    on_lost: Option<OnLost>,
     _owner: Ownership,
 }
 
@@ -260,8 +268,52 @@ impl Volumes {
             pool,
             registry: Mutex::new(registry),
             active: Mutex::new(HashMap::new()),
+            lost: Mutex::new(None),
+            is_lost: AtomicBool::new(false),
+            on_lost: policy.on_lost.clone(),
             _owner: owner,
         }))
+    }
+
+    /// `Fenced` once this process has lost the pool (see [`note_result`](Self::note_result)).
+    pub fn check_owned(&self) -> Result<()> {
+        if !self.is_lost.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match &*locked(&self.lost) {
+            Some(why) => fail(ErrorKind::Fenced, why.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Passes a request's result on, taking a `Fenced` error as the loss of the pool: from
+    /// then on [`check_owned`](Self::check_owned) fails, and the owner policy's `on_lost` is
+    /// told (once).
+    pub fn note_result<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            if e.kind() == ErrorKind::Fenced {
+                let first = locked(&self.lost).replace(e.message()).is_none();
+                self.is_lost.store(true, Ordering::Release);
+                if let (true, Some(tell)) = (first, &self.on_lost) {
+                    tell(&Error::new(
+                        ErrorKind::Fenced,
+                        format!(
+                            "lost ownership of pool {}: {}",
+                            self.location(),
+                            e.message()
+                        ),
+                    ));
+                }
+            }
+        }
+        result
+    }
+
+    /// What a flush (or a FUA write) acknowledges must be this process's as the pool's owner:
+    /// proves it still is (a RADOS pool: one round trip a fenced client cannot make).
+    pub fn confirm_owned(&self) -> Result<()> {
+        self.check_owned()?;
+        self.note_result(self.backing.confirm_ownership())
     }
 
     pub fn location(&self) -> &PoolLocation {

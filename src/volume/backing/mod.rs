@@ -96,6 +96,13 @@ pub trait PoolBacking: Send + Sync {
         Ok(None)
     }
 
+    /// Proves this process still owns the pool, by a round trip that fails (`Fenced`) once
+    /// another owner has fenced it off: what a flush acknowledges must not come after a
+    /// takeover. A directory's lock cannot be taken away: nothing to prove.
+    fn confirm_ownership(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Makes room for the engine to grow the pool's data to `data_bytes` and its metadata to
     /// `metadata_bytes` (never shrinking): what must be recorded before the growth commits.
     /// A file grows with the engine itself: nothing to do.

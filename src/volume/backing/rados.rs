@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{OwnerPolicy, Ownership, PoolBacking};
+use crate::engine::data::DataStore;
 use crate::engine::{EngineConfig, Pool};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::pdata::block_io::{BlockIo, BLOCK_SIZE};
@@ -19,25 +20,17 @@ use crate::volume::CreateOptions;
 pub struct RadosBacking {
     location: PoolLocation,
     control_socket: PathBuf,
-    rados: rados::RadosLocation,
+    rados: RadosLocation,
     cluster: Arc<Cluster>,
 }
 
 impl RadosBacking {
     pub fn connect(location: &RadosLocation) -> Result<RadosBacking> {
-        let rados = rados::RadosLocation {
-            pool: location.pool.clone(),
-            name: location.name.clone(),
-            ceph_conf: location.ceph_conf.clone(),
-            client_id: location.client_id.clone(),
-            keyring: location.keyring.clone(),
-        };
-        let cluster = Cluster::connect(&rados)?;
         Ok(RadosBacking {
             location: PoolLocation::Rados(location.clone()),
             control_socket: location.control_socket(),
-            rados,
-            cluster,
+            rados: location.clone(),
+            cluster: Cluster::connect(location)?,
         })
     }
 
@@ -51,6 +44,15 @@ impl RadosBacking {
             &self.rados,
             header.metadata_blocks,
         ))
+    }
+
+    fn data_store(&self, header: &PoolHeader) -> Result<Arc<dyn DataStore>> {
+        Ok(Arc::new(RadosStore::new(
+            self.cluster.clone(),
+            &self.rados,
+            header.block_size,
+            header.data_size,
+        )?))
     }
 
     fn create_objects(&self, opts: &CreateOptions, config: EngineConfig) -> Result<()> {
@@ -78,15 +80,9 @@ impl RadosBacking {
             opts.data_size,
             meta_bytes / BLOCK_SIZE as u64,
         );
-        let store = Arc::new(RadosStore::new(
-            self.cluster.clone(),
-            &self.rados,
-            opts.block_size,
-            opts.data_size,
-        )?);
         let pool = Pool::create_from_parts(
             self.block_io(&header),
-            store,
+            self.data_store(&header)?,
             opts.block_size,
             nr_data_blocks,
             config,
@@ -188,13 +184,7 @@ impl PoolBacking for RadosBacking {
 
     fn open_pool(&self, config: EngineConfig) -> Result<Arc<Pool>> {
         let header = self.header()?;
-        let store = Arc::new(RadosStore::new(
-            self.cluster.clone(),
-            &self.rados,
-            header.block_size,
-            header.data_size,
-        )?);
-        Pool::from_parts(self.block_io(&header), store, config).map_err(|e| {
+        Pool::from_parts(self.block_io(&header), self.data_store(&header)?, config).map_err(|e| {
             if e.kind() != ErrorKind::Corrupt {
                 return e;
             }
@@ -232,6 +222,14 @@ impl PoolBacking for RadosBacking {
     fn take_over(&self) -> Result<Vec<String>> {
         let owners = OwnerLock::takeover(&self.cluster, &self.rados)?;
         Ok(owners.iter().map(ToString::to_string).collect())
+    }
+
+    /// A read of the header: the OSDs refuse every request of a blocklisted client, and a
+    /// new owner blocklists the previous one before it writes anything.
+    fn confirm_ownership(&self) -> Result<()> {
+        self.cluster
+            .object_size(&PoolObjects::new(&self.rados).header())
+            .map(drop)
     }
 
     /// The header records the devices' sizes (RADOS cannot tell them): it grows before the
