@@ -14,7 +14,7 @@ use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use super::process::{describe, exit_within, free_port, run};
-use super::server::{Server, BIN};
+use super::server::{succeeded, Server, BIN};
 use super::tools::{find_tool, in_ci};
 
 /// How long a `thinnbd` command may take.
@@ -158,15 +158,7 @@ impl CephCluster {
 
     /// `thinnbd ARGS` that must succeed; returns stdout.
     pub fn thinnbd_ok(&self, args: &[&str]) -> String {
-        let out = self.thinnbd(args);
-        assert!(
-            out.status.success(),
-            "thinnbd {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded(args, &self.thinnbd(args))
     }
 
     /// `thinnbd ARGS` that must fail; returns stdout and stderr together.

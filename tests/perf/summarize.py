@@ -111,22 +111,14 @@ def main():
     ratio_table("\nRatios on one Ceph cluster, thinnbd serve on a RADOS pool / qemu-nbd on an RBD "
                 "image (>1: thinnbd faster):\n", "rados", [s for s in servers if s == "rbd"])
 
-    out.append("\nServer CPU during the run: % of one core / CPU microseconds per request "
-               "(nbdcopy: CPU seconds):\n")
-    out.append("| workload | " + " | ".join(TITLES[s] for s in servers) + " |")
-    out.append("|---|" + "---:|" * len(servers))
-    for w in order:
-        cells = []
-        for s in servers:
-            if (w, s) not in cpu:
-                cells.append("-")
-                continue
-            p = statistics.median(cpu[w, s])
-            if unit[w] == "s":
-                cells.append(f"{p:.0f}% / {p * med[w, s] / 100:.2f} s")
-            else:
-                cells.append(f"{p:.0f}% / {statistics.median(us[w, s]):.1f}")
-        out.append(f"| {w} | " + " | ".join(cells) + " |")
+    def server_cpu(w, s):
+        p = statistics.median(cpu[w, s])
+        if unit[w] == "s":
+            return f"{p:.0f}% / {p * med[w, s] / 100:.2f} s"
+        return f"{p:.0f}% / {statistics.median(us[w, s]):.1f}"
+
+    cpu_table(out, "\nServer CPU during the run: % of one core / CPU microseconds per request "
+              "(nbdcopy: CPU seconds):\n", order, servers, cpu, server_cpu)
 
     out.append("\nServer peak RSS (VmHWM, MiB; the largest over the runs of each server):\n")
     out.append("| " + " | ".join(TITLES[s] for s in servers) + " |")
@@ -180,20 +172,23 @@ def osd_table(path, order, out):
     servers = [s for s in CEPH if any((w, s) in cpu for w in order)]
     if not servers:
         return
-    out.append("\nCeph OSD CPU during the run: % of one core / CPU microseconds per request "
-               "(nbdcopy: % only):\n")
+    def osd_cpu(w, s):
+        p = statistics.median(cpu[w, s])
+        if w == "nbdcopy":
+            return f"{p:.0f}%"
+        return f"{p:.0f}% / {statistics.median(us[w, s]):.1f}"
+
+    cpu_table(out, "\nCeph OSD CPU during the run: % of one core / CPU microseconds per request "
+              "(nbdcopy: % only):\n", order, servers, cpu, osd_cpu)
+
+
+def cpu_table(out, title, order, servers, cpu, cell):
+    """A workload-by-server table of CPU figures: `cell(w, s)` where the run has any."""
+    out.append(title)
     out.append("| workload | " + " | ".join(TITLES[s] for s in servers) + " |")
     out.append("|---|" + "---:|" * len(servers))
     for w in order:
-        cells = []
-        for s in servers:
-            if (w, s) not in cpu:
-                cells.append("-")
-            elif w == "nbdcopy":
-                cells.append(f"{statistics.median(cpu[w, s]):.0f}%")
-            else:
-                cells.append(f"{statistics.median(cpu[w, s]):.0f}% / "
-                             f"{statistics.median(us[w, s]):.1f}")
+        cells = [cell(w, s) if (w, s) in cpu else "-" for s in servers]
         out.append(f"| {w} | " + " | ".join(cells) + " |")
 
 
