@@ -11,7 +11,7 @@ use common::nbd_client::Client;
 use common::nbdsh::nbdsh;
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
-use common::qemu::{nbdinfo_map, qemu_io_at};
+use common::qemu::{fio_verify_two_connections, nbdinfo_map, qemu_io_at};
 use common::tools::*;
 use thinnbd::nbd::memory::MemoryExport;
 
@@ -272,31 +272,6 @@ fn fio_randrw_with_verification_on_two_connections() {
     let server = TestServer::start(standard_source());
     // fio leaves state files in its working directory.
     let dir = tempfile::tempdir().unwrap();
-    let out = stdout_of(Command::new("fio").current_dir(dir.path()).args([
-        "--verify_state_save=0",
-        "--name=nbdjob",
-        "--ioengine=nbd",
-        &format!("--uri={}", server.uri("disk")),
-        "--rw=randrw",
-        "--bs=4k",
-        "--iodepth=16",
-        "--numjobs=2",
-        // Each job owns 16 MiB of the disk, so their verification does not interfere.
-        "--size=16m",
-        "--offset_increment=16m",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--time_based",
-        "--runtime=10",
-        "--group_reporting",
-    ]));
-    assert!(out.contains("err= 0"), "{out}");
-    // fio names the failure, e.g. "verify: bad magic header" or "crc32c: verify failed".
-    for bad in ["verify failed", "bad magic", "bad header", "verify: bad"] {
-        assert!(
-            !out.contains(bad),
-            "fio reported a verification failure:\n{out}"
-        );
-    }
+    fio_verify_two_connections(&server.uri("disk"), dir.path(), 10);
     assert!(server.is_running());
 }

@@ -9,7 +9,10 @@ use common::nbd_client::Client;
 use common::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 use common::pattern::pattern;
 use common::process::{run, stdout_of};
-use common::qemu::{nbdinfo_map, qemu_io_at};
+use common::qemu::{
+    fio_verify_two_connections, nbdinfo_map, qemu_io_at, ACROSS_BOUNDARIES,
+    ACROSS_BOUNDARIES_READ_BACK,
+};
 use common::server::*;
 use common::tools::*;
 
@@ -84,44 +87,9 @@ fn qemu_io_patterns_including_unaligned_io_across_block_boundaries() {
     let pool = TestPool::create("1G");
     pool.create_volume("vol", "64M");
     let server = pool.serve();
-    let cmds = [
-        "write -P 0xab 0 128k",
-        "read -P 0xab 0 128k",
-        // 512-byte-granular I/O straddling the 4 KiB boundary...
-        "write -P 0x11 3584 1024",
-        // ...and the 64 KiB pool block boundary (a provisioned and an unprovisioned block).
-        "write -P 0x22 65024 1024",
-        "write -P 0x33 196096 1024",
-        "read -P 0xab 0 3584",
-        "read -P 0x11 3584 1024",
-        "read -P 0xab 4608 60416",
-        "read -P 0x22 65024 1024",
-        "read -P 0xab 66048 65024",
-        // 128k..191.5k was never written: zeros; then the straddling write; then zeros.
-        "read -P 0 131072 65024",
-        "read -P 0x33 196096 1024",
-        "read -P 0 197120 64000",
-        // Odd lengths at odd places across the 1 MiB boundary.
-        "write -P 0x44 1048064 1536",
-        "read -P 0x44 1048064 1536",
-        "write -z 8192 8192",
-        "read -P 0 8192 8192",
-        "flush",
-    ];
-    qemu_io_at(&server.uri("vol"), false, &cmds);
+    qemu_io_at(&server.uri("vol"), false, &ACROSS_BOUNDARIES);
     // A second client over the unix socket sees what the first wrote.
-    qemu_io_at(
-        &server.unix_uri("vol"),
-        true,
-        &[
-            "read -P 0xab 0 3584",
-            "read -P 0x11 3584 1024",
-            "read -P 0 8192 8192",
-            "read -P 0x22 65024 1024",
-            "read -P 0x33 196096 1024",
-            "read -P 0x44 1048064 1536",
-        ],
-    );
+    qemu_io_at(&server.unix_uri("vol"), true, &ACROSS_BOUNDARIES_READ_BACK);
     // And so does a raw client, byte for byte.
     let (mut c, size, _) = Client::open(server.port, "vol");
     assert_eq!(size, 64 * MIB);
@@ -328,31 +296,9 @@ fn fio_randrw_crc32c_verify_on_two_connections_for_30s() {
     let pool = TestPool::create("1G");
     pool.create_volume("fio", "64M");
     let mut server = pool.serve();
-    // fio writes verify state files into its working directory.
     let work = pool.tmp.path().join("fio");
     std::fs::create_dir(&work).expect("mkdir");
-    let out = stdout_of(Command::new("fio").current_dir(&work).args([
-        "--verify_state_save=0",
-        "--name=thinnbd",
-        "--ioengine=nbd",
-        &format!("--uri={}", server.uri("fio")),
-        "--rw=randrw",
-        "--bs=4k",
-        "--iodepth=16",
-        "--numjobs=2",
-        // Each job (one NBD connection each) owns 16 MiB, so their verification is independent.
-        "--size=16m",
-        "--offset_increment=16m",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--time_based",
-        "--runtime=30",
-        "--group_reporting",
-    ]));
-    assert!(out.contains("err= 0"), "{out}");
-    for bad in ["verify failed", "bad magic", "bad header", "verify: bad"] {
-        assert!(!out.contains(bad), "fio reported {bad:?}:\n{out}");
-    }
+    fio_verify_two_connections(&server.uri("fio"), &work, 30);
     assert!(server.is_running(), "server died:\n{}", server.log_text());
     assert!(pool.mapped_bytes("fio") > 0);
     server.stop();

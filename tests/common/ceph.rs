@@ -13,9 +13,12 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use super::process::{describe, free_port, run};
-use super::server::{Server, BIN};
+use super::process::{describe, exit_within, free_port, run};
+use super::server::{succeeded, Server, BIN};
 use super::tools::{find_tool, in_ci};
+
+/// How long a `thinnbd` command may take.
+const COMMAND_LIMIT: Duration = Duration::from_secs(120);
 
 /// The Ceph programs a cluster needs (Debian: ceph-mon ceph-osd ceph-common).
 const CEPH_TOOLS: [&str; 5] = ["ceph-mon", "ceph-osd", "monmaptool", "ceph", "rados"];
@@ -118,25 +121,44 @@ impl CephCluster {
         cmd
     }
 
-    /// `thinnbd ARGS` against this cluster, whatever its exit status.
+    /// `thinnbd ARGS` against this cluster, whatever its exit status. Bounded: a command
+    /// still running after 2 minutes (a hung cluster or server) is killed and fails the test.
     pub fn thinnbd(&self, args: &[&str]) -> Output {
-        let mut cmd = self.command(BIN);
-        cmd.args(args).env("NO_COLOR", "1");
-        cmd.output()
-            .unwrap_or_else(|e| panic!("cannot run thinnbd {args:?}: {e}"))
+        let out = tempfile::tempfile().expect("temp file");
+        let err = tempfile::tempfile().expect("temp file");
+        let mut child = self
+            .command(BIN)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(err.try_clone().expect("dup"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run thinnbd {args:?}: {e}"));
+        let read = |mut f: std::fs::File| {
+            use std::io::{Read, Seek};
+            let mut bytes = Vec::new();
+            f.rewind().expect("rewind");
+            f.read_to_end(&mut bytes).expect("read output");
+            bytes
+        };
+        let Some(status) = exit_within(&mut child, COMMAND_LIMIT) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "thinnbd {args:?} still ran after {COMMAND_LIMIT:?}:\n{}",
+                String::from_utf8_lossy(&read(err))
+            );
+        };
+        Output {
+            status,
+            stdout: read(out),
+            stderr: read(err),
+        }
     }
 
     /// `thinnbd ARGS` that must succeed; returns stdout.
     pub fn thinnbd_ok(&self, args: &[&str]) -> String {
-        let out = self.thinnbd(args);
-        assert!(
-            out.status.success(),
-            "thinnbd {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded(args, &self.thinnbd(args))
     }
 
     /// `thinnbd ARGS` that must fail; returns stdout and stderr together.
@@ -161,8 +183,10 @@ impl CephCluster {
         String::from_utf8_lossy(&run(&mut cmd).stdout).into_owned()
     }
 
-    /// A new RADOS pool `name` for one test. Each test takes one pool: the pool holds a shared
-    /// use of the cluster that [`CephCluster::osd_stop`]'s test waits out.
+    /// A new RADOS pool for one test, named `NAME-PID`: unique on the host, so that the
+    /// control sockets of its thin pools (named after the RADOS pool and the thin pool) never
+    /// meet those of another test binary's cluster. Each test takes one pool: the pool holds a
+    /// shared use of the cluster that [`CephCluster::osd_stop`]'s test waits out.
     pub fn pool(&'static self, name: &str) -> RadosPool {
         self.create_pool(
             name,
@@ -180,11 +204,12 @@ impl CephCluster {
     }
 
     fn create_pool(&'static self, name: &str, guard: Use) -> RadosPool {
-        self.ceph(&["osd", "pool", "create", name, "8", "8"]);
-        self.ceph(&["osd", "pool", "application", "enable", name, "thinnbd"]);
+        let name = format!("{name}-{}", std::process::id());
+        self.ceph(&["osd", "pool", "create", &name, "8", "8"]);
+        self.ceph(&["osd", "pool", "application", "enable", &name, "thinnbd"]);
         RadosPool {
             cluster: self,
-            name: name.to_string(),
+            name,
             _use: guard,
         }
     }
@@ -234,10 +259,18 @@ impl CephCluster {
         server
     }
 
-    /// Whether the tested binary has RADOS support. Without: fails under CI=true (run-all.sh
-    /// builds with `--features thinnbd/rados`), else prints a skip note.
-    pub fn binary_supports_rados(&self) -> bool {
-        let out = self.thinnbd(&["pool", "status", "rados:thinnbd-probe/none"]);
+    /// Whether the tested binary has RADOS support (asked before any cluster starts). Without:
+    /// fails under CI=true (run-all.sh builds with `--features thinnbd/rados`), else prints a
+    /// skip note.
+    pub fn binary_supports_rados() -> bool {
+        let out = Command::new(BIN)
+            .args(["pool", "status", "rados:thinnbd-probe/none"])
+            .env("NO_COLOR", "1")
+            // No cluster: a RADOS build fails to connect, which is all this needs to see.
+            .env("CEPH_CONF", "/nonexistent/ceph.conf")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run thinnbd");
         let err = String::from_utf8_lossy(&out.stderr);
         if !err.contains("built without RADOS support") {
             return true;
@@ -270,8 +303,10 @@ impl Drop for CephCluster {
 /// The shared cluster of this test binary and a new RADOS pool `name` in it, when Ceph and a
 /// RADOS-capable binary are there; None after a skip note.
 pub fn rados_pool(name: &str) -> Option<RadosPool> {
-    let cluster = CephCluster::shared()?;
-    cluster.binary_supports_rados().then(|| cluster.pool(name))
+    if !CephCluster::binary_supports_rados() {
+        return None;
+    }
+    Some(CephCluster::shared()?.pool(name))
 }
 
 /// The last lines of the cluster's logs, for a failure message.

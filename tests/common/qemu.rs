@@ -1,6 +1,8 @@
 //! External clients against an export of a test server, as a user would run them: qemu-io
-//! (by port on 127.0.0.1 or by URI) and `nbdinfo --map`.
+//! (by port on 127.0.0.1 or by URI, and one pattern of unaligned I/O across block boundaries),
+//! `nbdinfo --map`, and fio verifying its writes from two connections.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::process::{run, stdout_of};
@@ -61,6 +63,71 @@ pub fn qemu_io_at(uri: &str, read_only: bool, cmds: &[&str]) -> String {
         assert!(!text.contains(bad), "qemu-io reported {bad:?}:\n{text}");
     }
     text
+}
+
+/// qemu-io commands for a fresh export of at least 2 MiB: 512-byte-granular writes and reads
+/// straddling the 4 KiB boundary, the 64 KiB pool block boundary (a provisioned and an
+/// unprovisioned block) and the 1 MiB boundary, a write of zeros, then a flush.
+pub const ACROSS_BOUNDARIES: [&str; 18] = [
+    "write -P 0xab 0 128k",
+    "read -P 0xab 0 128k",
+    "write -P 0x11 3584 1024",
+    "write -P 0x22 65024 1024",
+    "write -P 0x33 196096 1024",
+    "read -P 0xab 0 3584",
+    "read -P 0x11 3584 1024",
+    "read -P 0xab 4608 60416",
+    "read -P 0x22 65024 1024",
+    "read -P 0xab 66048 65024",
+    // 128k..191.5k was never written: zeros; then the straddling write; then zeros.
+    "read -P 0 131072 65024",
+    "read -P 0x33 196096 1024",
+    "read -P 0 197120 64000",
+    "write -P 0x44 1048064 1536",
+    "read -P 0x44 1048064 1536",
+    "write -z 8192 8192",
+    "read -P 0 8192 8192",
+    "flush",
+];
+
+/// What another client reads back after [`ACROSS_BOUNDARIES`].
+pub const ACROSS_BOUNDARIES_READ_BACK: [&str; 6] = [
+    "read -P 0xab 0 3584",
+    "read -P 0x11 3584 1024",
+    "read -P 0 8192 8192",
+    "read -P 0x22 65024 1024",
+    "read -P 0x33 196096 1024",
+    "read -P 0x44 1048064 1536",
+];
+
+/// fio random 4 KiB reads and writes with crc32c verification for `runtime_secs`, from two
+/// connections (jobs) each on its own 16 MiB of the export at `uri` (at least 32 MiB), run in
+/// `work` (fio leaves state files there). Fails the test on an error or a verify failure;
+/// returns fio's output.
+pub fn fio_verify_two_connections(uri: &str, work: &Path, runtime_secs: u32) -> String {
+    let out = super::process::stdout_of(Command::new("fio").current_dir(work).args([
+        "--verify_state_save=0",
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randrw",
+        "--bs=4k",
+        "--iodepth=16",
+        "--numjobs=2",
+        "--size=16m",
+        "--offset_increment=16m",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--time_based",
+        &format!("--runtime={runtime_secs}"),
+        "--group_reporting",
+    ]));
+    assert!(out.contains("err= 0"), "{out}");
+    // fio names the failure, e.g. "verify: bad magic header" or "crc32c: verify failed".
+    for bad in ["verify failed", "bad magic", "bad header", "verify: bad"] {
+        assert!(!out.contains(bad), "fio reported {bad:?}:\n{out}");
+    }
+    out
 }
 
 /// `nbdinfo --map URI` as (offset, length, type) rows.

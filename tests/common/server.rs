@@ -42,7 +42,11 @@ pub fn cli(args: &[&str]) -> Output {
 
 /// Runs the CLI and fails the test unless it succeeds; returns stdout.
 pub fn cli_ok(args: &[&str]) -> String {
-    let out = cli(args);
+    succeeded(args, &cli(args))
+}
+
+/// The stdout of `thinnbd ARGS` that gave `out`; fails the test unless it succeeded.
+pub fn succeeded(args: &[&str], out: &Output) -> String {
     assert!(
         out.status.success(),
         "thinnbd {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",

@@ -4,10 +4,14 @@
 # backing files on one filesystem, each server stopped by its PID. The *-tls servers are thinnbd
 # serve, nbdkit file and qemu-nbd qcow2 again with TLS required (X.509, the same certificates,
 # made for the run with openssl; clients find theirs in libnbd's default directory).
+# The RADOS servers (not in the default list: they need a Ceph cluster) are thinnbd serving a
+# pool in RADOS and qemu-nbd serving an RBD image of the same size, on one cluster: a
+# single-node one that tests/ceph/micro-cluster.sh starts in DIR/ceph for the run (or the one
+# of --ceph-dir), each session in a fresh RADOS pool; their report adds the OSD's CPU.
 #
 #   tests/perf/compare.sh [--quick] [--runtime S] [--workloads LIST] [--servers LIST]
 #                         [--reps N] [--dir DIR] [--out FILE] [--no-build] [--list]
-#                         [--plugin-threads N]
+#                         [--plugin-threads N] [--ceph-dir DIR]
 #
 # LIST is comma separated; workload entries may be shell globs (e.g. 'randread-*').
 # Env THINNBD=PATH and THINNBD_PLUGIN=PATH use other builds of the binary and the plugin.
@@ -28,7 +32,8 @@ build=1
 plugin_threads=4   # nbdkit --threads for the thinnbd plugin (docs/operator-guide.md)
 sel_workloads=""
 sel_servers="thinnbd,plugin,file,memory,qcow2,null,thinnbd-tls,file-tls,qcow2-tls"
-all_servers="thinnbd plugin file memory qcow2 null thinnbd-tls file-tls qcow2-tls"
+all_servers="thinnbd plugin file memory qcow2 null thinnbd-tls file-tls qcow2-tls rados rbd"
+ceph_dir=""        # a running micro-cluster to use instead of starting one
 
 all_workloads="
 prov-qd1-j1 prov-qd32-j1 prov-qd1-j2 prov-qd32-j2
@@ -56,6 +61,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --no-build) build=0 ;;
     --plugin-threads) plugin_threads=$2; shift ;;
+    --ceph-dir) ceph_dir=$(cd "$2" && pwd); shift ;;
     --list) echo "workloads:" $all_workloads; echo "servers: $all_servers"; exit 0 ;;
     -h|--help) usage 0 ;;
     *) echo "unknown argument $1" >&2; usage 2 ;;
@@ -102,6 +108,7 @@ esac
 
 rm -rf "$workdir"
 mkdir -p "$workdir"
+osd_results="$workdir/osd.tsv"
 results="$workdir/results.tsv"
 : >"$results"
 log() { echo "[$(date +%T)] $*" >&2; }
@@ -134,6 +141,39 @@ extendedKeyUsage=serverAuth"
     export HOME="$TLS_DIR/home" ;;
 esac
 
+# --- the Ceph cluster of the rados and rbd servers ----------------------------------------
+CEPH_STARTED=0
+OSD_PID=""
+stop_ceph() {
+    [ $CEPH_STARTED = 1 ] || return 0
+    bash "$repo/tests/ceph/micro-cluster.sh" stop "$ceph_dir" || true
+    CEPH_STARTED=0
+}
+case " $servers " in
+*" rados "*|*" rbd "*)
+    for tool in ceph rados rbd ceph-mon ceph-osd; do
+        command -v $tool >/dev/null || { echo "missing $tool (apt-get install ceph-mon ceph-osd ceph-common)" >&2; exit 1; }
+    done
+    case " $servers " in
+    *" rbd "*) qemu-img --help | grep -q 'Supported formats:.* rbd' ||
+        { echo "qemu has no rbd driver (apt-get install qemu-block-extra)" >&2; exit 1; } ;;
+    esac
+    if [ -z "$ceph_dir" ]; then
+        ceph_dir="$workdir/ceph"
+        # Room for a session's writes plus PGs of deleted pools not yet purged; sparse.
+        MICRO_CLUSTER_MGR=0 MICRO_CLUSTER_OSD_SIZE=32G \
+            bash "$repo/tests/ceph/micro-cluster.sh" start "$ceph_dir" >/dev/null
+        CEPH_STARTED=1
+        trap 'stop_ceph' EXIT
+    fi
+    export CEPH_CONF="$ceph_dir/ceph.conf"
+    unset CEPH_ARGS
+    OSD_PID=$(cat "$ceph_dir/pids/osd.0")
+    ;;
+esac
+CEPH_POOL=""
+POOL_SEQ=0
+
 REGION=1g          # every fio workload works inside one GiB of the 4 GiB export
 REGION_BYTES=$((1 << 30))
 VOLSIZE=4G
@@ -155,12 +195,29 @@ setup_backing() {
     file|file-tls) truncate -s $VOLSIZE "$d/disk.raw" ;;
     qcow2|qcow2-tls) qemu-img create -q -f qcow2 "$d/disk.qcow2" $VOLSIZE ;;
     memory|null) ;;
+    rados|rbd)
+        # A fresh RADOS pool per session; deleted again by discard_backing.
+        POOL_SEQ=$((POOL_SEQ + 1))
+        CEPH_POOL="perf-$s-$POOL_SEQ"
+        ceph osd pool create "$CEPH_POOL" 32 32 >/dev/null 2>&1
+        if [ $s = rados ]; then
+            ceph osd pool application enable "$CEPH_POOL" thinnbd >/dev/null 2>&1
+            "$thinnbd" pool create "rados:$CEPH_POOL/tp" --data-size 8G --block-size 64K >/dev/null
+            "$thinnbd" volume create --pool "rados:$CEPH_POOL/tp" vol --size $VOLSIZE >/dev/null
+        else
+            rbd pool init "$CEPH_POOL"
+            rbd create "$CEPH_POOL/vol" --size $VOLSIZE
+        fi ;;
     esac
 }
 
 # Frees the disk space of a session's backing store (logs and fio output stay).
 discard_backing() {
     rm -rf "$workdir/$1/pool" "$workdir/$1/disk.raw" "$workdir/$1/disk.qcow2"
+    case $1 in
+    rados|rbd) ceph osd pool delete "$CEPH_POOL" "$CEPH_POOL" --yes-i-really-really-mean-it \
+                   >/dev/null 2>&1 ;;
+    esac
 }
 
 start_server() {
@@ -185,6 +242,11 @@ start_server() {
                    --object "tls-creds-x509,id=tls0,dir=$TLS_DIR/server,endpoint=server,verify-peer=off" \
                    --tls-creds tls0 --discard=unmap --shared=16 --persistent "$d/disk.qcow2" \
                    2>>"$d/server.log" & ;;
+    rados) "$thinnbd" serve --pool "rados:$CEPH_POOL/tp" --socket "$SOCK" 2>>"$d/server.log" & ;;
+    # cache=none: no librbd write-back cache, so a write is on the OSD when acknowledged, as
+    # thinnbd's are on RADOS.
+    rbd) qemu-nbd -k "$SOCK" --pid-file="$d/pid" -x vol -f raw --cache=none --discard=unmap \
+             --shared=16 --persistent "rbd:$CEPH_POOL/vol:conf=$CEPH_CONF" 2>>"$d/server.log" & ;;
     esac
     SRV_PID=$!
     local _
@@ -213,7 +275,7 @@ stop_server() {
     wait "$SRV_PID" 2>/dev/null || true
     SRV_PID=""
 }
-trap 'stop_server' EXIT
+trap 'stop_server; stop_ceph' EXIT
 trap 'exit 130' INT TERM
 
 TLS_URI=0
@@ -235,6 +297,10 @@ snapshot() {
         stop_server
         qemu-img snapshot -c snap "$d/disk.qcow2"
         start_server "$s"; SNAP_NOTE="internal qcow2 snapshot, qemu-nbd restarted" ;;
+    rados) "$thinnbd" snapshot --pool "rados:$CEPH_POOL/tp" vol snap >/dev/null
+        SNAP_NOTE="online snapshot (copy-on-write by thinnbd)" ;;
+    rbd) rbd snap create "$CEPH_POOL/vol@snap" >/dev/null 2>&1
+        SNAP_NOTE="online RBD snapshot (copy-on-write by the OSD)" ;;
     *) SNAP_NOTE="no snapshot (plain overwrite)" ;;
     esac
 }
@@ -261,6 +327,20 @@ print(f"{w}\t{rep}\t{s}\t{float(value):.3f}\t{unit}\t{pct:.1f}\t{us_per_op:.2f}\
 EOF
 }
 
+# record_osd WORKLOAD REP SERVER OPS CPU0 CPU1 T0 T1: the OSD's CPU over a run of a Ceph server.
+record_osd() {
+    [ -n "$OSD_PID" ] || return 0
+    case $3 in rados|rbd) ;; *) return 0 ;; esac
+    python3 - "$@" >>"$osd_results" <<'EOF'
+import os, sys
+w, rep, s, ops, c0, c1, t0, t1 = sys.argv[1:]
+cpu_s = (int(c1) - int(c0)) / os.sysconf("SC_CLK_TCK")
+wall = float(t1) - float(t0)
+print(f"{w}\t{rep}\t{s}\t{100.0 * cpu_s / wall:.1f}\t{1e6 * cpu_s / max(float(ops), 1):.2f}")
+EOF
+}
+osd_ticks() { if [ -n "$OSD_PID" ]; then cpu_ticks "$OSD_PID"; else echo 0; fi; }
+
 # run_fio WORKLOAD REP SERVER fio-args...: one measured fio run against the running server.
 run_fio() {
     run_fio_passes 1 "$@"
@@ -273,8 +353,8 @@ run_fio() {
 run_fio_passes() {
     local passes=$1 w=$2 rep=$3 s=$4
     shift 4
-    local c0 c1 t0 t1 pass json err jsons=()
-    c0=$(cpu_ticks "$SRV_PID"); t0=$(now)
+    local c0 c1 o0 o1 t0 t1 pass json err jsons=()
+    c0=$(cpu_ticks "$SRV_PID"); o0=$(osd_ticks); t0=$(now)
     for pass in $(seq 0 $((passes - 1))); do
         json="$workdir/$s/$w.$rep.$pass.json"
         err="$workdir/$s/$w.$rep.$pass.err"
@@ -284,7 +364,7 @@ run_fio_passes() {
             --group_reporting --output-format=json --output="$json" --randrepeat=0 "$@" \
             >/dev/null 2>"$err" || { log "fio failed: $(tail -3 "$err")"; exit 1; }
     done
-    c1=$(cpu_ticks "$SRV_PID"); t1=$(now)
+    c1=$(cpu_ticks "$SRV_PID"); o1=$(osd_ticks); t1=$(now)
     local v
     v=$(python3 - "${jsons[@]}" <<'EOF'
 import json, sys
@@ -306,6 +386,7 @@ EOF
 )
     # shellcheck disable=SC2086
     record "$w" "$rep" "$s" $v "$c0" "$c1" "$t0" "$t1"
+    record_osd "$w" "$rep" "$s" "$(echo "$v" | awk '{print $3}')" "$o0" "$o1" "$t0" "$t1"
     log "  $s $w rep $rep: $(tail -1 "$results" | cut -f4,5,6,8 | tr '\t' ' ')"
 }
 
@@ -395,11 +476,12 @@ if wanted nbdcopy; then
             # 1 MiB written in every 10 MiB: 410 MiB spread over the whole export.
             fio --name=fill --ioengine=nbd --uri="$(uri)" --size=4g --rw=write:9m --bs=1m \
                 --iodepth=16 >/dev/null
-            c0=$(cpu_ticks "$SRV_PID"); t0=$(now)
+            c0=$(cpu_ticks "$SRV_PID"); o0=$(osd_ticks); t0=$(now)
             nbdcopy "$(uri)" null:
-            c1=$(cpu_ticks "$SRV_PID"); t1=$(now)
+            c1=$(cpu_ticks "$SRV_PID"); o1=$(osd_ticks); t1=$(now)
             secs=$(python3 -c "print(float('$t1') - float('$t0'))")
             record nbdcopy "$rep" "$s" "$secs" s 1 "$c0" "$c1" "$t0" "$t1"
+            record_osd nbdcopy "$rep" "$s" 1 "$o0" "$o1" "$t0" "$t1"
             log "  $s nbdcopy rep $rep: ${secs}s"
             stop_server
             discard_backing "$s"
@@ -416,6 +498,9 @@ fi
     # (tests/perf/new_pages.py measures it): the rows that write new data pay it, null does not.
     if [ -d /sys/module/page_reporting ]; then
         echo "Free page reporting to the host is on: new pages (provisioning, seqwrite, cow) may cost a host fault each (tests/perf/new_pages.py)."
+    fi
+    if [ -n "$OSD_PID" ]; then
+        echo "Ceph $(ceph --version | awk '{print $3}'): one mon and one BlueStore OSD (on a file in $ceph_dir), pool size 1, 32 PGs per pool; thinnbd's pool in 64 KiB objects, RBD's image in 4 MiB objects."
     fi
     echo
     python3 "$here/summarize.py" "$results"

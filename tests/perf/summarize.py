@@ -4,14 +4,18 @@ ratios, server CPU, peak RSS, and the performance targets checked against this r
 
 Usage: summarize.py results.tsv
 Columns of results.tsv: workload rep server value unit cpu% cpu-us-per-op vmhwm-kib
+An osd.tsv beside it (runs of the RADOS servers: workload rep server cpu% cpu-us-per-op of the
+Ceph OSD) adds the OSD's CPU.
 """
+
+import os
 
 import statistics
 import sys
 from collections import defaultdict
 
 SERVERS = ["thinnbd", "plugin", "file", "memory", "qcow2", "null", "thinnbd-tls", "file-tls",
-           "qcow2-tls"]
+           "qcow2-tls", "rados", "rbd"]
 TITLES = {
     "thinnbd": "thinnbd serve",
     "plugin": "thinnbd nbdkit plugin",
@@ -22,7 +26,11 @@ TITLES = {
     "thinnbd-tls": "thinnbd serve TLS",
     "file-tls": "nbdkit file TLS",
     "qcow2-tls": "qemu-nbd qcow2 TLS",
+    "rados": "thinnbd serve RADOS",
+    "rbd": "qemu-nbd RBD",
 }
+# Servers on a Ceph cluster: compared with each other, not with the local ones.
+CEPH = ("rados", "rbd")
 # (workload, peer, minimum of thinnbd/peer): the performance targets. For nbdcopy the ratio is
 # peer time / thinnbd time, so "within 1.5x of qemu-nbd's time" is a ratio of at least 1/1.5.
 TARGETS = [
@@ -95,27 +103,22 @@ def main():
 
     ratio_table("\nRatios thinnbd serve / peer (>1: thinnbd faster; nbdcopy: peer time / "
                 "thinnbd time):\n", "thinnbd",
-                [s for s in servers if s != "thinnbd" and not s.endswith("-tls")])
+                [s for s in servers
+                 if s != "thinnbd" and not s.endswith("-tls") and s not in CEPH])
     ratio_table("\nRatios with TLS required, thinnbd serve / peer (same certificates; >1: "
                 "thinnbd faster):\n", "thinnbd-tls",
                 [s for s in servers if s.endswith("-tls") and s != "thinnbd-tls"])
+    ratio_table("\nRatios on one Ceph cluster, thinnbd serve on a RADOS pool / qemu-nbd on an RBD "
+                "image (>1: thinnbd faster):\n", "rados", [s for s in servers if s == "rbd"])
 
-    out.append("\nServer CPU during the run: % of one core / CPU microseconds per request "
-               "(nbdcopy: CPU seconds):\n")
-    out.append("| workload | " + " | ".join(TITLES[s] for s in servers) + " |")
-    out.append("|---|" + "---:|" * len(servers))
-    for w in order:
-        cells = []
-        for s in servers:
-            if (w, s) not in cpu:
-                cells.append("-")
-                continue
-            p = statistics.median(cpu[w, s])
-            if unit[w] == "s":
-                cells.append(f"{p:.0f}% / {p * med[w, s] / 100:.2f} s")
-            else:
-                cells.append(f"{p:.0f}% / {statistics.median(us[w, s]):.1f}")
-        out.append(f"| {w} | " + " | ".join(cells) + " |")
+    def server_cpu(w, s):
+        p = statistics.median(cpu[w, s])
+        if unit[w] == "s":
+            return f"{p:.0f}% / {p * med[w, s] / 100:.2f} s"
+        return f"{p:.0f}% / {statistics.median(us[w, s]):.1f}"
+
+    cpu_table(out, "\nServer CPU during the run: % of one core / CPU microseconds per request "
+              "(nbdcopy: CPU seconds):\n", order, servers, cpu, server_cpu)
 
     out.append("\nServer peak RSS (VmHWM, MiB; the largest over the runs of each server):\n")
     out.append("| " + " | ".join(TITLES[s] for s in servers) + " |")
@@ -123,6 +126,8 @@ def main():
     out.append("| " + " | ".join(
         f"{max(max(rss[w, s]) for w in order if (w, s) in rss) / 1024:.0f}" for s in servers)
         + " |")
+
+    osd_table(os.path.join(os.path.dirname(sys.argv[1]), "osd.tsv"), order, out)
 
     checks = []
     for w, peer, need in TARGETS:
@@ -151,6 +156,40 @@ def main():
             cols = " | ".join(cell(c) for c in ceilings) if ceilings else "- | -"
             out.append(f"| {what} | {r:.2f} | {'yes' if r >= need else 'NO'} | {cols} |")
     print("\n".join(out))
+
+
+def osd_table(path, order, out):
+    """The Ceph OSD's CPU during the runs of the RADOS servers, when the run had any."""
+    if not os.path.exists(path):
+        return
+    cpu = defaultdict(list)
+    us = defaultdict(list)
+    for line in open(path):
+        if line.strip():
+            w, _rep, s, pct, per_op = line.rstrip("\n").split("\t")
+            cpu[w, s].append(float(pct))
+            us[w, s].append(float(per_op))
+    servers = [s for s in CEPH if any((w, s) in cpu for w in order)]
+    if not servers:
+        return
+    def osd_cpu(w, s):
+        p = statistics.median(cpu[w, s])
+        if w == "nbdcopy":
+            return f"{p:.0f}%"
+        return f"{p:.0f}% / {statistics.median(us[w, s]):.1f}"
+
+    cpu_table(out, "\nCeph OSD CPU during the run: % of one core / CPU microseconds per request "
+              "(nbdcopy: % only):\n", order, servers, cpu, osd_cpu)
+
+
+def cpu_table(out, title, order, servers, cpu, cell):
+    """A workload-by-server table of CPU figures: `cell(w, s)` where the run has any."""
+    out.append(title)
+    out.append("| workload | " + " | ".join(TITLES[s] for s in servers) + " |")
+    out.append("|---|" + "---:|" * len(servers))
+    for w in order:
+        cells = [cell(w, s) if (w, s) in cpu else "-" for s in servers]
+        out.append(f"| {w} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
