@@ -56,11 +56,23 @@ fn readme_install_puts_thinnbd_on_the_path() {
         .ancestors()
         .nth(2)
         .expect("target dir");
+    // The install relinks target/release/thinnbd, which the tests after this one run: built
+    // with the features of the tested binary, or the RADOS tests would find a binary without
+    // RADOS support.
+    let features = if cfg!(feature = "rados") {
+        " --features rados"
+    } else {
+        ""
+    };
     run_ok(
         Command::new("sh")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .arg("-c")
-            .arg(format!("{} --root '{}'", run_it[0], home.display()))
+            .arg(format!(
+                "{}{features} --root '{}'",
+                run_it[0],
+                home.display()
+            ))
             .env("CARGO_TARGET_DIR", target_dir),
     );
 
