@@ -49,6 +49,12 @@ pub trait ExportBackend: Send + Sync + 'static {
     fn nowait_write_max(&self) -> usize {
         usize::MAX
     }
+    /// Whether writes longer than [`nowait_write_max`](Self::nowait_write_max) take turns
+    /// ([`WriteTurns`]): yes for a device that serves one at a time anyway (a file), no for
+    /// one that serves many in flight (an object store across the network).
+    fn write_turns(&self) -> bool {
+        true
+    }
     /// Makes every completed write durable (from any connection).
     fn flush(&self) -> Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
@@ -138,6 +144,8 @@ pub fn preferred_block_size(backend: u32, max: u32) -> u32 {
 /// ([`turn`](Self::turn)), the nbdkit plugin on its own threads ([`write`](Self::write)).
 pub struct WriteTurns {
     nowait_max: usize,
+    /// Whether long writes take turns at all ([`ExportBackend::write_turns`]).
+    turns: bool,
     turn: Arc<Mutex<()>>,
 }
 
@@ -145,6 +153,7 @@ impl WriteTurns {
     pub fn new(backend: &dyn ExportBackend) -> WriteTurns {
         WriteTurns {
             nowait_max: backend.nowait_write_max(),
+            turns: backend.write_turns(),
             turn: Arc::new(Mutex::new(())),
         }
     }
@@ -155,7 +164,7 @@ impl WriteTurns {
     }
 
     fn takes_turns(&self, len: usize) -> bool {
-        len > self.nowait_max
+        self.turns && len > self.nowait_max
     }
 
     /// Waits (asynchronously) for the turn a write of `len` bytes needs; `None` for a write
@@ -285,6 +294,8 @@ pub(crate) mod tests {
         pub(crate) quick: AtomicUsize,
         pub(crate) running: AtomicUsize,
         pub(crate) most: AtomicUsize,
+        /// Behave as a store across the network: no quick path, no turns.
+        pub(crate) remote: bool,
     }
 
     impl ExportBackend for Overlapping {
@@ -313,7 +324,14 @@ pub(crate) mod tests {
             self.inner.as_ref().unwrap().write(offset, data, false).ok()
         }
         fn nowait_write_max(&self) -> usize {
-            NOWAIT_WRITE_MAX as usize
+            if self.remote {
+                0
+            } else {
+                NOWAIT_WRITE_MAX as usize
+            }
+        }
+        fn write_turns(&self) -> bool {
+            !self.remote
         }
         fn flush(&self) -> Result<()> {
             Ok(())
@@ -381,5 +399,35 @@ pub(crate) mod tests {
             }
         });
         assert!(b.most.load(SeqCst) > 1, "small writes ran one at a time");
+    }
+
+    /// A remote store's writes, large or small, never go the quick way and run many at once.
+    #[test]
+    fn remote_stores_take_no_quick_path_and_no_turns() {
+        const THREADS: u64 = 6;
+        let large = 2 * u64::from(NOWAIT_WRITE_MAX);
+        let b = Overlapping {
+            inner: Some(MemoryExport::new(THREADS * large)),
+            remote: true,
+            ..Default::default()
+        };
+        let turns = WriteTurns::new(&b);
+        for len in [4096, large] {
+            b.most.store(0, SeqCst);
+            std::thread::scope(|s| {
+                for i in 0..THREADS {
+                    let (b, turns) = (&b, &turns);
+                    s.spawn(move || {
+                        let data = vec![fill_byte(i); usize_from_u64(len)];
+                        turns.write(b, i * large, &data, false).unwrap();
+                    });
+                }
+            });
+            assert!(
+                b.most.load(SeqCst) > 1,
+                "{len}-byte writes ran one at a time"
+            );
+        }
+        assert_eq!(b.quick.load(SeqCst), 0, "a remote write went the quick way");
     }
 }

@@ -89,6 +89,10 @@ impl RadosStore {
 }
 
 impl DataStore for RadosStore {
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> Result<u64> {
         Ok(self.size.load(Ordering::Acquire))
     }

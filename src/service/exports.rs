@@ -131,6 +131,11 @@ impl VolumeExport {
 }
 
 impl VolumeExport {
+    /// The pool's data lives across the network (see `DataStore::is_remote`).
+    fn remote_data(&self) -> bool {
+        self.volumes.pool().data_store().is_remote()
+    }
+
     /// Runs a change (or a flush) only while this process owns the pool, taking a `Fenced`
     /// failure as the loss of it; what it makes `durable` (a flush, FUA) is acknowledged only
     /// after proving the ownership held to the end, so nothing acknowledged comes after a
@@ -177,7 +182,16 @@ impl ExportBackend for VolumeExport {
     }
 
     fn nowait_write_max(&self) -> usize {
-        NOWAIT_WRITE_MAX
+        // A remote store's write is a network round trip: never on the event loop.
+        if self.remote_data() {
+            0
+        } else {
+            NOWAIT_WRITE_MAX
+        }
+    }
+
+    fn write_turns(&self) -> bool {
+        !self.remote_data()
     }
 
     fn flush(&self) -> Result<()> {

@@ -61,6 +61,13 @@ pub trait DataStore: Send + Sync {
         Ok(())
     }
 
+    /// Every read and write is a round trip to other machines (an object store): none is
+    /// quick enough to run on a server's event loop, and writes gain from many in flight at
+    /// once rather than from taking turns (as buffered writes to one file do).
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     /// The host storage under the store, where it shares a file system with other users;
     /// `None` when it does not or cannot tell.
     fn host_space(&self) -> Option<HostSpace> {
