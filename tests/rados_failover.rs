@@ -169,19 +169,8 @@ fn write_until_cut(
 /// state found becomes the model's (writes of unknown fate are settled).
 fn verify_after_crash(port: u16, base: u64, model: &mut Model, round: usize, seed: u64) {
     let mut c = Client::connect(port, "vol").expect("connect to the new owner");
-    let mut buf = vec![0u8; 1 << 20];
-    for chunk in 0..REGION / buf.len() as u64 {
-        let off = chunk * buf.len() as u64;
-        assert_eq!(c.read(base + off, &mut buf).expect("read"), 0, "read error");
-        let first = off / PIECE as u64;
-        match model.check_after_crash(first, &buf) {
-            Ok(found) => {
-                for (i, v) in found.into_iter().enumerate() {
-                    model.settle(first + i as u64, v);
-                }
-            }
-            Err(why) => panic!("seed {seed}, round {round}: {why}"),
-        }
+    if let Err(why) = model.verify_region_after_crash(&mut c, base) {
+        panic!("seed {seed}, round {round}: {why}");
     }
     c.disconnect();
 }

@@ -120,23 +120,8 @@ fn writer(
 /// Reads the region back and checks it against the model; then the state found is the base.
 fn verify(port: u16, base: u64, model: &mut Model, cycle: u64, seed: u64) {
     let mut c = Client::connect(port, "vol").expect("connect after restart");
-    let mut buf = vec![0u8; 1 << 20];
-    for chunk in 0..REGION / buf.len() as u64 {
-        let off = chunk * buf.len() as u64;
-        assert_eq!(
-            c.read(base + off, &mut buf).expect("read back"),
-            0,
-            "read error"
-        );
-        let first = off / PIECE as u64;
-        match model.check_after_crash(first, &buf) {
-            Ok(found) => {
-                for (i, v) in found.into_iter().enumerate() {
-                    model.settle(first + i as u64, v);
-                }
-            }
-            Err(why) => panic!("seed {seed}, after kill {cycle}: {why}"),
-        }
+    if let Err(why) = model.verify_region_after_crash(&mut c, base) {
+        panic!("seed {seed}, after kill {cycle}: {why}");
     }
     c.disconnect();
 }

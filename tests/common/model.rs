@@ -3,6 +3,8 @@
 //! After a completed flush (or FUA write) a piece must hold exactly its last acknowledged
 //! version; writes after that (acknowledged or in flight at the crash) may each survive or not.
 
+use super::nbd_client::Client;
+
 pub const PIECE: usize = 4096;
 
 /// The bytes of `version` of `piece` (version 0 is zeros: never written, or trimmed).
@@ -149,6 +151,40 @@ impl Model {
             found.push(v);
         }
         Ok(found)
+    }
+
+    /// Reads the model's whole region back through `client` from byte `base`, 1 MiB at a
+    /// time, checks it as after a crash ([`check_after_crash`](Self::check_after_crash)) and
+    /// settles every piece on what it found. `Err`: a read error or the first violation.
+    pub fn verify_region_after_crash(
+        &mut self,
+        client: &mut Client,
+        base: u64,
+    ) -> Result<(), String> {
+        let region = self.nr_pieces() * PIECE as u64;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < region {
+            let len = (region - off).min(buf.len() as u64) as usize;
+            let chunk = &mut buf[..len];
+            match client.read(base + off, chunk) {
+                Ok(0) => {}
+                Ok(errno) => {
+                    return Err(format!("read at {} failed: NBD error {errno}", base + off))
+                }
+                Err(e) => return Err(format!("read at {} failed: {e}", base + off)),
+            }
+            let first = off / PIECE as u64;
+            for (i, v) in self
+                .check_after_crash(first, chunk)?
+                .into_iter()
+                .enumerate()
+            {
+                self.settle(first + i as u64, v);
+            }
+            off += len as u64;
+        }
+        Ok(())
     }
 
     /// Checks bytes read back with no crash in between: exactly the acknowledged versions.
