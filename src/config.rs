@@ -37,8 +37,10 @@ pub use crate::engine::NoSpacePolicy;
 pub const DEFAULT_POOL_DIR: &str = "./thinnbd-pool";
 /// `pool.data_size`: the sparse data file of a new pool.
 pub const DEFAULT_DATA_SIZE: u64 = 64 << 30;
-/// `pool.block_size`: the data block size of a new pool.
+/// `pool.block_size`: the data block size of a new pool in a directory.
 pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
+/// `pool.block_size` of a new pool in RADOS (see [`PoolLocation::default_block_size`]).
+pub const DEFAULT_RADOS_BLOCK_SIZE: u64 = 1 << 20;
 /// `pool.default_volume`: the volume created with a new pool, and the default export.
 pub const DEFAULT_VOLUME: &str = "default";
 /// `pool.default_volume_size`.
@@ -151,8 +153,9 @@ pub struct PoolConfig {
     pub create_if_missing: bool,
     /// Data size of a pool created on start, in bytes.
     pub data_size: u64,
-    /// Block size of a pool created on start, in bytes.
-    pub block_size: u64,
+    /// Block size of a pool created on start, in bytes (`None`: the location's default,
+    /// [`PoolConfig::new_pool_block_size`]).
+    pub block_size: Option<u64>,
     /// Volume created with a new pool and served as the default export (empty: none).
     pub default_volume: String,
     /// Size of `default_volume`, in bytes.
@@ -171,7 +174,7 @@ impl Default for PoolConfig {
             data: None,
             create_if_missing: true,
             data_size: DEFAULT_DATA_SIZE,
-            block_size: DEFAULT_BLOCK_SIZE,
+            block_size: None,
             default_volume: DEFAULT_VOLUME.to_owned(),
             default_volume_size: DEFAULT_VOLUME_SIZE,
         }
@@ -190,6 +193,13 @@ impl PoolConfig {
             }),
             None => PoolLocation::Dir(self.dir.clone()),
         }
+    }
+
+    /// The block size of a pool created on start: the configured one, or the location's
+    /// default.
+    pub fn new_pool_block_size(&self) -> u64 {
+        self.block_size
+            .unwrap_or_else(|| self.location().default_block_size())
     }
 
     /// Sets where the pool lives.
@@ -274,13 +284,13 @@ fn parse_percent(text: &str) -> Option<u8> {
 }
 
 /// `pool.low_water_mark` in the engine's terms: a percentage of the pool's data (which suits
-/// any pool size and follows a grown pool), or a size, counted in blocks of `block_size`.
-fn set_low_water_mark(engine: &mut EngineConfig, text: &str, block_size: u64) -> Option<()> {
+/// any pool size and follows a grown pool), or a size.
+fn set_low_water_mark(engine: &mut EngineConfig, text: &str) -> Option<()> {
     if text.trim().ends_with('%') {
         engine.low_water_percent = parse_percent(text)?;
-        engine.low_water_blocks = 0;
+        engine.low_water_bytes = 0;
     } else {
-        engine.low_water_blocks = parse_size(text)? / block_size.max(1);
+        engine.low_water_bytes = parse_size(text)?;
         engine.low_water_percent = 0;
     }
     Some(())
@@ -378,20 +388,17 @@ impl Ctx<'_> {
         }
         set(&mut pool.data, p.data.map(Some));
         set(&mut pool.create_if_missing, p.create_if_missing);
-        set(
-            &mut pool.block_size,
-            self.size("pool.block_size", p.block_size)?,
-        );
-        if !(64 << 10..=1 << 30).contains(&pool.block_size)
-            || !pool.block_size.is_multiple_of(64 << 10)
-        {
-            return Err(self.bad("pool.block_size", "must be 64K to 1G and a multiple of 64K"));
+        if let Some(block_size) = self.size("pool.block_size", p.block_size)? {
+            if !(64 << 10..=1 << 30).contains(&block_size) || !block_size.is_multiple_of(64 << 10) {
+                return Err(self.bad("pool.block_size", "must be 64K to 1G and a multiple of 64K"));
+            }
+            pool.block_size = Some(block_size);
         }
         set(
             &mut pool.data_size,
             self.size("pool.data_size", p.data_size)?,
         );
-        if pool.data_size < pool.block_size {
+        if pool.data_size < pool.new_pool_block_size() {
             return Err(self.bad("pool.data_size", "smaller than one block"));
         }
         set(&mut pool.default_volume, p.default_volume);
@@ -425,7 +432,7 @@ impl Ctx<'_> {
                 .map(u64::from),
         );
         if let Some(text) = p.low_water_mark {
-            set_low_water_mark(engine, &text, pool.block_size).ok_or_else(|| {
+            set_low_water_mark(engine, &text).ok_or_else(|| {
                 self.bad(
                     "pool.low_water_mark",
                     format!("{text:?} is not a percentage (0% to 100%) or a size (e.g. 1G)"),
@@ -697,14 +704,15 @@ mod tests {
         assert_eq!(shipped.pool, PoolConfig::default());
         assert_eq!(shipped.listen, ListenConfig::default());
         // The values the shipped file's comments and the operator's guide state.
-        assert_eq!(shipped.pool.block_size, 64 << 10);
+        assert_eq!(shipped.pool.block_size, None);
+        assert_eq!(shipped.pool.new_pool_block_size(), 64 << 10);
         assert_eq!(shipped.pool.data_size, 64 << 30);
         assert_eq!(
             shipped.listen.tcp,
             vec!["127.0.0.1:10809".parse::<SocketAddr>().unwrap()]
         );
         assert_eq!(shipped.engine.low_water_percent, 10);
-        assert_eq!(shipped.engine.low_water_blocks, 0);
+        assert_eq!(shipped.engine.low_water_bytes, 0);
         assert_eq!(shipped.engine.metadata_low_water_percent, 20);
         assert_eq!(shipped.engine.no_space_policy, NoSpacePolicy::Queue);
         assert_eq!(shipped.engine.queue_timeout, Duration::from_secs(60));
@@ -846,24 +854,25 @@ mod tests {
     fn low_water_mark_is_a_percentage_by_default_and_takes_sizes() {
         let d = Config::default();
         assert_eq!(
-            (d.engine.low_water_percent, d.engine.low_water_blocks),
+            (d.engine.low_water_percent, d.engine.low_water_bytes),
             (10, 0)
         );
         let c = Config::from_toml("[pool]\nlow_water_mark = \"25%\"\n", "x").unwrap();
         assert_eq!(
-            (c.engine.low_water_percent, c.engine.low_water_blocks),
+            (c.engine.low_water_percent, c.engine.low_water_bytes),
             (25, 0)
         );
-        let c = Config::from_toml(
-            "[pool]\nlow_water_mark = \"2G\"\nblock_size = \"1M\"\n",
-            "x",
-        )
-        .unwrap();
+        let c = Config::from_toml("[pool]\nlow_water_mark = \"2G\"\n", "x").unwrap();
         assert_eq!(
-            (c.engine.low_water_percent, c.engine.low_water_blocks),
-            (0, 2048),
-            "a size counts in blocks"
+            (c.engine.low_water_percent, c.engine.low_water_bytes),
+            (0, 2 << 30)
         );
+        assert_eq!(
+            c.engine.low_water_for(8192, 1 << 20),
+            2048,
+            "a size counts in the pool's own blocks"
+        );
+        assert_eq!(c.engine.low_water_for(8192, 64 << 10), 32768);
         for bad in ["150%", "-1%", "ten%", "lots"] {
             let e = Config::from_toml(&format!("[pool]\nlow_water_mark = \"{bad}\"\n"), "f.toml")
                 .unwrap_err();
@@ -997,6 +1006,17 @@ mod tests {
         assert_eq!(r.keyring, Some(PathBuf::from("/etc/ceph/x.keyring")));
         assert_eq!(c.pool.rados_lock_duration, Duration::from_secs(12));
         assert!(!c.pool.is_default_dir());
+        assert_eq!(
+            c.pool.new_pool_block_size(),
+            1 << 20,
+            "a new pool in RADOS has 1 MiB blocks unless told"
+        );
+        let c = Config::from_toml(
+            "[pool]\nlocation = \"rados:rbd/tank\"\nblock_size = \"128K\"\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(c.pool.new_pool_block_size(), 128 << 10);
         // `dir` takes a location too, and a directory in either key is a directory.
         let c = Config::from_toml("[pool]\ndir = \"rados:rbd/t2\"\n", "f.toml").unwrap();
         assert_eq!(c.pool.location().to_string(), "rados:rbd/t2");
@@ -1058,6 +1078,6 @@ mod tests {
         let c =
             Config::from_toml("[pool]\ndata_size = \"2T\"\nblock_size = \"1M\"\n", "x").unwrap();
         assert_eq!(c.pool.data_size, 2 << 40);
-        assert_eq!(c.pool.block_size, 1 << 20);
+        assert_eq!(c.pool.block_size, Some(1 << 20));
     }
 }

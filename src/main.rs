@@ -218,9 +218,10 @@ enum PoolCommand {
         /// Size of the data file, e.g. 64G (or of the part of --data to use).
         #[arg(long, value_parser = size_value)]
         data_size: u64,
-        /// Size of a data block, the unit of allocation and sharing (64K to 1G, a power of two).
-        #[arg(long, default_value = "64K", value_parser = size_value)]
-        block_size: u64,
+        /// Size of a data block, the unit of allocation and sharing (64K to 1G, a power of
+        /// two; default 64K in a directory, 1M in RADOS, where each block is an object).
+        #[arg(long, value_parser = size_value)]
+        block_size: Option<u64>,
         /// A data file or block device to use instead of DIR/data (not for a RADOS pool).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -928,7 +929,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = CreateOptions {
                 data,
                 data_size,
-                block_size,
+                block_size: block_size.unwrap_or_else(|| dir.default_block_size()),
                 metadata_size,
                 preallocate,
             };

@@ -284,7 +284,7 @@ fn full_pool_with_error_policy_fails_new_blocks_at_once() {
     let config = EngineConfig {
         no_space_policy: NoSpacePolicy::Error,
         // A mark in blocks: the default percentage would leave an 8-block pool none.
-        low_water_blocks: 2,
+        low_water_bytes: 2 * BS,
         low_water_percent: 0,
         ..EngineConfig::default()
     };

@@ -269,6 +269,45 @@ fn a_full_thin_pool_gives_enospc_not_eio() {
     stop_and_check(server, &rados, scratch.path());
 }
 
+/// A RADOS pool made without `--block-size` has 1 MiB blocks, one object each: a 1 MiB
+/// write is one object, a 4 KiB write elsewhere one more, the rest reads zeros.
+#[test]
+fn a_new_rados_pool_has_one_mebibyte_blocks_by_default() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let Some(rados) = rados_pool("clients-default-block") else {
+        return;
+    };
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let location = rados.location(THIN);
+    rados
+        .cluster
+        .thinnbd_ok(&["pool", "create", &location, "--data-size", "64M"]);
+    rados.cluster.thinnbd_ok(&[
+        "volume", "create", "--pool", &location, "vol", "--size", "8M",
+    ]);
+    assert_eq!(rados.status(THIN)["block_size"], MIB);
+    let server = serve(&rados, &location, scratch.path());
+    qemu_io_at(
+        &server.uri("vol"),
+        false,
+        &["write -P 0x5a 0 1M", "write -P 0x5b 3M 4K"],
+    );
+    assert_eq!(rados.data_objects(THIN).len(), 2);
+    qemu_io_at(
+        &server.uri("vol"),
+        true,
+        &[
+            "read -P 0x5a 0 1M",
+            "read -P 0 1M 2M",
+            "read -P 0x5b 3M 4K",
+            "read -P 0 3076K 1020K",
+        ],
+    );
+    stop_and_check(server, &rados, scratch.path());
+}
+
 #[test]
 fn status_names_the_serving_process_as_owner() {
     let Some((rados, location, scratch)) = setup("clients-status", "1G", &[("vol", "16M")]) else {

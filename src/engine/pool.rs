@@ -19,17 +19,18 @@ pub enum NoSpacePolicy {
 pub struct EngineConfig {
     pub no_space_policy: NoSpacePolicy,
     pub queue_timeout: Duration,
-    /// Free data blocks at or below which the pool reports (and logs once) the low-water mark,
+    /// Free data bytes at or below which the pool reports (and logs once) the low-water mark,
     /// when `low_water_percent` is 0 (`pool.low_water_mark` given as a size); 0 with it turns
-    /// the mark off.
-    pub low_water_blocks: u64,
+    /// the mark off. Counted in the pool's own blocks when it opens (rounded down), whatever
+    /// block size a new pool would get.
+    pub low_water_bytes: u64,
     /// Free metadata blocks, as a percentage of the metadata device above the reserve, at or
     /// below which the pool reports (and logs once) the metadata low-water mark
     /// (`pool.metadata_low_water`, default 20%); 0 turns the mark off.
     pub metadata_low_water_percent: u64,
     /// The low-water mark as a percentage of the pool's data blocks (1-100; 0: use
-    /// `low_water_blocks`), so one setting suits a small pool and a large one, and follows a
-    /// grown pool (`pool.low_water_mark`, default 10%). Set it to 0 with `low_water_blocks`.
+    /// `low_water_bytes`), so one setting suits a small pool and a large one, and follows a
+    /// grown pool (`pool.low_water_mark`, default 10%). Set it to 0 with `low_water_bytes`.
     pub low_water_percent: u8,
     /// Cells in the bio prison's pool (blocks being provisioned or copied at once).
     pub cell_pool_size: usize,
@@ -58,10 +59,10 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// The low-water mark in blocks for a pool of `data_blocks`.
-    pub fn low_water_for(&self, data_blocks: u64) -> u64 {
+    /// The low-water mark in blocks for a pool of `data_blocks` blocks of `block_bytes`.
+    pub fn low_water_for(&self, data_blocks: u64, block_bytes: u64) -> u64 {
         match u64::from(self.low_water_percent.min(100)) {
-            0 => self.low_water_blocks,
+            0 => self.low_water_bytes / block_bytes.max(1),
             pct => data_blocks / 100 * pct + data_blocks % 100 * pct / 100,
         }
     }
@@ -85,7 +86,7 @@ impl Default for EngineConfig {
         EngineConfig {
             no_space_policy: NoSpacePolicy::Queue,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
-            low_water_blocks: 0,
+            low_water_bytes: 0,
             metadata_low_water_percent: DEFAULT_METADATA_LOW_WATER_PERCENT,
             low_water_percent: DEFAULT_LOW_WATER_PERCENT,
             cell_pool_size: DEFAULT_CELL_POOL_SIZE,

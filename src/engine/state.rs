@@ -271,7 +271,7 @@ impl PoolState {
         #[cfg(any(test, feature = "testing"))]
         let data: Arc<dyn DataStore> =
             Arc::new(FaultInjectingStore::new(data, faults.clone(), block_bytes));
-        let low_water_blocks = config.low_water_for(nr_blocks);
+        let low_water_blocks = config.low_water_for(nr_blocks, block_bytes);
         Ok(PoolState {
             metadata: RwLock::new(MetadataState {
                 md,
@@ -850,8 +850,10 @@ impl PoolState {
 
     /// Follows a resize of the data to `nr_blocks` blocks with the low-water mark.
     pub(crate) fn set_data_blocks(&self, nr_blocks: u64) {
-        self.low_water_blocks
-            .store(self.config.low_water_for(nr_blocks), Ordering::Relaxed);
+        self.low_water_blocks.store(
+            self.config.low_water_for(nr_blocks, self.block_bytes),
+            Ordering::Relaxed,
+        );
     }
 }
 

@@ -36,7 +36,7 @@ pub fn open_or_create(config: &Config, policy: &OwnerPolicy) -> Result<Arc<Volum
         let opts = CreateOptions {
             data: config.pool.data.clone(),
             data_size: config.pool.data_size,
-            block_size: config.pool.block_size,
+            block_size: config.pool.new_pool_block_size(),
             metadata_size: None,
             preallocate: false,
         };

@@ -378,6 +378,8 @@ impl RadosPool {
     }
 
     /// `thinnbd pool create rados:POOL/THIN --data-size SIZE` plus `extra`, then the volumes.
+    /// In blocks of 64 KiB unless `extra` says otherwise (not the RADOS default of 1 MiB):
+    /// the tests' block boundaries and object counts are in those, and a small pool has many.
     pub fn create_thin_pool(
         &self,
         thin: &str,
@@ -394,6 +396,9 @@ impl RadosPool {
             data_size,
         ];
         args.extend_from_slice(extra);
+        if !extra.contains(&"--block-size") {
+            args.extend_from_slice(&["--block-size", "64K"]);
+        }
         self.cluster.thinnbd_ok(&args);
         for (name, size) in volumes {
             self.cluster.thinnbd_ok(&[

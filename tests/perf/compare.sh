@@ -11,9 +11,11 @@
 #
 #   tests/perf/compare.sh [--quick] [--runtime S] [--workloads LIST] [--servers LIST]
 #                         [--reps N] [--dir DIR] [--out FILE] [--no-build] [--list]
-#                         [--plugin-threads N] [--ceph-dir DIR]
+#                         [--plugin-threads N] [--ceph-dir DIR] [--rados-block-size SIZE]
 #
 # LIST is comma separated; workload entries may be shell globs (e.g. 'randread-*').
+# --rados-block-size: the data blocks (one object each) of the rados server's pool, default 1M
+# (the RADOS default of `thinnbd pool create`).
 # Env THINNBD=PATH and THINNBD_PLUGIN=PATH use other builds of the binary and the plugin.
 # Results: DIR/results.tsv (one line per run) and a markdown report (--out, default
 # DIR/report.md) with medians, thinnbd/peer ratios, server CPU and peak RSS.
@@ -29,6 +31,7 @@ reps=2
 workdir="$repo/target/perf-work"
 out=""
 build=1
+rados_block=1M     # --rados-block-size
 plugin_threads=4   # nbdkit --threads for the thinnbd plugin (docs/operator-guide.md)
 sel_workloads=""
 sel_servers="thinnbd,plugin,file,memory,qcow2,null,thinnbd-tls,file-tls,qcow2-tls"
@@ -62,6 +65,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --plugin-threads) plugin_threads=$2; shift ;;
     --ceph-dir) ceph_dir=$(cd "$2" && pwd); shift ;;
+    --rados-block-size) rados_block=$2; shift ;;
     --list) echo "workloads:" $all_workloads; echo "servers: $all_servers"; exit 0 ;;
     -h|--help) usage 0 ;;
     *) echo "unknown argument $1" >&2; usage 2 ;;
@@ -202,7 +206,7 @@ setup_backing() {
         ceph osd pool create "$CEPH_POOL" 32 32 >/dev/null 2>&1
         if [ $s = rados ]; then
             ceph osd pool application enable "$CEPH_POOL" thinnbd >/dev/null 2>&1
-            "$thinnbd" pool create "rados:$CEPH_POOL/tp" --data-size 8G --block-size 64K >/dev/null
+            "$thinnbd" pool create "rados:$CEPH_POOL/tp" --data-size 8G --block-size $rados_block >/dev/null
             "$thinnbd" volume create --pool "rados:$CEPH_POOL/tp" vol --size $VOLSIZE >/dev/null
         else
             rbd pool init "$CEPH_POOL"
@@ -500,7 +504,7 @@ fi
         echo "Free page reporting to the host is on: new pages (provisioning, seqwrite, cow) may cost a host fault each (tests/perf/new_pages.py)."
     fi
     if [ -n "$OSD_PID" ]; then
-        echo "Ceph $(ceph --version | awk '{print $3}'): one mon and one BlueStore OSD (on a file in $ceph_dir), pool size 1, 32 PGs per pool; thinnbd's pool in 64 KiB objects, RBD's image in 4 MiB objects."
+        echo "Ceph $(ceph --version | awk '{print $3}'): one mon and one BlueStore OSD (on a file in $ceph_dir), pool size 1, 32 PGs per pool; thinnbd's pool in $rados_block objects (one per data block), RBD's image in 4 MiB objects."
     fi
     echo
     python3 "$here/summarize.py" "$results"
