@@ -3,28 +3,16 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::memory_server::*;
 use common::nbd_client::Client;
 use common::nbdsh::nbdsh;
-use common::pattern::pattern;
+use common::pattern::{pattern, pattern_with_zero_runs};
 use common::process::{run, stdout_of};
-use common::qemu::{fio_verify_two_connections, nbdinfo_map, qemu_io_at};
+use common::qemu::{fio_verify_two_connections, nbdcopy_round_trip, nbdinfo_map, qemu_io_at};
 use common::tools::*;
 use thinnbd::nbd::memory::MemoryExport;
-
-fn write_random_image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
-    let mut data = pattern(seed, size);
-    // Leave some zero runs so clients that detect zeros (and holes) are exercised.
-    for i in (0..size).step_by(3 << 20) {
-        let end = (i + (1 << 20)).min(size);
-        data[i..end].fill(0);
-    }
-    std::fs::write(path, &data).unwrap();
-    data
-}
 
 #[test]
 fn nbdinfo_lists_exports_and_maps_holes() {
@@ -165,7 +153,8 @@ fn qemu_img_convert_in_and_out() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.raw");
     let output = dir.path().join("out.raw");
-    let data = write_random_image(&input, 32 << 20, 7);
+    let data = pattern_with_zero_runs(7, 32 << 20);
+    std::fs::write(&input, &data).expect("write the image");
     let uri = server.uri("img");
     run(Command::new("qemu-img")
         .args(["convert", "-n", "-f", "raw", "-O", "raw"])
@@ -193,16 +182,11 @@ fn nbdcopy_in_and_out() {
     source.add("img", "32 MiB image", MemoryExport::new(32 << 20));
     let server = TestServer::start(source);
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.raw");
-    let output = dir.path().join("out.raw");
-    let data = write_random_image(&input, 32 << 20, 8);
-    run(Command::new("nbdcopy").arg(&input).arg(server.uri("img")));
-    run(Command::new("nbdcopy")
-        .arg(server.unix_uri("img"))
-        .arg(&output));
-    assert!(
-        std::fs::read(&output).unwrap() == data,
-        "image differs after the round trip"
+    nbdcopy_round_trip(
+        dir.path(),
+        &pattern_with_zero_runs(8, 32 << 20),
+        &server.uri("img"),
+        &server.unix_uri("img"),
     );
 }
 

@@ -13,7 +13,7 @@ use common::nbdkit::*;
 use common::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
 use common::pattern::pattern;
 use common::process::{free_port, run, stdout_of};
-use common::qemu::{nbdinfo_map, qemu_io_at};
+use common::qemu::{nbdcopy_round_trip, nbdinfo_map, qemu_io_at};
 use common::server::{cli_ok, TestPool};
 use common::tools::*;
 use thinnbd::service::exports::describe;
@@ -107,15 +107,8 @@ fn nbdkit_serves_the_pool_and_thinnbd_serve_reads_it_back() {
     // nbdcopy in and out (several connections, extents, zero detection).
     let mut image = pattern(7, (16 * MIB) as usize);
     image[(2 * MIB) as usize..(5 * MIB) as usize].fill(0);
-    let input = pool.path("in.img");
-    let output = pool.path("out.img");
-    std::fs::write(&input, &image).unwrap();
-    run(Command::new("nbdcopy").arg(&input).arg(nbdkit.uri("copy")));
-    run(Command::new("nbdcopy").arg(nbdkit.uri("copy")).arg(&output));
-    assert!(
-        std::fs::read(&output).unwrap() == image,
-        "nbdcopy round trip differs"
-    );
+    let copy = nbdkit.uri("copy");
+    nbdcopy_round_trip(pool.tmp.path(), &image, &copy, &copy);
 
     // SIGTERM: nbdkit closes connections, the plugin commits and shuts the pool down.
     nbdkit.stop_cleanly();

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use common::ceph::{rados_pool, RadosPool};
 use common::pattern::pattern;
-use common::process::{run, stdout_of};
+use common::process::stdout_of;
 use common::qemu::{
-    fio_verify_two_connections, nbdinfo_map, qemu_io, qemu_io_at, ACROSS_BOUNDARIES,
-    ACROSS_BOUNDARIES_READ_BACK,
+    discard_one_mib_of_four, fio_verify_two_connections, nbdcopy_round_trip, qemu_io, qemu_io_at,
+    ACROSS_BOUNDARIES, ACROSS_BOUNDARIES_READ_BACK,
 };
 use common::server::Server;
 use common::tools::require_tools;
@@ -82,15 +82,8 @@ fn nbdcopy_round_trip_of_a_random_image() {
         return;
     };
     let server = serve(&rados, &location, scratch.path());
-    let input = scratch.path().join("in.raw");
-    let output = scratch.path().join("out.raw");
-    std::fs::write(&input, pattern(12, 64 << 20)).expect("write the image");
-    run(Command::new("nbdcopy").arg(&input).arg(server.uri("img")));
-    run(Command::new("nbdcopy").arg(server.uri("img")).arg(&output));
-    assert!(
-        std::fs::read(&input).expect("in") == std::fs::read(&output).expect("out"),
-        "the image read back differs from the one written"
-    );
+    let uri = server.uri("img");
+    nbdcopy_round_trip(scratch.path(), &pattern(12, 64 << 20), &uri, &uri);
     // Every 64 KiB block of the image holds data: one object each.
     assert_eq!(rados.data_objects(THIN).len(), 1024);
     stop_and_check(server, &rados, scratch.path());
@@ -186,36 +179,20 @@ fn discard_removes_data_objects_and_leaves_holes_in_the_map() {
         rados.data_objects(THIN).is_empty(),
         "objects before any write"
     );
-    qemu_io_at(&uri, false, &["write -P 0x5a 0 4M", "flush"]);
-    // 4 MiB of 64 KiB pool blocks: 64 data objects.
-    assert_eq!(rados.data_objects(THIN).len(), 64);
-    assert_eq!(
-        nbdinfo_map(&uri),
-        vec![(0, 4 * MIB, 0), (4 * MIB, 60 * MIB, 3)]
-    );
-
-    qemu_io_at(&uri, false, &["discard 1M 1M", "flush"]);
-    // The 16 whole blocks discarded are freed by the commit of the flush and their objects
-    // removed; the rest keep theirs.
-    assert_eq!(
-        wait_for_data_objects(&rados, 48),
-        48,
-        "data objects after the discard"
-    );
-    assert_eq!(
-        nbdinfo_map(&uri),
-        vec![
-            (0, MIB, 0),
-            (MIB, MIB, 3),
-            (2 * MIB, 2 * MIB, 0),
-            (4 * MIB, 60 * MIB, 3)
-        ],
-        "nbdinfo --map after discarding 1M at 1M"
-    );
-    qemu_io_at(
+    discard_one_mib_of_four(
         &uri,
-        true,
-        &["read -P 0x5a 0 1M", "read -P 0 1M 1M", "read -P 0x5a 2M 2M"],
+        &uri,
+        // 4 MiB of 64 KiB pool blocks: 64 data objects.
+        || assert_eq!(rados.data_objects(THIN).len(), 64),
+        // The 16 whole blocks discarded are freed by the commit of the flush and their
+        // objects removed; the rest keep theirs.
+        || {
+            assert_eq!(
+                wait_for_data_objects(&rados, 48),
+                48,
+                "data objects after the discard"
+            )
+        },
     );
     let status = rados.status(THIN);
     let vol = status["volumes"]

@@ -7,11 +7,11 @@ use std::process::Command;
 
 use common::nbd_client::Client;
 use common::nbdsh::{nbdsh, EDGES_OF_THE_EXPORT};
-use common::pattern::pattern;
+use common::pattern::pattern_with_zero_runs;
 use common::process::{run, stdout_of};
 use common::qemu::{
-    fio_verify_two_connections, nbdinfo_map, qemu_io_at, ACROSS_BOUNDARIES,
-    ACROSS_BOUNDARIES_READ_BACK,
+    discard_one_mib_of_four, fio_verify_two_connections, nbdcopy_round_trip, qemu_io_at,
+    ACROSS_BOUNDARIES, ACROSS_BOUNDARIES_READ_BACK,
 };
 use common::server::*;
 use common::tools::*;
@@ -101,16 +101,6 @@ fn qemu_io_patterns_including_unaligned_io_across_block_boundaries() {
     server.stop();
 }
 
-fn random_image(path: &std::path::Path, size: usize, seed: u64) {
-    let mut data = pattern(seed, size);
-    // Zero runs, so clients that skip zeros (and leave holes) are exercised too.
-    for i in (0..size).step_by(5 << 20) {
-        let end = (i + (1 << 20)).min(size);
-        data[i..end].fill(0);
-    }
-    std::fs::write(path, &data).expect("write image");
-}
-
 fn assert_files_equal(a: &std::path::Path, b: &std::path::Path) {
     run(Command::new("cmp").arg(a).arg(b));
 }
@@ -125,7 +115,7 @@ fn qemu_img_convert_256m_in_and_out() {
     let server = pool.serve();
     let input = pool.tmp.path().join("in.raw");
     let output = pool.tmp.path().join("out.raw");
-    random_image(&input, 256 << 20, 11);
+    std::fs::write(&input, pattern_with_zero_runs(11, 256 << 20)).expect("write the image");
     let uri = server.uri("img");
     // -n: the target exists (the volume); qemu-img must not try to create it.
     run(Command::new("qemu-img")
@@ -151,14 +141,12 @@ fn nbdcopy_in_and_out() {
     let pool = TestPool::create("1G");
     pool.create_volume("img", "128M");
     let server = pool.serve();
-    let input = pool.tmp.path().join("in.raw");
-    let output = pool.tmp.path().join("out.raw");
-    random_image(&input, 128 << 20, 12);
-    run(Command::new("nbdcopy").arg(&input).arg(server.uri("img")));
-    run(Command::new("nbdcopy")
-        .arg(server.unix_uri("img"))
-        .arg(&output));
-    assert_files_equal(&input, &output);
+    nbdcopy_round_trip(
+        pool.tmp.path(),
+        &pattern_with_zero_runs(12, 128 << 20),
+        &server.uri("img"),
+        &server.unix_uri("img"),
+    );
     server.stop();
 }
 
@@ -170,29 +158,11 @@ fn trim_leaves_a_hole_in_the_map_and_frees_pool_space() {
     let pool = TestPool::create("1G");
     pool.create_volume("vol", "64M");
     let server = pool.serve();
-    let uri = server.uri("vol");
-    qemu_io_at(&uri, false, &["write -P 0x5a 0 4M", "flush"]);
-    assert_eq!(pool.mapped_bytes("vol"), 4 * MIB);
-    let before = nbdinfo_map(&uri);
-    assert_eq!(before, vec![(0, 4 * MIB, 0), (4 * MIB, 60 * MIB, 3)]);
-
-    qemu_io_at(&uri, false, &["discard 1M 1M", "flush"]);
-    assert_eq!(
-        nbdinfo_map(&server.unix_uri("vol")),
-        vec![
-            (0, MIB, 0),
-            (MIB, MIB, 3),
-            (2 * MIB, 2 * MIB, 0),
-            (4 * MIB, 60 * MIB, 3)
-        ],
-        "nbdinfo --map after discarding 1M at 1M"
-    );
-    assert_eq!(pool.mapped_bytes("vol"), 3 * MIB);
-    // The hole reads as zeros; the rest kept its data.
-    qemu_io_at(
-        &uri,
-        true,
-        &["read -P 0x5a 0 1M", "read -P 0 1M 1M", "read -P 0x5a 2M 2M"],
+    discard_one_mib_of_four(
+        &server.uri("vol"),
+        &server.unix_uri("vol"),
+        || assert_eq!(pool.mapped_bytes("vol"), 4 * MIB),
+        || assert_eq!(pool.mapped_bytes("vol"), 3 * MIB),
     );
     server.stop();
 }

@@ -14,6 +14,16 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     pattern_at(seed, 0, len)
 }
 
+/// [`pattern`] with a zero MiB every 3 MiB, so clients that skip zeros (and leave holes) are
+/// exercised too: an image to copy in and out.
+pub fn pattern_with_zero_runs(seed: u64, len: usize) -> Vec<u8> {
+    let mut data = pattern(seed, len);
+    for start in (0..len).step_by(3 << 20) {
+        data[start..(start + (1 << 20)).min(len)].fill(0);
+    }
+    data
+}
+
 /// splitmix64 of the seed and an 8-byte word's index.
 fn mix(seed: u64, word: u64) -> u64 {
     let mut z = seed

@@ -1,6 +1,7 @@
 //! External clients against an export of a test server, as a user would run them: qemu-io
-//! (by port on 127.0.0.1 or by URI, and one pattern of unaligned I/O across block boundaries),
-//! `nbdinfo --map`, and fio verifying its writes from two connections.
+//! (by port on 127.0.0.1 or by URI, one pattern of unaligned I/O across block boundaries and
+//! one of a discard), `nbdinfo --map`, an nbdcopy round trip, and fio verifying its writes from
+//! two connections.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -128,6 +129,57 @@ pub fn fio_verify_two_connections(uri: &str, work: &Path, runtime_secs: u32) -> 
         assert!(!out.contains(bad), "fio reported {bad:?}:\n{out}");
     }
     out
+}
+
+/// The discard check on a 64 MiB export nothing was written to: 4 MiB written, then 1 MiB at
+/// 1 MiB discarded, the map after each step, and the hole reads zeros, the rest its data.
+/// `after_write` and `after_discard` check the storage under the export at those points; the
+/// map after the discard is read through `map_uri_after` (the same export, perhaps by another
+/// transport).
+pub fn discard_one_mib_of_four(
+    uri: &str,
+    map_uri_after: &str,
+    after_write: impl FnOnce(),
+    after_discard: impl FnOnce(),
+) {
+    const MIB: u64 = 1 << 20;
+    qemu_io_at(uri, false, &["write -P 0x5a 0 4M", "flush"]);
+    after_write();
+    assert_eq!(
+        nbdinfo_map(uri),
+        vec![(0, 4 * MIB, 0), (4 * MIB, 60 * MIB, 3)]
+    );
+    qemu_io_at(uri, false, &["discard 1M 1M", "flush"]);
+    after_discard();
+    assert_eq!(
+        nbdinfo_map(map_uri_after),
+        vec![
+            (0, MIB, 0),
+            (MIB, MIB, 3),
+            (2 * MIB, 2 * MIB, 0),
+            (4 * MIB, 60 * MIB, 3)
+        ],
+        "nbdinfo --map after discarding 1M at 1M"
+    );
+    qemu_io_at(
+        uri,
+        true,
+        &["read -P 0x5a 0 1M", "read -P 0 1M 1M", "read -P 0x5a 2M 2M"],
+    );
+}
+
+/// `image` copied into the export at `write_uri` and back out of `read_uri` by nbdcopy, both
+/// through files in `dir`; fails the test when what comes back differs.
+pub fn nbdcopy_round_trip(dir: &Path, image: &[u8], write_uri: &str, read_uri: &str) {
+    let input = dir.join("in.raw");
+    let output = dir.join("out.raw");
+    std::fs::write(&input, image).expect("write the image");
+    run(Command::new("nbdcopy").arg(&input).arg(write_uri));
+    run(Command::new("nbdcopy").arg(read_uri).arg(&output));
+    assert!(
+        std::fs::read(&output).expect("read the copy") == image,
+        "the image read back differs from the one written"
+    );
 }
 
 /// `nbdinfo --map URI` as (offset, length, type) rows.
