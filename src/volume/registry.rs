@@ -175,9 +175,9 @@ impl RegistryStore for RegistryPath {
     }
 }
 
-/// The store of a registry file (`DIR/volumes.toml` of a pool directory).
-pub fn file_store(path: &Path) -> Box<dyn RegistryStore> {
-    Box::new(RegistryPath(path.to_path_buf()))
+/// The store of the registry of pool directory `dir` (`DIR/volumes.toml`).
+pub fn file_store(dir: &Path) -> Box<dyn RegistryStore> {
+    Box::new(RegistryPath(dir.join(REGISTRY_FILE)))
 }
 
 /// The registry of a pool, held in memory and written through on every change.
@@ -213,9 +213,9 @@ pub fn validate_name(name: &str) -> Result<()> {
 }
 
 impl Registry {
-    /// Loads `DIR/volumes.toml`; a missing file is an empty registry.
+    /// Loads `DIR/volumes.toml` of a pool directory; a missing file is an empty registry.
     pub fn load(dir: &Path) -> Result<Self> {
-        Registry::load_from(file_store(&dir.join(REGISTRY_FILE)))
+        Registry::load_from(file_store(dir))
     }
 
     /// Loads the registry `store` holds; nothing stored is an empty registry.

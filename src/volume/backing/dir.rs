@@ -12,7 +12,7 @@ use crate::engine::{EngineConfig, Pool};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::pdata::block_io::{BlockIo, FileBlockIo};
 use crate::volume::location::PoolLocation;
-use crate::volume::registry::{self, RegistryStore, REGISTRY_FILE};
+use crate::volume::registry::{self, RegistryStore};
 use crate::volume::CreateOptions;
 
 /// Files of a pool directory.
@@ -280,7 +280,7 @@ impl PoolBacking for DirBacking {
     }
 
     fn registry_store(&self) -> Box<dyn RegistryStore> {
-        registry::file_store(&self.paths.dir.join(REGISTRY_FILE))
+        registry::file_store(&self.paths.dir)
     }
 
     fn metadata(&self, write: bool) -> Result<Arc<dyn BlockIo>> {
