@@ -12,8 +12,7 @@ pub mod registry;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -167,11 +166,10 @@ pub struct Volumes {
     pool: Arc<Pool>,
     registry: Mutex<Registry>,
     active: Mutex<HashMap<String, Arc<ActiveVolume>>>,
-    /// Why this process lost the pool, once it has (a request failed `Fenced`): every later
-    /// change and flush fails, whatever the engine would answer.
-    lost: Mutex<Option<String>>,
-    /// `lost` is set: the one check on every request's path, so an atomic rather than a lock.
-    is_lost: AtomicBool,
+    /// Why this process lost the pool, once it has (the first request that failed `Fenced`):
+    /// every later change and flush fails, whatever the engine would answer. Read on every
+    /// request's path without a lock.
+    lost: OnceLock<String>,
     /// Told once when a request finds the pool lost (the owner lock's own check may come later).
     on_lost: Option<OnLost>,
     _owner: Ownership,
@@ -268,8 +266,7 @@ impl Volumes {
             pool,
             registry: Mutex::new(registry),
             active: Mutex::new(HashMap::new()),
-            lost: Mutex::new(None),
-            is_lost: AtomicBool::new(false),
+            lost: OnceLock::new(),
             on_lost: policy.on_lost.clone(),
             _owner: owner,
         }))
@@ -277,10 +274,7 @@ impl Volumes {
 
     /// `Fenced` once this process has lost the pool (see [`note_result`](Self::note_result)).
     pub fn check_owned(&self) -> Result<()> {
-        if !self.is_lost.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        match &*locked(&self.lost) {
+        match self.lost.get() {
             Some(why) => fail(ErrorKind::Fenced, why.clone()),
             None => Ok(()),
         }
@@ -292,8 +286,7 @@ impl Volumes {
     pub fn note_result<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(e) = &result {
             if e.kind() == ErrorKind::Fenced {
-                let first = locked(&self.lost).replace(e.message()).is_none();
-                self.is_lost.store(true, Ordering::Release);
+                let first = self.lost.set(e.message()).is_ok();
                 if let (true, Some(tell)) = (first, &self.on_lost) {
                     tell(&Error::new(
                         ErrorKind::Fenced,
