@@ -449,12 +449,19 @@ fn lock_pool_of(metadata: &Path) -> anyhow::Result<Option<std::fs::File>> {
 /// (taking the pool's ownership: Busy, naming the owner, when another process or host has it).
 /// The status of a RADOS pool needs no ownership: it is read as the last commit left it.
 fn online_or_local(pool: &PoolLocation, req: Request) -> anyhow::Result<serde_json::Value> {
+    online_or_local_at(backing(pool)?, req)
+}
+
+/// [`online_or_local`] on a backing already at hand (one connection to a cluster, not two).
+fn online_or_local_at(
+    backing: Box<dyn PoolBacking>,
+    req: Request,
+) -> anyhow::Result<serde_json::Value> {
     /// How long a RADOS pool's status waits for the server on this host: one that does not
     /// answer (stopped while another host takes the pool) must not hang the command.
     const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-    let backing = backing(pool)?;
     let socket = backing.control_socket();
-    if pool.is_rados() && matches!(req, Request::Status) {
+    if backing.location().is_rados() && matches!(req, Request::Status) {
         if let Some(v) = control::call_within(&socket, &req, STATUS_WAIT)? {
             return Ok(v);
         }
@@ -657,7 +664,6 @@ fn check(location: &PoolLocation, output: &JsonOutput) -> anyhow::Result<ExitCod
     let (meta, report, how) = if let Some(file) = location.dir().filter(|p| !p.is_dir()) {
         (file.display().to_string(), check_unserved(file)?, "")
     } else {
-        let path = location;
         let backing = backing(location)?;
         let served = control::call(&backing.control_socket(), &Request::CheckMetadata)
             .context(NOT_CHECKED)?;
@@ -669,7 +675,7 @@ fn check(location: &PoolLocation, output: &JsonOutput) -> anyhow::Result<ExitCod
             None => (check_pool_unserved(&*backing)?, ""),
         };
         if report.is_clean() {
-            let v = online_or_local(path, Request::Check).context(NOT_CHECKED)?;
+            let v = online_or_local_at(backing, Request::Check).context(NOT_CHECKED)?;
             let registry: CheckReport = serde_json::from_value(v)?;
             for id in &registry.orphans {
                 problems.push(format!(

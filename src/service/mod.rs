@@ -19,10 +19,12 @@ use crate::volume::{backing, CreateOptions, OnLost, OwnerPolicy, Volumes};
 /// Ownership is taken as `policy` says.
 pub fn open_or_create(config: &Config, policy: &OwnerPolicy) -> Result<Arc<Volumes>> {
     let location = config.pool.location();
+    // One backing for the lot: for a RADOS pool, one connection to the cluster.
+    let backing = backing(&location)?;
     let mut created = false;
-    if !backing(&location)?.exists()? {
+    if !backing.exists()? {
         if !config.pool.create_if_missing {
-            let missing = backing(&location)?.no_pool();
+            let missing = backing.no_pool();
             return Err(Error::new(
                 missing.kind(),
                 format!(
@@ -40,11 +42,11 @@ pub fn open_or_create(config: &Config, policy: &OwnerPolicy) -> Result<Arc<Volum
             metadata_size: None,
             preallocate: false,
         };
-        Volumes::create_pool(&location, &opts, config.engine.clone())?;
+        backing.create(&opts, config.engine.clone())?;
         created = true;
         tracing::info!(pool = %location, "created pool");
     }
-    let volumes = Volumes::open_with(&location, config.engine.clone(), policy)?;
+    let volumes = Volumes::open_backing(backing, config.engine.clone(), policy)?;
     if created && !config.pool.default_volume.is_empty() {
         volumes.create_volume(&config.pool.default_volume, config.pool.default_volume_size)?;
     }

@@ -237,19 +237,10 @@ impl Volumes {
 
     /// Opens a pool, taking its ownership; Busy, naming the owner, when another process has it.
     pub fn open(location: impl Into<PoolLocation>, config: EngineConfig) -> Result<Arc<Volumes>> {
-        Volumes::open_with(&location.into(), config, &OwnerPolicy::default())
+        Volumes::open_backing(backing(&location.into())?, config, &OwnerPolicy::default())
     }
 
-    /// Opens a pool, taking its ownership as `policy` says.
-    pub fn open_with(
-        location: &PoolLocation,
-        config: EngineConfig,
-        policy: &OwnerPolicy,
-    ) -> Result<Arc<Volumes>> {
-        Volumes::open_backing(backing(location)?, config, policy)
-    }
-
-    /// `open_with` on a backing already at hand (one connection to a cluster, not two).
+    /// Opens the pool of `backing`, taking its ownership as `policy` says.
     pub fn open_backing(
         backing: Box<dyn PoolBacking>,
         config: EngineConfig,
