@@ -1,7 +1,6 @@
 //! The `thinnbd` command: serve a pool over NBD, manage pools and volumes, and the metadata
 //! tools named after thin-provisioning-tools (dump, restore, check).
 
-use std::fs::OpenOptions;
 use std::io::{BufReader, BufWriter, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -423,12 +422,7 @@ fn init_logging(level: &str) {
 }
 
 fn open_meta(path: &Path, write: bool) -> anyhow::Result<Arc<dyn BlockIo>> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Ok(Arc::new(FileBlockIo::new(f)?))
+    Ok(Arc::new(FileBlockIo::open(path, write)?))
 }
 
 /// The lock of the pool a metadata file belongs to (its directory, when that holds a pool

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -63,6 +64,16 @@ pub struct FileBlockIo {
 }
 
 impl FileBlockIo {
+    /// The metadata file or device at `path`, read-only or read-write.
+    pub fn open(path: &Path, write: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        FileBlockIo::new(file)
+    }
+
     pub fn new(file: File) -> Result<Self> {
         let len = crate::util::device_size(&file).map_err(|e| Error::io("sizing metadata", e))?;
         Ok(FileBlockIo {

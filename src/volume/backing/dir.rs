@@ -284,13 +284,7 @@ impl PoolBacking for DirBacking {
     }
 
     fn metadata(&self, write: bool) -> Result<Arc<dyn BlockIo>> {
-        let meta = &self.paths.metadata;
-        let f = OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(meta)
-            .map_err(|e| Error::io(format!("opening {}", meta.display()), e))?;
-        Ok(Arc::new(FileBlockIo::new(f)?))
+        Ok(Arc::new(FileBlockIo::open(&self.paths.metadata, write)?))
     }
 
     fn control_socket(&self) -> PathBuf {
