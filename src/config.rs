@@ -580,10 +580,8 @@ fn key_at(text: &str, at: usize) -> Option<String> {
 /// they change the config.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Overrides {
-    /// `--pool DIR` / `pool=DIR`.
-    pub pool_dir: Option<PathBuf>,
-    /// `--pool rados:POOL/NAME`.
-    pub rados_pool: Option<RadosLocation>,
+    /// `--pool DIR|rados:POOL/NAME` / `pool=DIR`.
+    pub pool: Option<PoolLocation>,
     /// `--create`: create a missing pool in any directory, not only the default one.
     pub create: bool,
     /// `--listen ADDR`, repeated; empty keeps the config's listeners.
@@ -603,11 +601,8 @@ pub struct Overrides {
 impl Config {
     /// Applies command-line settings on top of this config.
     pub fn apply(&mut self, overrides: Overrides) {
-        if let Some(dir) = overrides.pool_dir {
-            self.pool.set_location(PoolLocation::Dir(dir));
-        }
-        if let Some(r) = overrides.rados_pool {
-            self.pool.set_location(PoolLocation::Rados(r));
+        if let Some(location) = overrides.pool {
+            self.pool.set_location(location);
         }
         // A mistyped --pool (or config dir) must not silently get a new, empty pool.
         self.pool.create_if_missing =
@@ -907,7 +902,7 @@ mod tests {
 
         let mut c = Config::default();
         c.apply(Overrides {
-            pool_dir: Some("/srv/pool".into()),
+            pool: Some(PathBuf::from("/srv/pool").into()),
             socket: Some("/run/t.sock".into()),
             ..Overrides::default()
         });
@@ -922,7 +917,7 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:10900".parse().unwrap();
         let mut c = Config::default();
         c.apply(Overrides {
-            pool_dir: Some("/srv/pool".into()),
+            pool: Some(PathBuf::from("/srv/pool").into()),
             create: true,
             listen: vec![addr],
             socket: Some("/run/t.sock".into()),
@@ -1057,7 +1052,9 @@ mod tests {
         )
         .unwrap();
         c.apply(Overrides {
-            rados_pool: Some(RadosLocation::new("other", "b").unwrap()),
+            pool: Some(PoolLocation::Rados(
+                RadosLocation::new("other", "b").unwrap(),
+            )),
             ..Overrides::default()
         });
         let PoolLocation::Rados(r) = c.pool.location() else {
@@ -1067,7 +1064,7 @@ mod tests {
         assert_eq!(r.client_id.as_deref(), Some("x"));
         assert!(!c.pool.create_if_missing);
         c.apply(Overrides {
-            pool_dir: Some("/srv/p".into()),
+            pool: Some(PathBuf::from("/srv/p").into()),
             ..Overrides::default()
         });
         assert_eq!(c.pool.location(), PoolLocation::Dir("/srv/p".into()));

@@ -890,14 +890,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(path) => Config::load(path)?,
                 None => Config::default(),
             };
-            let (pool_dir, rados_pool) = match args.pool {
-                Some(PoolLocation::Dir(dir)) => (Some(dir), None),
-                Some(PoolLocation::Rados(r)) => (None, Some(r)),
-                None => (None, None),
-            };
             config.apply(thinnbd::config::Overrides {
-                pool_dir,
-                rados_pool,
+                pool: args.pool,
                 create: args.create,
                 listen: args.listen.iter().flat_map(|a| a.0.clone()).collect(),
                 socket: args.socket,

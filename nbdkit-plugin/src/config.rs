@@ -100,7 +100,7 @@ impl Keys {
             registry::validate_name(name).map_err(|e| e.within(format!("export={name}")))?;
         }
         config.apply(Overrides {
-            pool_dir: Some(pool_dir),
+            pool: Some(pool_dir.into()),
             ..Overrides::default()
         });
         Ok(PluginConfig {
