@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 
 pub const INTERNAL_NODE: u32 = 1;
 pub const LEAF_NODE: u32 = 2;
-const HEADER: usize = 32;
+/// Bytes of a node's header, before its keys.
+pub(crate) const HEADER: usize = 32;
 /// Largest value a tree may hold: values are returned in buffers of this size.
 pub const MAX_VALUE_SIZE: usize = 24;
 /// No valid tree is deeper: with non-root nodes at least a third full, 16 levels would hold
@@ -112,6 +113,17 @@ impl<'a> Node<'a> {
     #[inline]
     pub fn key(&self, i: usize) -> u64 {
         read_u64(self.b, HEADER + 8 * i)
+    }
+    /// The key array as it is stored: `nr_entries` little-endian u64s.
+    #[inline]
+    pub fn key_bytes(&self) -> &'a [u8] {
+        &self.b[HEADER..HEADER + 8 * self.nr_entries()]
+    }
+    /// The value array as it is stored: `nr_entries` values of `value_size` bytes.
+    #[inline]
+    pub fn value_bytes(&self) -> &'a [u8] {
+        let at = self.value_offset(0);
+        &self.b[at..at + self.value_size() * self.nr_entries()]
     }
     #[inline]
     fn value_offset(&self, i: usize) -> usize {

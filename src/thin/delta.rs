@@ -301,10 +301,6 @@ impl<'a> NodeReader<'a> {
     }
 }
 
-/// Bytes before a node's keys: the node header (docs/dm-thin-metadata-format.md), which
-/// `btree` keeps to itself; [`LeafEntries`] reads the key and value arrays directly.
-const NODE_HEADER: usize = 32;
-
 /// Entries `next..end` of a checked leaf, all inside the walk's range and the leaf's, read
 /// straight from the key and value arrays: a delta reads millions of them.
 struct LeafEntries<'n> {
@@ -316,16 +312,14 @@ struct LeafEntries<'n> {
 
 impl<'n> LeafEntries<'n> {
     /// All entries of `leaf`, a leaf node whose header was checked (values of
-    /// [`BlockTime::SIZE`] bytes, the maximum entries that size gives).
+    /// [`BlockTime::SIZE`] bytes).
     fn of(leaf: &'n Block) -> Self {
         let node = Node::new(&leaf[..]);
-        let n = node.nr_entries();
-        let values_at = NODE_HEADER + 8 * btree::max_entries(BlockTime::SIZE);
         LeafEntries {
-            keys: &leaf[NODE_HEADER..NODE_HEADER + 8 * n],
-            values: &leaf[values_at..values_at + BlockTime::SIZE * n],
+            keys: node.key_bytes(),
+            values: node.value_bytes(),
             next: 0,
-            end: n,
+            end: node.nr_entries(),
         }
     }
 
@@ -344,8 +338,8 @@ impl<'n> LeafEntries<'n> {
 /// Whether a node's keys strictly increase, as [`Node::validate_keys`] requires (which names
 /// the fault): the same check over the key array at once, for a walk that reads every node.
 fn keys_increase(node: &Block) -> bool {
-    let n = Node::new(&node[..]).nr_entries();
-    let keys = node[NODE_HEADER..NODE_HEADER + 8 * n]
+    let keys = Node::new(&node[..])
+        .key_bytes()
         .chunks_exact(8)
         .map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes")));
     // Branch-free, so it vectorises: a fault is rare and `validate_keys` then names it.
@@ -1510,11 +1504,11 @@ mod tests {
         // The first two keys swapped, under a valid checksum.
         let mut block = io.read_block(leaf).unwrap();
         let (k0, k1) = (
-            read_u64(&block[..], NODE_HEADER),
-            read_u64(&block[..], NODE_HEADER + 8),
+            read_u64(&block[..], btree::HEADER),
+            read_u64(&block[..], btree::HEADER + 8),
         );
-        write_u64(&mut block[..], NODE_HEADER, k1);
-        write_u64(&mut block[..], NODE_HEADER + 8, k0);
+        write_u64(&mut block[..], btree::HEADER, k1);
+        write_u64(&mut block[..], btree::HEADER + 8, k0);
         seal(&mut block, BlockKind::Node, leaf);
         io.write_block(leaf, &block).unwrap();
         let err = walk_from(
