@@ -350,35 +350,51 @@ pub(crate) mod tests {
         }
     }
 
+    /// Writes from this many threads at once in the tests below.
+    const THREADS: u64 = 6;
+    /// A write longer than the quick path takes.
+    const LARGE: u64 = 2 * NOWAIT_WRITE_MAX as u64;
+
+    /// An export with room for `THREADS` large writes side by side.
+    fn overlapping(remote: bool) -> Overlapping {
+        Overlapping {
+            inner: Some(MemoryExport::new(THREADS * LARGE)),
+            remote,
+            ..Default::default()
+        }
+    }
+
+    /// `THREADS` writes of `len` bytes, the i-th of `fill_byte(i)` at `i * LARGE`, each from a
+    /// thread of its own through `turns`; returns the most that ran at once.
+    fn write_from_threads(b: &Overlapping, turns: &WriteTurns, len: u64, fua: bool) -> usize {
+        b.most.store(0, SeqCst);
+        std::thread::scope(|s| {
+            for i in 0..THREADS {
+                s.spawn(move || {
+                    let data = vec![fill_byte(i); usize_from_u64(len)];
+                    turns.write(b, i * LARGE, &data, fua).unwrap();
+                });
+            }
+        });
+        b.most.load(SeqCst)
+    }
+
     /// The plugin's way (threads of its own): small plain writes take the quick path, FUA
     /// and large writes the full one, and large writes of one connection never overlap.
     #[test]
     fn blocking_callers_take_turns_for_large_writes_only() {
-        const THREADS: u64 = 6;
-        let large = 2 * u64::from(NOWAIT_WRITE_MAX);
-        let b = Overlapping {
-            inner: Some(MemoryExport::new(THREADS * large)),
-            ..Default::default()
-        };
+        let b = overlapping(false);
         let turns = WriteTurns::new(&b);
-        std::thread::scope(|s| {
-            for i in 0..THREADS {
-                let (b, turns) = (&b, &turns);
-                s.spawn(move || {
-                    let data = vec![fill_byte(i); usize_from_u64(large)];
-                    turns.write(b, i * large, &data, false).unwrap();
-                });
-            }
-        });
+        let most = write_from_threads(&b, &turns, LARGE, false);
         assert_eq!(
             b.quick.load(SeqCst),
             0,
             "large writes never go the quick way"
         );
-        assert_eq!(b.most.load(SeqCst), 1, "large writes at once");
-        let mut all = vec![0u8; usize_from_u64(THREADS * large)];
+        assert_eq!(most, 1, "large writes at once");
+        let mut all = vec![0u8; usize_from_u64(THREADS * LARGE)];
         b.read(0, &mut all).unwrap();
-        for (i, chunk) in (0..).zip(all.chunks(usize_from_u64(large))) {
+        for (i, chunk) in (0..).zip(all.chunks(usize_from_u64(LARGE))) {
             assert!(chunk.iter().all(|&v| v == fill_byte(i)), "write {i}");
         }
 
@@ -391,40 +407,20 @@ pub(crate) mod tests {
         turns.write(&b, 0, &[9; 4096], true).unwrap();
         assert_eq!(b.quick.load(SeqCst), 1, "a FUA write never does");
         // Small full-path writes are not held to turns.
-        b.most.store(0, SeqCst);
-        std::thread::scope(|s| {
-            for i in 0..THREADS {
-                let (b, turns) = (&b, &turns);
-                s.spawn(move || turns.write(b, i * 4096, &[1; 4096], true).unwrap());
-            }
-        });
-        assert!(b.most.load(SeqCst) > 1, "small writes ran one at a time");
+        assert!(
+            write_from_threads(&b, &turns, 4096, true) > 1,
+            "small writes ran one at a time"
+        );
     }
 
     /// A remote store's writes, large or small, never go the quick way and run many at once.
     #[test]
     fn remote_stores_take_no_quick_path_and_no_turns() {
-        const THREADS: u64 = 6;
-        let large = 2 * u64::from(NOWAIT_WRITE_MAX);
-        let b = Overlapping {
-            inner: Some(MemoryExport::new(THREADS * large)),
-            remote: true,
-            ..Default::default()
-        };
+        let b = overlapping(true);
         let turns = WriteTurns::new(&b);
-        for len in [4096, large] {
-            b.most.store(0, SeqCst);
-            std::thread::scope(|s| {
-                for i in 0..THREADS {
-                    let (b, turns) = (&b, &turns);
-                    s.spawn(move || {
-                        let data = vec![fill_byte(i); usize_from_u64(len)];
-                        turns.write(b, i * large, &data, false).unwrap();
-                    });
-                }
-            });
+        for len in [4096, LARGE] {
             assert!(
-                b.most.load(SeqCst) > 1,
+                write_from_threads(&b, &turns, len, false) > 1,
                 "{len}-byte writes ran one at a time"
             );
         }
