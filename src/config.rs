@@ -135,10 +135,9 @@ struct RawLog {
 /// space policy and low-water marks are the engine's, in [`EngineConfig`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
-    /// The pool directory (unused while `rados` is set).
-    pub dir: PathBuf,
-    /// Set when the pool lives in RADOS (`pool.location` or `pool.dir` = `rados:POOL/NAME`).
-    pub rados: Option<RadosLocation>,
+    /// Where the pool lives (`pool.dir` or `pool.location`; see [`location`](Self::location)
+    /// for it with the client settings below).
+    place: PoolLocation,
     /// The Ceph client settings of a RADOS pool (`None`: librados' own, from `$CEPH_CONF`,
     /// `$CEPH_ARGS` and /etc/ceph).
     pub ceph_conf: Option<PathBuf>,
@@ -148,7 +147,7 @@ pub struct PoolConfig {
     pub rados_lock_duration: Duration,
     /// A data file or block device used instead of `DIR/data`.
     pub data: Option<PathBuf>,
-    /// Create the pool on start when `dir` holds none (kept by [`Config::apply`] only for
+    /// Create the pool on start when its place holds none (kept by [`Config::apply`] only for
     /// [`DEFAULT_POOL_DIR`] or `--create`).
     pub create_if_missing: bool,
     /// Data size of a pool created on start, in bytes.
@@ -165,8 +164,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
-            dir: PathBuf::from(DEFAULT_POOL_DIR),
-            rados: None,
+            place: PoolLocation::Dir(PathBuf::from(DEFAULT_POOL_DIR)),
             ceph_conf: None,
             client_id: None,
             keyring: None,
@@ -184,14 +182,14 @@ impl Default for PoolConfig {
 impl PoolConfig {
     /// Where the pool lives; a RADOS location carries the configured client settings.
     pub fn location(&self) -> PoolLocation {
-        match &self.rados {
-            Some(r) => PoolLocation::Rados(RadosLocation {
+        match &self.place {
+            PoolLocation::Rados(r) => PoolLocation::Rados(RadosLocation {
                 ceph_conf: r.ceph_conf.clone().or_else(|| self.ceph_conf.clone()),
                 client_id: r.client_id.clone().or_else(|| self.client_id.clone()),
                 keyring: r.keyring.clone().or_else(|| self.keyring.clone()),
                 ..r.clone()
             }),
-            None => PoolLocation::Dir(self.dir.clone()),
+            dir => dir.clone(),
         }
     }
 
@@ -204,26 +202,20 @@ impl PoolConfig {
 
     /// Sets where the pool lives.
     pub fn set_location(&mut self, location: PoolLocation) {
-        match location {
-            PoolLocation::Dir(dir) => {
-                self.dir = dir;
-                self.rados = None;
-            }
-            PoolLocation::Rados(r) => self.rados = Some(r),
-        }
+        self.place = location;
     }
 
     /// True when the pool is the default pool directory (`./thinnbd-pool`, however spelled).
     pub fn is_default_dir(&self) -> bool {
-        if self.rados.is_some() {
+        let Some(dir) = self.place.dir() else {
             return false;
-        }
+        };
         let plain = |p: &Path| -> PathBuf {
             p.components()
                 .filter(|c| !matches!(c, std::path::Component::CurDir))
                 .collect()
         };
-        plain(&self.dir) == plain(Path::new(DEFAULT_POOL_DIR))
+        plain(dir) == plain(Path::new(DEFAULT_POOL_DIR))
     }
 
     /// The volume a client that names none gets: `default_volume`, unless it is empty.
@@ -749,7 +741,7 @@ mod tests {
     fn only_the_default_pool_dir_counts_as_default() {
         let with_dir = |dir: &str| {
             let mut c = Config::default();
-            c.pool.dir = dir.into();
+            c.pool.set_location(PoolLocation::Dir(dir.into()));
             c.pool.is_default_dir()
         };
         assert!(Config::default().pool.is_default_dir());
@@ -906,7 +898,7 @@ mod tests {
             socket: Some("/run/t.sock".into()),
             ..Overrides::default()
         });
-        assert_eq!(c.pool.dir, PathBuf::from("/srv/pool"));
+        assert_eq!(c.pool.location(), PoolLocation::Dir("/srv/pool".into()));
         assert!(
             !c.pool.create_if_missing,
             "a named dir is created only on request"

@@ -3,7 +3,7 @@
 //! as `--pool`), plus what only the plugin has (`export=`). Nothing here calls into nbdkit, so
 //! all of it is unit-tested.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use thinnbd::config::{Config, Overrides};
 use thinnbd::error::{fail, Error, ErrorKind, Result};
@@ -33,11 +33,12 @@ pub struct Keys {
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
     /// `config=FILE` (or the defaults) with `pool=DIR` applied as `thinnbd serve` applies
-    /// `--pool`. The plugin uses `config.pool` (`dir`, absolute because nbdkit changes
-    /// directory to `/` when it daemonizes; `default_volume` as the default export) and
+    /// `--pool`. The plugin uses `config.pool` (`default_volume` as the default export) and
     /// `config.engine`; nbdkit does the listening and its own limits, so `config.listen` and
     /// `config.server` go unused.
     pub config: Config,
+    /// `pool=DIR`, absolute because nbdkit changes directory to `/` when it daemonizes.
+    pool_dir: PathBuf,
     /// `export=NAME`: the one volume served.
     pub export: Option<String>,
 }
@@ -100,11 +101,12 @@ impl Keys {
             registry::validate_name(name).map_err(|e| e.within(format!("export={name}")))?;
         }
         config.apply(Overrides {
-            pool: Some(pool_dir.into()),
+            pool: Some(pool_dir.clone().into()),
             ..Overrides::default()
         });
         Ok(PluginConfig {
             config,
+            pool_dir,
             export: self.export.clone(),
         })
     }
@@ -113,7 +115,7 @@ impl Keys {
 impl PluginConfig {
     /// The pool directory (`pool=`), absolute.
     pub fn pool_dir(&self) -> &Path {
-        &self.config.pool.dir
+        &self.pool_dir
     }
 
     /// The checks worth making before nbdkit forks, while errors still reach the terminal:
@@ -225,8 +227,8 @@ mod tests {
         let plugin = k.finish().unwrap();
         assert!(plugin.pool_dir().is_absolute());
         assert_eq!(
-            plugin.config.pool.dir,
-            std::path::absolute(dir.path()).unwrap(),
+            plugin.config.pool.location(),
+            std::path::absolute(dir.path()).unwrap().into(),
             "pool= lands in the config as --pool does"
         );
         assert_eq!(plugin.config.pool.default_export().as_deref(), Some("vm1"));
