@@ -247,6 +247,12 @@ impl<T: Member> ActiveSet<T> {
         Some(Ref { item: item.clone() })
     }
 
+    /// Whether a member of the current snapshot satisfies `test` (no clone is taken, and
+    /// the snapshot guard is dropped before returning).
+    pub fn any(&self, test: impl Fn(&T) -> bool) -> bool {
+        self.cell.load().iter().any(|m| test(m))
+    }
+
     /// Members of the current snapshot (for status; not counted).
     pub fn members(&self) -> Vec<Arc<T>> {
         self.cell.load().iter().cloned().collect()

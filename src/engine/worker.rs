@@ -27,6 +27,12 @@ fn run(state: &PoolState) {
     loop {
         state.work.wait();
         pass(state);
+        // A pass walks the set by index over fresh snapshots: a thin removed meanwhile shifts
+        // the ones after it, and one of them may be passed over, its bios deferred (and its
+        // wake-up taken) before the pass began. Pass again until none is left behind.
+        while state.active.any(Thin::has_deferred) {
+            pass(state);
+        }
         if state.work.is_stopping() && state.active.is_empty() {
             return;
         }
